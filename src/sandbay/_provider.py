@@ -1,0 +1,205 @@
+"""The provider side of the interface: create, list and destroy sandboxes, and health checks.
+
+A provider module under `sandbay.providers` defines one `Provider` subclass built on its
+SDK. Everything provider-neutral (labels, garbage collection, the registry) is here.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from ._errors import ConfigError, MissingDependencyError
+from ._sandbox import Sandbox, SandboxSpec
+
+if TYPE_CHECKING:
+    from ._config import ProviderConfig
+
+__all__ = ["Provider", "ProviderStatus", "SandboxInfo", "managed_labels"]
+
+LABEL_PREFIX = "sandbay."
+MANAGED = "sandbay.managed"
+SESSION = "sandbay.session"
+OWNER = "sandbay.owner"
+EXPIRY = "sandbay.expiry"
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A sandbox as `Provider.list` sees it.
+
+    Attributes:
+        id: The provider's id.
+        provider: The provider's name.
+        labels: All its labels.
+        status: The provider's word for its state (``running``, ``exited``, …).
+    """
+
+    id: str
+    provider: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    status: str = "unknown"
+
+    @property
+    def expiry(self) -> float | None:
+        """Unix time after which the sandbox may be removed, if labelled."""
+        try:
+            return float(self.labels[EXPIRY])
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def owner(self) -> str | None:
+        """``host:pid`` of the process that created it, if labelled."""
+        return self.labels.get(OWNER)
+
+    def orphaned(self, *, now: float | None = None) -> str | None:
+        """Why `sandbay gc` should remove it (expired, owner gone), or ``None`` to keep it."""
+        expiry = self.expiry
+        if expiry is not None and (now if now is not None else time.time()) > expiry:
+            return "expired"
+        owner = self.owner
+        if owner:
+            host, _, pid = owner.rpartition(":")
+            if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                return "owner gone"
+        return None
+
+
+@dataclass(frozen=True)
+class ProviderStatus:
+    """What `sandbay providers` reports for one provider.
+
+    Attributes:
+        name: The provider's name.
+        installed: Whether its SDK imports.
+        reachable: Whether its daemon or API answered.
+        detail: What was found, or what to do about it.
+    """
+
+    name: str
+    installed: bool
+    reachable: bool
+    detail: str
+
+
+class Provider(abc.ABC):
+    """Creates sandboxes of one kind. One instance per config; cheap to construct.
+
+    `__init__` does no I/O: clients connect on first use.
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def create(self, spec: SandboxSpec) -> Sandbox:
+        """Provision a sandbox and return it ready: its first `exec` may run at once.
+
+        The spec's labels (sandbay's own among them) must be attached so that `list` finds
+        it. On failure nothing may be left behind.
+
+        Raises:
+            ProviderUnavailableError: The provider cannot be reached.
+            ConfigError: The spec asks for something this provider cannot do.
+        """
+
+    @abc.abstractmethod
+    async def list(self, *, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
+        """Sandboxes sandbay manages on this provider, filtered by labels."""
+
+    @abc.abstractmethod
+    async def destroy(self, sandbox_id: str) -> None:
+        """Remove a sandbox by id; a sandbox already gone is not an error."""
+
+    @abc.abstractmethod
+    async def status(self) -> ProviderStatus:
+        """Check whether the provider is usable, without creating anything."""
+
+    async def gc(self, *, now: float | None = None) -> list[tuple[SandboxInfo, str]]:
+        """Destroy sandboxes whose expiry passed or whose owner process is gone.
+
+        Returns:
+            Each removed sandbox with the reason.
+        """
+        removed = []
+        for info in await self.list():
+            reason = info.orphaned(now=now)
+            if reason:
+                await self.destroy(info.id)
+                removed.append((info, reason))
+        return removed
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most providers hold nothing
+        """Release clients the provider holds."""
+
+
+def managed_labels(spec: SandboxSpec, *, session: str | None = None) -> dict[str, str]:
+    """sandbay's own labels for a new sandbox, merged under the user's.
+
+    The user's labels cannot override ``sandbay.*`` ones: gc depends on them.
+    """
+    bad = sorted(key for key in spec.labels if key.startswith(LABEL_PREFIX))
+    if bad:
+        raise ConfigError(f"labels {bad} use the reserved prefix {LABEL_PREFIX!r}; rename them")
+    return {
+        **spec.labels,
+        MANAGED: "1",
+        SESSION: session or uuid.uuid4().hex,
+        OWNER: f"{socket.gethostname()}:{os.getpid()}",
+        EXPIRY: f"{time.time() + spec.lifetime_s:.0f}",
+    }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# name -> (module, class, pip extra or None)
+_REGISTRY: dict[str, tuple[str, str, str | None]] = {
+    "local": ("sandbay.providers.local", "LocalProvider", None),
+    "docker": ("sandbay.providers.docker", "DockerProvider", "docker"),
+}
+
+
+def provider_names() -> list[str]:
+    """Names of every provider sandbay knows."""
+    return sorted(_REGISTRY)
+
+
+def make_provider(config: ProviderConfig) -> Provider:
+    """Instantiate the provider a config selects, importing its module lazily.
+
+    Raises:
+        ConfigError: Unknown provider.
+        MissingDependencyError: Its SDK is not installed (the message names the extra).
+    """
+    try:
+        module_name, class_name, extra = _REGISTRY[config.type]
+    except KeyError:
+        raise ConfigError(
+            f"unknown provider {config.type!r}; valid providers: {', '.join(provider_names())}"
+        ) from None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = exc.name or "its SDK"
+        raise MissingDependencyError(
+            f"the {config.type} provider needs {missing!r}, which is not installed: "
+            f'pip install "sandbay[{extra}]"',
+            provider=config.type,
+        ) from exc
+    cls: type[Provider] = getattr(module, class_name)
+    return cls(config)  # type: ignore[call-arg]

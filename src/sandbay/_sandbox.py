@@ -1,0 +1,460 @@
+"""The `Sandbox` interface every provider implements, and the values it exchanges.
+
+The contract lives in these docstrings. A provider subclasses `Sandbox` and implements the
+underscore methods (`_start`, `_write_file`, `_read_file`, `_aclose`) plus `id`; everything
+else (argument checks, the closed state, `exec`, relative paths, the context manager) is
+concrete here and written once. `sandbay.testing.conformance` checks that a provider keeps it.
+
+Output is read on demand: a `Process`'s `stdout` and `stderr` pull bytes from the provider
+when iterated, with no background task. So a sandbox may be created in one task and used in
+another (a pool does this), and nothing runs after the caller stops reading.
+"""
+
+from __future__ import annotations
+
+import abc
+import codecs
+import math
+import shlex
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import Self
+
+from ._errors import ConfigError, SandboxClosedError, SandboxTimeoutError
+
+__all__ = ["ByteStream", "ExecResult", "Process", "Sandbox", "SandboxSpec"]
+
+#: Seconds `Sandbox.aclose` and `Process.kill` give each provider call before giving up.
+CLOSE_TIMEOUT = 30.0
+
+
+class SandboxSpec(BaseModel):
+    """What to provision. Every field is optional; providers fill in their defaults.
+
+    A provider that cannot honour a field raises `ConfigError` naming it, rather than
+    silently ignoring it (for example E2B sets cpu and memory per template, not per sandbox).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image: str | None = None
+    """Image or template to start from. ``None``: the provider's agent image."""
+    cpu: float | None = Field(default=None, gt=0)
+    """CPU cores the sandbox may use."""
+    memory_mb: int | None = Field(default=None, gt=0)
+    """Memory limit in MiB."""
+    lifetime_s: float = Field(default=3600.0, gt=0)
+    """Wall-clock lifetime: after it, `sandbay gc` (or the provider) removes the sandbox."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Environment variables for every process in the sandbox."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Labels for finding the sandbox again (``sandbay ls``, ``Sandbox.list``)."""
+    workdir: str = "/workspace"
+    """Working directory of processes; relative file paths resolve against it."""
+    network: Literal["default", "none", "host"] = "default"
+    """``none`` cuts the sandbox off; ``host`` shares the host's network (local tests)."""
+    user: str | None = None
+    """User processes run as. ``None``: the provider's default (non-root where it can)."""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The outcome of `Sandbox.exec`.
+
+    Attributes:
+        exit_code: Exit status; negative -N when killed by signal N (where the provider knows).
+        stdout: Everything the command wrote to stdout.
+        stderr: Everything the command wrote to stderr.
+    """
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        """Whether the command exited with status 0."""
+        return self.exit_code == 0
+
+    @property
+    def text(self) -> str:
+        """stdout decoded as UTF-8, undecodable bytes replaced."""
+        return self.stdout.decode("utf-8", "replace")
+
+
+class ByteStream:
+    """One output stream of a `Process`: an async iterator of non-empty byte chunks.
+
+    Chunks arrive at whatever boundaries the provider delivers them; use `lines` or
+    `text_chunks` to reframe. Iteration ends at end of stream.
+    """
+
+    def __init__(self, receive: Callable[[], Awaitable[bytes | None]]) -> None:
+        # receive() returns the next chunk, or None at end of stream.
+        self._receive = receive
+        self._eof = False
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._eof:
+            chunk = await self._receive()
+            if chunk is None:
+                self._eof = True
+            elif chunk:
+                return chunk
+        raise StopAsyncIteration
+
+    async def read(self) -> bytes:
+        """Read to end of stream and return everything."""
+        return b"".join([chunk async for chunk in self])
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        """Yield complete lines (without the newline); a final unterminated line too."""
+        buffer = bytearray()
+        async for chunk in self:
+            start = len(buffer)
+            buffer += chunk
+            # Only the new chunk can hold a newline the buffer did not already have.
+            end = buffer.find(b"\n", start)
+            begin = 0
+            while end != -1:
+                yield bytes(buffer[begin:end])
+                begin = end + 1
+                end = buffer.find(b"\n", begin)
+            del buffer[:begin]
+        if buffer:
+            yield bytes(buffer)
+
+    async def text_chunks(self, encoding: str = "utf-8") -> AsyncIterator[str]:
+        """Yield decoded text; multi-byte characters split across chunks decode correctly."""
+        decoder = codecs.getincrementaldecoder(encoding)("replace")
+        async for chunk in self:
+            text = decoder.decode(chunk)
+            if text:
+                yield text
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+
+class Process(abc.ABC):
+    """A process running in a sandbox, started by `Sandbox.start`.
+
+    Read `stdout` and `stderr` as they are produced; write to stdin with `write` and end it
+    with `close_stdin`. Output a caller does not read is buffered by the provider or by the
+    pipe: read both streams (as `Sandbox.exec` does) when a command may write a lot to both.
+
+    Attributes:
+        stdout: The process's standard output.
+        stderr: The process's standard error.
+    """
+
+    stdout: ByteStream
+    stderr: ByteStream
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Write bytes to the process's stdin, in order.
+
+        Raises:
+            BrokenPipeError: stdin was closed, or the process exited.
+        """
+
+    @abc.abstractmethod
+    async def close_stdin(self) -> None:
+        """Send end-of-file on stdin. Idempotent."""
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """Wait for the process to exit and return its exit code.
+
+        A process killed by signal N returns -N where the provider can tell, else 128+N.
+        """
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """Kill the process (and what it started, where the provider can). Idempotent.
+
+        Returns promptly; `wait` then returns the exit code.
+        """
+
+    @property
+    @abc.abstractmethod
+    def returncode(self) -> int | None:
+        """The exit code once known, else ``None``."""
+
+
+class Sandbox(abc.ABC):
+    """One sandbox: an isolated place to run processes and keep files.
+
+    Use it as an async context manager (``async with sandbay.open_sandbox(...) as sb``) or
+    call `aclose` yourself; either way it is removed from the provider when closed. After
+    `aclose`, every method raises `SandboxClosedError`.
+
+    Providers implement `id`, `_start`, `_write_file`, `_read_file` and `_aclose`. Those
+    receive absolute paths and a normalised argv; they must raise:
+
+    - `SandboxFileNotFoundError` from `_read_file` for a missing path;
+    - `ProviderUnavailableError` when the provider cannot be reached;
+    - `SandboxNotFoundError` when the sandbox vanished underneath;
+
+    and never let their SDK's own exceptions escape. A command that does not exist is not an
+    exception: its process exits with status 127 (as a shell reports it).
+
+    Attributes:
+        provider: The provider's name (``"docker"``, ``"local"``, …).
+        spec: The spec the sandbox was created from, labels included.
+    """
+
+    provider: ClassVar[str]
+
+    def __init__(self, spec: SandboxSpec) -> None:
+        self.spec = spec
+        self._closed = False
+
+    # --- to implement ------------------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def id(self) -> str:
+        """The provider's id for this sandbox."""
+
+    @abc.abstractmethod
+    async def _start(
+        self, argv: list[str], *, env: dict[str, str], cwd: str, user: str | None
+    ) -> Process:
+        """Start argv (non-empty, argv[0] looked up on PATH) and return at once."""
+
+    @abc.abstractmethod
+    async def _write_file(self, path: str, data: bytes, *, mode: int) -> None:
+        """Write data to absolute path, creating parent directories, replacing any file."""
+
+    @abc.abstractmethod
+    async def _read_file(self, path: str) -> bytes:
+        """Return the contents of absolute path; `SandboxFileNotFoundError` if missing."""
+
+    @abc.abstractmethod
+    async def _aclose(self) -> None:
+        """Remove the sandbox from the provider. Called once, shielded, with a deadline."""
+
+    # --- concrete ----------------------------------------------------------------------
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        """The sandbox's labels, sandbay's own (``sandbay.*``) included."""
+        return self.spec.labels
+
+    @property
+    def workdir(self) -> str:
+        """Absolute working directory processes start in."""
+        return self.spec.workdir
+
+    @property
+    def python(self) -> str:
+        """Command that runs the Python with claude-agent-sdk, for the agent entrypoint."""
+        return "python3"
+
+    @property
+    def closed(self) -> bool:
+        """Whether `aclose` has been called."""
+        return self._closed
+
+    def resolve(self, path: str) -> str:
+        """Turn a path relative to `workdir` into an absolute one."""
+        if not path:
+            raise ConfigError("empty path: give a file path inside the sandbox")
+        if path.startswith("/"):
+            return path
+        return self.workdir.rstrip("/") + "/" + path
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxClosedError(
+                "the sandbox is closed; open a new one with sandbay.open_sandbox()",
+                provider=self.provider,
+                sandbox_id=self.id,
+            )
+
+    async def start(
+        self,
+        argv: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+    ) -> Process:
+        """Start a process and return it while it runs.
+
+        Args:
+            argv: The command; a string runs through ``sh -c``.
+            env: Variables added to the sandbox's environment for this process.
+            cwd: Working directory (relative to `workdir`); default `workdir`.
+            user: Run as this user instead of the sandbox's default.
+
+        Returns:
+            The running `Process`. Its stdin stays open until `Process.close_stdin`.
+
+        Raises:
+            SandboxClosedError: The sandbox was closed.
+            ConfigError: argv is empty.
+        """
+        self._check_open()
+        return await self._start(
+            _argv(argv),
+            env={**self.spec.env, **(env or {})},
+            cwd=self.resolve(cwd) if cwd else self.workdir,
+            user=user if user is not None else self.spec.user,
+        )
+
+    async def exec(
+        self,
+        argv: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        input: bytes | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run a command to completion and return its exit code and output.
+
+        stdout and stderr are read concurrently, so a command writing a lot to both never
+        blocks. stdin gets ``input`` (if any) and then end-of-file.
+
+        Args:
+            argv: The command; a string runs through ``sh -c``.
+            env: Variables added for this command.
+            cwd: Working directory (relative to `workdir`); default `workdir`.
+            user: Run as this user instead of the sandbox's default.
+            input: Bytes fed to stdin.
+            timeout: Seconds before the command is killed.
+
+        Returns:
+            The `ExecResult`; a non-zero exit code is not an exception.
+
+        Raises:
+            SandboxTimeoutError: The command ran past ``timeout``; it was killed.
+            SandboxClosedError: The sandbox was closed.
+        """
+        proc = await self.start(argv, env=env, cwd=cwd, user=user)
+        out: list[bytes] = []
+        err: list[bytes] = []
+
+        async def collect(stream: ByteStream, into: list[bytes]) -> None:
+            async for chunk in stream:
+                into.append(chunk)
+
+        async def feed() -> None:
+            try:
+                if input:
+                    await proc.write(input)
+            except BrokenPipeError:
+                pass  # the command exited without reading all of it; as in a shell
+            finally:
+                await proc.close_stdin()
+
+        try:
+            with anyio.fail_after(timeout) if timeout is not None else nullcontext():
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(collect, proc.stdout, out)
+                    tg.start_soon(collect, proc.stderr, err)
+                    tg.start_soon(feed)
+                code = await proc.wait()
+        except TimeoutError:
+            await _kill_shielded(proc)
+            raise SandboxTimeoutError(
+                f"command {_show(argv)} ran past its {timeout:g} s timeout and was killed",
+                provider=self.provider,
+                sandbox_id=self.id,
+            ) from None
+        except BaseException:
+            await _kill_shielded(proc)
+            raise
+        return ExecResult(code, b"".join(out), b"".join(err))
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        """Write a file, creating parent directories and replacing what was there.
+
+        Args:
+            path: Absolute, or relative to `workdir`.
+            data: The contents.
+            mode: Permission bits of the new file.
+
+        Raises:
+            SandboxClosedError: The sandbox was closed.
+        """
+        self._check_open()
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ConfigError(f"write_file needs bytes, got {type(data).__name__}; encode text")
+        await self._write_file(self.resolve(path), bytes(data), mode=mode)
+
+    async def read_file(self, path: str) -> bytes:
+        """Read a whole file.
+
+        Args:
+            path: Absolute, or relative to `workdir`.
+
+        Returns:
+            Its contents.
+
+        Raises:
+            SandboxFileNotFoundError: No file at that path.
+            SandboxClosedError: The sandbox was closed.
+        """
+        self._check_open()
+        return await self._read_file(self.resolve(path))
+
+    async def aclose(self) -> None:
+        """Remove the sandbox. Idempotent; runs shielded and bounds its own wait.
+
+        A provider that does not answer within `CLOSE_TIMEOUT` seconds is given up on; the
+        sandbox's expiry label lets `sandbay gc` remove it later.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+            await self._aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<{type(self).__name__} {self.provider} {self.id} {state}>"
+
+
+def _argv(argv: str | Sequence[str]) -> list[str]:
+    if isinstance(argv, str):
+        if not argv.strip():
+            raise ConfigError("empty command: give a program and its arguments")
+        return ["sh", "-c", argv]
+    result = [str(part) for part in argv]
+    if not result or not result[0]:
+        raise ConfigError("empty argv: give a program and its arguments")
+    return result
+
+
+def _show(argv: str | Sequence[str]) -> str:
+    text = argv if isinstance(argv, str) else shlex.join(str(a) for a in argv)
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+async def _kill_shielded(proc: Process) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+        await proc.kill()
+
+
+def unbounded_stream() -> tuple[Any, Any]:
+    """An unbounded in-memory byte channel (send side, receive side) for provider pumps."""
+    return anyio.create_memory_object_stream[bytes | None](math.inf)

@@ -1,0 +1,1 @@
+"""Provider modules, one per sandbox provider. Each imports its SDK; import them lazily."""
