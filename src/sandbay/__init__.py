@@ -1,5 +1,6 @@
 """sandbay: run Claude Agent SDK agents inside sandboxes from any provider, behind one interface."""
 
+from ._agent import AgentRun, replay_agent, run_agent
 from ._api import create_sandbox, get_provider, open_sandbox
 from ._config import DockerConfig, LocalConfig, ProviderConfig, SandbayConfig, load_config
 from ._errors import (
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AgentError",
+    "AgentRun",
     "ByteStream",
     "ConfigError",
     "DockerConfig",
@@ -48,4 +50,6 @@ __all__ = [
     "get_provider",
     "load_config",
     "open_sandbox",
+    "replay_agent",
+    "run_agent",
 ]

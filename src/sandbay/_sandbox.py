@@ -262,6 +262,11 @@ class Sandbox(abc.ABC):
         return "python3"
 
     @property
+    def agent_dir(self) -> str:
+        """Directory sandbay keeps its entrypoint and run logs in, outside the workspace."""
+        return "/tmp/sandbay"
+
+    @property
     def closed(self) -> bool:
         """Whether `aclose` has been called."""
         return self._closed

@@ -1,0 +1,535 @@
+"""Running an agent inside a sandbox and streaming its messages back as typed SDK objects.
+
+sandbay uploads its entrypoint (``_entrypoint/entrypoint.py``) into the sandbox, starts it,
+sends one request line (prompt, options, the few environment variables the agent needs) on
+its stdin, and reads envelopes from its stdout. Each envelope carries one raw stream-json
+message, which is parsed here by the same function the Agent SDK's own ``query()`` uses.
+
+If the stream breaks while the entrypoint keeps running, sandbay reattaches with the
+entrypoint's ``replay`` command from the last sequence number it saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import math
+import os
+import shlex
+import sys
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from claude_agent_sdk import ClaudeAgentOptions, Message
+from claude_agent_sdk._internal.message_parser import parse_message
+from typing_extensions import Self
+
+from ._api import create_sandbox
+from ._config import ProviderConfig, SandbayConfig
+from ._errors import AgentError, ConfigError, ProtocolError, SandboxError, SandboxTimeoutError
+from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
+
+if TYPE_CHECKING:
+    from ._pool import SandboxPool
+
+__all__ = ["AgentRun", "Envelope", "replay_agent", "run_agent"]
+
+WIRE_VERSION = 1
+#: Host variables an agent needs, passed on stdin (never in argv or the sandbox's env).
+FORWARDED_ENV = (
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_MODEL",
+    "ANTHROPIC_SMALL_FAST_MODEL",
+    "CLAUDE_CODE_OAUTH_TOKEN",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+    "CLAUDE_CODE_USE_BEDROCK",
+    "CLAUDE_CODE_USE_VERTEX",
+)
+#: Options that are code, not data: they cannot cross into the sandbox.
+REFUSED_OPTIONS = {
+    "can_use_tool": "permission callbacks run in your process; use allowed_tools / "
+    "disallowed_tools / permission_mode instead",
+    "hooks": "hook callbacks run in your process; configure shell hooks in settings instead",
+    "stderr": "stderr callbacks run in your process; sandbay reports the CLI's stderr in AgentError",
+    "session_store": "a SessionStore object lives in your process",
+}
+RECONNECTS = 3
+_ENTRYPOINT = "entrypoint.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class Envelope:
+    """One line from the entrypoint.
+
+    Attributes:
+        seq: Sequence number of the run's logged envelopes (0 for unlogged ones).
+        kind: ``ready``, ``prepared``, ``message``, ``error`` or ``end``.
+        data: The payload; for ``message``, the raw stream-json dict.
+    """
+
+    seq: int
+    kind: str
+    data: dict[str, Any]
+
+
+def entrypoint_source() -> bytes:
+    """The entrypoint script's bytes, as uploaded into sandboxes."""
+    return importlib.resources.files("sandbay._entrypoint").joinpath(_ENTRYPOINT).read_bytes()
+
+
+def options_to_wire(options: ClaudeAgentOptions | None) -> dict[str, Any]:
+    """The data fields of options that differ from their defaults, as JSON-ready values.
+
+    Raises:
+        ConfigError: A field holds code (a callback, an SDK MCP server, a store) that cannot
+            run inside the sandbox; the message names the field and what to use instead.
+    """
+    if options is None:
+        return {}
+    wire: dict[str, Any] = {}
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:  # pragma: no cover - every option has a default today
+            default = dataclasses.MISSING
+        if field.name == "debug_stderr":
+            if value is not sys.stderr:
+                raise ConfigError(
+                    "ClaudeAgentOptions.debug_stderr is a file in your process and cannot "
+                    "cross into the sandbox; leave it unset"
+                )
+            continue
+        if value is None or value == default:
+            continue
+        if field.name in REFUSED_OPTIONS:
+            raise ConfigError(
+                f"ClaudeAgentOptions.{field.name} cannot cross into the sandbox: "
+                f"{REFUSED_OPTIONS[field.name]}"
+            )
+        if field.name == "mcp_servers" and isinstance(value, dict):
+            sdk_servers = sorted(n for n, c in value.items() if c.get("type") == "sdk")
+            if sdk_servers:
+                raise ConfigError(
+                    f"ClaudeAgentOptions.mcp_servers {sdk_servers} are in-process SDK servers "
+                    "and cannot cross into the sandbox; run them as stdio or http MCP servers"
+                )
+        wire[field.name] = _jsonable(value, f"ClaudeAgentOptions.{field.name}")
+    return wire
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, PurePath):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            k: _jsonable(v, f"{where}.{k}")
+            for k, v in dataclasses.asdict(value).items()
+            if v is not None
+        }
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(
+        f"{where} holds a {type(value).__name__}, which cannot cross into the sandbox; "
+        "give plain data (str, number, list, dict)"
+    )
+
+
+def agent_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables the agent gets: forwarded auth/endpoint settings, then ``extra``."""
+    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    env["IS_SANDBOX"] = "1"  # lets bypassPermissions run in root sandboxes
+    env.update(extra or {})
+    return env
+
+
+class AgentRun:
+    """One agent run: an async iterator of typed `claude_agent_sdk` messages.
+
+    Iterate it directly (``async for message in run_agent(...)``), or use it as an async
+    context manager to guarantee cleanup when you stop early::
+
+        async with sandbay.run_agent("...") as run:
+            async for message in run:
+                ...
+
+    Attributes:
+        run_id: Identifies the run inside its sandbox (for `replay_agent`).
+        last_seq: Sequence number of the last message received.
+        sandbox: The sandbox it runs in, once provisioned.
+    """
+
+    def __init__(
+        self,
+        prompt: str,
+        *,
+        provider: str | ProviderConfig | SandbayConfig | None,
+        options: ClaudeAgentOptions | None,
+        timeout: float | None,
+        spec: SandboxSpec | None,
+        sandbox: Sandbox | None,
+        pool: SandboxPool | None,
+        env: Mapping[str, str] | None,
+        run_id: str | None,
+    ) -> None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError("empty prompt: give the agent something to do")
+        if timeout is not None and timeout <= 0:
+            raise ConfigError(f"timeout must be positive seconds, got {timeout!r}")
+        if sum(x is not None for x in (sandbox, pool)) > 1:
+            raise ConfigError("give sandbox= or pool=, not both")
+        self.prompt = prompt
+        self.run_id = run_id or uuid.uuid4().hex[:16]
+        self.last_seq = 0
+        self.sandbox: Sandbox | None = sandbox
+        self._provider = provider
+        self._wire_options = options_to_wire(options)
+        self._timeout = timeout
+        self._spec = spec
+        self._pool = pool
+        self._env = agent_env(env)
+        self._owns_sandbox = sandbox is None
+        self._raw = False
+        self._gen: AsyncIterator[Any] | None = None
+
+    def raw(self) -> Self:
+        """Yield the raw stream-json dicts instead of typed messages (for ``--json``)."""
+        self._raw = True
+        return self
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        if self._gen is None:
+            self._gen = self._messages()
+        return self._gen
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the run and remove the sandbox it created. Idempotent."""
+        if self._gen is not None:
+            await self._gen.aclose()  # type: ignore[attr-defined]
+
+    async def _messages(self) -> AsyncIterator[Any]:
+        async for envelope in self._envelopes():
+            if self._raw:
+                yield envelope.data
+                continue
+            message = parse_message(envelope.data)
+            if message is not None:
+                yield message
+
+    async def _envelopes(self) -> AsyncIterator[Envelope]:
+        deadline = math.inf if self._timeout is None else anyio.current_time() + self._timeout
+        proc: Process | None = None
+        serve: Process | None = None
+        finished = False
+        try:
+            with _deadline(deadline) as scope:
+                proc = serve = await self._launch()
+            if scope.cancelled_caught:
+                raise self._timed_out("while provisioning the sandbox")
+            stream = _EnvelopeReader(proc)
+            reconnects = 0
+            while True:
+                with _deadline(deadline) as scope:
+                    envelope = await stream.next()
+                if scope.cancelled_caught:
+                    raise self._timed_out(f"after {self.last_seq} messages")
+                if envelope is None:
+                    # The stream ended before the run did: the entrypoint died, or the
+                    # provider dropped the connection while it kept running.
+                    code = await _exit_code(proc)
+                    if code not in (None, 0) or reconnects >= RECONNECTS:
+                        raise await self._died(code)
+                    # Leave the entrypoint running: only its stream to us broke.
+                    reconnects += 1
+                    proc = await self._replay_process(self.last_seq)
+                    stream = _EnvelopeReader(proc)
+                    continue
+                if envelope.kind in ("ready", "prepared"):
+                    continue
+                if envelope.seq and envelope.seq <= self.last_seq:
+                    continue  # already seen before a reconnect
+                if envelope.kind == "message":
+                    self.last_seq = envelope.seq
+                    yield envelope
+                elif envelope.kind == "end":
+                    finished = True
+                    return
+                elif envelope.kind == "error":
+                    finished = True
+                    raise self._agent_error(envelope.data)
+                else:
+                    raise ProtocolError(f"unknown envelope kind {envelope.kind!r}")
+        finally:
+            with anyio.CancelScope(shield=True):
+                if not finished:
+                    for process in {id(p): p for p in (proc, serve) if p is not None}.values():
+                        await _kill(process)
+                if self._owns_sandbox and self.sandbox is not None:
+                    await self.sandbox.aclose()
+
+    async def _launch(self) -> Process:
+        """Provision (or take) the sandbox, start the entrypoint and send the request."""
+        options = dict(self._wire_options)
+        if self._pool is not None:
+            lease = await self._pool.acquire()
+            self.sandbox, proc, self._run_dir = lease.sandbox, lease.process, lease.run_dir
+            self._owns_sandbox = True  # a pooled sandbox is used once, then destroyed
+            options.setdefault("cwd", self.sandbox.workdir)
+            await _send(proc, {"kind": "request", "prompt": self.prompt, "options": options,
+                               "env": self._env})
+            return proc
+        if self.sandbox is None:
+            self.sandbox = await create_sandbox(self._provider, self._spec)
+        options.setdefault("cwd", self.sandbox.workdir)
+        proc, self._run_dir = await start_entrypoint(self.sandbox, self.run_id)
+        await _send(proc, {"kind": "request", "prompt": self.prompt, "options": options,
+                           "env": self._env})
+        return proc
+
+    async def _replay_process(self, after: int) -> Process:
+        assert self.sandbox is not None
+        return await self.sandbox.start(_replay_argv(self.sandbox, self._run_dir, after))
+
+    def _timed_out(self, when: str) -> SandboxTimeoutError:
+        return SandboxTimeoutError(
+            f"the agent run passed its {self._timeout:g} s deadline {when}; "
+            "it was killed and its sandbox removed",
+            provider=self.sandbox.provider if self.sandbox else None,
+            sandbox_id=self.sandbox.id if self.sandbox else None,
+        )
+
+    def _agent_error(self, data: Mapping[str, Any]) -> AgentError:
+        sb = self.sandbox
+        return AgentError(
+            f"the agent failed inside the sandbox: {data.get('type')}: {data.get('message')}",
+            exit_code=data.get("exit_code"),
+            stderr_tail=_tail(str(data.get("stderr") or "")),
+            provider=sb.provider if sb else None,
+            sandbox_id=sb.id if sb else None,
+        )
+
+    async def _died(self, code: int | None) -> AgentError:
+        sb = self.sandbox
+        assert sb is not None
+        tail = ""
+        try:
+            with anyio.move_on_after(CLOSE_TIMEOUT):
+                tail = _tail((await sb.read_file(f"{self._run_dir}/stderr.log")).decode(
+                    "utf-8", "replace"))
+        except SandboxError:
+            pass
+        return AgentError(
+            "the agent entrypoint exited before the run ended",
+            exit_code=code,
+            stderr_tail=tail,
+            provider=sb.provider,
+            sandbox_id=sb.id,
+        )
+
+
+def run_agent(
+    prompt: str,
+    *,
+    provider: str | ProviderConfig | SandbayConfig | None = None,
+    options: ClaudeAgentOptions | None = None,
+    timeout: float | None = None,
+    spec: SandboxSpec | None = None,
+    sandbox: Sandbox | None = None,
+    pool: SandboxPool | None = None,
+    env: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+) -> AgentRun:
+    """Run a Claude agent inside a sandbox and stream its messages as they are produced.
+
+    Yields the same typed `claude_agent_sdk` messages (``SystemMessage``, ``AssistantMessage``,
+    ``UserMessage``, ``ResultMessage``, …) a local ``query()`` would, in order.
+
+    Args:
+        prompt: What the agent should do.
+        provider: Provider name or config; ``None`` reads ``sandbay.toml`` / the environment.
+        options: Agent options. Data fields cross into the sandbox; callbacks are refused.
+            ``cwd`` defaults to the sandbox's working directory.
+        timeout: Wall-clock deadline in seconds for the whole run, provisioning included.
+        spec: What to provision; ignored with ``sandbox`` or ``pool``.
+        sandbox: Run in this open sandbox instead of provisioning one; it is left open.
+        pool: Take a ready sandbox from this `SandboxPool`; it is destroyed afterwards.
+        env: Extra environment for the agent (on top of the forwarded ``ANTHROPIC_*``).
+        run_id: Name of the run inside the sandbox; default random.
+
+    Returns:
+        An `AgentRun`, to iterate with ``async for``.
+
+    Raises:
+        ConfigError: Empty prompt, bad timeout, or options that cannot cross.
+        SandboxTimeoutError: The deadline passed; messages received before it were yielded,
+            the agent was killed and the sandbox (if sandbay created it) removed.
+        AgentError: The agent or its CLI failed inside the sandbox; carries the exit code
+            and the tail of its stderr.
+    """
+    return AgentRun(
+        prompt,
+        provider=provider,
+        options=options,
+        timeout=timeout,
+        spec=spec,
+        sandbox=sandbox,
+        pool=pool,
+        env=env,
+        run_id=run_id,
+    )
+
+
+async def replay_agent(sandbox: Sandbox, run_id: str, *, after: int = 0) -> AsyncIterator[Message]:
+    """Replay a run's messages from its log in the sandbox, following it until it ends.
+
+    Args:
+        sandbox: The sandbox the run ran (or runs) in.
+        run_id: `AgentRun.run_id` of the run.
+        after: Skip messages up to this sequence number (`AgentRun.last_seq`).
+
+    Raises:
+        AgentError: The run failed, or its entrypoint died before it ended.
+    """
+    proc = await sandbox.start(_replay_argv(sandbox, run_dir(sandbox, run_id), after))
+    reader = _EnvelopeReader(proc)
+    try:
+        while (envelope := await reader.next()) is not None:
+            if envelope.kind == "message":
+                message = parse_message(envelope.data)
+                if message is not None:
+                    yield message
+            elif envelope.kind == "error":
+                raise AgentError(
+                    f"the run failed: {envelope.data.get('type')}: {envelope.data.get('message')}",
+                    exit_code=envelope.data.get("exit_code"),
+                    stderr_tail=_tail(str(envelope.data.get("stderr") or "")),
+                    provider=sandbox.provider,
+                    sandbox_id=sandbox.id,
+                )
+            elif envelope.kind == "end":
+                return
+    finally:
+        with anyio.CancelScope(shield=True):
+            await _kill(proc)
+
+
+def run_dir(sandbox: Sandbox, run_id: str) -> str:
+    """Directory in the sandbox that holds one run's log."""
+    return f"{sandbox.agent_dir}/runs/{run_id}"
+
+
+async def start_entrypoint(sandbox: Sandbox, run_id: str) -> tuple[Process, str]:
+    """Upload the entrypoint and start it waiting for its request.
+
+    Returns:
+        The entrypoint process and its run directory.
+    """
+    base = sandbox.agent_dir
+    directory = run_dir(sandbox, run_id)
+    script = f"{base}/{_ENTRYPOINT}"
+    await sandbox.write_file(script, entrypoint_source())
+    command = (
+        f"mkdir -p {shlex.quote(directory)} && exec {shlex.quote(sandbox.python)} "
+        f"{shlex.quote(script)} serve --run-dir {shlex.quote(directory)} "
+        f"2>>{shlex.quote(directory + '/stderr.log')}"
+    )
+    return await sandbox.start(["sh", "-c", command]), directory
+
+
+def _replay_argv(sandbox: Sandbox, directory: str, after: int) -> list[str]:
+    script = f"{sandbox.agent_dir}/{_ENTRYPOINT}"
+    return [sandbox.python, script, "replay", "--run-dir", directory, "--after", str(after)]
+
+
+async def _send(proc: Process, request: dict[str, Any]) -> None:
+    await proc.write(json.dumps(request).encode() + b"\n")
+
+
+class _EnvelopeReader:
+    """Frames a process's stdout into envelopes; keeps partial lines across reads."""
+
+    def __init__(self, proc: Process) -> None:
+        self._stdout = proc.stdout
+        self._buffer = bytearray()
+        self._eof = False
+
+    async def next(self) -> Envelope | None:
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline != -1:
+                line = bytes(self._buffer[:newline])
+                del self._buffer[: newline + 1]
+                if not line.strip():
+                    continue
+                return _parse_envelope(line)
+            if self._eof:
+                return None
+            try:
+                self._buffer += await self._stdout.__anext__()
+            except StopAsyncIteration:
+                self._eof = True
+                if self._buffer.strip():
+                    self._buffer += b"\n"  # a last line without its newline
+
+
+def _parse_envelope(line: bytes) -> Envelope:
+    try:
+        raw = json.loads(line)
+    except ValueError:
+        raise ProtocolError(
+            f"the entrypoint wrote a line that is not JSON: {line[:200]!r}"
+        ) from None
+    if not isinstance(raw, dict) or raw.get("sandbay") != WIRE_VERSION:
+        raise ProtocolError(
+            f"the entrypoint speaks wire version {raw.get('sandbay') if isinstance(raw, dict) else '?'}"
+            f", this sandbay speaks {WIRE_VERSION}: use the same sandbay on both sides"
+        )
+    return Envelope(int(raw.get("seq", 0)), str(raw.get("kind")), raw.get("data") or {})
+
+
+class _deadline:  # noqa: N801 - reads as a function
+    """A cancel scope expiring at an absolute `anyio.current_time` (``inf`` for none)."""
+
+    def __init__(self, when: float) -> None:
+        self._scope = anyio.CancelScope(deadline=when)
+
+    def __enter__(self) -> anyio.CancelScope:
+        return self._scope.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        return bool(self._scope.__exit__(*exc_info))
+
+
+async def _exit_code(proc: Process) -> int | None:
+    """The exit code if the process ends within a moment, else ``None`` (still running)."""
+    with anyio.move_on_after(2):
+        return await proc.wait()
+    return None
+
+
+async def _kill(proc: Process) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+        if proc.returncode is None:
+            await proc.kill()
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])

@@ -1,0 +1,288 @@
+"""The ``sandbay`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from ._errors import SandboxError
+
+USAGE_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sandbay`` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return USAGE_ERROR
+    try:
+        if getattr(args, "blocking", False):
+            return int(args.func(args) or 0)
+        return int(anyio.run(args.func, args) or 0)
+    except KeyboardInterrupt:
+        # Cancellation already ran every cleanup (sandboxes removed) before we got here.
+        print("\ninterrupted; sandboxes removed", file=sys.stderr)
+        return 130
+    except SandboxError as exc:
+        print(f"sandbay: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sandbay",
+        description="Run Claude agents inside sandboxes from any provider.",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def with_provider(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--provider", help="provider name (overrides the config file)")
+        p.add_argument("--config", metavar="FILE", help="config file (default ./sandbay.toml)")
+
+    run = sub.add_parser("run", help="run an agent on a prompt and stream its messages")
+    run.add_argument("prompt", help="what the agent should do")
+    with_provider(run)
+    run.add_argument("--json", action="store_true", help="print raw stream-json messages")
+    run.add_argument(
+        "--offline",
+        action="store_true",
+        help="use the scripted model on loopback (default when ANTHROPIC_API_KEY is unset)",
+    )
+    run.add_argument("--timeout", type=float, help="wall-clock deadline for the run, seconds")
+    run.add_argument("--max-turns", type=int, default=10)
+    run.add_argument(
+        "--allowed-tools", default="Bash,Read,Write,Edit", help="comma-separated tool names"
+    )
+    run.add_argument("--model", help="model name passed to the agent")
+    run.set_defaults(func=_run)
+
+    providers = sub.add_parser("providers", help="which providers are installed and reachable")
+    providers.set_defaults(func=_providers)
+
+    ls = sub.add_parser("ls", help="list live sandboxes sandbay manages")
+    with_provider(ls)
+    ls.set_defaults(func=_ls)
+
+    gc = sub.add_parser("gc", help="remove sandboxes whose owner is gone or expiry passed")
+    with_provider(gc)
+    gc.set_defaults(func=_gc)
+
+    image = sub.add_parser("image", help="the docker agent image")
+    image_sub = image.add_subparsers(title="image commands", metavar="COMMAND")
+    build = image_sub.add_parser("build", help="build the agent image (from local wheels)")
+    build.add_argument("--base", help="base image with Python 3.10+ (default sandbay-base)")
+    build.add_argument("--config", metavar="FILE", help="config file for docker settings")
+    build.set_defaults(func=_image_build)
+
+    model = sub.add_parser("model", help="the scripted Messages-API model")
+    model_sub = model.add_subparsers(title="model commands", metavar="COMMAND")
+    serve = model_sub.add_parser("serve", help="serve a scripted model on loopback")
+    serve.add_argument("--script", help="JSON file: a list of turns (default: the demo script)")
+    serve.add_argument("--port", type=int, default=0)
+    serve.set_defaults(func=_model_serve, blocking=True)
+
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from ._config import load_config, parse_config
+
+    config = load_config(getattr(args, "config", None))
+    if getattr(args, "provider", None):
+        data = config.model_dump(mode="json", exclude_none=True)
+        if data["provider"]["type"] != args.provider:
+            data["provider"] = {"type": args.provider}
+        config = parse_config(data, where="--provider")
+    return config
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from claude_agent_sdk import ClaudeAgentOptions
+
+    from ._agent import run_agent
+    from .testing import ScriptedModel
+
+    config = _config(args)
+    offline = args.offline or not (
+        os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("CLAUDE_CODE_OAUTH_TOKEN")
+    )
+    tools = [t.strip() for t in args.allowed_tools.split(",") if t.strip()]
+    options = ClaudeAgentOptions(
+        max_turns=args.max_turns,
+        allowed_tools=tools,
+        permission_mode="bypassPermissions",
+        model=args.model,
+    )
+    spec = config.spec
+    model: ScriptedModel | None = None
+    env: dict[str, str] = {}
+    if offline:
+        model = ScriptedModel(ScriptedModel.default_script())
+        model.start()
+        env = model.env()
+        # The scripted model listens on the host's loopback.
+        spec = spec.model_copy(update={"network": "host"})
+        _note("offline: using the scripted model (set ANTHROPIC_API_KEY for a real one)")
+    _note(f"provider: {config.provider.type}")
+    printer = _Printer(json_lines=args.json)
+    try:
+        run = run_agent(
+            args.prompt, provider=config, options=options, timeout=args.timeout, spec=spec, env=env
+        )
+        if args.json:
+            run.raw()
+        async with run:
+            async for message in run:
+                printer.show(message)
+    finally:
+        if model is not None:
+            model.stop()
+    return 0 if printer.ok else 1
+
+
+class _Printer:
+    def __init__(self, *, json_lines: bool) -> None:
+        self.json_lines = json_lines
+        self.ok = True
+
+    def show(self, message: Any) -> None:
+        if self.json_lines:
+            print(json.dumps(message), flush=True)
+            if message.get("type") == "result" and message.get("is_error"):
+                self.ok = False
+            return
+        from claude_agent_sdk import (
+            AssistantMessage,
+            ResultMessage,
+            SystemMessage,
+            TextBlock,
+            ToolResultBlock,
+            ToolUseBlock,
+            UserMessage,
+        )
+
+        if isinstance(message, SystemMessage):
+            if message.subtype == "init":
+                data = message.data
+                print(f"● session {data.get('session_id', '?')[:8]} · model {data.get('model')}"
+                      f" · cwd {data.get('cwd')}", flush=True)
+        elif isinstance(message, AssistantMessage):
+            for block in message.content:
+                if isinstance(block, TextBlock):
+                    print(block.text, flush=True)
+                elif isinstance(block, ToolUseBlock):
+                    shown = block.input.get("command") or json.dumps(block.input)
+                    print(f"→ {block.name}: {shown}", flush=True)
+        elif isinstance(message, UserMessage) and isinstance(message.content, list):
+            for block in message.content:
+                if isinstance(block, ToolResultBlock):
+                    print(_indent(_content_text(block.content)), flush=True)
+        elif isinstance(message, ResultMessage):
+            self.ok = not message.is_error
+            mark = "✗" if message.is_error else "✓"
+            cost = f" · ${message.total_cost_usd:.4f}" if message.total_cost_usd else ""
+            print(f"{mark} {message.subtype} · {message.num_turns} turns · "
+                  f"{message.duration_ms / 1000:.1f} s{cost}", flush=True)
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def _indent(text: str, limit: int = 20) -> str:
+    lines = text.rstrip().splitlines() or [""]
+    if len(lines) > limit:
+        lines = [*lines[:limit], f"… {len(lines) - limit} more lines"]
+    return "\n".join(f"  │ {line}" for line in lines)
+
+
+async def _providers(args: argparse.Namespace) -> int:
+    from ._config import parse_config
+    from ._errors import MissingDependencyError
+    from ._provider import make_provider, provider_names
+
+    configured = None
+    try:
+        configured = _config(args).provider.type
+    except SandboxError as exc:
+        _note(f"config: {exc}")
+    width = max(len(n) for n in provider_names())
+    for name in provider_names():
+        mark = "*" if name == configured else " "
+        try:
+            provider = make_provider(parse_config({"provider": {"type": name}}).provider)
+            status = await provider.status()
+            state = "ready" if status.reachable else "unreachable"
+            detail = status.detail
+        except MissingDependencyError as exc:
+            state, detail = "not installed", exc.message
+        print(f"{mark} {name:<{width}}  {state:<13}  {detail}")
+    print("(* = configured provider)")
+    return 0
+
+
+async def _ls(args: argparse.Namespace) -> int:
+    for name, provider in _chosen_providers(args):
+        for info in await provider.list():
+            labels = ",".join(
+                f"{k}={v}" for k, v in sorted(info.labels.items()) if not k.startswith("sandbay.")
+            )
+            print(f"{name:<8} {info.id:<24} {info.status:<10} owner={info.owner} {labels}")
+    return 0
+
+
+async def _gc(args: argparse.Namespace) -> int:
+    total = 0
+    for name, provider in _chosen_providers(args):
+        for info, reason in await provider.gc():
+            print(f"removed {name} {info.id} ({reason})")
+            total += 1
+    print(f"{total} sandbox(es) removed")
+    return 0
+
+
+def _chosen_providers(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The provider asked for, or every installed provider."""
+    from ._api import get_provider
+    from ._errors import MissingDependencyError
+    from ._provider import provider_names
+
+    if args.provider or args.config:
+        config = _config(args)
+        return [(config.provider.type, get_provider(config))]
+    chosen = []
+    for name in provider_names():
+        try:
+            chosen.append((name, get_provider(name)))
+        except MissingDependencyError:
+            continue
+    return chosen
+
+
+async def _image_build(args: argparse.Namespace) -> int:
+    from ._image import build_agent_image_cli
+
+    return await build_agent_image_cli(base=args.base, config_file=args.config)
+
+
+def _model_serve(args: argparse.Namespace) -> int:
+    from .testing._model import serve
+
+    serve(args.script, port=args.port)  # until Ctrl-C
+    return 0
+
+
+def _note(text: str) -> None:
+    print(f"sandbay: {text}", file=sys.stderr, flush=True)
