@@ -16,6 +16,7 @@ from ._errors import (
     SandboxNotFoundError,
     SandboxTimeoutError,
 )
+from ._pool import SandboxPool
 from ._provider import Provider, ProviderStatus, SandboxInfo
 from ._sandbox import ByteStream, ExecResult, Process, Sandbox, SandboxSpec
 
@@ -44,6 +45,7 @@ __all__ = [
     "SandboxFileNotFoundError",
     "SandboxInfo",
     "SandboxNotFoundError",
+    "SandboxPool",
     "SandboxSpec",
     "SandboxTimeoutError",
     "create_sandbox",

@@ -18,6 +18,7 @@ import math
 import os
 import shlex
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import PurePath
@@ -169,6 +170,9 @@ class AgentRun:
         run_id: Identifies the run inside its sandbox (for `replay_agent`).
         last_seq: Sequence number of the last message received.
         sandbox: The sandbox it runs in, once provisioned.
+        timings: `time.perf_counter` of each milestone reached: ``start``, ``sandbox``
+            (provisioned or taken from the pool), ``request`` (entrypoint started and the
+            request sent), ``first_message``, ``first_assistant``, ``result``, ``closed``.
     """
 
     def __init__(
@@ -201,6 +205,9 @@ class AgentRun:
         self._pool = pool
         self._env = agent_env(env)
         self._owns_sandbox = sandbox is None
+        self._serve: Process | None = None
+        self._run_dir = ""
+        self.timings: dict[str, float] = {}
         self._raw = False
         self._gen: AsyncIterator[Any] | None = None
 
@@ -235,16 +242,17 @@ class AgentRun:
                 yield message
 
     async def _envelopes(self) -> AsyncIterator[Envelope]:
+        self.timings["start"] = time.perf_counter()
         deadline = math.inf if self._timeout is None else anyio.current_time() + self._timeout
         proc: Process | None = None
         serve: Process | None = None
         finished = False
         try:
             with _deadline(deadline) as scope:
-                proc = serve = await self._launch()
+                stream = await self._launch()
             if scope.cancelled_caught:
                 raise self._timed_out("while provisioning the sandbox")
-            stream = _EnvelopeReader(proc)
+            proc = serve = self._serve
             reconnects = 0
             while True:
                 with _deadline(deadline) as scope:
@@ -268,6 +276,7 @@ class AgentRun:
                     continue  # already seen before a reconnect
                 if envelope.kind == "message":
                     self.last_seq = envelope.seq
+                    self._mark(envelope.data.get("type"))
                     yield envelope
                 elif envelope.kind == "end":
                     finished = True
@@ -280,29 +289,45 @@ class AgentRun:
         finally:
             with anyio.CancelScope(shield=True):
                 if not finished:
-                    for process in {id(p): p for p in (proc, serve) if p is not None}.values():
+                    started = (proc, serve, self._serve)
+                    for process in {id(p): p for p in started if p is not None}.values():
                         await _kill(process)
                 if self._owns_sandbox and self.sandbox is not None:
                     await self.sandbox.aclose()
+                self.timings["closed"] = time.perf_counter()
 
-    async def _launch(self) -> Process:
+    def _mark(self, message_type: object) -> None:
+        now = time.perf_counter()
+        self.timings.setdefault("first_message", now)
+        if message_type == "assistant":
+            self.timings.setdefault("first_assistant", now)
+        elif message_type == "result":
+            self.timings.setdefault("result", now)
+
+    async def _launch(self) -> _EnvelopeReader:
         """Provision (or take) the sandbox, start the entrypoint and send the request."""
         options = dict(self._wire_options)
         if self._pool is not None:
+            self._pool.check_options(options)
             lease = await self._pool.acquire()
-            self.sandbox, proc, self._run_dir = lease.sandbox, lease.process, lease.run_dir
-            self._owns_sandbox = True  # a pooled sandbox is used once, then destroyed
-            options.setdefault("cwd", self.sandbox.workdir)
-            await _send(proc, {"kind": "request", "prompt": self.prompt, "options": options,
-                               "env": self._env})
-            return proc
-        if self.sandbox is None:
-            self.sandbox = await create_sandbox(self._provider, self._spec)
+            # A pooled sandbox is used once: this run owns it and destroys it.
+            self.sandbox, self._serve, self._run_dir = lease.sandbox, lease.process, lease.run_dir
+            self.run_id = lease.run_id
+            self.timings["sandbox"] = time.perf_counter()
+            reader = lease.reader
+        else:
+            if self.sandbox is None:
+                self.sandbox = await create_sandbox(self._provider, self._spec)
+            self.timings["sandbox"] = time.perf_counter()
+            self._serve, self._run_dir = await start_entrypoint(self.sandbox, self.run_id)
+            reader = _EnvelopeReader(self._serve)
         options.setdefault("cwd", self.sandbox.workdir)
-        proc, self._run_dir = await start_entrypoint(self.sandbox, self.run_id)
-        await _send(proc, {"kind": "request", "prompt": self.prompt, "options": options,
-                           "env": self._env})
-        return proc
+        await _send(
+            self._serve,
+            {"kind": "request", "prompt": self.prompt, "options": options, "env": self._env},
+        )
+        self.timings["request"] = time.perf_counter()
+        return reader
 
     async def _replay_process(self, after: int) -> Process:
         assert self.sandbox is not None

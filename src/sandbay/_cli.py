@@ -64,6 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="model name passed to the agent")
     run.set_defaults(func=_run)
 
+    bench = sub.add_parser("bench", help="cold-start benchmark across providers, side by side")
+    bench.add_argument("--providers", default="local", help="comma-separated, e.g. docker,local")
+    bench.add_argument("--runs", type=int, default=10, help="measured runs per provider")
+    bench.add_argument("--mode", choices=["cold", "warm", "burst"], default="cold")
+    bench.add_argument("--concurrency", type=int, default=8, help="runs at once in burst mode")
+    bench.add_argument("--model", choices=["scripted", "real"], default="scripted")
+    bench.add_argument("--no-raw", action="store_true", help="skip the raw SDK baseline")
+    bench.add_argument("--out", default="benchmarks/results", help="directory for the results")
+    bench.set_defaults(func=_bench)
+
     providers = sub.add_parser("providers", help="which providers are installed and reachable")
     providers.set_defaults(func=_providers)
 
@@ -206,6 +216,33 @@ def _indent(text: str, limit: int = 20) -> str:
     if len(lines) > limit:
         lines = [*lines[:limit], f"… {len(lines) - limit} more lines"]
     return "\n".join(f"  │ {line}" for line in lines)
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ._bench import BenchConfig, run_bench, write_results
+    from ._errors import ConfigError
+
+    names = [n.strip() for n in args.providers.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--providers is empty: name at least one provider")
+    if args.runs < 1:
+        raise ConfigError("--runs must be at least 1")
+    report = await run_bench(
+        BenchConfig(
+            providers=names,
+            runs=args.runs,
+            mode=args.mode,
+            concurrency=args.concurrency,
+            model=args.model,
+            raw_baseline=not args.no_raw,
+        )
+    )
+    print(report.to_markdown())
+    for path in write_results(report, Path(args.out)):
+        _note(f"wrote {path}")
+    return 0 if all(s.error is None for s in report.samples) else 1
 
 
 async def _providers(args: argparse.Namespace) -> int:

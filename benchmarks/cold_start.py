@@ -1,0 +1,44 @@
+"""Cold-start benchmark for scripted runs: every mode the report commits, in one go.
+
+    python benchmarks/cold_start.py --providers docker,local --runs 20
+
+writes benchmarks/results/{cold,warm,burst}-<providers>.{json,md,png}. The same measurement
+is `sandbay bench` (one mode at a time); the method is in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import anyio
+
+from sandbay._bench import BenchConfig, run_bench, write_results
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--providers", default="docker,local")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--burst-runs", type=int, default=3, help="bursts per provider")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--modes", default="cold,warm,burst")
+    args = parser.parse_args()
+    providers = [p.strip() for p in args.providers.split(",")]
+    for mode in args.modes.split(","):
+        config = BenchConfig(
+            providers=providers,
+            runs=args.burst_runs if mode == "burst" else args.runs,
+            mode=mode,  # type: ignore[arg-type]
+            concurrency=args.concurrency,
+        )
+        report = await run_bench(config)
+        print(report.to_markdown())
+        for path in write_results(report, RESULTS):
+            print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
+
+
+if __name__ == "__main__":
+    anyio.run(main)

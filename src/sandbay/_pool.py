@@ -1,0 +1,235 @@
+"""A warm pool: sandboxes provisioned ahead of time, the agent entrypoint already waiting.
+
+`SandboxPool` keeps ``size`` sandboxes ready. Each holds a started entrypoint that has
+imported the Agent SDK and, when the pool was given agent ``options``, has also started the
+``claude`` CLI and finished its handshake. `run_agent(..., pool=pool)` takes one, sends the
+prompt and so skips provisioning, upload and CLI start-up. A sandbox is used once: the run
+destroys it, and the pool provisions a replacement in the background.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+
+import anyio
+from anyio.abc import TaskGroup
+from claude_agent_sdk import ClaudeAgentOptions
+from typing_extensions import Self
+
+from ._api import create_sandbox
+from ._agent import _EnvelopeReader
+from ._config import ProviderConfig, SandbayConfig
+from ._errors import AgentError, ConfigError, SandboxClosedError, SandboxError
+from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
+
+__all__ = ["Lease", "SandboxPool"]
+
+#: Seconds one sandbox may take to provision and warm before the attempt is abandoned.
+PROVISION_TIMEOUT = 300.0
+
+
+@dataclass
+class Lease:
+    """A ready sandbox taken from a pool: the caller now owns it and must close it.
+
+    Attributes:
+        sandbox: The sandbox.
+        process: Its entrypoint, waiting for a request on stdin.
+        run_dir: The run's directory inside the sandbox.
+        run_id: The run's id.
+        prepared: Whether the ``claude`` CLI is already started with the pool's options.
+        reader: Frames the entrypoint's stdout; holds anything read past the warm-up.
+    """
+
+    sandbox: Sandbox
+    process: Process
+    run_dir: str
+    run_id: str
+    prepared: bool
+    reader: _EnvelopeReader
+
+
+class SandboxPool:
+    """Keeps ``size`` sandboxes provisioned with the entrypoint started, for instant runs.
+
+    Use it as an async context manager; closing drains it (every pooled sandbox is
+    destroyed, provisioning in flight is finished and destroyed)::
+
+        async with sandbay.SandboxPool("docker", size=2, options=opts, env=model.env()) as pool:
+            async for message in sandbay.run_agent("...", pool=pool):
+                ...
+
+    Args:
+        provider: Provider name or config; ``None`` reads the config file / environment.
+        spec: What to provision.
+        size: How many ready sandboxes to keep.
+        concurrency: Most sandboxes provisioned at once.
+        options: Agent options to start the ``claude`` CLI with ahead of time. Runs taking
+            from this pool then use these options (``run_agent`` refuses different ones).
+        env: Agent environment (model endpoint, keys) for the pre-started CLI.
+    """
+
+    def __init__(
+        self,
+        provider: str | ProviderConfig | SandbayConfig | None = None,
+        spec: SandboxSpec | None = None,
+        *,
+        size: int = 2,
+        concurrency: int = 2,
+        options: ClaudeAgentOptions | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        from ._agent import agent_env, options_to_wire
+
+        if size < 1:
+            raise ConfigError(f"pool size must be at least 1, got {size}")
+        if concurrency < 1:
+            raise ConfigError(f"pool concurrency must be at least 1, got {concurrency}")
+        self.size = size
+        self._provider = provider
+        self._spec = spec
+        self._options = options
+        self._wire_options = options_to_wire(options) if options is not None else None
+        self._env = agent_env(env)
+        self._limiter = anyio.CapacityLimiter(concurrency)
+        self._ready_send, self._ready = anyio.create_memory_object_stream[Lease](math.inf)
+        self._tg: TaskGroup | None = None
+        self._closed = False
+        self._failures: list[BaseException] = []
+        #: Counters for reports: provisioned, handed out, failed.
+        self.stats = {"provisioned": 0, "acquired": 0, "failed": 0}
+
+    @property
+    def options(self) -> ClaudeAgentOptions | None:
+        """The agent options the pool's CLIs were started with, if any."""
+        return self._options
+
+    async def __aenter__(self) -> Self:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        for _ in range(self.size):
+            self._tg.start_soon(self._provision)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose(exc_type, exc, tb)
+
+    async def aclose(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        tb: TracebackType | None = None,
+    ) -> None:
+        """Drain the pool: destroy every ready sandbox and those still provisioning."""
+        if self._closed:
+            return
+        self._closed = True
+        tg, self._tg = self._tg, None
+        with anyio.CancelScope(shield=True):
+            if tg is not None:
+                tg.cancel_scope.cancel()  # provisioning is shielded: it finishes, then drains
+                await tg.__aexit__(exc_type, exc, tb)
+            self._ready_send.close()
+            async for lease in self._ready:
+                await _discard(lease)
+
+    async def acquire(self, *, timeout: float | None = None) -> Lease:
+        """Take a ready sandbox, waiting for one if none is; a replacement starts at once.
+
+        Raises:
+            SandboxClosedError: The pool is closed.
+            SandboxTimeoutError: None became ready within ``timeout`` seconds.
+            SandboxError: Provisioning keeps failing; the last failure is attached.
+        """
+        if self._closed or self._tg is None:
+            raise SandboxClosedError("the pool is closed (use it inside `async with`)")
+        with anyio.fail_after(timeout):
+            while True:
+                if self._failures and self.stats["provisioned"] == self.stats["acquired"]:
+                    # Nothing ready and provisioning failed: surface it rather than hang.
+                    failure = self._failures.pop()
+                    self._tg.start_soon(self._provision)
+                    raise SandboxError(f"the pool could not provision a sandbox: {failure}") from failure
+                with anyio.move_on_after(0.5):
+                    lease = await self._ready.receive()
+                    break
+        self.stats["acquired"] += 1
+        self._tg.start_soon(self._provision)
+        return lease
+
+    def check_options(self, wire_options: Mapping[str, object]) -> None:
+        """Refuse options that differ from those the pool's CLIs were started with."""
+        if self._wire_options is None or not wire_options:
+            return
+        if dict(wire_options) != self._wire_options:
+            raise ConfigError(
+                "this pool started its agents with other options; pass options=None to use "
+                "the pool's, or make a pool with these options"
+            )
+
+    async def _provision(self) -> None:
+        async with self._limiter:
+            if self._closed:
+                return
+            lease: Lease | None = None
+            try:
+                # Shielded: a sandbox half-created when the pool closes is finished and then
+                # destroyed, never orphaned.
+                with anyio.CancelScope(shield=True), anyio.fail_after(PROVISION_TIMEOUT):
+                    lease = await self._warm()
+            except (SandboxError, OSError, TimeoutError) as exc:
+                self.stats["failed"] += 1
+                self._failures.append(exc)
+                return
+            if self._closed:
+                await _discard(lease)
+                return
+            self.stats["provisioned"] += 1
+            self._ready_send.send_nowait(lease)
+
+    async def _warm(self) -> Lease:
+        from ._agent import _send, start_entrypoint
+
+        sandbox = await create_sandbox(self._provider, self._spec)
+        try:
+            run_id = uuid.uuid4().hex[:16]
+            proc, run_dir = await start_entrypoint(sandbox, run_id)
+            reader = _EnvelopeReader(proc)
+            await _expect(reader, "ready", sandbox)
+            if self._wire_options is not None:
+                options = {"cwd": sandbox.workdir, **self._wire_options}
+                await _send(proc, {"kind": "prepare", "options": options, "env": self._env})
+                await _expect(reader, "prepared", sandbox)
+            return Lease(sandbox, proc, run_dir, run_id, self._wire_options is not None, reader)
+        except BaseException:
+            await sandbox.aclose()
+            raise
+
+
+async def _expect(reader: _EnvelopeReader, kind: str, sandbox: Sandbox) -> None:
+    envelope = await reader.next()
+    if envelope is None or envelope.kind != kind:
+        detail = envelope.data if envelope is not None else "end of stream"
+        raise AgentError(
+            f"the entrypoint did not report {kind!r} while warming: {detail}",
+            provider=sandbox.provider,
+            sandbox_id=sandbox.id,
+        )
+
+
+async def _discard(lease: Lease) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+        try:
+            await lease.process.kill()
+        except (SandboxError, OSError):
+            pass
+        await lease.sandbox.aclose()
