@@ -19,8 +19,16 @@ def test_all_is_sorted_and_importable() -> None:
 
 
 def test_fixed_public_names_exist() -> None:
-    for name in ("run_agent", "open_sandbox", "Sandbox", "SandboxSpec", "ExecResult",
-                 "Process", "load_config", "SandboxError"):
+    for name in (
+        "run_agent",
+        "open_sandbox",
+        "Sandbox",
+        "SandboxSpec",
+        "ExecResult",
+        "Process",
+        "load_config",
+        "SandboxError",
+    ):
         assert hasattr(sandbay, name), name
     from sandbay.testing import ScriptedModel  # noqa: F401
 
@@ -105,8 +113,9 @@ def test_options_data_fields_cross() -> None:
     assert wire["allowed_tools"] == ["Bash", "Read"]
     assert wire["agents"]["rev"]["prompt"] == "review it"
     assert "hooks" not in wire and "debug_stderr" not in wire
-    rebuilt = ClaudeAgentOptions(**{**wire, "agents": {
-        k: AgentDefinition(**v) for k, v in wire["agents"].items()}})
+    rebuilt = ClaudeAgentOptions(
+        **{**wire, "agents": {k: AgentDefinition(**v) for k, v in wire["agents"].items()}}
+    )
     for field in ("max_turns", "allowed_tools", "model", "env", "add_dirs", "agents"):
         assert getattr(rebuilt, field) == getattr(options, field), field
     assert options_to_wire(None) == {}
@@ -119,8 +128,10 @@ def test_options_data_fields_cross() -> None:
         ({"can_use_tool": lambda *a: None}, "can_use_tool"),
         ({"hooks": {"PreToolUse": []}}, "hooks"),
         ({"stderr": print}, "stderr"),
-        ({"mcp_servers": {"mine": {"type": "sdk", "name": "mine", "instance": object()}}},
-         "mcp_servers"),
+        (
+            {"mcp_servers": {"mine": {"type": "sdk", "name": "mine", "instance": object()}}},
+            "mcp_servers",
+        ),
     ],
 )
 def test_callables_are_refused_with_the_field_named(change: dict, field: str) -> None:

@@ -70,7 +70,9 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
         sandbay.load_config(tmp_path / "x.toml")
 
 
-@pytest.mark.parametrize("profile", sorted((ROOT / "providers").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "profile", sorted((ROOT / "providers").glob("*.toml")), ids=lambda p: p.name
+)
 def test_shipped_profiles_are_valid(profile: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SANDBAY_PROVIDER", raising=False)
     config = sandbay.load_config(profile)

@@ -200,6 +200,8 @@ class AgentRun:
         self.sandbox: Sandbox | None = sandbox
         self._provider = provider
         self._wire_options = options_to_wire(options)
+        if pool is not None:
+            pool.check_options(self._wire_options)
         self._timeout = timeout
         self._spec = spec
         self._pool = pool
@@ -308,7 +310,6 @@ class AgentRun:
         """Provision (or take) the sandbox, start the entrypoint and send the request."""
         options = dict(self._wire_options)
         if self._pool is not None:
-            self._pool.check_options(options)
             lease = await self._pool.acquire()
             # A pooled sandbox is used once: this run owns it and destroys it.
             self.sandbox, self._serve, self._run_dir = lease.sandbox, lease.process, lease.run_dir
@@ -357,8 +358,9 @@ class AgentRun:
         tail = ""
         try:
             with anyio.move_on_after(CLOSE_TIMEOUT):
-                tail = _tail((await sb.read_file(f"{self._run_dir}/stderr.log")).decode(
-                    "utf-8", "replace"))
+                tail = _tail(
+                    (await sb.read_file(f"{self._run_dir}/stderr.log")).decode("utf-8", "replace")
+                )
         except SandboxError:
             pass
         return AgentError(
@@ -485,7 +487,10 @@ def _replay_argv(sandbox: Sandbox, directory: str, after: int) -> list[str]:
 
 
 async def _send(proc: Process, request: dict[str, Any]) -> None:
-    await proc.write(json.dumps(request).encode() + b"\n")
+    try:
+        await proc.write(json.dumps(request).encode() + b"\n")
+    except BrokenPipeError:
+        pass  # the entrypoint already exited: its stdout ends and the reader reports why
 
 
 class _EnvelopeReader:

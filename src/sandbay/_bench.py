@@ -176,7 +176,11 @@ class BenchReport:
                 + " | ".join(cells)
                 + f" | {_ms(entry['total'].get('p50'))} | {_ms(entry['total'].get('p95'))} |"
             )
-        lines += ["", "| provider | stat | min | p50 | p95 | p99 | max |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| provider | stat | min | p50 | p95 | p99 | max |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
         for name, entry in summary.items():
             rows = [("total", entry["total"])]
             if mode == "warm":
@@ -193,8 +197,11 @@ class BenchReport:
                     )
         ratios = {n: e["ratio_vs_raw"] for n, e in summary.items() if "ratio_vs_raw" in e}
         if ratios:
-            lines += ["", "sandbay create → first exec over the raw SDK (median ratio, same run): "
-                      + ", ".join(f"{n} {r:.2f}×" for n, r in ratios.items())]
+            lines += [
+                "",
+                "sandbay create → first exec over the raw SDK (median ratio, same run): "
+                + ", ".join(f"{n} {r:.2f}×" for n, r in ratios.items()),
+            ]
         failures = {n: e["errors"] for n, e in summary.items() if e["errors"]}
         for name, errors in failures.items():
             lines.append(f"\nFailures on {name}: " + "; ".join(errors))
@@ -222,14 +229,25 @@ class BenchReport:
             lefts = [a + b for a, b in zip(lefts, widths)]
         p50 = [summary[n]["total"].get("p50", 0) * 1000 for n in names]
         p95 = [summary[n]["total"].get("p95", 0) * 1000 for n in names]
-        ax.errorbar(lefts, names, xerr=[[0] * len(names), [max(b - a, 0) for a, b in zip(p50, p95)]],
-                    fmt="none", ecolor="black", capsize=4, label="p95 total")
-        ax.set_yticks(range(len(names)),
-                      [f"{n}\n({summary[n]['label']})" if summary[n]["label"] else n for n in names])
+        ax.errorbar(
+            lefts,
+            names,
+            xerr=[[0] * len(names), [max(b - a, 0) for a, b in zip(p50, p95)]],
+            fmt="none",
+            ecolor="black",
+            capsize=4,
+            label="p95 total",
+        )
+        ax.set_yticks(
+            range(len(names)),
+            [f"{n}\n({summary[n]['label']})" if summary[n]["label"] else n for n in names],
+        )
         ax.set_xlabel("milliseconds (stacked phase p50s; whisker to total p95)")
         burst = f", bursts of {self.config['concurrency']}" if mode == "burst" else ""
-        ax.set_title(f"sandbay {mode} start{burst}: {self.machine['cpus']} cores, "
-                     f"{self.machine['memory_gib']} GiB, model {self.config['model']}")
+        ax.set_title(
+            f"sandbay {mode} start{burst}: {self.machine['cpus']} cores, "
+            f"{self.machine['memory_gib']} GiB, model {self.config['model']}"
+        )
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4, fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -286,7 +304,9 @@ class _Progress:
         self.done += 1
         width = 30
         filled = int(width * self.done / max(self.total, 1))
-        line = f"{self.title} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {note}"
+        line = (
+            f"{self.title} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {note}"
+        )
         if self.tty:
             print(f"\r{line[:120]:<120}", end="", file=sys.stderr, flush=True)
             if self.done == self.total:
@@ -329,18 +349,18 @@ async def run_bench(
         report.raw[name] = []
         report.raw_errors[name] = 0
 
+    per_round = config.concurrency if config.mode == "burst" else 1
     model = None
     env: dict[str, str] = {}
     spec = config.spec
     if config.model == "scripted":
-        model = ScriptedModel(_bench_script)
+        model = ScriptedModel(_bench_script(len(names) * (config.runs + 1) * per_round + 16))
         model.start()
         env = model.env()
         spec = spec.model_copy(update={"network": "host"})
     options = ClaudeAgentOptions(
         max_turns=3, allowed_tools=["Bash"], permission_mode="bypassPermissions"
     )
-    per_round = config.concurrency if config.mode == "burst" else 1
     bar = (progress or _Progress)(
         len(names) * (config.runs + 1) * (per_round + (1 if config.raw_baseline else 0)),
         f"bench {config.mode}",
@@ -352,8 +372,12 @@ async def run_bench(
             for round_no in range(config.runs + 1):
                 warmup = round_no == 0
                 shift = round_no % len(names)
-                for name, cfg in list(zip(names, configs))[shift:] + list(zip(names, configs))[:shift]:
-                    samples = await _round(config, name, cfg, spec, options, env, pools, seen_nonces)
+                for name, cfg in (
+                    list(zip(names, configs))[shift:] + list(zip(names, configs))[:shift]
+                ):
+                    samples = await _round(
+                        config, name, cfg, spec, options, env, pools, seen_nonces
+                    )
                     for sample in samples:
                         bar.step(f"{name} {'warm-up' if warmup else ''}")
                         if not warmup:
@@ -372,18 +396,25 @@ async def run_bench(
     return report
 
 
-_bench_script: list[Any] = [
-    {"tool_use": {"name": "Bash", "input": {"command": "echo benchmark"}}},
-    {"text": "It printed: benchmark"},
-]
+def _bench_script(turns: int) -> list[Any]:
+    # One text turn per run: under a burst, runs share the model, and a single-turn script
+    # keeps every run identical whichever order their requests arrive in.
+    return [{"text": "benchmark done"}] * turns
 
 
 class _pools:  # noqa: N801 - reads as a function
     """Opens one warm pool per provider in warm mode; nothing otherwise."""
 
-    def __init__(self, config: BenchConfig, names: list[str], configs: list[SandbayConfig],
-                 spec: SandboxSpec, options: ClaudeAgentOptions, env: dict[str, str],
-                 pools: dict[str, SandboxPool]) -> None:
+    def __init__(
+        self,
+        config: BenchConfig,
+        names: list[str],
+        configs: list[SandbayConfig],
+        spec: SandboxSpec,
+        options: ClaudeAgentOptions,
+        env: dict[str, str],
+        pools: dict[str, SandboxPool],
+    ) -> None:
         self._args = (config, names, configs, spec, options, env)
         self._pools = pools
 
@@ -392,8 +423,9 @@ class _pools:  # noqa: N801 - reads as a function
         if config.mode != "warm":
             return
         for name, cfg in zip(names, configs):
-            pool = SandboxPool(cfg, spec, size=2, concurrency=min(2, config.concurrency),
-                               options=options, env=env)
+            pool = SandboxPool(
+                cfg, spec, size=2, concurrency=min(2, config.concurrency), options=options, env=env
+            )
             self._pools[name] = await pool.__aenter__()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -402,9 +434,16 @@ class _pools:  # noqa: N801 - reads as a function
                 await pool.aclose()
 
 
-async def _round(config: BenchConfig, name: str, cfg: SandbayConfig, spec: SandboxSpec,
-                 options: ClaudeAgentOptions, env: dict[str, str],
-                 pools: dict[str, SandboxPool], seen: set[str]) -> list[RunSample]:
+async def _round(
+    config: BenchConfig,
+    name: str,
+    cfg: SandbayConfig,
+    spec: SandboxSpec,
+    options: ClaudeAgentOptions,
+    env: dict[str, str],
+    pools: dict[str, SandboxPool],
+    seen: set[str],
+) -> list[RunSample]:
     if config.mode == "warm":
         return [await _warm_run(name, pools[name], seen)]
     if config.mode == "cold":
@@ -432,8 +471,14 @@ def _check_fresh(output: bytes, nonce: str, seen: set[str]) -> None:
     seen.add(nonce)
 
 
-async def _cold_run(name: str, cfg: SandbayConfig, spec: SandboxSpec,
-                    options: ClaudeAgentOptions, env: dict[str, str], seen: set[str]) -> RunSample:
+async def _cold_run(
+    name: str,
+    cfg: SandbayConfig,
+    spec: SandboxSpec,
+    options: ClaudeAgentOptions,
+    env: dict[str, str],
+    seen: set[str],
+) -> RunSample:
     sample = RunSample(name)
     nonce = uuid.uuid4().hex
     t0 = time.perf_counter()
@@ -475,6 +520,8 @@ async def _warm_run(name: str, pool: SandboxPool, seen: set[str]) -> RunSample:
     sample = RunSample(name)
     nonce = uuid.uuid4().hex
     try:
+        # Steady state: the pool has had time to refill since the last run (not timed).
+        await pool.wait_ready(1, timeout=300)
         run = run_agent(PROMPT, pool=pool, timeout=120)
         checked_at = 0.0
         async with run:

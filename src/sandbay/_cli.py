@@ -118,7 +118,7 @@ async def _run(args: argparse.Namespace) -> int:
     from claude_agent_sdk import ClaudeAgentOptions
 
     from ._agent import run_agent
-    from .testing import ScriptedModel
+    from .testing import ScriptedModel, default_script
 
     config = _config(args)
     offline = args.offline or not (
@@ -135,7 +135,7 @@ async def _run(args: argparse.Namespace) -> int:
     model: ScriptedModel | None = None
     env: dict[str, str] = {}
     if offline:
-        model = ScriptedModel(ScriptedModel.default_script())
+        model = ScriptedModel(default_script())
         model.start()
         env = model.env()
         # The scripted model listens on the host's loopback.
@@ -182,8 +182,11 @@ class _Printer:
         if isinstance(message, SystemMessage):
             if message.subtype == "init":
                 data = message.data
-                print(f"● session {data.get('session_id', '?')[:8]} · model {data.get('model')}"
-                      f" · cwd {data.get('cwd')}", flush=True)
+                print(
+                    f"● session {data.get('session_id', '?')[:8]} · model {data.get('model')}"
+                    f" · cwd {data.get('cwd')}",
+                    flush=True,
+                )
         elif isinstance(message, AssistantMessage):
             for block in message.content:
                 if isinstance(block, TextBlock):
@@ -199,8 +202,11 @@ class _Printer:
             self.ok = not message.is_error
             mark = "✗" if message.is_error else "✓"
             cost = f" · ${message.total_cost_usd:.4f}" if message.total_cost_usd else ""
-            print(f"{mark} {message.subtype} · {message.num_turns} turns · "
-                  f"{message.duration_ms / 1000:.1f} s{cost}", flush=True)
+            print(
+                f"{mark} {message.subtype} · {message.num_turns} turns · "
+                f"{message.duration_ms / 1000:.1f} s{cost}",
+                flush=True,
+            )
 
 
 def _content_text(content: Any) -> str:

@@ -134,13 +134,42 @@ class SandboxPool:
             return
         self._closed = True
         tg, self._tg = self._tg, None
-        with anyio.CancelScope(shield=True):
+        try:
             if tg is not None:
-                tg.cancel_scope.cancel()  # provisioning is shielded: it finishes, then drains
+                # Provisioning in flight is shielded: it finishes, sees the pool closed and
+                # destroys what it made. The task group must exit in the scope it entered.
+                tg.cancel_scope.cancel()
                 await tg.__aexit__(exc_type, exc, tb)
-            self._ready_send.close()
-            async for lease in self._ready:
-                await _discard(lease)
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._ready_send.close()
+                async for lease in self._ready:
+                    await _discard(lease)
+                self._ready.close()
+
+    @property
+    def ready(self) -> int:
+        """How many sandboxes are ready to hand out now."""
+        return self._ready.statistics().current_buffer_used
+
+    async def wait_ready(self, count: int | None = None, *, timeout: float | None = None) -> None:
+        """Wait until ``count`` (default: ``size``) sandboxes are ready.
+
+        Raises:
+            TimeoutError: They were not ready within ``timeout`` seconds.
+            SandboxError: Provisioning failed; the failure is attached.
+        """
+        wanted = self.size if count is None else count
+        with anyio.fail_after(timeout):
+            while self.ready < wanted:
+                if self._failures:
+                    failure = self._failures.pop()
+                    if self._tg is not None:
+                        self._tg.start_soon(self._provision)
+                    raise SandboxError(
+                        f"the pool could not provision a sandbox: {failure}"
+                    ) from failure
+                await anyio.sleep(0.02)
 
     async def acquire(self, *, timeout: float | None = None) -> Lease:
         """Take a ready sandbox, waiting for one if none is; a replacement starts at once.
@@ -158,7 +187,9 @@ class SandboxPool:
                     # Nothing ready and provisioning failed: surface it rather than hang.
                     failure = self._failures.pop()
                     self._tg.start_soon(self._provision)
-                    raise SandboxError(f"the pool could not provision a sandbox: {failure}") from failure
+                    raise SandboxError(
+                        f"the pool could not provision a sandbox: {failure}"
+                    ) from failure
                 with anyio.move_on_after(0.5):
                     lease = await self._ready.receive()
                     break

@@ -1,0 +1,395 @@
+"""The agent layer end to end: the real ``claude`` CLI inside a sandbox, against ScriptedModel.
+
+Runs on the local provider always and on Docker where marked. Nothing here is mocked: a
+fault-injecting wrapper around a real sandbox cuts a stream to exercise the replay path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import pytest
+from claude_agent_sdk import (
+    AssistantMessage,
+    ClaudeAgentOptions,
+    ResultMessage,
+    SystemMessage,
+    TextBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    UserMessage,
+    query,
+)
+from typing_extensions import override
+
+import sandbay
+from sandbay import ByteStream, Process, Sandbox, SandboxSpec
+from sandbay.testing import ScriptedModel, Turn
+
+pytestmark = pytest.mark.anyio
+
+OPTIONS = ClaudeAgentOptions(
+    max_turns=4, allowed_tools=["Bash"], permission_mode="bypassPermissions"
+)
+
+
+def bash_then_done(command: str, *, delay_s: float = 0.0) -> list[Any]:
+    return [Turn.tool_use("Bash", {"command": command}), Turn.text("done", delay_s=delay_s)]
+
+
+async def collect(run: sandbay.AgentRun) -> list[Any]:
+    async with run:
+        return [message async for message in run]
+
+
+async def sandboxes_with_session(provider: str, session: str) -> list[sandbay.SandboxInfo]:
+    return await sandbay.get_provider(provider).list(labels={"sandbay.session": session})
+
+
+def shape(messages: list[Any]) -> list[tuple[str, ...]]:
+    """What must match between a local query() and a sandboxed run: types and blocks."""
+    out = []
+    for m in messages:
+        if isinstance(m, (AssistantMessage, UserMessage)) and isinstance(m.content, list):
+            out.append((type(m).__name__, *(type(b).__name__ for b in m.content)))
+        elif isinstance(m, SystemMessage):
+            out.append(("SystemMessage", m.subtype))
+        else:
+            out.append((type(m).__name__,))
+    return out
+
+
+async def test_messages_match_a_local_query_and_tools_act_in_the_sandbox() -> None:
+    script = bash_then_done("echo sandbay-$((6*7)); pwd")
+    async with ScriptedModel(script) as model:
+        messages = await collect(
+            sandbay.run_agent("go", provider="local", options=OPTIONS, env=model.env(), timeout=120)
+        )
+        sandboxed_results = model.tool_results()
+    async with ScriptedModel(script) as model:
+        local_options = ClaudeAgentOptions(
+            max_turns=4,
+            allowed_tools=["Bash"],
+            permission_mode="bypassPermissions",
+            env={**model.env(), "IS_SANDBOX": "1"},
+        )
+        local = [m async for m in query(prompt="go", options=local_options)]
+
+    assert shape(messages) == shape(local)
+    assert isinstance(messages[0], SystemMessage) and messages[0].subtype == "init"
+    tool_use = next(
+        b
+        for m in messages
+        if isinstance(m, AssistantMessage)
+        for b in m.content
+        if isinstance(b, ToolUseBlock)
+    )
+    assert tool_use.name == "Bash"
+    result_block = next(
+        b
+        for m in messages
+        if isinstance(m, UserMessage)
+        for b in m.content
+        if isinstance(b, ToolResultBlock)
+    )
+    output = str(result_block.content)
+    assert "sandbay-42" in output
+    # pwd printed the sandbox's own working directory, not the test's.
+    cwd = messages[0].data["cwd"]
+    assert cwd in output and "sandbay-" in cwd
+    assert "sandbay-42" in str(sandboxed_results)
+    assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
+
+
+async def test_messages_stream_as_produced_not_at_the_end() -> None:
+    async with ScriptedModel(bash_then_done("true", delay_s=2.0)) as model:
+        arrivals: list[tuple[float, Any]] = []
+        run = sandbay.run_agent("go", provider="local", options=OPTIONS, env=model.env())
+        async with run:
+            async for message in run:
+                arrivals.append((time.monotonic(), message))
+    first_assistant = next(t for t, m in arrivals if isinstance(m, AssistantMessage))
+    result = next(t for t, m in arrivals if isinstance(m, ResultMessage))
+    assert result - first_assistant >= 1.5, "messages were buffered until the end"
+
+
+async def test_timeout_yields_what_arrived_then_raises_and_removes_the_sandbox() -> None:
+    script = [Turn.text("never in time", delay_s=30)]
+    async with ScriptedModel(script) as model:
+        received: list[Any] = []
+        run = sandbay.run_agent("go", provider="local", options=OPTIONS, env=model.env(), timeout=6)
+        started = time.monotonic()
+        with pytest.raises(sandbay.SandboxTimeoutError, match="deadline") as info:
+            async for message in run:
+                received.append(message)
+        assert time.monotonic() - started < 15
+    assert isinstance(info.value, TimeoutError)
+    assert received and isinstance(received[0], SystemMessage)  # init arrived before the deadline
+    assert run.sandbox is not None and run.sandbox.closed
+    listed = await sandbay.get_provider("local").list()
+    assert run.sandbox.id not in {s.id for s in listed}
+
+
+async def test_cancelling_the_consumer_removes_the_sandbox() -> None:
+    async with ScriptedModel([Turn.text("slow", delay_s=30)]) as model:
+        run = sandbay.run_agent("go", provider="local", options=OPTIONS, env=model.env())
+        got_first = anyio.Event()
+
+        async def consume() -> None:
+            async for _ in run:
+                got_first.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            with anyio.fail_after(30):
+                await got_first.wait()
+            tg.cancel_scope.cancel()
+    assert run.sandbox is not None and run.sandbox.closed
+    assert run.sandbox.id not in {s.id for s in await sandbay.get_provider("local").list()}
+
+
+async def test_cli_crash_is_an_agent_error_with_exit_code_and_stderr() -> None:
+    options = ClaudeAgentOptions(extra_args={"no-such-flag-xyz": None})
+    async with ScriptedModel(["hi"]) as model:
+        with pytest.raises(sandbay.AgentError) as info:
+            await collect(
+                sandbay.run_agent(
+                    "go", provider="local", options=options, env=model.env(), timeout=60
+                )
+            )
+    assert info.value.exit_code not in (None, 0)
+    assert "no-such-flag-xyz" in info.value.stderr_tail
+    assert "no-such-flag-xyz" in str(info.value)
+
+
+async def test_entrypoint_that_cannot_start_reports_exit_code_and_stderr() -> None:
+    config = sandbay.LocalConfig(python="/nonexistent/python3")
+    with pytest.raises(sandbay.AgentError) as info:
+        await collect(sandbay.run_agent("go", provider=config, timeout=60))
+    assert info.value.exit_code == 127
+    assert "/nonexistent/python3" in info.value.stderr_tail
+
+
+async def test_options_with_callbacks_are_refused_before_anything_starts() -> None:
+    async def allow(*_: Any) -> Any:
+        return None
+
+    options = ClaudeAgentOptions(can_use_tool=allow)
+    with pytest.raises(sandbay.ConfigError, match="can_use_tool"):
+        sandbay.run_agent("go", provider="local", options=options)
+
+
+class _CutProcess(Process):
+    """A real process whose stdout, as seen by the host, stops after ``keep`` lines."""
+
+    def __init__(self, inner: Process, keep: int) -> None:
+        self._inner = inner
+        self._lines = 0
+        self._keep = keep
+        self._pending = bytearray()
+        self.stdout = ByteStream(self._receive)
+        self.stderr = inner.stderr
+
+    async def _receive(self) -> bytes | None:
+        if self._lines >= self._keep:
+            return None  # the "connection" drops; the process runs on
+        chunk = await self._inner.stdout.__anext__()
+        out = bytearray()
+        for byte in chunk:
+            out.append(byte)
+            if byte == ord("\n"):
+                self._lines += 1
+                if self._lines >= self._keep:
+                    break
+        return bytes(out)
+
+    @override
+    async def write(self, data: bytes) -> None:
+        await self._inner.write(data)
+
+    @override
+    async def close_stdin(self) -> None:
+        await self._inner.close_stdin()
+
+    @override
+    async def wait(self) -> int:
+        return await self._inner.wait()
+
+    @override
+    async def kill(self) -> None:
+        await self._inner.kill()
+
+    @property
+    @override
+    def returncode(self) -> int | None:
+        return None  # as a broken connection looks: no exit code known
+
+
+class _FlakySandbox(Sandbox):
+    """Wraps a real sandbox; the first agent entrypoint's stream breaks after ``keep`` lines."""
+
+    provider = "flaky"
+
+    def __init__(self, inner: Sandbox, keep: int) -> None:
+        super().__init__(inner.spec)
+        self.inner = inner
+        self.keep = keep
+        self.cuts = 0
+
+    @property
+    @override
+    def id(self) -> str:
+        return self.inner.id
+
+    @property
+    @override
+    def workdir(self) -> str:
+        return self.inner.workdir
+
+    @property
+    @override
+    def python(self) -> str:
+        return self.inner.python
+
+    @property
+    @override
+    def agent_dir(self) -> str:
+        return self.inner.agent_dir
+
+    @override
+    async def _start(
+        self, argv: list[str], *, env: dict[str, str], cwd: str, user: str | None
+    ) -> Process:
+        proc = await self.inner.start(argv, env=env, cwd=cwd, user=user)
+        if self.cuts == 0 and " serve " in " ".join(argv):
+            self.cuts += 1
+            return _CutProcess(proc, self.keep)
+        return proc
+
+    @override
+    async def _write_file(self, path: str, data: bytes, *, mode: int) -> None:
+        await self.inner.write_file(path, data, mode=mode)
+
+    @override
+    async def _read_file(self, path: str) -> bytes:
+        return await self.inner.read_file(path)
+
+    @override
+    async def _aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_broken_stream_is_resumed_from_the_last_sequence_number() -> None:
+    # Turn 2 is slow so the cut happens while the entrypoint is still running.
+    script = bash_then_done("echo resumed-ok", delay_s=1.5)
+    async with ScriptedModel(script) as model, sandbay.open_sandbox("local") as inner:
+        flaky = _FlakySandbox(inner, keep=2)  # "ready" + the first message get through
+        run = sandbay.run_agent("go", sandbox=flaky, options=OPTIONS, env=model.env(), timeout=60)
+        messages = await collect(run)
+        assert flaky.cuts == 1
+        assert isinstance(messages[0], SystemMessage)
+        assert isinstance(messages[-1], ResultMessage)
+        assert "resumed-ok" in str(messages)
+        kinds = [type(m).__name__ for m in messages]
+        assert kinds.count("ResultMessage") == 1 and kinds.count("SystemMessage") == 1
+        # Replay of the finished run from its log: everything after message 2.
+        replayed = [m async for m in sandbay.replay_agent(inner, run.run_id, after=2)]
+        assert shape(replayed) == shape(messages[2:])
+        assert run.last_seq == len(messages) or run.last_seq >= len(messages)
+
+
+async def test_run_in_a_given_sandbox_leaves_it_open() -> None:
+    async with ScriptedModel(bash_then_done("echo hi > made-by-agent.txt")) as model:
+        async with sandbay.open_sandbox("local") as sb:
+            await collect(sandbay.run_agent("go", sandbox=sb, options=OPTIONS, env=model.env()))
+            assert not sb.closed
+            assert (await sb.read_file("made-by-agent.txt")).strip() == b"hi"
+
+
+async def test_pool_runs_are_warm_and_never_reuse_a_sandbox() -> None:
+    async with ScriptedModel(bash_then_done("echo pooled") * 3) as model:
+        async with sandbay.SandboxPool("local", size=2, options=OPTIONS, env=model.env()) as pool:
+            ids = []
+            for _ in range(3):
+                await pool.wait_ready(timeout=60)
+                run = sandbay.run_agent("go", pool=pool)
+                messages = await collect(run)
+                assert isinstance(messages[-1], ResultMessage)
+                assert run.sandbox is not None and run.sandbox.closed
+                ids.append(run.sandbox.id)
+                # The CLI was started ahead of time: the first message follows the request
+                # within the pool's warm path, not a cold CLI start.
+                assert run.timings["first_message"] - run.timings["start"] < 1.0
+            assert len(set(ids)) == 3
+            with pytest.raises(sandbay.ConfigError, match="other options"):
+                sandbay.run_agent("go", pool=pool, options=ClaudeAgentOptions(max_turns=9))
+        live = {s.id for s in await sandbay.get_provider("local").list()}
+        assert not live & set(ids)
+        assert pool.stats["acquired"] == 3
+
+
+async def test_closing_a_pool_while_it_provisions_leaks_nothing() -> None:
+    before = {s.id for s in await sandbay.get_provider("local").list()}
+    async with sandbay.SandboxPool("local", size=3, concurrency=3) as pool:
+        await anyio.sleep(0.05)  # provisioning is under way
+    after = {s.id for s in await sandbay.get_provider("local").list()}
+    assert after <= before
+    with pytest.raises(sandbay.SandboxClosedError):
+        await pool.acquire()
+
+
+@pytest.mark.docker
+async def test_agent_in_docker_runs_its_tools_in_the_container() -> None:
+    marker = f"marker-{time.time_ns()}"
+    command = "cat /workspace/marker.txt; test -f /.dockerenv && echo in-docker; id -u"
+    async with ScriptedModel(bash_then_done(command)) as model:
+        spec = SandboxSpec(network="host")
+        async with sandbay.open_sandbox("docker", spec) as sb:
+            await sb.write_file("/workspace/marker.txt", marker.encode())
+            messages = await collect(
+                sandbay.run_agent("go", sandbox=sb, options=OPTIONS, env=model.env(), timeout=120)
+            )
+        output = str(model.tool_results())
+    assert marker in output and "in-docker" in output and "1000" in output
+    assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
+    assert messages[0].data["cwd"] == "/workspace"
+
+
+@pytest.mark.docker
+async def test_docker_timeout_and_cancel_leave_no_container() -> None:
+    import docker
+
+    async with ScriptedModel([Turn.text("slow", delay_s=30)]) as model:
+        run = sandbay.run_agent(
+            "go",
+            provider="docker",
+            options=OPTIONS,
+            env=model.env(),
+            spec=SandboxSpec(network="host"),
+            timeout=8,
+        )
+        with pytest.raises(sandbay.SandboxTimeoutError):
+            await collect(run)
+        assert run.sandbox is not None
+        session = run.sandbox.labels["sandbay.session"]
+
+        run2 = sandbay.run_agent(
+            "go",
+            provider="docker",
+            options=OPTIONS,
+            env=model.env(),
+            spec=SandboxSpec(network="host"),
+        )
+        with anyio.move_on_after(6):
+            await collect(run2)
+        assert run2.sandbox is not None
+        session2 = run2.sandbox.labels["sandbay.session"]
+    client = docker.from_env()
+    try:
+        for label in (session, session2):
+            found = client.containers.list(all=True, filters={"label": f"sandbay.session={label}"})
+            assert found == [], f"container left behind for session {label}"
+    finally:
+        client.close()
