@@ -16,7 +16,6 @@ from claude_agent_sdk import (
     ClaudeAgentOptions,
     ResultMessage,
     SystemMessage,
-    TextBlock,
     ToolResultBlock,
     ToolUseBlock,
     UserMessage,

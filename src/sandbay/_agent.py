@@ -57,7 +57,7 @@ REFUSED_OPTIONS = {
     "can_use_tool": "permission callbacks run in your process; use allowed_tools / "
     "disallowed_tools / permission_mode instead",
     "hooks": "hook callbacks run in your process; configure shell hooks in settings instead",
-    "stderr": "stderr callbacks run in your process; sandbay reports the CLI's stderr in AgentError",
+    "stderr": "stderr callbacks run in your process; AgentError carries the CLI's stderr",
     "session_store": "a SessionStore object lives in your process",
 }
 RECONNECTS = 3
@@ -264,6 +264,7 @@ class AgentRun:
                 if envelope is None:
                     # The stream ended before the run did: the entrypoint died, or the
                     # provider dropped the connection while it kept running.
+                    assert proc is not None
                     code = await _exit_code(proc)
                     if code not in (None, 0) or reconnects >= RECONNECTS:
                         raise await self._died(code)
@@ -528,14 +529,15 @@ def _parse_envelope(line: bytes) -> Envelope:
             f"the entrypoint wrote a line that is not JSON: {line[:200]!r}"
         ) from None
     if not isinstance(raw, dict) or raw.get("sandbay") != WIRE_VERSION:
+        version = raw.get("sandbay") if isinstance(raw, dict) else "?"
         raise ProtocolError(
-            f"the entrypoint speaks wire version {raw.get('sandbay') if isinstance(raw, dict) else '?'}"
-            f", this sandbay speaks {WIRE_VERSION}: use the same sandbay on both sides"
+            f"the entrypoint speaks wire version {version}, this sandbay speaks "
+            f"{WIRE_VERSION}: use the same sandbay on both sides"
         )
     return Envelope(int(raw.get("seq", 0)), str(raw.get("kind")), raw.get("data") or {})
 
 
-class _deadline:  # noqa: N801 - reads as a function
+class _deadline:
     """A cancel scope expiring at an absolute `anyio.current_time` (``inf`` for none)."""
 
     def __init__(self, when: float) -> None:

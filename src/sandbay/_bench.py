@@ -32,6 +32,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -220,19 +221,19 @@ class BenchReport:
         mode = self.config["mode"]
         phases = WARM_PHASES if mode == "warm" else COLD_PHASES
         names = list(summary)
-        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.9 * len(names)))
+        fig, ax = plt.subplots(figsize=(10, 1.6 + 0.8 * len(names)))
         lefts = [0.0] * len(names)
         colors = plt.get_cmap("tab10")
         for i, phase in enumerate(phases):
             widths = [summary[n]["phases"][phase].get("p50", 0) * 1000 for n in names]
             ax.barh(names, widths, left=lefts, color=colors(i), label=phase)
-            lefts = [a + b for a, b in zip(lefts, widths)]
+            lefts = [a + b for a, b in zip(lefts, widths, strict=True)]
         p50 = [summary[n]["total"].get("p50", 0) * 1000 for n in names]
         p95 = [summary[n]["total"].get("p95", 0) * 1000 for n in names]
         ax.errorbar(
             lefts,
             names,
-            xerr=[[0] * len(names), [max(b - a, 0) for a, b in zip(p50, p95)]],
+            xerr=[[0] * len(names), [max(b - a, 0) for a, b in zip(p50, p95, strict=True)]],
             fmt="none",
             ecolor="black",
             capsize=4,
@@ -248,7 +249,7 @@ class BenchReport:
             f"sandbay {mode} start{burst}: {self.machine['cpus']} cores, "
             f"{self.machine['memory_gib']} GiB, model {self.config['model']}"
         )
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4, fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -330,7 +331,7 @@ async def run_bench(
         p if isinstance(p, SandbayConfig) else parse_config({"provider": {"type": p}})
         for p in config.providers
     ]
-    names = [c.provider.type for c in configs]
+    names: list[str] = [c.provider.type for c in configs]
     if len(set(names)) != len(names):
         names = [f"{n}#{i}" for i, n in enumerate(names)]
     report = BenchReport(
@@ -343,7 +344,7 @@ async def run_bench(
         },
         machine=machine_info(),
     )
-    for name, cfg in zip(names, configs):
+    for name, cfg in zip(names, configs, strict=True):
         provider = get_provider(cfg)
         report.labels[name] = provider.bench_label
         report.raw[name] = []
@@ -368,12 +369,18 @@ async def run_bench(
     seen_nonces: set[str] = set()
     try:
         pools: dict[str, SandboxPool] = {}
-        async with _pools(config, names, configs, spec, options, env, pools):
+        async with AsyncExitStack() as stack:
+            if config.mode == "warm":
+                for name, cfg in zip(names, configs, strict=True):
+                    pools[name] = await stack.enter_async_context(
+                        SandboxPool(cfg, spec, size=2, concurrency=2, options=options, env=env)
+                    )
             for round_no in range(config.runs + 1):
                 warmup = round_no == 0
                 shift = round_no % len(names)
                 for name, cfg in (
-                    list(zip(names, configs))[shift:] + list(zip(names, configs))[:shift]
+                    list(zip(names, configs, strict=True))[shift:]
+                    + list(zip(names, configs, strict=True))[:shift]
                 ):
                     samples = await _round(
                         config, name, cfg, spec, options, env, pools, seen_nonces
@@ -400,38 +407,6 @@ def _bench_script(turns: int) -> list[Any]:
     # One text turn per run: under a burst, runs share the model, and a single-turn script
     # keeps every run identical whichever order their requests arrive in.
     return [{"text": "benchmark done"}] * turns
-
-
-class _pools:  # noqa: N801 - reads as a function
-    """Opens one warm pool per provider in warm mode; nothing otherwise."""
-
-    def __init__(
-        self,
-        config: BenchConfig,
-        names: list[str],
-        configs: list[SandbayConfig],
-        spec: SandboxSpec,
-        options: ClaudeAgentOptions,
-        env: dict[str, str],
-        pools: dict[str, SandboxPool],
-    ) -> None:
-        self._args = (config, names, configs, spec, options, env)
-        self._pools = pools
-
-    async def __aenter__(self) -> None:
-        config, names, configs, spec, options, env = self._args
-        if config.mode != "warm":
-            return
-        for name, cfg in zip(names, configs):
-            pool = SandboxPool(
-                cfg, spec, size=2, concurrency=min(2, config.concurrency), options=options, env=env
-            )
-            self._pools[name] = await pool.__aenter__()
-
-    async def __aexit__(self, *exc: object) -> None:
-        with anyio.CancelScope(shield=True):
-            for pool in self._pools.values():
-                await pool.aclose()
 
 
 async def _round(

@@ -28,7 +28,7 @@ from ._sandbox import SandboxSpec
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["DockerConfig", "LocalConfig", "ProviderConfig", "SandbayConfig", "load_config"]
 
@@ -130,12 +130,13 @@ def parse_config(data: dict[str, Any], *, where: str = "config") -> SandbayConfi
         raise ConfigError(f"{where}: invalid config: {problems}") from None
 
 
-def provider_config(provider: str | ProviderConfig | None) -> ProviderConfig:
+def provider_config(provider: str | ProviderConfig | SandbayConfig | None) -> ProviderConfig:
     """Turn a provider name, a config object or ``None`` (config file / env) into a config."""
     if provider is None:
         return load_config().provider
     if isinstance(provider, str):
-        return parse_config(_with_provider({}, provider, where="provider"), where="provider").provider
+        data = _with_provider({}, provider, where="provider")
+        return parse_config(data, where="provider").provider
     if isinstance(provider, SandbayConfig):
         return provider.provider
     return provider
@@ -158,6 +159,7 @@ def _with_provider(data: dict[str, Any], name: str, *, where: str) -> dict[str, 
 def _read_toml(file: Path) -> dict[str, Any]:
     try:
         with file.open("rb") as fh:
-            return tomllib.load(fh)
+            data: dict[str, Any] = tomllib.load(fh)
+            return data
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None

@@ -20,8 +20,8 @@ from anyio.abc import TaskGroup
 from claude_agent_sdk import ClaudeAgentOptions
 from typing_extensions import Self
 
-from ._api import create_sandbox
 from ._agent import _EnvelopeReader
+from ._api import create_sandbox
 from ._config import ProviderConfig, SandbayConfig
 from ._errors import AgentError, ConfigError, SandboxClosedError, SandboxError
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
@@ -221,6 +221,7 @@ class SandboxPool:
                 self.stats["failed"] += 1
                 self._failures.append(exc)
                 return
+            assert lease is not None
             if self._closed:
                 await _discard(lease)
                 return

@@ -7,6 +7,7 @@ SDK. Everything provider-neutral (labels, garbage collection, the registry) is h
 from __future__ import annotations
 
 import abc
+import builtins
 import importlib
 import os
 import socket
@@ -124,7 +125,7 @@ class Provider(abc.ABC):
     async def status(self) -> ProviderStatus:
         """Check whether the provider is usable, without creating anything."""
 
-    async def gc(self, *, now: float | None = None) -> list[tuple[SandboxInfo, str]]:
+    async def gc(self, *, now: float | None = None) -> builtins.list[tuple[SandboxInfo, str]]:
         """Destroy sandboxes whose expiry passed or whose owner process is gone.
 
         Returns:

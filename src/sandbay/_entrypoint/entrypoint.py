@@ -44,7 +44,7 @@ class Emitter:
 
     def __init__(self, run_dir: str) -> None:
         os.makedirs(run_dir, exist_ok=True)
-        self.log = open(os.path.join(run_dir, LOG_NAME), "a", encoding="utf-8")  # noqa: SIM115
+        self.log = open(os.path.join(run_dir, LOG_NAME), "a", encoding="utf-8")
         self.seq = 0
         self.stdout_ok = True
 
@@ -113,11 +113,14 @@ async def _serve(emitter: Emitter) -> int:
         while True:
             line = await stdin.readline()
             if not line:
-                emitter.emit("error", {"type": "EOFError", "message": "stdin closed before a request"})
+                error = {"type": "EOFError", "message": "stdin closed before a request"}
+                emitter.emit("error", error)
                 return 2
             request = json.loads(line)
             kind = request.get("kind")
-            options = _options(sdk, request.get("options", {}), request.get("env", {}), stderr_tail.append)
+            options = _options(
+                sdk, request.get("options", {}), request.get("env", {}), stderr_tail.append
+            )
             if kind == "prepare":
                 client = sdk.ClaudeSDKClient(options)
                 await client.connect()
@@ -142,7 +145,7 @@ async def _serve(emitter: Emitter) -> int:
                 "type": type(exc).__name__,
                 "message": str(exc),
                 "exit_code": getattr(exc, "exit_code", None),
-                "stderr": "".join(line if line.endswith("\n") else line + "\n" for line in stderr_tail)
+                "stderr": "\n".join(line.rstrip("\n") for line in stderr_tail)
                 or (getattr(exc, "stderr", None) or ""),
                 "traceback": traceback.format_exc(limit=8),
             },
@@ -159,7 +162,8 @@ def _replay(run_dir: str, after: int) -> int:
     deadline_without_log = time.monotonic() + 10
     while not os.path.exists(path):
         if time.monotonic() > deadline_without_log:
-            print(_envelope_line("error", {"type": "LookupError", "message": f"no run log at {path}"}))
+            error = {"type": "LookupError", "message": f"no run log at {path}"}
+            print(_envelope_line("error", error))
             return 2
         time.sleep(0.05)
     with open(path, encoding="utf-8") as log:
@@ -184,7 +188,11 @@ def _replay(run_dir: str, after: int) -> int:
                 if rest:
                     pending += rest
                     continue
-                print(_envelope_line("error", {"type": "AgentError", "message": "the entrypoint died before the run ended"}))
+                error = {
+                    "type": "AgentError",
+                    "message": "the entrypoint died before the run ended",
+                }
+                print(_envelope_line("error", error))
                 return 1
             time.sleep(0.02)
 
