@@ -1,0 +1,999 @@
+"""The conformance suite: what "this provider works" means, as runnable checks.
+
+Every provider runs the same checks, through the public API only. Run them all at once::
+
+    report = await run_conformance("docker", spec=SandboxSpec(network="none"))
+    report.raise_for_failures()
+
+or one pytest test per check::
+
+    @pytest.mark.parametrize("check", check_names())
+    async def test_conformance(check):
+        await run_check(check, "docker", spec=SandboxSpec(network="none"))
+
+Each check opens its own sandboxes (labelled ``sandbay-conformance``) and closes them, so
+checks are independent and can run in any order. The checks that need the provider itself
+(`Provider.list`, `Provider.gc`, `Provider.destroy`) get it from `sandbay.get_provider`.
+
+A check fails by raising `CheckFailed` (an `AssertionError`) with a message that says what was
+expected and what happened; any other exception is a failure too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import time
+import traceback
+import uuid
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, TypeVar, Union
+
+import anyio
+
+from .._api import get_provider, open_sandbox
+from .._config import ProviderConfig, SandbayConfig
+from .._errors import (
+    ConfigError,
+    SandboxClosedError,
+    SandboxFileNotFoundError,
+    SandboxNotFoundError,
+    SandboxTimeoutError,
+)
+from .._provider import Provider, SandboxInfo
+from .._sandbox import ExecResult, Process, Sandbox, SandboxSpec
+
+__all__ = [
+    "CHECKS",
+    "Check",
+    "CheckFailed",
+    "CheckResult",
+    "ConformanceReport",
+    "Target",
+    "check_names",
+    "run_check",
+    "run_conformance",
+]
+
+#: Seconds one check may take before it counts as failed (50 MB round trips included).
+DEFAULT_TIMEOUT = 120.0
+#: Label on every sandbox the suite opens, so leftovers are easy to find.
+LABEL = "sandbay-conformance"
+
+ProviderArg = Union[str, ProviderConfig, SandbayConfig]  # noqa: UP007 - a runtime alias
+
+
+class CheckFailed(AssertionError):
+    """A conformance check found the provider breaking the `Sandbox` contract."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the checks run against: a provider and the spec its sandboxes start from.
+
+    Attributes:
+        provider: A provider name or config, as `sandbay.open_sandbox` takes it.
+        spec: The base spec; checks add labels, env or a lifetime to it.
+    """
+
+    provider: ProviderArg
+    spec: SandboxSpec = field(default_factory=SandboxSpec)
+
+    def sandbox(
+        self,
+        *,
+        labels: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+        lifetime_s: float | None = None,
+    ) -> open_sandbox:
+        """An ``async with`` block holding a new sandbox built from `spec` plus these."""
+        data = self.spec.model_dump()
+        data["labels"] = {**self.spec.labels, LABEL: "1", **(labels or {})}
+        data["env"] = {**self.spec.env, **(env or {})}
+        if lifetime_s is not None:
+            data["lifetime_s"] = lifetime_s
+        return open_sandbox(self.provider, SandboxSpec.model_validate(data))
+
+    def get_provider(self) -> Provider:
+        """The `Provider` the sandboxes come from."""
+        return get_provider(self.provider)
+
+
+Check = Callable[[Target], Awaitable[None]]
+"""One conformance check: raises `CheckFailed` (or anything else) when the provider fails."""
+
+_checks: dict[str, Check] = {}
+CHECKS: Mapping[str, Check] = MappingProxyType(_checks)
+"""Every check by name, in the order they run."""
+
+_C = TypeVar("_C", bound=Check)
+
+
+def _check(func: _C) -> _C:
+    _checks[func.__name__.removeprefix("check_")] = func
+    return func
+
+
+def check_names() -> list[str]:
+    """Names of all checks, in the order `run_conformance` runs them."""
+    return list(_checks)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one check.
+
+    Attributes:
+        name: The check's name.
+        passed: Whether it passed.
+        seconds: How long it took.
+        error: Why it failed (``None`` if it passed).
+        details: The traceback of an unexpected exception, if any.
+    """
+
+    name: str
+    passed: bool
+    seconds: float
+    error: str | None = None
+    details: str | None = None
+
+
+@dataclass(frozen=True)
+class ConformanceReport:
+    """All results of one `run_conformance` call.
+
+    Attributes:
+        provider: The provider's name.
+        results: One result per check run, in order.
+    """
+
+    provider: str
+    results: tuple[CheckResult, ...]
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check that ran passed."""
+        return all(result.passed for result in self.results)
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        """The checks that failed."""
+        return [result for result in self.results if not result.passed]
+
+    def __str__(self) -> str:
+        passed = len(self.results) - len(self.failures)
+        lines = [f"{self.provider}: {passed}/{len(self.results)} conformance checks passed"]
+        lines += [f"  FAIL {result.name}: {result.error}" for result in self.failures]
+        return "\n".join(lines)
+
+    def raise_for_failures(self) -> None:
+        """Raise `CheckFailed` listing every failure, if there is any."""
+        if not self.ok:
+            raise CheckFailed(str(self))
+
+
+async def run_check(
+    name: str,
+    provider: ProviderArg,
+    *,
+    spec: SandboxSpec | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> None:
+    """Run one check; return if it passes, raise if it fails.
+
+    Args:
+        name: One of `check_names`.
+        provider: A provider name or config, as `sandbay.open_sandbox` takes it.
+        spec: The spec sandboxes start from; default that of a `SandbayConfig`, else
+            `SandboxSpec()`.
+        timeout: Seconds the check may take.
+
+    Raises:
+        CheckFailed: The provider broke the contract, or the check ran past ``timeout``.
+        ConfigError: Unknown check name.
+    """
+    check = _checks.get(name)
+    if check is None:
+        raise ConfigError(f"unknown conformance check {name!r}; valid: {', '.join(_checks)}")
+    target = Target(provider, _default_spec(provider, spec))
+    with anyio.move_on_after(timeout) as scope:
+        await check(target)
+    if scope.cancelled_caught:
+        raise CheckFailed(f"{name}: did not finish within {timeout:g} s")
+
+
+async def run_conformance(
+    provider: ProviderArg,
+    *,
+    spec: SandboxSpec | None = None,
+    only: Collection[str] | None = None,
+    skip: Collection[str] = (),
+    timeout: float = DEFAULT_TIMEOUT,
+) -> ConformanceReport:
+    """Run the checks one after another and report every result; never raises for a failure.
+
+    Args:
+        provider: A provider name or config, as `sandbay.open_sandbox` takes it.
+        spec: The spec sandboxes start from (see `run_check`).
+        only: Run just these checks.
+        skip: Leave these out (for a contract point a provider documents it cannot keep).
+        timeout: Seconds each check may take.
+
+    Raises:
+        ConfigError: ``only`` or ``skip`` names an unknown check.
+    """
+    unknown = sorted((set(only or ()) | set(skip)) - set(_checks))
+    if unknown:
+        raise ConfigError(f"unknown conformance checks {unknown}; valid: {', '.join(_checks)}")
+    names = [n for n in _checks if (only is None or n in only) and n not in skip]
+    results = []
+    for name in names:
+        started = time.monotonic()
+        try:
+            await run_check(name, provider, spec=spec, timeout=timeout)
+        except CheckFailed as exc:
+            results.append(CheckResult(name, False, time.monotonic() - started, str(exc)))
+        except Exception as exc:
+            results.append(
+                CheckResult(
+                    name,
+                    False,
+                    time.monotonic() - started,
+                    f"{type(exc).__name__}: {exc}",
+                    traceback.format_exc(),
+                )
+            )
+        else:
+            results.append(CheckResult(name, True, time.monotonic() - started))
+    return ConformanceReport(_provider_name(provider), tuple(results))
+
+
+def _default_spec(provider: ProviderArg, spec: SandboxSpec | None) -> SandboxSpec:
+    if spec is not None:
+        return spec
+    return provider.spec if isinstance(provider, SandbayConfig) else SandboxSpec()
+
+
+def _provider_name(provider: ProviderArg) -> str:
+    if isinstance(provider, str):
+        return provider
+    if isinstance(provider, SandbayConfig):
+        return provider.provider.type
+    return provider.type
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def expect(condition: object, message: str) -> None:
+    """Fail the check with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise CheckFailed(message)
+
+
+def _short(data: bytes | str, limit: int = 200) -> str:
+    text = repr(data)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(data)} in all)"
+
+
+def _py(sb: Sandbox, code: str, *args: str) -> list[str]:
+    return [sb.python, "-c", code, *args]
+
+
+async def _run(sb: Sandbox, argv: str | Sequence[str], **kwargs: Any) -> ExecResult:
+    """exec that fails the check when the command fails."""
+    result = await sb.exec(argv, **kwargs)
+    expect(
+        result.exit_code == 0,
+        f"{argv!r} exited {result.exit_code}; stderr: {_short(result.stderr)}",
+    )
+    return result
+
+
+async def _expect_raises(
+    error: type[BaseException], action: Callable[[], Awaitable[object]], what: str
+) -> BaseException:
+    try:
+        await action()
+    except error as exc:
+        return exc
+    except Exception as exc:
+        raise CheckFailed(
+            f"{what}: expected {error.__name__}, got {type(exc).__name__}: {exc}"
+        ) from exc
+    raise CheckFailed(f"{what}: expected {error.__name__}, nothing was raised")
+
+
+async def _expect_missing(sb: Sandbox, path: str, why: str) -> None:
+    try:
+        data = await sb.read_file(path)
+    except SandboxFileNotFoundError:
+        return
+    raise CheckFailed(f"{path} exists (contents {_short(data)}): {why}")
+
+
+async def _first_line(proc: Process, timeout: float = 10) -> bytes:
+    with anyio.move_on_after(timeout):
+        async with _closing(proc.stdout.lines()) as lines:
+            async for line in lines:
+                return line
+        raise CheckFailed("the process ended its stdout without writing a line")
+    raise CheckFailed(f"no line on stdout within {timeout:g} s")
+
+
+async def _wait(proc: Process, timeout: float = 10) -> int:
+    with _within(timeout, "waiting for the process to exit"):
+        return await proc.wait()
+    raise AssertionError("unreachable")  # pragma: no cover - _within raises
+
+
+@contextlib.asynccontextmanager
+async def _closing(lines: AsyncIterator[bytes]) -> AsyncIterator[AsyncIterator[bytes]]:
+    """Finalise an async generator such as `ByteStream.lines` when the block ends early."""
+    try:
+        yield lines
+    finally:
+        aclose = getattr(lines, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+@contextlib.contextmanager
+def _within(seconds: float, what: str) -> Iterator[None]:
+    """Fail the check (rather than hang) if the block takes longer than ``seconds``."""
+    with anyio.move_on_after(seconds) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise CheckFailed(f"{what}: no result within {seconds:g} s")
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+@_check
+async def check_exit_codes(target: Target) -> None:
+    """Exit statuses 0, 1 and 42 come back as they are; `ok` is true only for 0."""
+    async with target.sandbox() as sb:
+        for code in (0, 1, 42):
+            result = await sb.exec(["sh", "-c", f"exit {code}"])
+            expect(result.exit_code == code, f"`exit {code}` gave exit code {result.exit_code}")
+            expect(result.ok == (code == 0), f"ExecResult.ok is {result.ok} for exit {code}")
+
+
+@_check
+async def check_stdout_stderr_separate(target: Target) -> None:
+    """stdout and stderr are kept apart."""
+    async with target.sandbox() as sb:
+        result = await _run(sb, ["sh", "-c", "printf out; printf err >&2; printf out2"])
+        expect(result.stdout == b"outout2", f"stdout was {_short(result.stdout)}")
+        expect(result.stderr == b"err", f"stderr was {_short(result.stderr)}")
+
+
+@_check
+async def check_large_output_both_streams(target: Target) -> None:
+    """10 MiB on stdout and 10 MiB on stderr, interleaved, arrive whole without deadlock."""
+    code = (
+        "import sys\n"
+        "out, err = b'o' * 65536, b'e' * 65536\n"
+        "for _ in range(160):\n"
+        "    sys.stdout.buffer.write(out); sys.stdout.flush()\n"
+        "    sys.stderr.buffer.write(err); sys.stderr.flush()\n"
+    )
+    size = 160 * 65536
+    async with target.sandbox() as sb:
+        result = await _run(sb, _py(sb, code))
+        expect(len(result.stdout) == size, f"stdout had {len(result.stdout)} bytes, not {size}")
+        expect(len(result.stderr) == size, f"stderr had {len(result.stderr)} bytes, not {size}")
+        expect(result.stdout == b"o" * size, "stdout held bytes the command did not write")
+        expect(result.stderr == b"e" * size, "stderr held bytes the command did not write")
+
+
+@_check
+async def check_binary_output_exact(target: Target) -> None:
+    """Every byte value, NUL and CR included, comes through stdout unchanged."""
+    data = bytes(range(256)) * 64 + b"\r\n\x00\r"
+    async with target.sandbox() as sb:
+        result = await _run(sb, _py(sb, f"import sys; sys.stdout.buffer.write({data!r})"))
+        expect(result.stdout == data, f"stdout was {_short(result.stdout)}, not the 256 values")
+
+
+@_check
+async def check_non_utf8_output(target: Target) -> None:
+    """Bytes that are not UTF-8 are kept as bytes; `ExecResult.text` replaces them."""
+    data = b"caf\xe9 \xff\xfe\x80\n"
+    code = f"import sys; sys.stdout.buffer.write({data!r}); sys.stderr.buffer.write({data!r})"
+    async with target.sandbox() as sb:
+        result = await _run(sb, _py(sb, code))
+        expect(result.stdout == data, f"stdout was {_short(result.stdout)}, not {data!r}")
+        expect(result.stderr == data, f"stderr was {_short(result.stderr)}, not {data!r}")
+        expect("\ufffd" in result.text, f"ExecResult.text was {result.text!r}")
+
+
+@_check
+async def check_output_streams_before_exit(target: Target) -> None:
+    """Output is readable while the process runs, not only once it exits."""
+    code = "import sys, time; print('first', flush=True); time.sleep(60)"
+    async with target.sandbox() as sb:
+        proc = await sb.start(_py(sb, code))
+        try:
+            line = await _first_line(proc)
+            expect(line == b"first", f"first line was {line!r}")
+            expect(proc.returncode is None, "the process had exited; it sleeps for 60 s")
+        finally:
+            await proc.kill()
+        await _wait(proc)
+
+
+@_check
+async def check_stdin_interactive(target: Target) -> None:
+    """stdin streams while output is read: each line written gets its answer back at once."""
+    code = (
+        "import sys\n"
+        "while True:\n"
+        "    line = sys.stdin.readline()\n"
+        "    if not line: break\n"
+        "    sys.stdout.write('echo:' + line); sys.stdout.flush()\n"
+    )
+    async with target.sandbox() as sb:
+        proc = await sb.start(_py(sb, code))
+        async with _closing(proc.stdout.lines()) as lines:
+            for i in range(5):
+                await proc.write(f"line {i}\n".encode())
+                answer = b""
+                with _within(10, f"reading the answer to line {i}"):
+                    answer = await lines.__anext__()
+                expect(answer == f"echo:line {i}".encode(), f"answer {i} was {answer!r}")
+        await proc.close_stdin()
+        code_ = await _wait(proc)
+        expect(code_ == 0, f"the echo process exited {code_} after end of input")
+
+
+@_check
+async def check_stdin_eof_ends_cat(target: Target) -> None:
+    """`close_stdin` sends end-of-file (cat exits); it is idempotent."""
+    async with target.sandbox() as sb:
+        proc = await sb.start(["cat"])
+        await proc.write(b"hello\n")
+        await proc.write(b"world")
+        await proc.close_stdin()
+        await proc.close_stdin()
+        out = b""
+        with _within(10, "reading cat's output after close_stdin"):
+            out = await proc.stdout.read()
+        expect(out == b"hello\nworld", f"cat echoed {out!r}")
+        code = await _wait(proc)
+        expect(code == 0, f"cat exited {code}")
+
+
+@_check
+async def check_exec_without_input_gets_eof(target: Target) -> None:
+    """exec without ``input`` gives the command an empty stdin, so `cat` returns at once."""
+    async with target.sandbox() as sb:
+        try:
+            result = await sb.exec(["cat"], timeout=10)
+        except SandboxTimeoutError:
+            raise CheckFailed("`cat` waited for stdin: exec did not close it") from None
+        expect(result.ok and result.stdout == b"", f"cat gave {result}")
+
+
+@_check
+async def check_exec_large_input(target: Target) -> None:
+    """8 MiB through exec(input=...) into `cat` comes back whole (stdin and stdout at once)."""
+    data = os.urandom(8 * 2**20)
+    async with target.sandbox() as sb:
+        result = await _run(sb, ["cat"], input=data)
+        expect(
+            result.stdout == data,
+            f"cat returned {len(result.stdout)} bytes, not the {len(data)} fed to it"
+            if len(result.stdout) != len(data)
+            else "cat returned different bytes than it was fed",
+        )
+
+
+@_check
+async def check_write_after_close_stdin(target: Target) -> None:
+    """`write` after `close_stdin` raises BrokenPipeError."""
+    async with target.sandbox() as sb:
+        proc = await sb.start(["cat"])
+        await proc.close_stdin()
+        await _expect_raises(
+            BrokenPipeError, lambda: proc.write(b"late"), "write after close_stdin"
+        )
+        await _wait(proc)
+
+
+@_check
+async def check_write_after_exit(target: Target) -> None:
+    """`write` to a process that has exited raises BrokenPipeError (soon, if not at once)."""
+    async with target.sandbox() as sb:
+        proc = await sb.start(["sh", "-c", "exit 0"])
+        await _wait(proc)
+
+        async def write_until_broken() -> None:
+            for _ in range(64):
+                await proc.write(b"x" * 65536)
+
+        await _expect_raises(BrokenPipeError, write_until_broken, "writing 4 MiB after exit")
+
+
+# --- environment and working directory ------------------------------------------------------
+
+_SHOW_ENV = 'printf "%s|%s|%s" "$SANDBAY_CHECK_A" "$SANDBAY_CHECK_B" "$SANDBAY_CHECK_C"'
+
+
+@_check
+async def check_env_from_spec(target: Target) -> None:
+    """The spec's env reaches every process."""
+    env = {"SANDBAY_CHECK_A": "from spec", "SANDBAY_CHECK_B": "b=1;'x'"}
+    async with target.sandbox(env=env) as sb:
+        for argv in (["sh", "-c", _SHOW_ENV], _SHOW_ENV):
+            result = await _run(sb, argv)
+            expect(
+                result.stdout == b"from spec|b=1;'x'|", f"env was {result.stdout!r} for {argv!r}"
+            )
+
+
+@_check
+async def check_env_per_exec_override(target: Target) -> None:
+    """env given to exec adds and overrides variables for that command only."""
+    async with target.sandbox(env={"SANDBAY_CHECK_A": "spec", "SANDBAY_CHECK_B": "kept"}) as sb:
+        result = await _run(
+            sb, _SHOW_ENV, env={"SANDBAY_CHECK_A": "exec", "SANDBAY_CHECK_C": "new"}
+        )
+        expect(result.stdout == b"exec|kept|new", f"with exec env, got {result.stdout!r}")
+        result = await _run(sb, _SHOW_ENV)
+        expect(result.stdout == b"spec|kept|", f"the override persisted: {result.stdout!r}")
+
+
+_SAME_DIR = "import os, sys; print(os.getcwd()); sys.exit(0 if os.path.samefile(os.getcwd(), sys.argv[1]) else 3)"  # noqa: E501
+
+
+@_check
+async def check_cwd_default_is_workdir(target: Target) -> None:
+    """Processes start in `Sandbox.workdir`, an absolute path."""
+    async with target.sandbox() as sb:
+        expect(sb.workdir.startswith("/"), f"workdir {sb.workdir!r} is not absolute")
+        result = await sb.exec(_py(sb, _SAME_DIR, sb.workdir))
+        expect(result.ok, f"cwd was {result.text.strip()!r}, not workdir {sb.workdir!r}")
+
+
+@_check
+async def check_cwd_explicit(target: Target) -> None:
+    """cwd relative to workdir, and absolute, are honoured."""
+    async with target.sandbox() as sb:
+        await sb.write_file("sub/dir/keep", b"")
+        result = await sb.exec(_py(sb, _SAME_DIR, sb.resolve("sub/dir")), cwd="sub/dir")
+        expect(result.ok, f"cwd='sub/dir' ran in {result.text.strip()!r}")
+        absolute = sb.resolve("sub")
+        result = await sb.exec(_py(sb, _SAME_DIR, absolute), cwd=absolute)
+        expect(result.ok, f"cwd={absolute!r} ran in {result.text.strip()!r}")
+
+
+@_check
+async def check_relative_paths_resolve_to_workdir(target: Target) -> None:
+    """Relative paths in write_file and read_file mean the same file processes see there."""
+    async with target.sandbox() as sb:
+        await sb.write_file("rel.txt", b"relative")
+        for argv in (["cat", "rel.txt"], ["cat", f"{sb.workdir.rstrip('/')}/rel.txt"]):
+            result = await _run(sb, argv)
+            expect(result.stdout == b"relative", f"{argv!r} printed {result.stdout!r}")
+        await _run(sb, "printf made > made.txt")
+        for path in ("made.txt", sb.resolve("made.txt")):
+            data = await sb.read_file(path)
+            expect(data == b"made", f"read_file({path!r}) gave {data!r}")
+
+
+# --- timeouts, kill, signals ----------------------------------------------------------------
+
+
+@_check
+async def check_exec_timeout_kills(target: Target) -> None:
+    """A command past its timeout raises SandboxTimeoutError and is really killed."""
+    async with target.sandbox() as sb:
+        started = time.monotonic()
+        exc = await _expect_raises(
+            SandboxTimeoutError,
+            lambda: sb.exec(["sh", "-c", "sleep 1.5; echo late > timeout-marker"], timeout=0.5),
+            "exec past its timeout",
+        )
+        elapsed = time.monotonic() - started
+        expect(isinstance(exc, TimeoutError), "SandboxTimeoutError is not a TimeoutError")
+        expect(elapsed < 10, f"exec(timeout=0.5) returned only after {elapsed:.1f} s")
+        await anyio.sleep(2)
+        await _expect_missing(sb, "timeout-marker", "the timed-out command kept running")
+
+
+@_check
+async def check_cancelled_exec_kills(target: Target) -> None:
+    """Cancelling the task running exec kills the command."""
+    async with target.sandbox() as sb:
+        with anyio.move_on_after(0.5) as scope:
+            await sb.exec(["sh", "-c", "sleep 1.5; echo late > cancel-marker"])
+        expect(scope.cancelled_caught, "the 1.5 s command finished within 0.5 s")
+        await anyio.sleep(2)
+        await _expect_missing(sb, "cancel-marker", "the cancelled command kept running")
+
+
+@_check
+async def check_kill_started_process(target: Target) -> None:
+    """kill ends a running process; wait returns non-zero; kill and wait repeat safely."""
+    async with target.sandbox() as sb:
+        proc = await sb.start(["sleep", "60"])
+        expect(proc.returncode is None, f"returncode was {proc.returncode} while running")
+        await proc.kill()
+        code = await _wait(proc)
+        expect(code != 0, "a killed process reported exit code 0")
+        expect(proc.returncode == code, f"returncode {proc.returncode} != wait() {code}")
+        await proc.kill()
+        again = await _wait(proc)
+        expect(again == code, f"a second wait() gave {again}, the first {code}")
+
+
+@_check
+async def check_kill_kills_children(target: Target) -> None:
+    """kill also stops what the process started (a background child here)."""
+    script = "(sleep 1.5; echo late > child-marker) & echo started; wait"
+    async with target.sandbox() as sb:
+        proc = await sb.start(["sh", "-c", script])
+        line = await _first_line(proc)
+        expect(line == b"started", f"first line was {line!r}")
+        await proc.kill()
+        await _wait(proc)
+        await anyio.sleep(2)
+        await _expect_missing(sb, "child-marker", "kill left the command's child running")
+
+
+@_check
+async def check_kill_after_exit_keeps_code(target: Target) -> None:
+    """kill after the process exited is harmless and keeps its exit code."""
+    async with target.sandbox() as sb:
+        proc = await sb.start(["sh", "-c", "exit 7"])
+        expect(await _wait(proc) == 7, "`exit 7` did not give 7")
+        await proc.kill()
+        code = await _wait(proc)
+        expect(code == 7 and proc.returncode == 7, f"after kill, exit code became {code}")
+
+
+@_check
+async def check_signal_exit_code(target: Target) -> None:
+    """A process killed by signal N reports -N (or 128+N where the provider cannot tell)."""
+    async with target.sandbox() as sb:
+        result = await sb.exec(["sh", "-c", "kill -TERM $$"])
+        expect(result.exit_code in (-15, 143), f"SIGTERM gave exit code {result.exit_code}")
+
+
+@_check
+async def check_returncode_none_while_running(target: Target) -> None:
+    """returncode is None until the process exits, then its exit code."""
+    async with target.sandbox() as sb:
+        proc = await sb.start(["cat"])
+        expect(proc.returncode is None, f"returncode {proc.returncode} right after start")
+        await proc.write(b"x")
+        await anyio.sleep(0.2)
+        expect(proc.returncode is None, f"returncode {proc.returncode} while cat waits")
+        await proc.close_stdin()
+        await proc.stdout.read()
+        code = await _wait(proc)
+        expect(code == 0 and proc.returncode == 0, f"cat exited {code}, {proc.returncode}")
+
+
+@_check
+async def check_concurrent_execs(target: Target) -> None:
+    """8 execs in one sandbox run at the same time, each with its own output."""
+    results: dict[int, ExecResult] = {}
+
+    async def one(sb: Sandbox, i: int) -> None:
+        results[i] = await sb.exec(["sh", "-c", f"sleep 1; echo {i}; echo e{i} >&2"])
+
+    async with target.sandbox() as sb:
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(one, sb, i)
+        elapsed = time.monotonic() - started
+        for i in range(8):
+            r = results[i]
+            expect(
+                r.ok and r.stdout == f"{i}\n".encode() and r.stderr == f"e{i}\n".encode(),
+                f"exec {i} gave {r}",
+            )
+        expect(elapsed < 6, f"8 one-second execs took {elapsed:.1f} s: they did not overlap")
+
+
+@_check
+async def check_missing_command_127(target: Target) -> None:
+    """A command that does not exist exits 127 with a message on stderr, not an exception."""
+    name = "sandbay-no-such-command"
+    async with target.sandbox() as sb:
+        result = await sb.exec([name, "arg"])
+        expect(result.exit_code == 127, f"argv [{name!r}] exited {result.exit_code}")
+        expect(result.stderr.strip(), "no message on stderr for a missing command")
+        result = await sb.exec(name)
+        expect(result.exit_code == 127, f"'{name}' through sh exited {result.exit_code}")
+        proc = await sb.start([name])
+        code = await _wait(proc)
+        expect(code == 127, f"start([{name!r}]) exited {code}")
+
+
+@_check
+async def check_string_argv_runs_via_sh(target: Target) -> None:
+    """A string command runs through ``sh -c``: pipes, expansion and redirection work."""
+    async with target.sandbox() as sb:
+        result = await _run(sb, "echo $((6 * 7)) | tr 4 X; echo second >&2")
+        expect(result.stdout == b"X2\n", f"stdout was {result.stdout!r}")
+        expect(result.stderr == b"second\n", f"stderr was {result.stderr!r}")
+
+
+@_check
+async def check_list_argv_not_shell_parsed(target: Target) -> None:
+    """A list argv reaches the program as is: no expansion, quoting or splitting."""
+    tricky = "$HOME; `id` * 'q' \"d\""
+    async with target.sandbox() as sb:
+        result = await _run(sb, ["printf", "%s|%s", tricky, "a b"])
+        expected = f"{tricky}|a b".encode()
+        expect(result.stdout == expected, f"printf got {result.stdout!r}, not {expected!r}")
+
+
+@_check
+async def check_empty_argv_config_error(target: Target) -> None:
+    """An empty command raises ConfigError (a ValueError) before anything runs."""
+    async with target.sandbox() as sb:
+        for argv in ([], "", "   ", [""]):
+            exc = await _expect_raises(
+                ConfigError, functools.partial(sb.exec, argv), f"exec({argv!r})"
+            )
+            expect(isinstance(exc, ValueError), "ConfigError is not a ValueError")
+        await _expect_raises(ConfigError, lambda: sb.start([]), "start([])")
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+@_check
+async def check_missing_file_not_found(target: Target) -> None:
+    """read_file of a missing path raises SandboxFileNotFoundError (a FileNotFoundError)."""
+    async with target.sandbox() as sb:
+        for path in ("missing.txt", "no/such/dir/file", sb.resolve("missing-abs.txt")):
+            exc = await _expect_raises(
+                SandboxFileNotFoundError, functools.partial(sb.read_file, path), f"read {path!r}"
+            )
+            expect(isinstance(exc, FileNotFoundError), "not a FileNotFoundError")
+
+
+_SHA = "import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())"
+
+
+@_check
+async def check_file_binary_roundtrip(target: Target) -> None:
+    """A binary file comes back byte for byte, and processes see the same bytes."""
+    data = bytes(range(256)) * 1024 + b"\r\n\x00"
+    async with target.sandbox() as sb:
+        await sb.write_file("bin/data.bin", data)
+        back = await sb.read_file("bin/data.bin")
+        expect(back == data, f"read back {len(back)} bytes, different from the {len(data)}")
+        digest = (await _run(sb, _py(sb, _SHA, "bin/data.bin"))).text.strip()
+        expect(digest == hashlib.sha256(data).hexdigest(), "processes see different bytes")
+
+
+@_check
+async def check_file_large_roundtrip(target: Target) -> None:
+    """A 50 MiB file goes in and comes out whole."""
+    data = os.urandom(50 * 2**20)
+    async with target.sandbox() as sb:
+        await sb.write_file("big.bin", data)
+        digest = (await _run(sb, _py(sb, _SHA, "big.bin"))).text.strip()
+        expect(digest == hashlib.sha256(data).hexdigest(), "the file in the sandbox differs")
+        back = await sb.read_file("big.bin")
+        expect(len(back) == len(data), f"read back {len(back)} bytes of {len(data)}")
+        expect(back == data, "read back different bytes")
+
+
+@_check
+async def check_write_file_replaces(target: Target) -> None:
+    """write_file replaces a file whole: a shorter write leaves no tail of the longer one."""
+    async with target.sandbox() as sb:
+        await sb.write_file("f.txt", b"a long first version\n" * 100)
+        await sb.write_file("f.txt", b"short")
+        back = await sb.read_file("f.txt")
+        expect(back == b"short", f"read back {_short(back)}")
+        seen = (await _run(sb, ["cat", "f.txt"])).stdout
+        expect(seen == b"short", f"cat saw {_short(seen)}")
+
+
+@_check
+async def check_write_file_creates_parents(target: Target) -> None:
+    """write_file creates missing parent directories."""
+    async with target.sandbox() as sb:
+        await sb.write_file("deep/er/still/file.txt", b"deep")
+        await _run(sb, ["test", "-d", "deep/er/still"])
+        back = await sb.read_file("deep/er/still/file.txt")
+        expect(back == b"deep", f"read back {back!r}")
+
+
+_MODE = "import os, stat, sys; print(oct(stat.S_IMODE(os.stat(sys.argv[1]).st_mode)))"
+
+
+@_check
+async def check_file_mode_honoured(target: Target) -> None:
+    """write_file's mode is the file's mode; an executable script runs."""
+    async with target.sandbox() as sb:
+        await sb.write_file("run.sh", b"#!/bin/sh\necho ran\n", mode=0o755)
+        seen = (await _run(sb, _py(sb, _MODE, "run.sh"))).text.strip()
+        expect(seen == "0o755", f"written with mode 0o755, the file has {seen}")
+        result = await _run(sb, ["./run.sh"])
+        expect(result.stdout == b"ran\n", f"./run.sh printed {result.stdout!r}")
+        await sb.write_file("run.sh", b"secret", mode=0o600)
+        seen = (await _run(sb, _py(sb, _MODE, "run.sh"))).text.strip()
+        expect(seen == "0o600", f"rewritten with mode 0o600, the file has {seen}")
+
+
+# --- stream framing --------------------------------------------------------------------------
+
+
+@_check
+async def check_text_chunks_multibyte(target: Target) -> None:
+    """text_chunks decodes characters split across writes (é, €, 😀) without damage."""
+    code = (
+        "import sys, time\n"
+        "for part in (b'\\xc3', b'\\xa9 \\xe2\\x82', b'\\xac \\xf0\\x9f', b'\\x98\\x80\\n'):\n"
+        "    sys.stdout.buffer.write(part); sys.stdout.flush(); time.sleep(0.1)\n"
+    )
+    async with target.sandbox() as sb:
+        proc = await sb.start(_py(sb, code))
+        text = ""
+        with _within(10, "reading text_chunks"):
+            text = "".join([t async for t in proc.stdout.text_chunks()])
+        await _wait(proc)
+        expect(text == "é € 😀\n", f"decoded {text!r}")
+
+
+@_check
+async def check_lines_framing(target: Target) -> None:
+    """lines() splits on newlines across chunk boundaries and yields an unterminated tail."""
+    code = (
+        "import sys, time\n"
+        "for part in (b'a\\nb', b'c\\n\\nd\\r\\ne', b'f'):\n"
+        "    sys.stdout.buffer.write(part); sys.stdout.flush(); time.sleep(0.1)\n"
+    )
+    async with target.sandbox() as sb:
+        proc = await sb.start(_py(sb, code))
+        lines: list[bytes] = []
+        with _within(10, "reading lines"):
+            lines = [line async for line in proc.stdout.lines()]
+        await _wait(proc)
+        expect(lines == [b"a", b"bc", b"", b"d\r", b"ef"], f"lines() gave {lines!r}")
+
+
+# --- lifecycle -----------------------------------------------------------------------------
+
+
+@_check
+async def check_aclose_twice(target: Target) -> None:
+    """aclose is idempotent (and the context manager's own close after it is harmless)."""
+    async with target.sandbox() as sb:
+        expect(not sb.closed, "a new sandbox says it is closed")
+        await sb.aclose()
+        expect(sb.closed, "closed is False after aclose")
+        await sb.aclose()
+
+
+@_check
+async def check_use_after_close(target: Target) -> None:
+    """After aclose, exec, start, read_file and write_file raise SandboxClosedError."""
+    async with target.sandbox() as sb:
+        await sb.write_file("kept.txt", b"x")
+        await sb.aclose()
+        actions: dict[str, Callable[[], Awaitable[object]]] = {
+            "exec": lambda: sb.exec(["true"]),
+            "start": lambda: sb.start(["true"]),
+            "read_file": lambda: sb.read_file("kept.txt"),
+            "write_file": lambda: sb.write_file("new.txt", b"x"),
+        }
+        for what, action in actions.items():
+            exc = await _expect_raises(SandboxClosedError, action, f"{what} after aclose")
+            expect(isinstance(exc, RuntimeError), "SandboxClosedError is not a RuntimeError")
+
+
+@_check
+async def check_python_has_agent_sdk(target: Target) -> None:
+    """`Sandbox.python` runs a Python 3.10+ that imports claude_agent_sdk."""
+    code = "import sys, claude_agent_sdk; print(sys.version_info >= (3, 10))"
+    async with target.sandbox() as sb:
+        result = await sb.exec(_py(sb, code))
+        expect(result.ok, f"{sb.python!r} cannot import claude_agent_sdk: {_short(result.stderr)}")
+        expect(result.stdout.strip() == b"True", f"{sb.python!r} is older than 3.10")
+
+
+@_check
+async def check_sandboxes_kept_apart(target: Target) -> None:
+    """Two sandboxes have different ids and do not see each other's files."""
+    async with target.sandbox() as one, target.sandbox() as two:
+        expect(one.id != two.id, f"two sandboxes share the id {one.id}")
+        await one.write_file("only-in-one.txt", b"1")
+        await _expect_missing(two, "only-in-one.txt", "a file written in one sandbox is in another")
+
+
+# --- the provider: labels, list, gc, destroy -------------------------------------------------
+
+
+async def _listed(provider: Provider, marker: str) -> dict[str, Mapping[str, str]]:
+    return {info.id: info.labels for info in await provider.list(labels={LABEL: marker})}
+
+
+@_check
+async def check_labels_listed(target: Target) -> None:
+    """Provider.list finds a sandbox by its labels, with sandbay's own labels and the user's."""
+    marker, other = uuid.uuid4().hex, uuid.uuid4().hex
+    provider = target.get_provider()
+    async with target.sandbox(labels={LABEL: marker, "team": "conformance"}) as sb:
+        found = await _listed(provider, marker)
+        expect(list(found) == [sb.id], f"list(labels=...) found {sorted(found)}, not [{sb.id}]")
+        labels = found[sb.id]
+        expect(labels.get("team") == "conformance", f"the user's label is missing: {labels}")
+        expect(labels.get("sandbay.managed") == "1", f"sandbay.managed is missing: {labels}")
+        for key in ("sandbay.session", "sandbay.owner", "sandbay.expiry"):
+            expect(labels.get(key), f"{key} is missing from the listed labels {labels}")
+            expect(sb.labels.get(key) == labels[key], f"{key} differs in Sandbox.labels")
+        expiry = float(labels["sandbay.expiry"])
+        expect(expiry > time.time(), f"sandbay.expiry {expiry} is already past")
+        expect(not await _listed(provider, other), "list matched a label value it should not")
+        infos = [i for i in await provider.list() if i.id == sb.id]
+        expect(infos and infos[0].provider == sb.provider, f"list() without filter: {infos}")
+
+
+@_check
+async def check_closed_removed_from_list(target: Target) -> None:
+    """A closed sandbox is gone from Provider.list."""
+    marker = uuid.uuid4().hex
+    provider = target.get_provider()
+    async with target.sandbox(labels={LABEL: marker}) as sb:
+        expect(sb.id in await _listed(provider, marker), "the open sandbox is not listed")
+    expect(not await _listed(provider, marker), f"closed sandbox {sb.id} is still listed")
+
+
+@_check
+async def check_gc_removes_expired(target: Target) -> None:
+    """Provider.gc removes a sandbox whose lifetime passed and keeps one still in its time."""
+    marker = uuid.uuid4().hex
+    provider = target.get_provider()
+    async with (
+        target.sandbox(labels={LABEL: marker}, lifetime_s=1) as short,
+        target.sandbox(labels={LABEL: marker}, lifetime_s=3600) as long,
+    ):
+        # A minute ahead: only sandboxes made to expire at once (or long forgotten) go.
+        found: Sequence[tuple[SandboxInfo, str]] = await provider.gc(now=time.time() + 60)
+        removed = {info.id: why for info, why in found}
+        listed = await _listed(provider, marker)
+        expect(short.id not in listed, f"gc left expired sandbox {short.id}")
+        expect(long.id in listed, f"gc removed {long.id}, which had an hour to live")
+        expect(long.id not in removed, "gc reported removing the sandbox it kept")
+        if short.id in removed:  # else another process's gc was quicker
+            expect(removed[short.id] == "expired", f"gc gave the reason {removed[short.id]!r}")
+
+
+@_check
+async def check_destroy_by_id(target: Target) -> None:
+    """Provider.destroy removes a sandbox by id; using it then raises SandboxNotFoundError;
+    destroying it again, or an id that never existed, is not an error."""
+    marker = uuid.uuid4().hex
+    provider = target.get_provider()
+    async with target.sandbox(labels={LABEL: marker}) as sb:
+        await provider.destroy(sb.id)
+        expect(sb.id not in await _listed(provider, marker), "destroyed sandbox still listed")
+        await _expect_raises(
+            SandboxNotFoundError, lambda: sb.exec(["true"]), "exec in a destroyed sandbox"
+        )
+        await provider.destroy(sb.id)
+    await provider.destroy("sandbay-conformance-never-existed")
