@@ -1,0 +1,483 @@
+"""The Docker provider and the agent image, against a real Docker engine.
+
+Containers use network ``none`` (or ``host``) only. Without a reachable engine the module is
+skipped, unless ``SANDBAY_REQUIRE_DOCKER=1`` (CI), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import docker
+import docker.errors
+import pytest
+import requests.exceptions
+
+import sandbay
+from sandbay import (
+    ConfigError,
+    DockerConfig,
+    ImageError,
+    ProviderUnavailableError,
+    SandboxError,
+    SandboxFileNotFoundError,
+    SandboxNotFoundError,
+    SandboxSpec,
+)
+from sandbay._image import AGENT_IMAGE, build_agent_image
+from sandbay.providers.docker import DockerProvider, DockerSandbox, map_docker_error
+
+pytestmark = pytest.mark.docker
+
+CONFIG = DockerConfig()
+MISSING_SOCKET = "unix:///tmp/sandbay-no-such-docker.sock"
+
+
+def _engine_answers() -> bool:
+    try:
+        client = docker.from_env()
+    except docker.errors.DockerException:
+        return False
+    try:
+        return bool(client.ping())
+    except (docker.errors.DockerException, requests.exceptions.RequestException):
+        return False
+    finally:
+        client.close()
+
+
+if not _engine_answers():
+    if os.environ.get("SANDBAY_REQUIRE_DOCKER") == "1":
+        raise RuntimeError("SANDBAY_REQUIRE_DOCKER=1 but the Docker engine does not answer")
+    pytest.skip("no Docker engine", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
+    engine = docker.from_env()
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def marker() -> str:
+    """A label value unique to one test, to find its containers."""
+    return uuid.uuid4().hex
+
+
+def spec(marker: str, **fields: Any) -> SandboxSpec:
+    fields.setdefault("network", "none")
+    return SandboxSpec(labels={"test": marker}, **fields)
+
+
+@pytest.fixture
+async def sandbox(marker: str) -> AsyncIterator[sandbay.Sandbox]:
+    async with sandbay.open_sandbox(CONFIG, spec(marker)) as sb:
+        yield sb
+
+
+def containers(client: Any, marker: str) -> list[Any]:
+    return list(client.containers.list(all=True, filters={"label": f"test={marker}"}))
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_exec_exit_codes_and_output(sandbox: sandbay.Sandbox) -> None:
+    assert isinstance(sandbox, DockerSandbox)
+    result = await sandbox.exec("echo out; echo err >&2; exit 3")
+    assert (result.exit_code, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
+    assert (await sandbox.exec(["true"])).ok
+    assert (await sandbox.exec(["sh", "-c", "exit 42"])).exit_code == 42
+
+
+@pytest.mark.anyio
+async def test_missing_command_is_127_not_an_exception(sandbox: sandbay.Sandbox) -> None:
+    result = await sandbox.exec(["sandbay-no-such-command", "arg"])
+    assert result.exit_code == 127
+    assert b"sandbay-no-such-command" in result.stderr
+    assert result.stdout == b""
+    # A missing file given by path is "command not found" too; a non-executable one is 126.
+    assert (await sandbox.exec(["/no/such/file"])).exit_code == 127
+    assert (await sandbox.exec(["/etc/passwd"])).exit_code == 126
+
+
+@pytest.mark.anyio
+async def test_output_that_looks_like_a_docker_error_is_left_alone(
+    sandbox: sandbay.Sandbox,
+) -> None:
+    text = "OCI runtime exec failed: not really"
+    result = await sandbox.exec(["sh", "-c", f"echo '{text}'; exit 126"])
+    assert result.exit_code == 126
+    assert result.stdout == f"{text}\n".encode()
+
+
+@pytest.mark.anyio
+async def test_streaming_stdin_echo(sandbox: sandbay.Sandbox) -> None:
+    proc = await sandbox.start(["sh", "-c", 'while read -r l; do echo "echo:$l"; done'])
+    lines = proc.stdout.lines()
+    for word in ("one", "two", "three"):
+        await proc.write(f"{word}\n".encode())
+        with anyio.fail_after(10):
+            assert await anext(lines) == f"echo:{word}".encode()
+    await proc.close_stdin()
+    await proc.close_stdin()  # idempotent
+    with anyio.fail_after(10):
+        assert await proc.wait() == 0
+    assert [line async for line in lines] == []
+    with pytest.raises(BrokenPipeError):
+        await proc.write(b"late\n")
+
+
+@pytest.mark.anyio
+async def test_stderr_arrives_while_stdout_waits(sandbox: sandbay.Sandbox) -> None:
+    # The stdout reader holds the socket when stderr's frame comes in: it must reach the
+    # stderr reader at once, not when stdout next has something.
+    proc = await sandbox.start(["sh", "-c", "echo err >&2; read -r x; echo out"])
+    out: list[bytes] = []
+
+    async def read_stdout() -> None:
+        out.append(await proc.stdout.read())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read_stdout)
+        await anyio.sleep(0.1)  # stdout's reader is at work first
+        with anyio.fail_after(10):
+            assert await anext(aiter(proc.stderr)) == b"err\n"
+        await proc.write(b"go\n")
+        await proc.close_stdin()
+    assert out == [b"out\n"]
+    assert await proc.wait() == 0
+
+
+@pytest.mark.anyio
+async def test_cancelled_read_loses_nothing(sandbox: sandbay.Sandbox) -> None:
+    proc = await sandbox.start(["sh", "-c", "read -r x; echo one; sleep 0.2; echo two"])
+    with anyio.move_on_after(0.2) as scope:
+        await anext(aiter(proc.stdout))
+    assert scope.cancelled_caught
+    await proc.write(b"go\n")  # the abandoned read now gets "one"
+    with anyio.fail_after(10):
+        assert await proc.stdout.read() == b"one\ntwo\n"
+        assert await proc.wait() == 0
+
+
+@pytest.mark.anyio
+async def test_quiet_process_outlives_the_client_timeout(marker: str) -> None:
+    # The SDK's sockets time out after 60 s by default; a short client timeout proves
+    # a process's stream does not inherit it.
+    provider = DockerProvider(CONFIG)
+    try:
+        provider._docker_client().api.timeout = 2
+        async with await provider.create(spec(marker)) as sb:
+            result = await sb.exec(["sh", "-c", "sleep 3; echo done"])
+            assert result.stdout == b"done\n"
+    finally:
+        await provider.aclose()
+
+
+@pytest.mark.anyio
+async def test_kill_ends_the_process_and_its_children(sandbox: sandbay.Sandbox) -> None:
+    proc = await sandbox.start(["sh", "-c", "(sleep 30; touch child-ran) & sleep 30; touch ran"])
+    await anyio.sleep(0.3)
+    await proc.kill()
+    with anyio.fail_after(10):
+        assert await proc.wait() == -9
+    assert proc.returncode == -9
+    left = await sandbox.exec("ps -eo args | grep -c '^sleep 30' || true")
+    assert left.stdout.strip() == b"0"
+
+
+@pytest.mark.anyio
+async def test_stopped_container_is_not_found(marker: str) -> None:
+    async with sandbay.open_sandbox(CONFIG, spec(marker, lifetime_s=1)) as sb:
+        await anyio.sleep(2.5)  # `sleep 1`, the container's command, has ended
+        with pytest.raises(SandboxNotFoundError, match="not running"):
+            await sb.exec(["true"])
+
+
+# --- the container -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_labels_are_on_the_container(client: Any, marker: str) -> None:
+    async with sandbay.open_sandbox(CONFIG, spec(marker), session="s-123") as sb:
+        labels = client.api.inspect_container(sb.id)["Config"]["Labels"]
+        assert labels["test"] == marker
+        assert labels["sandbay.managed"] == "1"
+        assert labels["sandbay.session"] == "s-123"
+        assert float(labels["sandbay.expiry"]) > time.time()
+        assert labels["sandbay.owner"].endswith(f":{os.getpid()}")
+
+
+@pytest.mark.anyio
+async def test_resource_limits_are_applied(client: Any, marker: str) -> None:
+    limited = spec(marker, cpu=0.5, memory_mb=256)
+    config = DockerConfig(pids_limit=77)
+    async with sandbay.open_sandbox(config, limited) as sb:
+        host = client.api.inspect_container(sb.id)["HostConfig"]
+        assert host["NanoCpus"] == 500_000_000
+        assert host["Memory"] == 256 * 1024 * 1024
+        assert host["PidsLimit"] == 77
+        assert host["Init"] is True
+        assert host["CapDrop"] == ["ALL"]
+        assert "no-new-privileges" in host["SecurityOpt"]
+        assert host["NetworkMode"] == "none"
+        assert host["AutoRemove"] is False
+
+
+@pytest.mark.anyio
+async def test_runs_as_non_root_by_default(sandbox: sandbay.Sandbox) -> None:
+    assert (await sandbox.exec(["id", "-u"])).stdout == b"1000\n"
+    assert (await sandbox.exec(["id", "-u"], user="0")).stdout == b"0\n"
+    home = await sandbox.exec(["sh", "-c", 'echo "$HOME"; pwd; echo "$IS_SANDBOX"'])
+    assert home.stdout == b"/home/sandbay\n/workspace\n1\n"
+    status = (await sandbox.exec(["cat", "/proc/self/status"])).stdout
+    assert b"NoNewPrivs:\t1" in status
+    assert b"CapEff:\t0000000000000000" in status
+
+
+@pytest.mark.anyio
+async def test_network_none_has_only_loopback(sandbox: sandbay.Sandbox) -> None:
+    result = await sandbox.exec(["ls", "/sys/class/net"])
+    assert result.stdout.split() == [b"lo"]
+
+
+@pytest.mark.anyio
+async def test_network_host_shares_the_hosts_interfaces(marker: str) -> None:
+    # Containers come and go (veth pairs), so compare the host's lasting interfaces only.
+    lasting = {n.encode() for n in os.listdir("/sys/class/net") if not n.startswith("veth")}
+    async with sandbay.open_sandbox(CONFIG, spec(marker, network="host")) as sb:
+        inside = set((await sb.exec(["ls", "/sys/class/net"])).stdout.split())
+    assert len(lasting) > 1
+    assert lasting <= inside
+
+
+@pytest.mark.anyio
+async def test_other_workdir_is_created_for_the_user(marker: str) -> None:
+    async with sandbay.open_sandbox(CONFIG, spec(marker, workdir="/srv/job/work")) as sb:
+        result = await sb.exec(["sh", "-c", "pwd; stat -c %u . ; touch mine"])
+        assert result.stdout == b"/srv/job/work\n1000\n"
+        assert result.ok
+
+
+@pytest.mark.anyio
+async def test_named_user_and_custom_image(marker: str) -> None:
+    # Any image works (here the base image, which lacks /workspace and the sandbay user).
+    named = spec(marker, image="sandbay-base:bookworm", user="nobody")
+    async with sandbay.open_sandbox(CONFIG, named) as sb:
+        assert (await sb.exec(["id", "-un"])).stdout == b"nobody\n"
+        assert (await sb.exec(["pwd"])).stdout == b"/workspace\n"
+        await sb.write_file("owned.txt", b"x")
+        owner = await sb.exec(["stat", "-c", "%U", "owned.txt"])
+        assert owner.stdout == b"nobody\n"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("user", "owner"),
+    [("1000", b"1000:1000"), ("sandbay:nogroup", b"1000:65534"), ("nobody:1000", b"65534:1000")],
+)
+async def test_files_belong_to_the_user_as_docker_resolves_it(
+    marker: str, user: str, owner: bytes
+) -> None:
+    async with sandbay.open_sandbox(CONFIG, spec(marker, user=user)) as sb:
+        await sb.write_file("/tmp/owned", b"x")
+        ids = await sb.exec(["sh", "-c", "stat -c %u:%g /tmp/owned; echo $(id -u):$(id -g)"])
+        assert ids.stdout == owner + b"\n" + owner + b"\n"
+
+
+@pytest.mark.anyio
+async def test_missing_image_is_an_image_error_and_leaves_nothing(client: Any, marker: str) -> None:
+    with pytest.raises(ImageError, match="never pulls"):
+        await sandbay.create_sandbox(CONFIG, spec(marker, image="sandbay-no-such-image:0"))
+    assert containers(client, marker) == []
+
+
+@pytest.mark.anyio
+async def test_unknown_user_is_a_config_error_and_leaves_nothing(client: Any, marker: str) -> None:
+    with pytest.raises(ConfigError, match="user"):
+        await sandbay.create_sandbox(CONFIG, spec(marker, user="sandbay-no-such-user"))
+    assert containers(client, marker) == []
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_file_round_trip_owner_and_mode(sandbox: sandbay.Sandbox) -> None:
+    data = bytes(range(256)) * 3
+    await sandbox.write_file("deep/er/file.bin", data, mode=0o640)
+    assert await sandbox.read_file("deep/er/file.bin") == data
+    stat = await sandbox.exec(["stat", "-c", "%u:%g %a", "deep/er/file.bin", "deep/er", "deep"])
+    assert stat.stdout.split(b"\n")[:3] == [b"1000:1000 640", b"1000:1000 755", b"1000:1000 755"]
+    # The user can add files next to it, so the parents really are theirs.
+    assert (await sandbox.exec(["touch", "deep/er/more"])).ok
+
+
+@pytest.mark.anyio
+async def test_file_outside_the_users_reach_is_written_by_root(sandbox: sandbay.Sandbox) -> None:
+    await sandbox.write_file("/opt/sandbay-test/conf/x.txt", b"hello")
+    assert await sandbox.read_file("/opt/sandbay-test/conf/x.txt") == b"hello"
+    owner = await sandbox.exec(["stat", "-c", "%u %U", "/opt/sandbay-test/conf/x.txt"])
+    assert owner.stdout == b"1000 sandbay\n"
+
+
+@pytest.mark.anyio
+async def test_fifty_megabytes_round_trip(sandbox: sandbay.Sandbox) -> None:
+    data = os.urandom(1 << 20) * 50
+    await sandbox.write_file("/tmp/big.bin", data)
+    assert await sandbox.read_file("/tmp/big.bin") == data
+    size = await sandbox.exec(["stat", "-c", "%s", "/tmp/big.bin"])
+    assert size.stdout == f"{len(data)}\n".encode()
+
+
+@pytest.mark.anyio
+async def test_read_missing_file_directory_and_symlink(sandbox: sandbay.Sandbox) -> None:
+    with pytest.raises(SandboxFileNotFoundError):
+        await sandbox.read_file("no/such/file")
+    with pytest.raises(FileNotFoundError):
+        await sandbox.read_file("/no-such-top-level")
+    with pytest.raises(SandboxError, match="directory"):
+        await sandbox.read_file("/etc")
+    await sandbox.write_file("target.txt", b"through the link")
+    assert (await sandbox.exec(["ln", "-s", "target.txt", "link"])).ok
+    assert await sandbox.read_file("link") == b"through the link"
+    assert (
+        await sandbox.read_file("/etc/os-release")
+        == (await sandbox.exec(["cat", "/etc/os-release"])).stdout
+    )
+
+
+@pytest.mark.anyio
+async def test_write_over_a_directory_is_refused(sandbox: sandbay.Sandbox) -> None:
+    await sandbox.write_file("dir/keep.txt", b"keep")
+    with pytest.raises(SandboxError, match="directory"):
+        await sandbox.write_file("dir", b"would replace the directory")
+    assert await sandbox.read_file("dir/keep.txt") == b"keep"
+
+
+# --- lifecycle, listing, gc --------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_close_removes_the_container(client: Any, marker: str) -> None:
+    sb = await sandbay.create_sandbox(CONFIG, spec(marker))
+    proc = await sb.start(["sleep", "60"])  # a live process does not hold the close up
+    assert [c.id for c in containers(client, marker)] == [sb.id]
+    await sb.aclose()
+    assert containers(client, marker) == []
+    with anyio.fail_after(10):
+        assert await proc.stdout.read() == b""
+
+
+@pytest.mark.anyio
+async def test_list_and_destroy(marker: str) -> None:
+    provider = sandbay.get_provider(CONFIG)
+    async with sandbay.open_sandbox(CONFIG, spec(marker)) as sb:
+        (info,) = await provider.list(labels={"test": marker})
+        assert (info.id, info.provider, info.status) == (sb.id, "docker", "running")
+        assert info.labels["sandbay.managed"] == "1"
+        await provider.destroy(sb.id)
+        assert await provider.list(labels={"test": marker}) == []
+        with pytest.raises(SandboxNotFoundError):
+            await sb.exec(["true"])
+        await provider.destroy(sb.id)  # already gone: fine
+
+
+@pytest.mark.anyio
+async def test_gc_removes_an_expired_sandbox(client: Any, marker: str) -> None:
+    provider = sandbay.get_provider(CONFIG)
+    async with (
+        sandbay.open_sandbox(CONFIG, spec(marker, lifetime_s=1)) as short,
+        sandbay.open_sandbox(CONFIG, spec(marker, lifetime_s=3600)) as long,
+    ):
+        await anyio.sleep(2.5)  # its expiry (whole seconds) has passed
+        removed = {info.id: why for info, why in await provider.gc()}
+        assert removed.get(short.id) == "expired"
+        assert long.id not in removed
+        assert [c.id for c in containers(client, marker)] == [long.id]
+
+
+# --- errors and status -------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_unreachable_daemon_says_how_to_start_it(marker: str) -> None:
+    config = DockerConfig(base_url=MISSING_SOCKET)
+    provider = DockerProvider(config)  # no I/O yet
+    with pytest.raises(ProviderUnavailableError, match="sudo dockerd") as caught:
+        await provider.create(spec(marker, image="sandbay-base:bookworm"))
+    assert isinstance(caught.value, ConnectionError)
+    assert MISSING_SOCKET in str(caught.value)
+    status = await provider.status()
+    assert (status.installed, status.reachable) == (True, False)
+    assert "systemctl start docker" in status.detail
+    with pytest.raises(ProviderUnavailableError):
+        await provider.list()
+
+
+@pytest.mark.anyio
+async def test_status_of_a_running_engine() -> None:
+    status = await DockerProvider(CONFIG).status()
+    assert status.reachable and status.installed
+    assert "Docker" in status.detail
+
+
+def test_permission_denied_on_the_socket_is_explained() -> None:
+    # The error requests raises for a socket the user may not open, as it chains it.
+    denied = requests.exceptions.ConnectionError("Connection aborted.")
+    denied.__context__ = PermissionError(13, "Permission denied")
+    error = map_docker_error(docker.errors.DockerException("fetching version"))
+    assert not isinstance(error, ProviderUnavailableError)
+    wrapped = docker.errors.DockerException("Error while fetching server API version")
+    wrapped.__cause__ = denied
+    error = map_docker_error(wrapped, base_url="unix:///var/run/docker.sock")
+    assert isinstance(error, ProviderUnavailableError)
+    assert "docker group" in str(error)
+
+
+# --- the agent image ---------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_agent_image_has_the_sdk_and_the_claude_cli(client: Any) -> None:
+    image = await DockerProvider(CONFIG).agent_image()
+    assert image.startswith("sandbay-agent:")
+    script = (
+        "import claude_agent_sdk, os, subprocess, sys\n"
+        "bundled = os.path.join(os.path.dirname(claude_agent_sdk.__file__), '_bundled', 'claude')\n"
+        "print(sys.executable)\n"
+        "print(subprocess.run([bundled, '--version'], capture_output=True, text=True).stdout)\n"
+    )
+    for name in (image, AGENT_IMAGE):
+        out = client.containers.run(
+            name, ["python3", "-c", script], remove=True, network_mode="none"
+        ).decode()
+        assert out.startswith("/opt/sandbay/venv/bin/python3\n")
+        assert "Claude Code" in out
+    on_path = client.containers.run(
+        image, ["claude", "--version"], remove=True, network_mode="none"
+    )
+    assert b"Claude Code" in on_path
+
+
+def test_build_is_skipped_when_the_inputs_are_built() -> None:
+    lines: list[str] = []
+    tag = build_agent_image(CONFIG, progress=lines.append)
+    assert tag.startswith("sandbay-agent:")
+    assert f"{tag} is already built" in lines
+    assert not any(line.startswith("Step ") for line in lines)
+
+
+def test_missing_base_image_is_explained() -> None:
+    with pytest.raises(ImageError, match=r"sandbay-no-such-base:0.*never pulls"):
+        build_agent_image(CONFIG, base="sandbay-no-such-base:0")
