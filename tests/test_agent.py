@@ -404,9 +404,16 @@ async def test_agent_under_bubblewrap_sees_only_its_workspace(tmp_path: Any) -> 
     secret.write_text("do-not-leak")
     command = f"pwd; cat {secret} 2>&1; ls /root | wc -l"
     async with ScriptedModel(bash_then_done(command)) as model:
-        messages = await collect(sandbay.run_agent(
-            "go", provider=sandbay.LocalConfig(isolate=True), options=OPTIONS, env=model.env(),
-            spec=SandboxSpec(network="host"), timeout=120))
+        messages = await collect(
+            sandbay.run_agent(
+                "go",
+                provider=sandbay.LocalConfig(isolate=True),
+                options=OPTIONS,
+                env=model.env(),
+                spec=SandboxSpec(network="host"),
+                timeout=120,
+            )
+        )
         output = str(model.tool_results())
     assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
     assert "/workspace" in output

@@ -96,7 +96,8 @@ def _tap(emitter: Emitter) -> None:
         return message
 
     message_parser.parse_message = parse_and_emit
-    internal_client.parse_message = parse_and_emit  # query() imported the name directly
+    # query() imported the name directly, so replace it there too.
+    internal_client.parse_message = parse_and_emit  # type: ignore[attr-defined]
 
 
 async def _serve(emitter: Emitter) -> int:
