@@ -335,6 +335,35 @@ class DockerProvider(Provider):
         return sandbox
 
     @override
+    async def raw_create_exec(self, spec: SandboxSpec) -> float:
+        """create → first exec as a user of the plain SDK would write it, for the benchmark.
+
+        Same image, network and limits as `create`; ``containers.run(detach=True)`` then
+        ``exec_run``. Removing the container is not timed.
+        """
+        image = spec.image or self.config.image or await self.agent_image()
+        options: dict[str, Any] = {"detach": True}
+        if spec.network != "default":
+            options["network_mode"] = spec.network
+        if spec.cpu is not None:
+            options["nano_cpus"] = int(spec.cpu * 1e9)
+        if spec.memory_mb is not None:
+            options["mem_limit"] = f"{spec.memory_mb}m"
+
+        def measure() -> float:
+            with self._errors(image=image):
+                client = self._docker_client()
+                started = time.perf_counter()
+                container = client.containers.run(image, ["sleep", "600"], **options)
+                try:
+                    container.exec_run(["true"])
+                    return time.perf_counter() - started
+                finally:
+                    container.remove(force=True)
+
+        return float(await anyio.to_thread.run_sync(measure))
+
+    @override
     async def list(self, *, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
         wanted = [f"{MANAGED}=1", *(f"{k}={v}" for k, v in (labels or {}).items())]
         found = await self._call(
