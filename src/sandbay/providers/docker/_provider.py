@@ -1,0 +1,248 @@
+"""`DockerProvider`: creates, lists and removes the containers that are Docker sandboxes."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import anyio
+import anyio.lowlevel
+import docker.errors  # type: ignore[import-untyped]
+import requests.exceptions
+from typing_extensions import override
+
+from ..._config import DockerConfig
+from ..._errors import SandboxError
+from ..._provider import MANAGED, Provider, ProviderStatus, SandboxInfo
+from ..._sandbox import Sandbox, SandboxSpec
+from ._errors import NAME, _address, _explain, docker_client, docker_errors
+from ._sandbox import ROOT, DockerSandbox, _numeric_owner
+
+AGENT_WORKDIR = "/workspace"
+
+# Root in the sandbox keeps what package installs and sandbay's own root execs need.
+_CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID"]
+
+
+class DockerProvider(Provider):
+    """Sandboxes as containers on a Docker engine. Connects on first use."""
+
+    name: ClassVar[str] = NAME
+
+    def __init__(self, config: DockerConfig) -> None:
+        self.config = config
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+        self._agent_image: str | None = None
+
+    def _api(self) -> Any:
+        """The low-level API client; created on first use. Blocking."""
+        client = self._client
+        if client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = docker_client(self.config)
+                client = self._client
+        return client.api
+
+    def _docker_client(self) -> Any:
+        self._api()
+        return self._client
+
+    def _errors(self, *, sandbox_id: str | None = None, image: str | None = None) -> Any:
+        return docker_errors(base_url=self.config.base_url, sandbox_id=sandbox_id, image=image)
+
+    async def _call(self, fn: Callable[[], Any], *, sandbox_id: str | None = None) -> Any:
+        """Run a blocking SDK call in a worker thread, mapping its errors."""
+
+        def call() -> Any:
+            with self._errors(sandbox_id=sandbox_id):
+                return fn()
+
+        return await anyio.to_thread.run_sync(call)
+
+    async def agent_image(self) -> str:
+        """The agent image for this config's base, built (once) if missing."""
+        if self._agent_image is None:
+            from ..._image import ensure_agent_image
+
+            self._agent_image = await ensure_agent_image(
+                self._docker_client, base=self.config.base_image, progress=_progress_to_stderr
+            )
+        return self._agent_image
+
+    @override
+    async def create(self, spec: SandboxSpec) -> Sandbox:
+        explicit = spec.image or self.config.image
+        image = explicit or await self.agent_image()
+        user = spec.user or self.config.user
+        # Only the agent image is known to have the default workdir, owned by its user.
+        ready_workdir = explicit is None and spec.workdir == AGENT_WORKDIR
+        host_config: dict[str, Any] = {
+            "init": True,
+            "pids_limit": self.config.pids_limit,
+            "cap_drop": ["ALL"],
+            "cap_add": _CAPABILITIES,
+            "security_opt": ["no-new-privileges"],
+        }
+        if spec.cpu is not None:
+            host_config["nano_cpus"] = int(spec.cpu * 1e9)
+        if spec.memory_mb is not None:
+            host_config["mem_limit"] = host_config["memswap_limit"] = f"{spec.memory_mb}m"
+        if spec.network != "default":
+            host_config["network_mode"] = spec.network
+        if self.config.runtime:
+            host_config["runtime"] = self.config.runtime
+        lifetime = str(max(1, math.ceil(spec.lifetime_s)))
+
+        def run() -> str:
+            api = self._api()
+            created = api.create_container(
+                image,
+                command=["sleep", lifetime],
+                # Root here only holds `sleep`; processes run as `user`, given to each exec.
+                # A non-root container user would leave root execs without capabilities.
+                user=ROOT,
+                environment=dict(spec.env),
+                working_dir=spec.workdir if ready_workdir else None,
+                labels=dict(spec.labels),
+                host_config=api.create_host_config(**host_config),
+                detach=True,
+            )
+            container_id = str(created["Id"])
+            try:
+                api.start(container_id)
+            except BaseException:
+                _remove_quietly(api, container_id)
+                raise
+            return container_id
+
+        def create() -> str:
+            with self._errors(image=image):
+                return run()
+
+        # Shielded: a container created while the caller was cancelled must not leak.
+        with anyio.CancelScope(shield=True):
+            container_id = await anyio.to_thread.run_sync(create)
+        sandbox = DockerSandbox(
+            spec,
+            provider=self,
+            container_id=container_id,
+            user=user,
+            workdir=spec.workdir if ready_workdir else None,
+        )
+        try:
+            await anyio.lowlevel.checkpoint()
+            if _numeric_owner(user) is None:
+                await sandbox._owner_ids()  # a user name must exist in the image
+            if not ready_workdir:
+                await sandbox._prepare_workdir()
+        except BaseException:
+            await sandbox.aclose()
+            raise
+        return sandbox
+
+    @override
+    async def raw_create_exec(self, spec: SandboxSpec) -> float:
+        """create → first exec as a user of the plain SDK would write it, for the benchmark.
+
+        Same image, network and limits as `create`; ``containers.run(detach=True)`` then
+        ``exec_run``. Removing the container is not timed.
+        """
+        image = spec.image or self.config.image or await self.agent_image()
+        options: dict[str, Any] = {"detach": True}
+        if spec.network != "default":
+            options["network_mode"] = spec.network
+        if spec.cpu is not None:
+            options["nano_cpus"] = int(spec.cpu * 1e9)
+        if spec.memory_mb is not None:
+            options["mem_limit"] = f"{spec.memory_mb}m"
+
+        def measure() -> float:
+            with self._errors(image=image):
+                client = self._docker_client()
+                started = time.perf_counter()
+                container = client.containers.run(image, ["sleep", "600"], **options)
+                try:
+                    container.exec_run(["true"])
+                    return time.perf_counter() - started
+                finally:
+                    container.remove(force=True)
+
+        return float(await anyio.to_thread.run_sync(measure))
+
+    @override
+    async def list(self, *, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
+        wanted = [f"{MANAGED}=1", *(f"{k}={v}" for k, v in (labels or {}).items())]
+        found = await self._call(
+            lambda: self._api().containers(all=True, filters={"label": wanted})
+        )
+        return [
+            SandboxInfo(
+                id=str(item["Id"]),
+                provider=NAME,
+                labels=dict(item.get("Labels") or {}),
+                status=str(item.get("State") or "unknown"),
+            )
+            for item in found
+        ]
+
+    @override
+    async def destroy(self, sandbox_id: str) -> None:
+        def remove() -> None:
+            with self._errors(sandbox_id=sandbox_id):
+                try:
+                    self._api().remove_container(sandbox_id, force=True, v=True)
+                except docker.errors.NotFound:
+                    pass  # already gone
+                except docker.errors.APIError as exc:
+                    if "already in progress" not in _explain(exc):
+                        raise
+
+        await anyio.to_thread.run_sync(remove)
+
+    @override
+    async def status(self) -> ProviderStatus:
+        def check() -> ProviderStatus:
+            try:
+                with self._errors():
+                    api = self._api()
+                    api.ping()
+                    version = api.version().get("Version", "?")
+                    image = self.config.image or "sandbay-agent:latest"
+                    try:
+                        api.inspect_image(image)
+                        image = f"image {image} present"
+                    except docker.errors.NotFound:
+                        image = (
+                            f"image {self.config.image} missing (sandbay never pulls)"
+                            if self.config.image
+                            else "agent image not built yet (built on first use, or "
+                            "`sandbay image build`)"
+                        )
+            except SandboxError as exc:
+                return ProviderStatus(NAME, installed=True, reachable=False, detail=exc.message)
+            detail = f"Docker {version} at {_address(self.config.base_url)}; {image}"
+            return ProviderStatus(NAME, installed=True, reachable=True, detail=detail)
+
+        return await anyio.to_thread.run_sync(check)
+
+    @override
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await anyio.to_thread.run_sync(client.close)
+
+
+def _progress_to_stderr(line: str) -> None:
+    print(f"sandbay: agent image: {line}", file=sys.stderr, flush=True)
+
+
+def _remove_quietly(api: Any, container_id: str) -> None:
+    with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
+        api.remove_container(container_id, force=True, v=True)

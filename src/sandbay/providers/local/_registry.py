@@ -1,0 +1,187 @@
+"""Host-side state of the local provider; the blocking helpers run in a worker thread.
+
+The registry (one JSON entry per sandbox, so that `list`, `gc` and `destroy` work from other
+processes), the sandboxes' folders, atomic file writes, and the process groups a sandbox
+started, recorded so they can be killed later without hitting a reused pid. Also `NAME`, the
+provider's name, which every module of this package uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..._errors import ConfigError
+
+NAME = "local"
+
+
+def _registry() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        path = Path(runtime) / "sandbay-local"
+    else:
+        path = Path(tempfile.gettempdir()) / f"sandbay-local-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise ConfigError(
+            f"the local provider's registry {str(path)!r} belongs to another user or is "
+            "writable by others; remove it",
+            provider=NAME,
+        )
+    return path
+
+
+def _make_folder(configured: Path | None) -> Path:
+    root = Path(configured or tempfile.gettempdir()).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    root = root.resolve()
+    while True:
+        folder = root / f"sandbay-{secrets.token_hex(6)}"
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        folder.chmod(0o700)  # mkdir's mode is filtered by the umask
+        (folder / "work").mkdir(mode=0o700)
+        (folder / "tmp").mkdir(mode=0o700)
+        return folder
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".sandbay")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            os.fchmod(fh.fileno(), mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(path)
+    _atomic_write(path, data, mode)
+
+
+def _valid_id(sandbox_id: str) -> bool:
+    return len(sandbox_id) == 12 and all(c in "0123456789abcdef" for c in sandbox_id)
+
+
+def _read_entry(sandbox_id: str) -> dict[str, Any] | None:
+    if not _valid_id(sandbox_id):
+        return None
+    return _load(_registry() / f"{sandbox_id}.json")
+
+
+def _read_entries() -> list[dict[str, Any]]:
+    entries = [_load(file) for file in sorted(_registry().glob("*.json"))]
+    found = [entry for entry in entries if entry is not None]
+    for entry in found:
+        entry["status"] = "running" if Path(entry["folder"]).is_dir() else "missing"
+    return found
+
+
+def _load(file: Path) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(file.read_bytes())
+    except (OSError, ValueError):
+        return None
+    valid = (
+        isinstance(entry, dict)
+        and _valid_id(str(entry.get("id")))
+        and file.stem == entry["id"]
+        and isinstance(entry.get("labels"), dict)
+        and isinstance(entry.get("folder"), str)
+    )
+    return entry if valid else None
+
+
+def _remove(sandbox_id: str, folder: Path) -> None:
+    # Never follow a registry entry to a folder that is not a sandbox's.
+    if folder.name == f"sandbay-{sandbox_id}":
+        _rmtree(folder)
+    with contextlib.suppress(FileNotFoundError):
+        (_registry() / f"{sandbox_id}.json").unlink()
+
+
+def _rmtree(folder: Path) -> None:
+    def retry(func: Callable[..., Any], path: str, *_: object) -> None:
+        # A process may have left read-only directories behind.
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(path), 0o700)
+            os.chmod(path, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            func(path)
+
+    if not folder.exists():
+        return
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(folder, onexc=retry)
+    else:
+        shutil.rmtree(folder, onerror=retry)
+
+
+def _boot_ticks() -> int | None:
+    """Clock ticks since boot, the unit of a process's start time in /proc; Linux only."""
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    if clock is None or not os.path.isdir("/proc/self"):
+        return None
+    return int(time.clock_gettime(clock) * os.sysconf("SC_CLK_TCK"))
+
+
+def _start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot), to tell a reused pid; Linux only."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses; fields resume after the last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_recorded(groups: list[list[int]]) -> None:
+    """Kill recorded process groups ``[pid, earliest, latest start]`` unless the pid was reused.
+
+    A group outlives its leader while its members run, and the kernel does not hand out its
+    id meanwhile; so a leader that is gone still leaves the id safe to signal.
+    """
+    for group in groups:
+        try:
+            pid, lo, hi = (int(value) for value in group)
+        except (TypeError, ValueError):
+            continue
+        started = _start_time(pid)
+        if started is not None and not lo <= started <= hi:
+            continue  # another process has this pid: the group we started is gone
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)

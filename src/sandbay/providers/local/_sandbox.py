@@ -1,0 +1,309 @@
+"""`LocalSandbox`: a private directory on this host, its processes and its files."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import sys
+import weakref
+from pathlib import Path
+from typing import Any
+
+import anyio
+from typing_extensions import override
+
+from ..._config import LocalConfig
+from ..._errors import (
+    ConfigError,
+    SandboxError,
+    SandboxFileNotFoundError,
+    SandboxNotFoundError,
+)
+from ..._sandbox import Process, Sandbox, SandboxSpec
+from ._bwrap import _BWRAP_HELP, _ETC_FILES, _SYSTEM_DIRS, _is_current_user, _python_dirs
+from ._process import FailedProcess, LocalProcess
+from ._registry import (
+    NAME,
+    _atomic_write,
+    _boot_ticks,
+    _group_exists,
+    _kill_recorded,
+    _registry,
+    _remove,
+    _write,
+)
+
+# Seconds to wait for a killed process's pipes to close before giving up on it.
+_REAP_TIMEOUT = 5.0
+
+# Sandboxes open in this process, so `destroy` can stop their processes cleanly.
+_live: weakref.WeakValueDictionary[str, LocalSandbox] = weakref.WeakValueDictionary()
+
+
+class LocalSandbox(Sandbox):
+    """A private directory on this machine; processes run as the current user.
+
+    Without isolation `workdir` is the directory's host path (``spec.workdir`` is not used)
+    and HOME points at it; with isolation the directory is mounted at ``spec.workdir``. Each
+    process gets a clean environment: PATH, HOME, TMPDIR, LANG, then ``spec.env`` and the
+    command's own env. Every command runs in its own process group, so `Process.kill` and
+    `aclose` also stop what it started (on Linux, even children of commands that finished).
+
+    See `LocalProvider` for what it does and does not protect against.
+    """
+
+    provider = NAME
+
+    def __init__(
+        self, spec: SandboxSpec, *, folder: Path, config: LocalConfig, bwrap: str | None
+    ) -> None:
+        super().__init__(spec)
+        self._id = folder.name.removeprefix("sandbay-")
+        self._folder = folder
+        self._config = config
+        self._bwrap = bwrap
+        self._processes: set[LocalProcess] = set()
+        # pid -> start time of every process group this sandbox started, finished ones too:
+        # a command may leave background children behind in its group.
+        self._groups: dict[int, tuple[int, int]] = {}
+        self._registry_lock = anyio.Lock()
+        if bwrap:
+            self._inner_workdir = posixpath.normpath(spec.workdir)
+            self._binds = _python_dirs(self.python)
+
+    @property
+    @override
+    def id(self) -> str:
+        return self._id
+
+    @property
+    @override
+    def workdir(self) -> str:
+        if self._bwrap:
+            return self._inner_workdir
+        return str(self._folder / "work")
+
+    @property
+    @override
+    def python(self) -> str:
+        return self._config.python or sys.executable
+
+    @property
+    @override
+    def agent_dir(self) -> str:
+        # In the sandbox's own tmp/ (which isolation mounts at /tmp), so run logs go with it.
+        if self._bwrap:
+            return "/tmp/sandbay"
+        return str(self._folder / "tmp" / "sandbay")
+
+    # --- processes ----------------------------------------------------------------------
+
+    @override
+    async def _start(
+        self, argv: list[str], *, env: dict[str, str], cwd: str, user: str | None
+    ) -> Process:
+        self._check_exists()
+        if not _is_current_user(user):
+            raise ConfigError(
+                f"the local provider runs processes as the current user only, not {user!r}; "
+                "use the docker provider to run as another user",
+                provider=NAME,
+                sandbox_id=self.id,
+            )
+        full_env = {**self._base_env(), **env}
+        if self._bwrap:
+            command = [*self._bwrap_args(cwd), "--", "/bin/sh", "-c", 'exec "$@"', "sh", *argv]
+            host_cwd = str(self._folder)
+        else:
+            command, host_cwd = argv, cwd
+            if not await anyio.to_thread.run_sync(os.path.isdir, cwd):
+                return FailedProcess(1, f"sandbay: working directory {cwd!r} does not exist\n")
+        before = _boot_ticks()
+        try:
+            proc = await anyio.open_process(
+                command, cwd=host_cwd, env=full_env, start_new_session=True
+            )
+        except FileNotFoundError:
+            if self._bwrap:
+                return FailedProcess(127, f"sandbay: bubblewrap vanished: {_BWRAP_HELP}\n")
+            return FailedProcess(127, f"sandbay: {argv[0]}: command not found\n")
+        except PermissionError:
+            return FailedProcess(126, f"sandbay: {argv[0]}: permission denied\n")
+        except OSError as exc:
+            return FailedProcess(126, f"sandbay: {argv[0]}: {exc.strerror or exc}\n")
+        after = _boot_ticks()
+        process = LocalProcess(proc, on_closed=self._processes.discard)
+        self._processes.add(process)
+        if before is not None and after is not None:
+            # Its start time lies in this window (reading it now could be too late: a quick
+            # command may already be reaped); a pid reused later starts after it.
+            self._groups[process.pid] = (before - 1, after + 1)
+        await self._record_processes()
+        return process
+
+    def _base_env(self) -> dict[str, str]:
+        if self._bwrap:
+            home, tmp = self._inner_workdir, "/tmp"
+        else:
+            home, tmp = str(self._folder / "work"), str(self._folder / "tmp")
+        # The Python that has the Agent SDK comes first, then the host's search path (not a
+        # secret, and the tools people expect); nothing else is inherited.
+        search = [os.path.dirname(self.python), os.environ.get("PATH") or os.defpath]
+        path = os.pathsep.join(part for part in search if part)  # "" would mean the cwd
+        lang = os.environ.get("LANG") or "C.UTF-8"
+        return {"PATH": path, "HOME": home, "TMPDIR": tmp, "LANG": lang}
+
+    def _bwrap_args(self, cwd: str) -> list[str]:
+        assert self._bwrap is not None
+        args = [self._bwrap, "--unshare-all", "--die-with-parent", "--new-session"]
+        if self.spec.network == "host":
+            args.append("--share-net")
+        args += ["--cap-drop", "ALL", "--hostname", "sandbay"]
+        for path in _SYSTEM_DIRS:
+            if os.path.islink(path):
+                args += ["--symlink", os.readlink(path), path]
+            elif os.path.isdir(path):
+                args += ["--ro-bind", path, path]
+        for name in _ETC_FILES:
+            if os.path.exists(f"/etc/{name}"):
+                args += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+        for path in self._binds:
+            args += ["--ro-bind", path, path]
+        args += ["--proc", "/proc", "--dev", "/dev"]
+        args += ["--bind", str(self._folder / "tmp"), "/tmp"]
+        args += ["--bind", str(self._folder / "work"), self._inner_workdir]
+        # The root bwrap builds is a tmpfs; without this, /etc and / itself are writable.
+        args += ["--remount-ro", "/", "--chdir", cwd]
+        return args
+
+    async def _check_bwrap(self) -> None:
+        """Run `true` once under bwrap so a kernel without user namespaces fails at create."""
+        assert self._bwrap is not None
+        command = [*self._bwrap_args(self._inner_workdir), "--", "/bin/sh", "-c", "true"]
+        try:
+            result = await anyio.run_process(
+                command, cwd=str(self._folder), env=self._base_env(), check=False
+            )
+        except OSError as exc:
+            raise ConfigError(f"bubblewrap failed to start ({exc}); {_BWRAP_HELP}") from None
+        if result.returncode != 0:
+            reason = result.stderr.decode(errors="replace").strip()
+            raise ConfigError(
+                f"bubblewrap cannot create a sandbox here ({reason}); it needs user namespaces "
+                f"(sysctl kernel.unprivileged_userns_clone=1) or root, or set isolate = false",
+                provider=NAME,
+            )
+
+    async def _record_processes(self) -> None:
+        # Recorded for `destroy` from another process (e.g. `sandbay gc` after a crash).
+        async with self._registry_lock:
+            live = {p.pid for p in self._processes}
+            for pid in [pid for pid in self._groups if pid not in live]:
+                if not _group_exists(pid):
+                    del self._groups[pid]
+            groups = [[pid, lo, hi] for pid, (lo, hi) in self._groups.items()]
+            await anyio.to_thread.run_sync(self._save_entry, groups)
+
+    def _save_entry(self, groups: list[list[int]]) -> None:
+        entry = {
+            "id": self.id,
+            "folder": str(self._folder),
+            "labels": dict(self.spec.labels),
+            "isolated": bool(self._bwrap),
+            "processes": groups,
+        }
+        _atomic_write(_registry() / f"{self.id}.json", json.dumps(entry).encode(), 0o600)
+
+    async def _stop_processes(self) -> None:
+        processes = list(self._processes)
+        for process in processes:
+            await process.kill()
+        groups = [[pid, lo, hi] for pid, (lo, hi) in self._groups.items()]
+        await anyio.to_thread.run_sync(_kill_recorded, groups)
+        for process in processes:
+            with anyio.move_on_after(_REAP_TIMEOUT):
+                await process.aclose()
+        self._processes.clear()
+
+    # --- files --------------------------------------------------------------------------
+
+    @override
+    async def _write_file(self, path: str, data: bytes, *, mode: int) -> None:
+        self._check_exists()
+        host = self._host_path(path, write=True)
+        try:
+            await anyio.to_thread.run_sync(_write, host, data, mode)
+        except IsADirectoryError:
+            raise ConfigError(
+                f"cannot write {path!r}: it is a directory", **self._where()
+            ) from None
+        except OSError as exc:
+            raise SandboxError(
+                f"cannot write {path!r}: {exc.strerror or exc}", **self._where()
+            ) from None
+
+    @override
+    async def _read_file(self, path: str) -> bytes:
+        self._check_exists()
+        host = self._host_path(path, write=False)
+        try:
+            return await anyio.to_thread.run_sync(host.read_bytes)
+        except (FileNotFoundError, NotADirectoryError):
+            raise SandboxFileNotFoundError(f"no file at {path!r}", **self._where()) from None
+        except IsADirectoryError:
+            raise SandboxFileNotFoundError(
+                f"{path!r} is a directory, not a file", **self._where()
+            ) from None
+        except OSError as exc:
+            raise SandboxError(
+                f"cannot read {path!r}: {exc.strerror or exc}", **self._where()
+            ) from None
+
+    def _host_path(self, path: str, *, write: bool) -> Path:
+        """Where a path the sandbox's processes see lives on the host."""
+        path = posixpath.normpath(path)
+        if not self._bwrap:
+            return Path(path)
+        for inner, outer in ((self._inner_workdir, "work"), ("/tmp", "tmp")):
+            if path == inner or path.startswith(inner.rstrip("/") + "/"):
+                base = os.path.realpath(self._folder / outer)
+                host = os.path.join(base, posixpath.relpath(path, inner))
+                # A process may have planted a symlink to a host path it cannot see itself.
+                if os.path.commonpath([base, os.path.realpath(host)]) != base:
+                    if write:
+                        raise ConfigError(f"{path!r} leads out of the sandbox", **self._where())
+                    raise SandboxFileNotFoundError(f"no file at {path!r}", **self._where())
+                return Path(host)
+        if write:
+            raise ConfigError(
+                f"cannot write {path!r}: an isolated local sandbox can write only under "
+                f"{self._inner_workdir} and /tmp",
+                **self._where(),
+            )
+        parts = path.split("/")
+        visible = any(path.startswith(p + "/") for p in (*self._binds, *_SYSTEM_DIRS)) or (
+            len(parts) > 2 and parts[1] == "etc" and parts[2] in _ETC_FILES
+        )
+        if visible:
+            return Path(path)  # read-only binds: the same file on both sides
+        raise SandboxFileNotFoundError(f"no file at {path!r}", **self._where())
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    @override
+    async def _aclose(self) -> None:
+        _live.pop(self.id, None)
+        await self._stop_processes()
+        await anyio.to_thread.run_sync(_remove, self.id, self._folder)
+
+    def _check_exists(self) -> None:
+        if not self._folder.is_dir():
+            raise SandboxNotFoundError(
+                f"the sandbox's directory {str(self._folder)!r} is gone (destroyed by "
+                "`sandbay gc` or another process?); open a new sandbox",
+                **self._where(),
+            )
+
+    def _where(self) -> dict[str, Any]:
+        return {"provider": NAME, "sandbox_id": self.id}
