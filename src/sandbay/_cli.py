@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the scripted model on loopback (default when ANTHROPIC_API_KEY is unset)",
     )
+    run.add_argument(
+        "--script", metavar="FILE", help="offline: the scripted model's turns (JSON list)"
+    )
     run.add_argument("--timeout", type=float, help="wall-clock deadline for the run, seconds")
     run.add_argument("--max-turns", type=int, default=10)
     run.add_argument(
@@ -121,8 +124,10 @@ async def _run(args: argparse.Namespace) -> int:
     from .testing import ScriptedModel, default_script
 
     config = _config(args)
-    offline = args.offline or not (
-        os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("CLAUDE_CODE_OAUTH_TOKEN")
+    offline = (
+        args.offline
+        or args.script
+        or not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("CLAUDE_CODE_OAUTH_TOKEN"))
     )
     tools = [t.strip() for t in args.allowed_tools.split(",") if t.strip()]
     options = ClaudeAgentOptions(
@@ -135,7 +140,9 @@ async def _run(args: argparse.Namespace) -> int:
     model: ScriptedModel | None = None
     env: dict[str, str] = {}
     if offline:
-        model = ScriptedModel(default_script())
+        model = (
+            ScriptedModel.from_file(args.script) if args.script else ScriptedModel(default_script())
+        )
         model.start()
         env = model.env()
         # The scripted model listens on the host's loopback.
@@ -151,6 +158,9 @@ async def _run(args: argparse.Namespace) -> int:
             run.raw()
         async with run:
             async for message in run:
+                if run.sandbox is not None and not printer.announced:
+                    printer.announced = True
+                    _note(f"sandbox {run.sandbox.id} ({run.sandbox.provider})")
                 printer.show(message)
     finally:
         if model is not None:
@@ -162,6 +172,7 @@ class _Printer:
     def __init__(self, *, json_lines: bool) -> None:
         self.json_lines = json_lines
         self.ok = True
+        self.announced = False
 
     def show(self, message: Any) -> None:
         if self.json_lines:

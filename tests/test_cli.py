@@ -1,0 +1,215 @@
+"""The ``sandbay`` command as a user runs it: a real subprocess each time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import sandbay
+
+SANDBAY = [sys.executable, "-m", "sandbay"]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "SANDBAY_"))}
+    return subprocess.run(
+        [*SANDBAY, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**base, **(env or {})},
+        cwd=cwd,
+        check=False,
+    )
+
+
+def test_run_offline_on_the_default_provider(tmp_path: Path) -> None:
+    result = run_cli("run", "Say hello from inside the sandbox", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "offline" in result.stderr and "provider: local" in result.stderr
+    assert "→ Bash:" in result.stdout
+    assert "hello from" in result.stdout  # the tool's output, produced in the sandbox
+    assert "✓ success" in result.stdout
+
+
+def test_run_json_prints_stream_json_lines(tmp_path: Path) -> None:
+    result = run_cli("run", "hi", "--json", "--offline", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[0]["type"] == "system" and lines[0]["subtype"] == "init"
+    assert lines[-1]["type"] == "result" and lines[-1]["is_error"] is False
+    assert {"assistant", "user"} <= {line["type"] for line in lines}
+
+
+def test_run_with_a_script_file(tmp_path: Path) -> None:
+    script = tmp_path / "script.json"
+    script.write_text(
+        json.dumps(
+            [
+                {"tool_use": {"name": "Bash", "input": {"command": "echo scripted-$((40+2))"}}},
+                "finished",
+            ]
+        )
+    )
+    result = run_cli("run", "go", "--script", str(script), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "scripted-42" in result.stdout and "finished" in result.stdout
+
+
+def test_unknown_provider_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("run", "hi", "--provider", "dockr", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "unknown provider 'dockr'" in result.stderr and "docker, local" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_config_names_field_and_file(tmp_path: Path) -> None:
+    (tmp_path / "sandbay.toml").write_text('[provider]\ntype = "local"\nisolated = true\n')
+    result = run_cli("run", "hi", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "sandbay.toml" in result.stderr and "isolated" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_empty_prompt_is_refused(tmp_path: Path) -> None:
+    result = run_cli("run", "  ", cwd=tmp_path)
+    assert result.returncode == 1 and "empty prompt" in result.stderr
+
+
+def test_providers_lists_each_with_its_state(tmp_path: Path) -> None:
+    result = run_cli("providers", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("* local") for line in lines)
+    docker_line = next(line for line in lines if "docker" in line)
+    assert "ready" in docker_line or "unreachable" in docker_line or "not installed" in docker_line
+
+
+def test_missing_sdk_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['docker'] = None\n"
+        "import sandbay\n"
+        "try:\n    sandbay.get_provider('docker')\n"
+        "except sandbay.MissingDependencyError as exc:\n    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert 'pip install "sandbay[docker]"' in result.stdout
+
+
+def test_ls_and_gc_find_and_remove_an_orphan(tmp_path: Path) -> None:
+    # A child process opens a sandbox and dies without closing it: its owner is gone.
+    code = (
+        "import anyio, sandbay\n"
+        "async def main():\n"
+        "    spec = sandbay.SandboxSpec(labels={'t': 'orphan'})\n"
+        "    sb = await sandbay.create_sandbox('local', spec)\n"
+        "    print(sb.id, flush=True)\n"
+        "anyio.run(main)\n"
+    )
+    orphan = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    listed = run_cli("ls", "--provider", "local", cwd=tmp_path)
+    assert orphan in listed.stdout and "t=orphan" in listed.stdout
+    collected = run_cli("gc", "--provider", "local", cwd=tmp_path)
+    assert f"removed local {orphan} (owner gone)" in collected.stdout
+    assert orphan not in run_cli("ls", "--provider", "local", cwd=tmp_path).stdout
+
+
+def test_model_serve_answers_the_messages_api(tmp_path: Path) -> None:
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [*SANDBAY, "model", "serve"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        url = ""
+        deadline = time.monotonic() + 30
+        while not url and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            for word in line.split():
+                if word.startswith("http://127.0.0.1:"):
+                    url = word.rstrip(".,")
+        assert url, "serve printed no URL"
+        body = json.dumps(
+            {
+                "model": "m",
+                "max_tokens": 100,
+                "tools": [],
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+        ).encode()
+        request = urllib.request.Request(
+            f"{url}/v1/messages", data=body, headers={"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.loads(response.read())
+        assert answer["type"] == "message" and answer["content"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def _interrupt_run(provider: str, tmp_path: Path) -> tuple[int, str, str]:
+    """Start `sandbay run` on a slow script, Ctrl-C it once the sandbox exists."""
+    script = tmp_path / "slow.json"
+    script.write_text(json.dumps([{"text": "too late", "delay_s": 60}]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "SANDBAY_"))}
+    proc = subprocess.Popen(
+        [*SANDBAY, "run", "go", "--provider", provider, "--script", str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.stderr is not None
+    sandbox_id = ""
+    deadline = time.monotonic() + 120
+    while not sandbox_id and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if line.startswith("sandbay: sandbox "):
+            sandbox_id = line.split()[2]
+        if not line and proc.poll() is not None:
+            break
+    assert sandbox_id, "the run never reported its sandbox"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, sandbox_id, err
+
+
+@pytest.mark.anyio
+async def test_ctrl_c_removes_the_local_sandbox(tmp_path: Path) -> None:
+    code, sandbox_id, err = _interrupt_run("local", tmp_path)
+    assert code == 130, err
+    assert "interrupted" in err
+    live = {s.id for s in await sandbay.get_provider("local").list()}
+    assert sandbox_id not in live
+
+
+@pytest.mark.docker
+def test_ctrl_c_removes_the_docker_container(tmp_path: Path) -> None:
+    import docker
+
+    code, sandbox_id, err = _interrupt_run("docker", tmp_path)
+    assert code == 130, err
+    client = docker.from_env()
+    try:
+        with pytest.raises(docker.errors.NotFound):
+            client.containers.get(sandbox_id)
+    finally:
+        client.close()
