@@ -247,14 +247,13 @@ class AgentRun:
         self.timings["start"] = time.perf_counter()
         deadline = math.inf if self._timeout is None else anyio.current_time() + self._timeout
         proc: Process | None = None
-        serve: Process | None = None
         finished = False
         try:
             with _deadline(deadline) as scope:
                 stream = await self._launch()
             if scope.cancelled_caught:
                 raise self._timed_out("while provisioning the sandbox")
-            proc = serve = self._serve
+            proc = self._serve
             reconnects = 0
             while True:
                 with _deadline(deadline) as scope:
@@ -283,6 +282,9 @@ class AgentRun:
                     yield envelope
                 elif envelope.kind == "end":
                     finished = True
+                    if not self._owns_sandbox and proc is not None:
+                        # The sandbox stays: let the entrypoint exit and release its process.
+                        await _exit_code(proc)
                     return
                 elif envelope.kind == "error":
                     finished = True
@@ -292,7 +294,7 @@ class AgentRun:
         finally:
             with anyio.CancelScope(shield=True):
                 if not finished:
-                    started = (proc, serve, self._serve)
+                    started = (proc, self._serve)
                     for process in {id(p): p for p in started if p is not None}.values():
                         await _kill(process)
                 if self._owns_sandbox and self.sandbox is not None:

@@ -25,6 +25,7 @@ shows sandbay's overhead as a ratio measured side by side.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -263,7 +264,7 @@ def stats(values: Sequence[float]) -> dict[str, float]:
     ordered = sorted(values)
 
     def pct(q: float) -> float:
-        rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+        rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
         return ordered[rank - 1]
 
     return {
@@ -363,7 +364,7 @@ async def run_bench(
         max_turns=3, allowed_tools=["Bash"], permission_mode="bypassPermissions"
     )
     bar = (progress or _Progress)(
-        len(names) * (config.runs + 1) * (per_round + (1 if config.raw_baseline else 0)),
+        len(names) * (config.runs + 1) * per_round * (2 if config.raw_baseline else 1),
         f"bench {config.mode}",
     )
     seen_nonces: set[str] = set()
@@ -390,9 +391,11 @@ async def run_bench(
                         if not warmup:
                             report.samples.append(sample)
                     if config.raw_baseline:
-                        raw = await _raw(cfg, spec)
-                        bar.step(f"{name} raw")
-                        if not warmup:
+                        # Under the same load as the runs: K at once in burst mode.
+                        for raw in await _raw_round(cfg, spec, per_round):
+                            bar.step(f"{name} raw")
+                            if warmup:
+                                continue
                             if raw is None:
                                 report.raw_errors[name] += 1
                             elif raw >= 0:
@@ -520,6 +523,19 @@ async def _warm_run(name: str, pool: SandboxPool, seen: set[str]) -> RunSample:
     except (SandboxError, OSError, KeyError, TimeoutError) as exc:
         sample.error = f"{type(exc).__name__}: {exc}"[:300]
     return sample
+
+
+async def _raw_round(cfg: SandbayConfig, spec: SandboxSpec, count: int) -> list[float | None]:
+    """``count`` raw baselines started at once."""
+    results: list[float | None] = []
+
+    async def one() -> None:
+        results.append(await _raw(cfg, spec))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(count):
+            tg.start_soon(one)
+    return results
 
 
 async def _raw(cfg: SandbayConfig, spec: SandboxSpec) -> float | None:
