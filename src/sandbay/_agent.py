@@ -173,6 +173,9 @@ class AgentRun:
         timings: `time.perf_counter` of each milestone reached: ``start``, ``sandbox``
             (provisioned or taken from the pool), ``request`` (entrypoint started and the
             request sent), ``first_message``, ``first_assistant``, ``result``, ``closed``.
+        sandbox_timings: Measured inside the sandbox, reported when the run ends:
+            ``prompt_to_first_message_ms`` is the agent's own time from the prompt to its
+            first message, so the rest of ``request → first_message`` is transport.
     """
 
     def __init__(
@@ -210,6 +213,7 @@ class AgentRun:
         self._serve: Process | None = None
         self._run_dir = ""
         self.timings: dict[str, float] = {}
+        self.sandbox_timings: dict[str, float] = {}
         self._raw = False
         self._gen: AsyncIterator[Any] | None = None
 
@@ -282,6 +286,7 @@ class AgentRun:
                     yield envelope
                 elif envelope.kind == "end":
                     finished = True
+                    self.sandbox_timings = dict(envelope.data.get("timings") or {})
                     if not self._owns_sandbox and proc is not None:
                         # The sandbox stays: let the entrypoint exit and release its process.
                         await _exit_code(proc)

@@ -55,6 +55,8 @@ COLD_PHASES = ("provision", "ready", "inject", "first_msg", "first_asst", "resul
 WARM_PHASES = ("acquire", "inject", "first_msg", "first_asst", "result", "teardown")
 PROMPT = "Run `echo benchmark` and report what it printed."
 NONCE_GLOB = ".sandbay-bench-nonce-"
+#: Seconds a full warm pool is left idle before a measured run, so the last refill settles.
+WARM_SETTLE_S = 1.0
 
 
 @dataclass
@@ -88,6 +90,7 @@ class RunSample:
     provider: str
     phases: dict[str, float] = field(default_factory=dict)
     model_s: float | None = None
+    agent_first_msg_s: float | None = None
     error: str | None = None
 
     @property
@@ -123,9 +126,22 @@ class BenchReport:
             }
             models = [s.model_s for s in ok if s.model_s is not None]
             entry["model"] = stats(models)
+            entry["agent_first_msg"] = stats(
+                [s.agent_first_msg_s for s in ok if s.agent_first_msg_s is not None]
+            )
             if self.config["mode"] == "warm":
-                entry["acquire_to_first_msg"] = stats(
-                    [s.phases["acquire"] + s.phases["inject"] + s.phases["first_msg"] for s in ok]
+                to_first = {
+                    id(s): s.phases["acquire"] + s.phases["inject"] + s.phases["first_msg"]
+                    for s in ok
+                }
+                entry["acquire_to_first_msg"] = stats(list(to_first.values()))
+                # What sandbay adds: the host's wait minus the agent's own time in the sandbox.
+                entry["sandbay_overhead_to_first_msg"] = stats(
+                    [
+                        to_first[id(s)] - s.agent_first_msg_s
+                        for s in ok
+                        if s.agent_first_msg_s is not None
+                    ]
                 )
             else:
                 entry["create_to_first_exec"] = stats(
@@ -187,10 +203,19 @@ class BenchReport:
             rows = [("total", entry["total"])]
             if mode == "warm":
                 rows.append(("acquire → first agent message", entry["acquire_to_first_msg"]))
+                rows.append(
+                    (
+                        "  of which sandbay (minus the agent's own)",
+                        entry["sandbay_overhead_to_first_msg"],
+                    )
+                )
             else:
                 rows.append(("create → first exec (sandbay)", entry["create_to_first_exec"]))
             rows.append(("create → first exec (raw SDK)", entry["raw_create_to_first_exec"]))
             rows.append(("model's own time (duration_api_ms)", entry["model"]))
+            rows.append(
+                ("agent's own prompt → first message (in sandbox)", entry["agent_first_msg"])
+            )
             for title, st in rows:
                 if st:
                     lines.append(
@@ -475,6 +500,7 @@ async def _cold_run(
                 if isinstance(message, ResultMessage):
                     sample.model_s = message.duration_api_ms / 1000
         tm = run.timings
+        sample.agent_first_msg_s = _agent_first_msg(run.sandbox_timings)
         await sandbox.aclose()
         t3 = time.perf_counter()
         sample.phases = {
@@ -498,8 +524,10 @@ async def _warm_run(name: str, pool: SandboxPool, seen: set[str]) -> RunSample:
     sample = RunSample(name)
     nonce = uuid.uuid4().hex
     try:
-        # Steady state: the pool has had time to refill since the last run (not timed).
-        await pool.wait_ready(1, timeout=300)
+        # Steady state, not timed: the pool is full and its last refill has settled, as in a
+        # pool that keeps up with demand. (Refilling still runs during the measured run.)
+        await pool.wait_ready(timeout=300)
+        await anyio.sleep(WARM_SETTLE_S)
         run = run_agent(PROMPT, pool=pool, timeout=120)
         checked_at = 0.0
         async with run:
@@ -512,6 +540,7 @@ async def _warm_run(name: str, pool: SandboxPool, seen: set[str]) -> RunSample:
                     _check_fresh(result.stdout, nonce, seen)
                     checked_at = time.perf_counter()
         tm = run.timings
+        sample.agent_first_msg_s = _agent_first_msg(run.sandbox_timings)
         sample.phases = {
             "acquire": tm["sandbox"] - tm["start"],
             "inject": tm["request"] - tm["sandbox"],
@@ -523,6 +552,11 @@ async def _warm_run(name: str, pool: SandboxPool, seen: set[str]) -> RunSample:
     except (SandboxError, OSError, KeyError, TimeoutError) as exc:
         sample.error = f"{type(exc).__name__}: {exc}"[:300]
     return sample
+
+
+def _agent_first_msg(timings: dict[str, float]) -> float | None:
+    value = timings.get("prompt_to_first_message_ms")
+    return None if value is None else value / 1000
 
 
 async def _raw_round(cfg: SandbayConfig, spec: SandboxSpec, count: int) -> list[float | None]:

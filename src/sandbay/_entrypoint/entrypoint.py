@@ -47,6 +47,8 @@ class Emitter:
         self.log = open(os.path.join(run_dir, LOG_NAME), "a", encoding="utf-8")
         self.seq = 0
         self.stdout_ok = True
+        # Monotonic times inside the sandbox, reported with ``end`` (milliseconds apart).
+        self.marks: dict[str, float] = {}
 
     def emit(self, kind: str, data: Any, *, logged: bool = True) -> None:
         if logged:
@@ -92,6 +94,7 @@ def _tap(emitter: Emitter) -> None:
     def parse_and_emit(data: dict[str, Any]) -> Any:
         message = original(data)
         if message is not None:
+            emitter.marks.setdefault("first_message", time.monotonic())
             emitter.emit("message", data)
         return message
 
@@ -130,6 +133,7 @@ async def _serve(emitter: Emitter) -> int:
             if kind != "request":
                 raise ValueError(f"unknown request kind {kind!r}")
             prompt = request["prompt"]
+            emitter.marks["prompt"] = time.monotonic()
             if client is not None:
                 await client.query(prompt)
                 async for _ in client.receive_response():
@@ -137,7 +141,13 @@ async def _serve(emitter: Emitter) -> int:
             else:
                 async for _ in sdk.query(prompt=prompt, options=options):
                     pass
-            emitter.emit("end", {})
+            marks = emitter.marks
+            timings = {}
+            if "first_message" in marks:
+                timings["prompt_to_first_message_ms"] = (
+                    marks["first_message"] - marks["prompt"]
+                ) * 1000
+            emitter.emit("end", {"timings": timings})
             return 0
     except Exception as exc:  # every failure reaches the host as an envelope
         emitter.emit(
