@@ -418,3 +418,18 @@ async def test_agent_under_bubblewrap_sees_only_its_workspace(tmp_path: Any) -> 
     assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
     assert "/workspace" in output
     assert "do-not-leak" not in output and "No such file" in output
+
+
+async def test_pool_replaces_a_sandbox_near_its_expiry() -> None:
+    spec = SandboxSpec(lifetime_s=8)  # margin: a quarter of it, 2 s
+    async with sandbay.SandboxPool("local", spec, size=1) as pool:
+        await pool.wait_ready(timeout=60)
+        assert pool.ready == 1
+        await anyio.sleep(6.5)  # now within 2 s of its expiry
+        lease = await pool.acquire(timeout=60)
+        try:
+            expiry = float(lease.sandbox.labels["sandbay.expiry"])
+            assert expiry - time.time() > 4, "handed out a sandbox about to expire"
+        finally:
+            await lease.process.kill()
+            await lease.sandbox.aclose()

@@ -10,6 +10,7 @@ destroys it, and the pool provisions a replacement in the background.
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,13 +24,23 @@ from typing_extensions import Self
 from ._agent import _EnvelopeReader
 from ._api import create_sandbox
 from ._config import ProviderConfig, SandbayConfig
-from ._errors import AgentError, ConfigError, SandboxClosedError, SandboxError
+from ._errors import (
+    AgentError,
+    ConfigError,
+    SandboxClosedError,
+    SandboxError,
+    SandboxTimeoutError,
+)
+from ._provider import EXPIRY
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
 
 __all__ = ["Lease", "SandboxPool"]
 
 #: Seconds one sandbox may take to provision and warm before the attempt is abandoned.
 PROVISION_TIMEOUT = 300.0
+#: A pooled sandbox this close to its expiry (at most a quarter of its lifetime) is replaced
+#: instead of handed out.
+EXPIRY_MARGIN_S = 120.0
 
 
 @dataclass
@@ -163,16 +174,14 @@ class SandboxPool:
         with anyio.fail_after(timeout):
             while self.ready < wanted:
                 if self._failures:
-                    failure = self._failures.pop()
-                    if self._tg is not None:
-                        self._tg.start_soon(self._provision)
-                    raise SandboxError(
-                        f"the pool could not provision a sandbox: {failure}"
-                    ) from failure
+                    self._raise_failure()
                 await anyio.sleep(0.02)
 
     async def acquire(self, *, timeout: float | None = None) -> Lease:
         """Take a ready sandbox, waiting for one if none is; a replacement starts at once.
+
+        A sandbox close to its expiry (``spec.lifetime_s``) is discarded rather than handed
+        out: it could stop in the middle of the run.
 
         Raises:
             SandboxClosedError: The pool is closed.
@@ -181,21 +190,32 @@ class SandboxPool:
         """
         if self._closed or self._tg is None:
             raise SandboxClosedError("the pool is closed (use it inside `async with`)")
-        with anyio.fail_after(timeout):
-            while True:
-                if self._failures and self.stats["provisioned"] == self.stats["acquired"]:
-                    # Nothing ready and provisioning failed: surface it rather than hang.
-                    failure = self._failures.pop()
-                    self._tg.start_soon(self._provision)
-                    raise SandboxError(
-                        f"the pool could not provision a sandbox: {failure}"
-                    ) from failure
-                with anyio.move_on_after(0.5):
-                    lease = await self._ready.receive()
-                    break
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    if self._failures and self.ready == 0:
+                        self._raise_failure()  # nothing ready and provisioning failed
+                    with anyio.move_on_after(0.5):
+                        lease = await self._ready.receive()
+                        if not _expires_soon(lease):
+                            break
+                        await _discard(lease)
+                        self._tg.start_soon(self._provision)
+        except TimeoutError:
+            raise SandboxTimeoutError(
+                f"no pooled sandbox became ready within {timeout:g} s; "
+                "raise the pool's size or concurrency"
+            ) from None
         self.stats["acquired"] += 1
         self._tg.start_soon(self._provision)
         return lease
+
+    def _raise_failure(self) -> None:
+        """Surface the latest provisioning failure (rather than wait forever) and retry."""
+        failure = self._failures.pop()
+        if self._tg is not None:
+            self._tg.start_soon(self._provision)
+        raise SandboxError(f"the pool could not provision a sandbox: {failure}") from failure
 
     def check_options(self, wire_options: Mapping[str, object]) -> None:
         """Refuse options that differ from those the pool's CLIs were started with."""
@@ -256,6 +276,15 @@ async def _expect(reader: _EnvelopeReader, kind: str, sandbox: Sandbox) -> None:
             provider=sandbox.provider,
             sandbox_id=sandbox.id,
         )
+
+
+def _expires_soon(lease: Lease) -> bool:
+    try:
+        expiry = float(lease.sandbox.labels[EXPIRY])
+    except (KeyError, ValueError):
+        return False
+    margin = min(EXPIRY_MARGIN_S, lease.sandbox.spec.lifetime_s / 4)
+    return time.time() + margin > expiry
 
 
 async def _discard(lease: Lease) -> None:
