@@ -149,7 +149,7 @@ async def _run(args: argparse.Namespace) -> int:
         spec = spec.model_copy(update={"network": "host"})
         _note("offline: using the scripted model (set ANTHROPIC_API_KEY for a real one)")
     _note(f"provider: {config.provider.type}")
-    printer = _Printer(json_lines=args.json)
+    printer = _Printer(json_lines=args.json, scripted=offline)
     try:
         run = run_agent(
             args.prompt, provider=config, options=options, timeout=args.timeout, spec=spec, env=env
@@ -169,8 +169,9 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 class _Printer:
-    def __init__(self, *, json_lines: bool) -> None:
+    def __init__(self, *, json_lines: bool, scripted: bool = False) -> None:
         self.json_lines = json_lines
+        self.scripted = scripted  # a scripted model's token counts price nothing real
         self.ok = True
         self.announced = False
 
@@ -212,7 +213,9 @@ class _Printer:
         elif isinstance(message, ResultMessage):
             self.ok = not message.is_error
             mark = "✗" if message.is_error else "✓"
-            cost = f" · ${message.total_cost_usd:.4f}" if message.total_cost_usd else ""
+            cost = ""
+            if message.total_cost_usd and not self.scripted:
+                cost = f" · ${message.total_cost_usd:.4f}"
             print(
                 f"{mark} {message.subtype} · {message.num_turns} turns · "
                 f"{message.duration_ms / 1000:.1f} s{cost}",
