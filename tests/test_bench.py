@@ -70,3 +70,19 @@ async def test_failures_are_counted_not_dropped() -> None:
     assert summary["runs"] == 2 and summary["failures"] == 2
     assert "AgentError" in summary["errors"][0]
     assert "Failures on local" in report.to_markdown()
+
+
+def test_a_report_renders_the_same_after_a_json_round_trip() -> None:
+    from sandbay._bench import BenchReport, RunSample
+
+    report = BenchReport(config={"providers": ["p"], "runs": 2, "mode": "cold",
+                                 "concurrency": 8, "model": "scripted"},
+                         machine={"cpus": 2, "memory_gib": 24, "platform": "x", "python": "3"})
+    for total in (1.0, 2.0):
+        report.samples.append(RunSample("p", dict.fromkeys(COLD_PHASES, total / 7)))
+    report.samples.append(RunSample("p", error="AgentError: boom"))
+    report.raw["p"] = [0.1, 0.2]
+    again = BenchReport.from_json(report.to_json())
+    assert again.to_markdown() == report.to_markdown()
+    assert again.summary()["p"]["failures"] == 1
+    assert again.summary()["p"]["create_to_first_msg"]["p50"] > 0

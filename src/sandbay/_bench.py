@@ -147,6 +147,15 @@ class BenchReport:
                 entry["create_to_first_exec"] = stats(
                     [s.phases["provision"] + s.phases["ready"] for s in ok]
                 )
+                entry["create_to_first_msg"] = stats(
+                    [
+                        s.phases["provision"]
+                        + s.phases["ready"]
+                        + s.phases["inject"]
+                        + s.phases["first_msg"]
+                        for s in ok
+                    ]
+                )
             raw = self.raw.get(name, [])
             entry["raw_create_to_first_exec"] = stats(raw)
             entry["raw_failures"] = self.raw_errors.get(name, 0)
@@ -155,6 +164,16 @@ class BenchReport:
                 entry["ratio_vs_raw"] = ours / statistics.median(raw)
             out[name] = entry
         return out
+
+    @classmethod
+    def from_json(cls, text: str) -> BenchReport:
+        """Read a report `to_json` wrote, e.g. to render committed results again."""
+        data = json.loads(text)
+        report = cls(config=data["config"], machine=data["machine"], raw=data.get("raw", {}))
+        report.samples = [RunSample(**sample) for sample in data["samples"]]
+        report.labels = {name: e.get("label", "") for name, e in data["summary"].items()}
+        report.raw_errors = {name: e.get("raw_failures", 0) for name, e in data["summary"].items()}
+        return report
 
     def to_json(self) -> str:
         return json.dumps(
@@ -210,6 +229,7 @@ class BenchReport:
                     )
                 )
             else:
+                rows.append(("create → first agent message", entry["create_to_first_msg"]))
                 rows.append(("create → first exec (sandbay)", entry["create_to_first_exec"]))
             rows.append(("create → first exec (raw SDK)", entry["raw_create_to_first_exec"]))
             rows.append(("model's own time (duration_api_ms)", entry["model"]))
