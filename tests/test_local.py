@@ -403,3 +403,19 @@ async def test_isolated_custom_workdir() -> None:
         assert sb.workdir == "/home/agent/work"
         assert (await sb.exec("pwd; echo x > f")).text == "/home/agent/work\n"
         assert await sb.read_file("/home/agent/work/f") == b"x\n"
+
+
+@pytest.mark.bwrap
+async def test_isolated_python_installed_under_tmp_stays_visible(tmp_path: Path) -> None:
+    # A checkout (and its venv) under /tmp must not be hidden by the sandbox's private /tmp.
+    if not shutil.which("bwrap"):
+        pytest.skip("bubblewrap is not installed")
+    assert str(tmp_path).startswith("/tmp/")
+    (tmp_path / "bin").mkdir()
+    python = tmp_path / "bin" / "python3"
+    python.symlink_to(os.path.realpath(sys.executable))
+    config = sandbay.LocalConfig(isolate=True, python=str(python))
+    async with sandbay.open_sandbox(config) as sb:
+        result = await sb.exec([sb.python, "-c", "print(6 * 7)"])
+        assert result.stdout.strip() == b"42", result.stderr
+        assert (await sb.exec("echo private > /tmp/x && cat /tmp/x")).stdout == b"private\n"

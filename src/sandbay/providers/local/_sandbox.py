@@ -168,11 +168,12 @@ class LocalSandbox(Sandbox):
         for name in _ETC_FILES:
             if os.path.exists(f"/etc/{name}"):
                 args += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
-        for path in self._binds:
-            args += ["--ro-bind", path, path]
         args += ["--proc", "/proc", "--dev", "/dev"]
         args += ["--bind", str(self._folder / "tmp"), "/tmp"]
         args += ["--bind", str(self._folder / "work"), self._inner_workdir]
+        # Last, so a Python installed under /tmp (a venv in a checkout there) stays visible.
+        for path in self._binds:
+            args += ["--ro-bind", path, path]
         # The root bwrap builds is a tmpfs; without this, /etc and / itself are writable.
         args += ["--remount-ro", "/", "--chdir", cwd]
         return args
@@ -264,6 +265,11 @@ class LocalSandbox(Sandbox):
         """Where a path the sandbox's processes see lives on the host."""
         path = posixpath.normpath(path)
         if not self._bwrap:
+            return Path(path)
+        if any(path == p or path.startswith(p + "/") for p in self._binds):
+            # Mounted last, over /tmp and the workspace: read-only, the same on both sides.
+            if write:
+                raise ConfigError(f"cannot write {path!r}: it is read-only", **self._where())
             return Path(path)
         for inner, outer in ((self._inner_workdir, "work"), ("/tmp", "tmp")):
             if path == inner or path.startswith(inner.rstrip("/") + "/"):
