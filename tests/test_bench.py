@@ -75,9 +75,16 @@ async def test_failures_are_counted_not_dropped() -> None:
 def test_a_report_renders_the_same_after_a_json_round_trip() -> None:
     from sandbay._bench import BenchReport, RunSample
 
-    report = BenchReport(config={"providers": ["p"], "runs": 2, "mode": "cold",
-                                 "concurrency": 8, "model": "scripted"},
-                         machine={"cpus": 2, "memory_gib": 24, "platform": "x", "python": "3"})
+    report = BenchReport(
+        config={
+            "providers": ["p"],
+            "runs": 2,
+            "mode": "cold",
+            "concurrency": 8,
+            "model": "scripted",
+        },
+        machine={"cpus": 2, "memory_gib": 24, "platform": "x", "python": "3"},
+    )
     for total in (1.0, 2.0):
         report.samples.append(RunSample("p", dict.fromkeys(COLD_PHASES, total / 7)))
     report.samples.append(RunSample("p", error="AgentError: boom"))
