@@ -413,7 +413,7 @@ async def test_isolated_python_installed_under_tmp_stays_visible(tmp_path: Path)
     assert str(tmp_path).startswith("/tmp/")
     (tmp_path / "bin").mkdir()
     python = tmp_path / "bin" / "python3"
-    python.symlink_to(os.path.realpath(sys.executable))
+    python.symlink_to(Path(sys.executable).resolve())
     config = sandbay.LocalConfig(isolate=True, python=str(python))
     async with sandbay.open_sandbox(config) as sb:
         result = await sb.exec([sb.python, "-c", "print(6 * 7)"])
