@@ -29,6 +29,8 @@ from sandbay import (
 
 pytestmark = pytest.mark.anyio
 
+REAL_PYTHON = os.path.realpath(sys.executable)
+
 needs_bwrap = [
     pytest.mark.bwrap,
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap not installed"),
@@ -413,7 +415,7 @@ async def test_isolated_python_installed_under_tmp_stays_visible(tmp_path: Path)
     assert str(tmp_path).startswith("/tmp/")
     (tmp_path / "bin").mkdir()
     python = tmp_path / "bin" / "python3"
-    python.symlink_to(Path(sys.executable).resolve())
+    python.symlink_to(REAL_PYTHON)
     config = sandbay.LocalConfig(isolate=True, python=str(python))
     async with sandbay.open_sandbox(config) as sb:
         result = await sb.exec([sb.python, "-c", "print(6 * 7)"])
