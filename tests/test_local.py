@@ -401,10 +401,10 @@ async def test_isolated_workdir_must_be_outside_system_dirs(workdir: str) -> Non
 @pytest.mark.bwrap
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap not installed")
 async def test_isolated_custom_workdir() -> None:
-    async with sandbay.open_sandbox(ISOLATED, SandboxSpec(workdir="/home/agent/work")) as sb:
-        assert sb.workdir == "/home/agent/work"
-        assert (await sb.exec("pwd; echo x > f")).text == "/home/agent/work\n"
-        assert await sb.read_file("/home/agent/work/f") == b"x\n"
+    async with sandbay.open_sandbox(ISOLATED, SandboxSpec(workdir="/home/agent/project")) as sb:
+        assert sb.workdir == "/home/agent/project"
+        assert (await sb.exec("pwd; echo x > f")).text == "/home/agent/project\n"
+        assert await sb.read_file("/home/agent/project/f") == b"x\n"
 
 
 @pytest.mark.bwrap
