@@ -12,6 +12,7 @@ entrypoint's ``replay`` command from the last sequence number it saw.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import json
 import math
@@ -79,8 +80,9 @@ class Envelope:
     data: dict[str, Any]
 
 
+@functools.cache
 def entrypoint_source() -> bytes:
-    """The entrypoint script's bytes, as uploaded into sandboxes."""
+    """The entrypoint script's bytes, as uploaded into sandboxes (read once per process)."""
     return importlib.resources.files("sandbay._entrypoint").joinpath(_ENTRYPOINT).read_bytes()
 
 

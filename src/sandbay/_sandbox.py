@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import abc
 import codecs
-import math
 import shlex
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
@@ -458,8 +457,3 @@ def _show(argv: str | Sequence[str]) -> str:
 async def _kill_shielded(proc: Process) -> None:
     with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
         await proc.kill()
-
-
-def unbounded_stream() -> tuple[Any, Any]:
-    """An unbounded in-memory byte channel (send side, receive side) for provider pumps."""
-    return anyio.create_memory_object_stream[bytes | None](math.inf)
