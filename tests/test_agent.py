@@ -7,6 +7,7 @@ fault-injecting wrapper around a real sandbox cuts a stream to exercise the repl
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import anyio
@@ -272,8 +273,9 @@ class _FlakySandbox(Sandbox):
         await self.inner.write_file(path, data, mode=mode)
 
     @override
-    async def _read_file(self, path: str) -> bytes:
-        return await self.inner.read_file(path)
+    async def _read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
+        async for chunk in self.inner.read_file_stream(path):
+            yield chunk
 
     @override
     async def _aclose(self) -> None:

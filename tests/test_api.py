@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+from typing import Any
 
 import pytest
 from claude_agent_sdk import AgentDefinition, ClaudeAgentOptions
@@ -134,7 +135,7 @@ def test_options_data_fields_cross() -> None:
         ),
     ],
 )
-def test_callables_are_refused_with_the_field_named(change: dict, field: str) -> None:
+def test_callables_are_refused_with_the_field_named(change: dict[str, Any], field: str) -> None:
     options = dataclasses.replace(ClaudeAgentOptions(), **change)
     with pytest.raises(sandbay.ConfigError, match=field):
         options_to_wire(options)

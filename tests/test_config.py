@@ -86,5 +86,6 @@ def test_profiles_differ_from_each_other_only_by_provider_table() -> None:
 
 def test_config_models_are_frozen() -> None:
     config = parse_config({"provider": {"type": "local"}})
+    assert isinstance(config.provider, sandbay.LocalConfig)
     with pytest.raises(ValueError, match="frozen"):
-        config.provider.isolate = True  # type: ignore[misc]
+        config.provider.isolate = True

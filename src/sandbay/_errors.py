@@ -13,6 +13,13 @@ meaning, the subclass inherits it too, so ``except TimeoutError`` keeps working:
     ├── SandboxTimeoutError (TimeoutError)    a command or a run passed its deadline
     ├── SandboxFileNotFoundError (FileNotFoundError)
     │                                         read_file on a path that does not exist
+    ├── SandboxIsADirectoryError (IsADirectoryError)
+    │                                         a file operation on a path that is a directory
+    ├── SandboxNotADirectoryError (NotADirectoryError)
+    │                                         a path whose parent part is not a directory
+    ├── SandboxPermissionError (PermissionError)
+    │                                         the sandbox's user may not read or write that path
+    ├── SandboxFileTooLargeError              a file is larger than the caller's max_bytes
     ├── ImageError                            the agent image could not be built or found
     ├── AgentError                            the agent inside the sandbox failed
     └── ProtocolError                         the host and the entrypoint disagree on the wire
@@ -33,7 +40,11 @@ __all__ = [
     "SandboxClosedError",
     "SandboxError",
     "SandboxFileNotFoundError",
+    "SandboxFileTooLargeError",
+    "SandboxIsADirectoryError",
+    "SandboxNotADirectoryError",
     "SandboxNotFoundError",
+    "SandboxPermissionError",
     "SandboxTimeoutError",
 ]
 
@@ -85,6 +96,27 @@ class SandboxTimeoutError(SandboxError, TimeoutError):
 
 class SandboxFileNotFoundError(SandboxError, FileNotFoundError):
     """`Sandbox.read_file` was given a path that does not exist in the sandbox."""
+
+
+class SandboxIsADirectoryError(SandboxError, IsADirectoryError):
+    """`Sandbox.read_file` or `Sandbox.write_file` was given a path that is a directory."""
+
+
+class SandboxNotADirectoryError(SandboxError, NotADirectoryError):
+    """A file path runs through something that is not a directory (``/a/file/b``)."""
+
+
+class SandboxPermissionError(SandboxError, PermissionError):
+    """The sandbox's user has no right to read or write that path.
+
+    File operations carry the rights of the sandbox's user, never more: a path that the
+    user cannot read, or a link planted in the sandbox that leads where the user may not go,
+    raises this.
+    """
+
+
+class SandboxFileTooLargeError(SandboxError):
+    """`Sandbox.read_file` found more bytes than its ``max_bytes``; nothing was returned."""
 
 
 class ImageError(SandboxError):

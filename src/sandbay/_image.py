@@ -301,7 +301,7 @@ def _recipe_key(base: str, version: str) -> str:
 
 
 def _image_id(client: Any, base: str) -> str | None:
-    import docker.errors  # type: ignore[import-untyped]
+    import docker.errors
 
     try:
         return str(client.api.inspect_image(base)["Id"])

@@ -1,7 +1,7 @@
 """The `Sandbox` interface every provider implements, and the values it exchanges.
 
 The contract lives in these docstrings. A provider subclasses `Sandbox` and implements the
-underscore methods (`_start`, `_write_file`, `_read_file`, `_aclose`) plus `id`; everything
+underscore methods (`_start`, `_write_file`, `_read_stream`, `_aclose`) plus `id`; everything
 else (argument checks, the closed state, `exec`, relative paths, the context manager) is
 concrete here and written once. `sandbay.testing.conformance` checks that a provider keeps it.
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import abc
 import codecs
 import shlex
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -24,7 +24,12 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import Self
 
-from ._errors import ConfigError, SandboxClosedError, SandboxTimeoutError
+from ._errors import (
+    ConfigError,
+    SandboxClosedError,
+    SandboxFileTooLargeError,
+    SandboxTimeoutError,
+)
 
 __all__ = ["ByteStream", "ExecResult", "Process", "Sandbox", "SandboxSpec"]
 
@@ -197,15 +202,23 @@ class Sandbox(abc.ABC):
     call `aclose` yourself; either way it is removed from the provider when closed. After
     `aclose`, every method raises `SandboxClosedError`.
 
-    Providers implement `id`, `_start`, `_write_file`, `_read_file` and `_aclose`. Those
+    Providers implement `id`, `_start`, `_write_file`, `_read_stream` and `_aclose`. Those
     receive absolute paths and a normalised argv; they must raise:
 
-    - `SandboxFileNotFoundError` from `_read_file` for a missing path;
+    - `SandboxFileNotFoundError` from `_read_stream` for a missing path;
+    - `SandboxIsADirectoryError` from `_read_stream` and `_write_file` for a path that is a
+      directory, `SandboxNotADirectoryError` for a path running through a non-directory,
+      and `SandboxPermissionError` where the sandbox's user has no right to the path;
     - `ProviderUnavailableError` when the provider cannot be reached;
     - `SandboxNotFoundError` when the sandbox vanished underneath;
 
     and never let their SDK's own exceptions escape. A command that does not exist is not an
     exception: its process exits with status 127 (as a shell reports it).
+
+    File operations carry the rights of the sandbox's user and see what its processes see:
+    a link planted inside the sandbox leads where it would lead a process there, never to a
+    host file and never with more rights (``read_file(p)`` returns what ``cat p`` run as the
+    sandbox's user would print, or raises the matching error).
 
     Attributes:
         provider: The provider's name (``"docker"``, ``"local"``, …).
@@ -236,8 +249,14 @@ class Sandbox(abc.ABC):
         """Write data to absolute path, creating parent directories, replacing any file."""
 
     @abc.abstractmethod
-    async def _read_file(self, path: str) -> bytes:
-        """Return the contents of absolute path; `SandboxFileNotFoundError` if missing."""
+    def _read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
+        """Yield the contents of absolute path in chunks, as they are read.
+
+        An async generator: the file errors (`SandboxFileNotFoundError`,
+        `SandboxIsADirectoryError`, …) are raised on the first iteration, before any chunk.
+        It must hold no more than about one chunk in memory, so a caller may stop reading a
+        huge file at any point; closing the generator releases what it holds.
+        """
 
     @abc.abstractmethod
     async def _aclose(self) -> None:
@@ -392,6 +411,9 @@ class Sandbox(abc.ABC):
             mode: Permission bits of the new file.
 
         Raises:
+            SandboxIsADirectoryError: The path is a directory.
+            SandboxNotADirectoryError: A parent in the path is not a directory.
+            SandboxPermissionError: The sandbox's user may not write there.
             SandboxClosedError: The sandbox was closed.
         """
         self._check_open()
@@ -399,21 +421,62 @@ class Sandbox(abc.ABC):
             raise ConfigError(f"write_file needs bytes, got {type(data).__name__}; encode text")
         await self._write_file(self.resolve(path), bytes(data), mode=mode)
 
-    async def read_file(self, path: str) -> bytes:
+    async def read_file(self, path: str, *, max_bytes: int | None = None) -> bytes:
         """Read a whole file.
 
         Args:
             path: Absolute, or relative to `workdir`.
+            max_bytes: Refuse a file larger than this, having read at most this much of it
+                (the sandbox decides how large its files are; bound what your host holds).
 
         Returns:
             Its contents.
 
         Raises:
             SandboxFileNotFoundError: No file at that path.
+            SandboxIsADirectoryError: The path is a directory.
+            SandboxNotADirectoryError: A parent in the path is not a directory.
+            SandboxPermissionError: The sandbox's user may not read it.
+            SandboxFileTooLargeError: It holds more than ``max_bytes``.
             SandboxClosedError: The sandbox was closed.
         """
+        if max_bytes is not None and max_bytes < 0:
+            raise ConfigError(f"max_bytes must be 0 or more, got {max_bytes!r}")
+        parts: list[bytes] = []
+        size = 0
+        async with aclosing(self.read_file_stream(path)) as chunks:
+            async for chunk in chunks:
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise SandboxFileTooLargeError(
+                        f"{path!r} holds more than max_bytes={max_bytes} bytes; read it with "
+                        "read_file_stream() or raise the limit",
+                        provider=self.provider,
+                        sandbox_id=self.id,
+                    )
+                parts.append(chunk)
+        return b"".join(parts)
+
+    async def read_file_stream(self, path: str) -> AsyncGenerator[bytes, None]:
+        """Read a file chunk by chunk, holding about one chunk in memory at a time.
+
+        Use it under ``contextlib.aclosing`` when you may stop early::
+
+            async with aclosing(sb.read_file_stream("big.log")) as chunks:
+                async for chunk in chunks: ...
+
+        Args:
+            path: Absolute, or relative to `workdir`.
+
+        Raises:
+            The errors of `read_file` (but never `SandboxFileTooLargeError`), on the first
+            iteration.
+        """
         self._check_open()
-        return await self._read_file(self.resolve(path))
+        async with aclosing(self._read_stream(self.resolve(path))) as chunks:
+            async for chunk in chunks:
+                if chunk:
+                    yield chunk
 
     async def aclose(self) -> None:
         """Remove the sandbox. Idempotent; runs shielded and bounds its own wait.

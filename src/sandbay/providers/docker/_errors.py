@@ -12,8 +12,8 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-import docker  # type: ignore[import-untyped]
-import docker.errors  # type: ignore[import-untyped]
+import docker
+import docker.errors
 import requests.exceptions
 
 from ..._config import DockerConfig

@@ -15,7 +15,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import docker.errors  # type: ignore[import-untyped]
+import docker.errors
 import requests.exceptions
 from typing_extensions import override
 

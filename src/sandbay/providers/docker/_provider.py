@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import anyio
 import anyio.lowlevel
-import docker.errors  # type: ignore[import-untyped]
+import docker.errors
 import requests.exceptions
 from typing_extensions import override
 

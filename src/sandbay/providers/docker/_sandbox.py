@@ -6,12 +6,12 @@ import posixpath
 import secrets
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
-import docker.errors  # type: ignore[import-untyped]
-import docker.utils  # type: ignore[import-untyped]
+import docker.errors
+import docker.utils
 from typing_extensions import override
 
 from ..._errors import ConfigError, SandboxError, SandboxFileNotFoundError
@@ -232,6 +232,9 @@ class DockerSandbox(Sandbox):
             )
 
     @override
+    async def _read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
+        yield await self._read_file(path)
+
     async def _read_file(self, path: str) -> bytes:
         def read() -> bytes:
             api = self._provider._api()

@@ -7,6 +7,7 @@ import os
 import posixpath
 import sys
 import weakref
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,9 @@ class LocalSandbox(Sandbox):
             ) from None
 
     @override
+    async def _read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
+        yield await self._read_file(path)
+
     async def _read_file(self, path: str) -> bytes:
         self._check_exists()
         host = self._host_path(path, write=False)
