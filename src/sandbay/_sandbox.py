@@ -285,6 +285,26 @@ class Sandbox(abc.ABC):
         return "/tmp/sandbay"
 
     @property
+    def isolated(self) -> bool:
+        """Whether a real boundary keeps the sandbox's processes off the host.
+
+        ``False`` only where processes run on the host as its user (the local provider
+        without isolation). The agent layer relies on it: ``IS_SANDBOX=1`` and
+        ``bypassPermissions`` are for isolated sandboxes.
+        """
+        return True
+
+    @property
+    def reaches_host_loopback(self) -> bool:
+        """Whether ``127.0.0.1`` inside the sandbox is the host's loopback.
+
+        True for processes on the host and for a shared host network; a container's own
+        loopback is not the host's, so a model server the host runs on 127.0.0.1 is out of
+        its reach.
+        """
+        return False
+
+    @property
     def closed(self) -> bool:
         """Whether `aclose` has been called."""
         return self._closed

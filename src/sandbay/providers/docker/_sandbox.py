@@ -70,6 +70,11 @@ class DockerSandbox(Sandbox):
     def id(self) -> str:
         return self._id
 
+    @property
+    @override
+    def reaches_host_loopback(self) -> bool:
+        return self.spec.network == "host"
+
     # --- processes ---
 
     @override

@@ -98,6 +98,17 @@ class LocalSandbox(Sandbox):
             return "/tmp/sandbay"
         return str(self._folder / "tmp" / "sandbay")
 
+    @property
+    @override
+    def isolated(self) -> bool:
+        return bool(self._bwrap)
+
+    @property
+    @override
+    def reaches_host_loopback(self) -> bool:
+        # Unisolated processes are host processes; under bwrap only a shared network does.
+        return not self._bwrap or self.spec.network == "host"
+
     # --- processes ----------------------------------------------------------------------
 
     @override
