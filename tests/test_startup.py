@@ -71,3 +71,10 @@ def test_star_import_and_unknown_names() -> None:
     assert {"run_agent", "SandboxPool", "AgentRun", "replay_agent"} <= set(namespace)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         sandbay.nope  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_every_lazy_name_is_public_and_defined_where_it_says() -> None:
+    lazy: dict[str, str] = sandbay._LAZY
+    assert set(lazy) <= set(sandbay.__all__)
+    eager = set(sandbay.__all__) - set(lazy)
+    assert all(getattr(sandbay, name).__module__ == "sandbay._errors" for name in eager)

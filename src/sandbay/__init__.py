@@ -1,8 +1,9 @@
 """sandbay: run Claude Agent SDK agents inside sandboxes from any provider, behind one interface.
 
-The agent layer (`run_agent`, `replay_agent`, `AgentRun`, `SandboxPool`) imports
-claude-agent-sdk, which takes most of a second to load; it is imported on first use, so
-``import sandbay`` and the ``sandbay`` command stay fast.
+Public names are imported on first use: the agent layer (`run_agent`, `SandboxPool`, …) loads
+claude-agent-sdk, which takes most of a second, and the config and sandbox models load
+pydantic. So ``import sandbay`` and ``sandbay --help`` stay fast, and each command pays only
+for what it uses. Type checkers and IDEs see ordinary imports.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._api import create_sandbox, get_provider, open_sandbox
-from ._config import DockerConfig, LocalConfig, ProviderConfig, SandbayConfig, load_config
 from ._errors import (
     AgentError,
     ConfigError,
@@ -29,12 +28,14 @@ from ._errors import (
     SandboxPermissionError,
     SandboxTimeoutError,
 )
-from ._provider import Provider, ProviderStatus, SandboxInfo
-from ._sandbox import ByteStream, ExecResult, Process, Sandbox, SandboxSpec
 
 if TYPE_CHECKING:
     from ._agent import AgentRun, replay_agent, run_agent
+    from ._api import create_sandbox, get_provider, open_sandbox
+    from ._config import DockerConfig, LocalConfig, ProviderConfig, SandbayConfig, load_config
     from ._pool import SandboxPool
+    from ._provider import Provider, ProviderStatus, SandboxInfo
+    from ._sandbox import ByteStream, ExecResult, Process, Sandbox, SandboxSpec
 
 __version__ = "0.1.0"
 
@@ -43,7 +44,23 @@ _LAZY = {
     "AgentRun": "._agent",
     "replay_agent": "._agent",
     "run_agent": "._agent",
+    "create_sandbox": "._api",
+    "get_provider": "._api",
+    "open_sandbox": "._api",
+    "DockerConfig": "._config",
+    "LocalConfig": "._config",
+    "ProviderConfig": "._config",
+    "SandbayConfig": "._config",
+    "load_config": "._config",
     "SandboxPool": "._pool",
+    "Provider": "._provider",
+    "ProviderStatus": "._provider",
+    "SandboxInfo": "._provider",
+    "ByteStream": "._sandbox",
+    "ExecResult": "._sandbox",
+    "Process": "._sandbox",
+    "Sandbox": "._sandbox",
+    "SandboxSpec": "._sandbox",
 }
 
 __all__ = [
