@@ -234,6 +234,23 @@ def test_run_json_prints_stream_json_lines(tmp_path: Path) -> None:
     assert {"assistant", "user"} <= {line["type"] for line in lines}
 
 
+def test_run_does_not_bypass_permissions_by_default(tmp_path: Path) -> None:
+    # On the unisolated local provider the agent acts on this machine as this user: the
+    # allowed tools suffice for the demo's Bash step, and nothing else is waved through.
+    result = run_cli("run", "hi", "--json", "--offline", "--provider", "local", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[0]["subtype"] == "init" and lines[0]["permissionMode"] == "default"
+    outputs = [
+        block.get("content")
+        for line in lines
+        if line["type"] == "user"
+        for block in line["message"]["content"]
+        if isinstance(block, dict) and block.get("type") == "tool_result"
+    ]
+    assert any("hello from" in str(output) for output in outputs), outputs
+
+
 def test_run_with_a_script_file(tmp_path: Path) -> None:
     script = tmp_path / "script.json"
     script.write_text(
