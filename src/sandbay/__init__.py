@@ -1,8 +1,16 @@
-"""sandbay: run Claude Agent SDK agents inside sandboxes from any provider, behind one interface."""
+"""sandbay: run Claude Agent SDK agents inside sandboxes from any provider, behind one interface.
 
-from ._agent import AgentRun, replay_agent, run_agent
-from ._api import create_sandbox, get_provider, open_sandbox
-from ._config import DockerConfig, LocalConfig, ProviderConfig, SandbayConfig, load_config
+Public names are imported on first use: the agent layer (`run_agent`, `SandboxPool`, …) loads
+claude-agent-sdk, which takes most of a second, and the config and sandbox models load
+pydantic. So ``import sandbay`` and ``sandbay --help`` stay fast, and each command pays only
+for what it uses. Type checkers and IDEs see ordinary imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._errors import (
     AgentError,
     ConfigError,
@@ -20,11 +28,40 @@ from ._errors import (
     SandboxPermissionError,
     SandboxTimeoutError,
 )
-from ._pool import SandboxPool
-from ._provider import Provider, ProviderStatus, SandboxInfo
-from ._sandbox import ByteStream, ExecResult, Process, Sandbox, SandboxSpec
+
+if TYPE_CHECKING:
+    from ._agent import AgentRun, replay_agent, run_agent
+    from ._api import create_sandbox, get_provider, open_sandbox
+    from ._config import DockerConfig, LocalConfig, ProviderConfig, SandbayConfig, load_config
+    from ._pool import SandboxPool
+    from ._provider import Provider, ProviderStatus, SandboxInfo
+    from ._sandbox import ByteStream, ExecResult, Process, Sandbox, SandboxSpec
 
 __version__ = "0.1.0"
+
+# Public name -> the private module that defines it, imported on first access.
+_LAZY = {
+    "AgentRun": "._agent",
+    "replay_agent": "._agent",
+    "run_agent": "._agent",
+    "create_sandbox": "._api",
+    "get_provider": "._api",
+    "open_sandbox": "._api",
+    "DockerConfig": "._config",
+    "LocalConfig": "._config",
+    "ProviderConfig": "._config",
+    "SandbayConfig": "._config",
+    "load_config": "._config",
+    "SandboxPool": "._pool",
+    "Provider": "._provider",
+    "ProviderStatus": "._provider",
+    "SandboxInfo": "._provider",
+    "ByteStream": "._sandbox",
+    "ExecResult": "._sandbox",
+    "Process": "._sandbox",
+    "Sandbox": "._sandbox",
+    "SandboxSpec": "._sandbox",
+}
 
 __all__ = [
     "AgentError",
@@ -63,3 +100,18 @@ __all__ = [
     "replay_agent",
     "run_agent",
 ]
+
+
+if not TYPE_CHECKING:  # type checkers see the imports above; a module __getattr__ hides typos
+
+    def __getattr__(name: str) -> Any:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import TracebackType
 
-from ._config import ProviderConfig, SandbayConfig, provider_config
+from ._config import ProviderConfig, SandbayConfig, load_config, provider_config
 from ._provider import Provider, make_provider, managed_labels
 from ._sandbox import Sandbox, SandboxSpec
 
@@ -40,14 +40,20 @@ async def create_sandbox(
 
     Args:
         provider: A provider name, a config, or ``None`` for the config file / environment.
-        spec: What to provision; default: the config file's ``[spec]``, else `SandboxSpec()`.
+        spec: What to provision. Default: the ``[spec]`` of the config file when ``provider``
+            is ``None`` (``$SANDBAY_CONFIG`` or ``./sandbay.toml``), or of the
+            `SandbayConfig` given; `SandboxSpec()` for a provider name or a provider config.
+            A spec given here replaces the config's whole ``[spec]``.
         session: Value of the ``sandbay.session`` label; default a new random id.
 
     Raises:
-        ConfigError: Unknown provider, invalid config, or a spec the provider cannot honour.
+        ConfigError: Unknown provider, invalid config, a missing config file, or a spec the
+            provider cannot honour.
         MissingDependencyError: The provider's SDK is not installed.
         ProviderUnavailableError: The provider cannot be reached.
     """
+    if provider is None:
+        provider = load_config()  # read once: the provider and the spec come from the same file
     if spec is None:
         spec = provider.spec if isinstance(provider, SandbayConfig) else SandboxSpec()
     labelled = spec.model_copy(update={"labels": managed_labels(spec, session=session)})

@@ -405,9 +405,9 @@ async def run_bench(
         model.start()
         env = model.env()
         spec = spec.model_copy(update={"network": "host"})
-    options = ClaudeAgentOptions(
-        max_turns=3, allowed_tools=["Bash"], permission_mode="bypassPermissions"
-    )
+    # The benchmark's script answers in text only; allowed_tools is all a run needs, on every
+    # provider (bypassPermissions is for isolated sandboxes only).
+    options = ClaudeAgentOptions(max_turns=3, allowed_tools=["Bash"])
     bar = (progress or _Progress)(
         len(names) * (config.runs + 1) * per_round * (2 if config.raw_baseline else 1),
         f"bench {config.mode}",

@@ -1,19 +1,26 @@
-"""The ``sandbay`` command line."""
+"""The ``sandbay`` command line.
+
+Start-up is kept short: this module imports only the standard library and sandbay's light
+modules at load time; each command imports what it needs (the Agent SDK, a provider's SDK)
+when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
-
-import anyio
 
 from ._errors import SandboxError
 
 USAGE_ERROR = 2
+#: Exit status when stdout was closed early (``sandbay run … | head -1``): 128 + SIGPIPE, what a
+#: shell reports for a command that a closed pipe ended.
+BROKEN_PIPE = 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,14 +33,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "blocking", False):
             return int(args.func(args) or 0)
+        import anyio
+
         return int(anyio.run(args.func, args) or 0)
     except KeyboardInterrupt:
         # Cancellation already ran every cleanup (sandboxes removed) before we got here.
         print("\ninterrupted; sandboxes removed", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read our output stopped reading: a normal way for a command to end.
+        _silence_stdout()
+        return BROKEN_PIPE
     except SandboxError as exc:
         print(f"sandbay: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so flushing it at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor behind stdout
+        pass
+
+
+def _number(
+    kind: type[int] | type[float], *, minimum: float, inclusive: bool, what: str
+) -> Callable[[str], Any]:
+    """An argparse ``type`` for a finite number past ``minimum``; errors name the option."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        ok = math.isfinite(value) and (value >= minimum if inclusive else value > minimum)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+_seconds = _number(float, minimum=0, inclusive=False, what="a positive finite number of seconds")
+_count = _number(int, minimum=1, inclusive=True, what="a whole number of at least 1")
+_port = _number(int, minimum=0, inclusive=True, what="a port number (0: any free port)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,9 +89,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config",
+            metavar="FILE",
+            help="config file (default: $SANDBAY_CONFIG, else ./sandbay.toml if present)",
+        )
+
     def with_provider(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--provider", help="provider name (overrides the config file)")
-        p.add_argument("--config", metavar="FILE", help="config file (default ./sandbay.toml)")
+        p.add_argument(
+            "--provider",
+            help="provider name (default: $SANDBAY_PROVIDER, else the config file's, else local)",
+        )
+        with_config(p)
 
     run = sub.add_parser("run", help="run an agent on a prompt and stream its messages")
     run.add_argument("prompt", help="what the agent should do")
@@ -59,47 +115,119 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--script", metavar="FILE", help="offline: the scripted model's turns (JSON list)"
     )
-    run.add_argument("--timeout", type=float, help="wall-clock deadline for the run, seconds")
-    run.add_argument("--max-turns", type=int, default=10)
     run.add_argument(
-        "--allowed-tools", default="Bash,Read,Write,Edit", help="comma-separated tool names"
+        "--timeout",
+        type=_seconds,
+        metavar="S",
+        help="wall-clock deadline for the run, seconds (default: none)",
     )
-    run.add_argument("--model", help="model name passed to the agent")
+    run.add_argument(
+        "--max-turns",
+        type=_count,
+        default=10,
+        metavar="N",
+        help="most turns (default: %(default)s)",
+    )
+    run.add_argument(
+        "--allowed-tools",
+        default="Bash,Read,Write,Edit",
+        metavar="TOOLS",
+        help="comma-separated tools the agent may use without asking (default: %(default)s)",
+    )
+    run.add_argument(
+        "--permission-mode",
+        choices=["default", "acceptEdits", "plan", "bypassPermissions"],
+        default="default",
+        help="the agent's permission mode (default: %(default)s); bypassPermissions lets it "
+        "use every tool, and is refused on the unisolated local provider",
+    )
+    run.add_argument("--model", help="model name passed to the agent (default: the CLI's)")
     run.set_defaults(func=_run)
 
     bench = sub.add_parser("bench", help="cold-start benchmark across providers, side by side")
-    bench.add_argument("--providers", default="local", help="comma-separated, e.g. docker,local")
-    bench.add_argument("--runs", type=int, default=10, help="measured runs per provider")
-    bench.add_argument("--mode", choices=["cold", "warm", "burst"], default="cold")
-    bench.add_argument("--concurrency", type=int, default=8, help="runs at once in burst mode")
-    bench.add_argument("--model", choices=["scripted", "real"], default="scripted")
+    bench.add_argument(
+        "--providers",
+        help="comma-separated, e.g. docker,local (default: the configured provider)",
+    )
+    with_config(bench)
+    bench.add_argument(
+        "--runs", type=_count, default=10, help="measured runs per provider (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--mode",
+        choices=["cold", "warm", "burst"],
+        default="cold",
+        help="what to measure (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--concurrency",
+        type=_count,
+        default=8,
+        help="runs at once in burst mode (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--model",
+        choices=["scripted", "real"],
+        default="scripted",
+        help="scripted: the loopback model; real: your API key (default: %(default)s)",
+    )
     bench.add_argument("--no-raw", action="store_true", help="skip the raw SDK baseline")
-    bench.add_argument("--out", default="benchmarks/results", help="directory for the results")
+    bench.add_argument(
+        "--out",
+        default="benchmarks/results",
+        metavar="DIR",
+        help="directory for the results (default: %(default)s)",
+    )
     bench.set_defaults(func=_bench)
 
     providers = sub.add_parser("providers", help="which providers are installed and reachable")
+    with_config(providers)
     providers.set_defaults(func=_providers)
 
-    ls = sub.add_parser("ls", help="list live sandboxes sandbay manages")
-    with_provider(ls)
+    def with_all(p: argparse.ArgumentParser) -> None:
+        with_provider(p)
+        p.add_argument(
+            "--all",
+            action="store_true",
+            help="every installed provider, with its default settings, instead of the "
+            "configured one",
+        )
+
+    ls = sub.add_parser(
+        "ls",
+        help="list live sandboxes sandbay manages",
+        description="List the live sandboxes sandbay manages on the configured provider "
+        "(as `run` chooses it: --provider, $SANDBAY_PROVIDER, --config, $SANDBAY_CONFIG, "
+        "./sandbay.toml, else local), or with --all on every installed provider.",
+    )
+    with_all(ls)
     ls.set_defaults(func=_ls)
 
-    gc = sub.add_parser("gc", help="remove sandboxes whose owner is gone or expiry passed")
-    with_provider(gc)
+    gc = sub.add_parser(
+        "gc",
+        help="remove sandboxes whose owner is gone or expiry passed",
+        description="Remove orphaned sandboxes on the configured provider (chosen as for "
+        "`ls`), or with --all on every installed provider.",
+    )
+    with_all(gc)
     gc.set_defaults(func=_gc)
 
     image = sub.add_parser("image", help="the docker agent image")
     image_sub = image.add_subparsers(title="image commands", metavar="COMMAND")
     build = image_sub.add_parser("build", help="build the agent image (from local wheels)")
-    build.add_argument("--base", help="base image with Python 3.10+ (default sandbay-base)")
-    build.add_argument("--config", metavar="FILE", help="config file for docker settings")
+    build.add_argument(
+        "--base", help="base image with Python 3.10+ (default: the config's, else sandbay-base)"
+    )
+    with_config(build)
     build.set_defaults(func=_image_build)
 
     model = sub.add_parser("model", help="the scripted Messages-API model")
     model_sub = model.add_subparsers(title="model commands", metavar="COMMAND")
     serve = model_sub.add_parser("serve", help="serve a scripted model on loopback")
     serve.add_argument("--script", help="JSON file: a list of turns (default: the demo script)")
-    serve.add_argument("--port", type=int, default=0)
+    serve.add_argument(
+        "--port", type=_port, default=0, help="port on 127.0.0.1 (default: %(default)s, any free)"
+    )
     serve.set_defaults(func=_model_serve, blocking=True)
 
     return parser
@@ -118,6 +246,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    import anyio
     from claude_agent_sdk import ClaudeAgentOptions
 
     from ._agent import run_agent
@@ -130,10 +259,12 @@ async def _run(args: argparse.Namespace) -> int:
         or not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("CLAUDE_CODE_OAUTH_TOKEN"))
     )
     tools = [t.strip() for t in args.allowed_tools.split(",") if t.strip()]
+    # Not bypassPermissions by default: allowed_tools already lets a non-interactive run use
+    # those tools, and bypassing every check is only safe behind a real isolation boundary.
     options = ClaudeAgentOptions(
         max_turns=args.max_turns,
         allowed_tools=tools,
-        permission_mode="bypassPermissions",
+        permission_mode=args.permission_mode,
         model=args.model,
     )
     spec = config.spec
@@ -156,15 +287,26 @@ async def _run(args: argparse.Namespace) -> int:
         )
         if args.json:
             run.raw()
-        async with run:
-            async for message in run:
-                if run.sandbox is not None and not printer.announced:
-                    printer.announced = True
-                    _note(f"sandbox {run.sandbox.id} ({run.sandbox.provider})")
-                printer.show(message)
+        with anyio.CancelScope() as stop:
+            async with run:
+                async for message in run:
+                    if run.sandbox is not None and not printer.announced:
+                        printer.announced = True
+                        _note(f"sandbox {run.sandbox.id} ({run.sandbox.provider})")
+                    try:
+                        printer.show(message)
+                    except BrokenPipeError:
+                        # The reader went away (`| head -1`). Stop the run from inside: the
+                        # cancellation reaches the run at its next step, which kills the agent
+                        # and removes the sandbox before the loop ends.
+                        _silence_stdout()
+                        printer.closed = True
+                        stop.cancel()
     finally:
         if model is not None:
             model.stop()
+    if printer.closed:
+        return BROKEN_PIPE
     return 0 if printer.ok else 1
 
 
@@ -174,8 +316,11 @@ class _Printer:
         self.scripted = scripted  # a scripted model's token counts price nothing real
         self.ok = True
         self.announced = False
+        self.closed = False  # stdout's reader went away: print nothing more
 
     def show(self, message: Any) -> None:
+        if self.closed:
+            return
         if self.json_lines:
             print(json.dumps(message), flush=True)
             if message.get("type") == "result" and message.get("is_error"):
@@ -242,20 +387,26 @@ async def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ._bench import BenchConfig, run_bench, write_results
+    from ._config import SandbayConfig, load_config, parse_config
     from ._errors import ConfigError
 
-    names = [n.strip() for n in args.providers.split(",") if n.strip()]
+    config = load_config(args.config)
+    names = [n.strip() for n in (args.providers or config.provider.type).split(",") if n.strip()]
     if not names:
         raise ConfigError("--providers is empty: name at least one provider")
-    if args.runs < 1:
-        raise ConfigError("--runs must be at least 1")
+    # The configured provider keeps its settings; any other named one gets its defaults.
+    providers: list[str | SandbayConfig] = [
+        config if name == config.provider.type else parse_config({"provider": {"type": name}})
+        for name in names
+    ]
     report = await run_bench(
         BenchConfig(
-            providers=names,
+            providers=providers,
             runs=args.runs,
             mode=args.mode,
             concurrency=args.concurrency,
             model=args.model,
+            spec=config.spec,
             raw_baseline=not args.no_raw,
         )
     )
@@ -311,14 +462,16 @@ async def _gc(args: argparse.Namespace) -> int:
 
 
 def _chosen_providers(args: argparse.Namespace) -> list[tuple[str, Any]]:
-    """The provider asked for, or every installed provider."""
+    """The configured provider, or with ``--all`` every installed one."""
     from ._api import get_provider
-    from ._errors import MissingDependencyError
+    from ._errors import ConfigError, MissingDependencyError
     from ._provider import provider_names
 
-    if args.provider or args.config:
+    if not args.all:
         config = _config(args)
         return [(config.provider.type, get_provider(config))]
+    if args.provider or args.config:
+        raise ConfigError("--all lists every provider with its defaults: drop --provider/--config")
     chosen = []
     for name in provider_names():
         try:
@@ -330,7 +483,9 @@ def _chosen_providers(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 async def _image_build(args: argparse.Namespace) -> int:
     from ._image import build_agent_image_cli
+    from ._provider import provider_module
 
+    provider_module("docker")  # without the docker extra: the message every command gives
     return await build_agent_image_cli(base=args.base, config_file=args.config)
 
 

@@ -95,20 +95,31 @@ def load_config(path: str | os.PathLike[str] | None = None) -> SandbayConfig:
         ConfigError: The file is missing, is not TOML, or has an invalid field; the message
             names the file and the field.
     """
-    source = path or os.environ.get("SANDBAY_CONFIG")
+    source = config_source(path)
     data: dict[str, Any] = {}
     where = "defaults"
-    if source:
-        file = Path(source)
-        if not file.is_file():
-            raise ConfigError(f"config file {str(file)!r} does not exist")
-        data, where = _read_toml(file), str(file)
-    elif Path(CONFIG_FILE).is_file():
-        data, where = _read_toml(Path(CONFIG_FILE)), CONFIG_FILE
+    if source is not None:
+        if not source.is_file():
+            raise ConfigError(f"config file {str(source)!r} does not exist")
+        data, where = _read_toml(source), str(source)
     override = os.environ.get("SANDBAY_PROVIDER")
     if override:
         data = _with_provider(data, override, where="SANDBAY_PROVIDER")
     return parse_config(data, where=where)
+
+
+def config_source(path: str | os.PathLike[str] | None = None) -> Path | None:
+    """The config file `load_config` reads: ``path``, ``$SANDBAY_CONFIG``, ``./sandbay.toml``.
+
+    ``None`` when none is named and ``./sandbay.toml`` does not exist (the defaults apply).
+    A named file is returned whether or not it exists; `load_config` reports a missing one.
+    """
+    named = path or os.environ.get("SANDBAY_CONFIG")
+    if named:
+        return Path(named)
+    if Path(CONFIG_FILE).is_file():
+        return Path(CONFIG_FILE)
+    return None
 
 
 def parse_config(data: dict[str, Any], *, where: str = "config") -> SandbayConfig:

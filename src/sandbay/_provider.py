@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING, ClassVar
 
 from ._errors import ConfigError, MissingDependencyError
@@ -200,20 +201,30 @@ def make_provider(config: ProviderConfig) -> Provider:
         ConfigError: Unknown provider.
         MissingDependencyError: Its SDK is not installed (the message names the extra).
     """
+    module = provider_module(config.type)
+    cls: type[Provider] = getattr(module, _REGISTRY[config.type][1])
+    return cls(config)  # type: ignore[call-arg]
+
+
+def provider_module(name: str) -> ModuleType:
+    """Import a provider's module (and so its SDK), or say which extra installs it.
+
+    Raises:
+        ConfigError: Unknown provider.
+        MissingDependencyError: Its SDK is not installed (the message names the extra).
+    """
     try:
-        module_name, class_name, extra = _REGISTRY[config.type]
+        module_name, _, extra = _REGISTRY[name]
     except KeyError:
         raise ConfigError(
-            f"unknown provider {config.type!r}; valid providers: {', '.join(provider_names())}"
+            f"unknown provider {name!r}; valid providers: {', '.join(provider_names())}"
         ) from None
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ImportError as exc:
         missing = exc.name or "its SDK"
         raise MissingDependencyError(
-            f"the {config.type} provider needs {missing!r}, which is not installed: "
+            f"the {name} provider needs {missing!r}, which is not installed: "
             f'pip install "sandbay[{extra}]"',
-            provider=config.type,
+            provider=name,
         ) from exc
-    cls: type[Provider] = getattr(module, class_name)
-    return cls(config)  # type: ignore[call-arg]

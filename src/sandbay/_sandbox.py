@@ -18,10 +18,10 @@ import shlex
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, nullcontext
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import Self
 
 from ._errors import (
@@ -37,22 +37,73 @@ __all__ = ["ByteStream", "ExecResult", "Process", "Sandbox", "SandboxSpec"]
 CLOSE_TIMEOUT = 30.0
 
 
-class SandboxSpec(BaseModel):
+class _CheckedModel(BaseModel):
+    """A model whose invalid values raise `ConfigError` naming each field, not pydantic's error.
+
+    Covers the constructor and the ``model_validate*`` class methods. A config model that
+    holds one as a field still gets pydantic's `ValidationError` (its loader names the file).
+    """
+
+    if not TYPE_CHECKING:  # type checkers keep pydantic's synthesised, typed signatures
+
+        def __init__(self, /, **data: Any) -> None:
+            try:
+                super().__init__(**data)
+            except ValidationError as exc:
+                raise _config_error(type(self), exc) from None
+
+        # Marks this __init__ as pydantic's own, so nested validation keeps its fast path
+        # (as pydantic's RootModel does) instead of calling it and wrapping its ConfigError.
+        __init__.__pydantic_base_init__ = True
+
+        @classmethod
+        def model_validate(cls, *args: Any, **kwargs: Any) -> Self:
+            try:
+                return super().model_validate(*args, **kwargs)
+            except ValidationError as exc:
+                raise _config_error(cls, exc) from None
+
+        @classmethod
+        def model_validate_json(cls, *args: Any, **kwargs: Any) -> Self:
+            try:
+                return super().model_validate_json(*args, **kwargs)
+            except ValidationError as exc:
+                raise _config_error(cls, exc) from None
+
+        @classmethod
+        def model_validate_strings(cls, *args: Any, **kwargs: Any) -> Self:
+            try:
+                return super().model_validate_strings(*args, **kwargs)
+            except ValidationError as exc:
+                raise _config_error(cls, exc) from None
+
+
+def _config_error(cls: type[BaseModel], exc: ValidationError) -> ConfigError:
+    problems = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "value"
+        problems.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+    return ConfigError(f"invalid {cls.__name__}: {'; '.join(problems)}")
+
+
+class SandboxSpec(_CheckedModel):
     """What to provision. Every field is optional; providers fill in their defaults.
 
     A provider that cannot honour a field raises `ConfigError` naming it, rather than
     silently ignoring it (for example E2B sets cpu and memory per template, not per sandbox).
+    An invalid value (``SandboxSpec(cpu=-1)``, an unknown field) raises `ConfigError` naming
+    the field.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     image: str | None = None
     """Image or template to start from. ``None``: the provider's agent image."""
-    cpu: float | None = Field(default=None, gt=0)
+    cpu: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """CPU cores the sandbox may use."""
     memory_mb: int | None = Field(default=None, gt=0)
     """Memory limit in MiB."""
-    lifetime_s: float = Field(default=3600.0, gt=0)
+    lifetime_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
     """Wall-clock lifetime: after it, `sandbay gc` (or the provider) removes the sandbox."""
     env: dict[str, str] = Field(default_factory=dict)
     """Environment variables for every process in the sandbox."""

@@ -195,15 +195,33 @@ def default_script() -> list[Turn]:
         Turn.tool_use(
             "Bash",
             {
-                "command": 'echo "hello from $(hostname)" && uname -sr',
-                "description": "Say hello from the sandbox",
+                "command": DEMO_COMMAND,
+                "description": "Say where this command runs",
             },
         ),
         Turn.text(
-            "The command ran inside the sandbox: it printed the sandbox's hostname and its "
-            "kernel. (This answer is scripted; no real model was called.)"
+            "The command above printed where it ran: the kind of sandbox, then its host name, "
+            "user, working directory and kernel. (This answer is scripted; no real model was "
+            "called.)"
         ),
     ]
+
+
+#: The demo's Bash step. The hostname alone cannot tell a container on the host's network
+#: from the host, so it names the kind of sandbox from what is visible inside: a Docker
+#: container's id in the mount table (its /etc/hostname comes from the engine's container
+#: folder); bubblewrap as process 1 of a private PID namespace, with the hostname sandbay's
+#: bubblewrap sets; else the machine itself.
+DEMO_COMMAND = (
+    "id=$(grep -o 'containers/[0-9a-f]\\{12\\}' /proc/self/mountinfo 2>/dev/null"
+    " | head -n 1 | cut -d / -f 2);"
+    ' if [ -n "$id" ]; then where="Docker container $id";'
+    ' elif [ "$(cat /proc/1/comm 2>/dev/null)" = bwrap ] || [ "$(uname -n)" = sandbay ]; then'
+    ' where="a bubblewrap sandbox (the local provider, isolated)";'
+    ' else where="this machine (the local provider, not isolated)"; fi;'
+    ' echo "hello from $where";'
+    ' echo "host $(uname -n) · user $(id -un 2>/dev/null || id -u) · cwd $(pwd) · $(uname -sr)"'
+)
 
 
 def is_side_request(body: Mapping[str, Any]) -> bool:
