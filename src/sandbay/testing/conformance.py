@@ -17,6 +17,10 @@ checks are independent and can run in any order. The checks that need the provid
 
 A check fails by raising `CheckFailed` (an `AssertionError`) with a message that says what was
 expected and what happened; any other exception is a failure too.
+
+Checks that depend on timing wait for events, not for fixed lengths of time, so a slow
+provider makes them slower, not flaky: a line the process prints, a file it writes once it
+is ready, a lock that comes free when the last process holding it is gone.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import shlex
 import time
 import traceback
 import uuid
@@ -119,6 +124,7 @@ CHECKS: Mapping[str, Check] = MappingProxyType(_checks)
 """Every check by name, in the order they run."""
 
 _C = TypeVar("_C", bound=Check)
+_T = TypeVar("_T")
 
 
 def _check(func: _C) -> _C:
@@ -251,7 +257,7 @@ async def run_conformance(
                     name,
                     False,
                     time.monotonic() - started,
-                    f"{type(exc).__name__}: {exc}",
+                    _describe(exc),
                     traceback.format_exc(),
                 )
             )
@@ -283,6 +289,14 @@ def expect(condition: object, message: str) -> None:
         raise CheckFailed(message)
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, looking inside exception groups (what leaked out of a task group)."""
+    inner = getattr(exc, "exceptions", None)
+    if isinstance(inner, tuple) and inner:
+        return f"{type(exc).__name__}[{', '.join(_describe(e) for e in inner)}]"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _short(data: bytes | str, limit: int = 200) -> str:
     text = repr(data)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(data)} in all)"
@@ -310,9 +324,7 @@ async def _expect_raises(
     except error as exc:
         return exc
     except Exception as exc:
-        raise CheckFailed(
-            f"{what}: expected {error.__name__}, got {type(exc).__name__}: {exc}"
-        ) from exc
+        raise CheckFailed(f"{what}: expected {error.__name__}, got {_describe(exc)}") from exc
     raise CheckFailed(f"{what}: expected {error.__name__}, nothing was raised")
 
 
@@ -357,6 +369,159 @@ def _within(seconds: float, what: str) -> Iterator[None]:
         yield
     if scope.cancelled_caught:
         raise CheckFailed(f"{what}: no result within {seconds:g} s")
+
+
+async def _gather(calls: Sequence[Callable[[], Awaitable[_T]]]) -> list[_T]:
+    """Run calls at once and return their results in order (they should not raise)."""
+    results: dict[int, _T] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await calls[i]()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(calls)):
+            tg.start_soon(one, i)
+    return [results[i] for i in range(len(calls))]
+
+
+def _fail_all(problems: Sequence[str], what: str) -> None:
+    """Fail with every problem found (checks that try several cases report them all)."""
+    if problems:
+        raise CheckFailed(f"{what}: " + "; ".join(problems))
+
+
+async def _exists(sb: Sandbox, path: str) -> bool:
+    result = await sb.exec(["test", "-e", path])
+    return result.ok
+
+
+# Exit 0 as soon as argv[1] exists, 1 if it has not within argv[2] seconds.
+_APPEARS = """\
+import os, sys, time
+deadline = time.monotonic() + float(sys.argv[2])
+while not os.path.lexists(sys.argv[1]):
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.02)
+"""
+
+
+async def _appears(sb: Sandbox, path: str, within: float) -> bool:
+    """Whether a file shows up within ``within`` seconds (a process announcing an event)."""
+    result = await sb.exec(_py(sb, _APPEARS, path, str(within)), timeout=within + 30)
+    return result.ok
+
+
+# --- processes that try to outlive their command ----------------------------------------------
+
+_HOLDER = ".sandbay-hold.py"
+# Takes an exclusive flock on argv[1] and holds it for a minute, announcing itself with its
+# pid on stdout (and in argv[1].pid, written once it holds the lock), then letting go of the
+# command's stdio. A lock dies with the last process holding it, so another exec can tell
+# whether the holder still runs by waiting for the lock: an event, where `kill -0 <pid>`
+# would need the same PID namespace (each isolated exec may have its own). With "daemon" it
+# first detaches as daemons do: fork, new session, fork again.
+_HOLD = """\
+import fcntl, os, sys, time
+lock, how = sys.argv[1], sys.argv[2]
+if how == 'daemon':
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+f = open(lock, 'a')
+fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+with open(lock + '.tmp', 'w') as out:
+    out.write(str(os.getpid()))
+os.replace(lock + '.tmp', lock + '.pid')
+try:
+    print('held', os.getpid(), flush=True)
+except OSError:
+    pass  # nobody reads any more: keep holding regardless
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+time.sleep(60)
+"""
+
+# Exit 0 once the lock on argv[1] is free (waiting up to argv[2] whole seconds), else 1.
+_LOCK_FREE = """\
+import fcntl, signal, sys
+f = open(sys.argv[1], 'a')
+wait = int(sys.argv[2])
+if wait:
+    signal.signal(signal.SIGALRM, lambda *_: sys.exit(1))
+    signal.alarm(wait)
+    fcntl.flock(f, fcntl.LOCK_EX)
+else:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        sys.exit(1)
+"""
+
+#: Seconds a killed process's descendants get to be gone.
+_GONE_WITHIN = 10
+
+
+async def _install_holder(sb: Sandbox) -> None:
+    await sb.write_file(_HOLDER, _HOLD.encode())
+
+
+def _hold(sb: Sandbox, lock: str) -> str:
+    """The shell words that start the lock holder on ``lock`` (its mode follows)."""
+    return f"{shlex.quote(sb.python)} {_HOLDER} {shlex.quote(lock)}"
+
+
+async def _lock_free(sb: Sandbox, lock: str, wait: int) -> bool:
+    result = await sb.exec(_py(sb, _LOCK_FREE, lock, str(wait)), timeout=wait + 30)
+    expect(
+        result.exit_code in (0, 1),
+        f"waiting for the lock {lock!r} failed: {result.exit_code}, {_short(result.stderr)}",
+    )
+    return result.exit_code == 0
+
+
+async def _holder_pid(sb: Sandbox, lock: str) -> str:
+    try:
+        return (await sb.read_file(lock + ".pid")).decode(errors="replace")
+    except SandboxFileNotFoundError:
+        return ""
+
+
+async def _still_running(sb: Sandbox, lock: str) -> str | None:
+    """None once the holder of ``lock`` is gone (waiting a bounded time), else a complaint."""
+    if await _lock_free(sb, lock, _GONE_WITHIN):
+        return None
+    pid = await _holder_pid(sb, lock)
+    who = f"a descendant (pid {pid} in the sandbox)" if pid else "a descendant"
+    return f"{who} still ran {_GONE_WITHIN} s later"
+
+
+async def _exec_past_timeout(sb: Sandbox, script: Callable[[str], str], name: str) -> list[str]:
+    """Run ``exec(["sh", "-c", script(lock)], timeout=t)`` until the command took its lock
+    before its timeout (t doubles from 1 s, so a slow provider gets time to start it).
+
+    Returns:
+        The lock of each try, the last one taken; their holders must all be gone.
+    """
+    timeout = 1.0
+    locks: list[str] = []
+    while True:
+        lock = f"{name}-{len(locks)}.lock"
+        locks.append(lock)
+        try:
+            result = await sb.exec(["sh", "-c", script(lock)], timeout=timeout)
+        except SandboxTimeoutError:
+            pass
+        else:
+            raise CheckFailed(f"{name}: the command ended before its timeout: {result}")
+        if await _exists(sb, lock + ".pid"):
+            return locks
+        if timeout >= 16:
+            raise CheckFailed(f"{name}: the command did not start its child within {timeout:g} s")
+        timeout *= 2
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -600,30 +765,44 @@ async def check_relative_paths_resolve_to_workdir(target: Target) -> None:
 
 @_check
 async def check_exec_timeout_kills(target: Target) -> None:
-    """A command past its timeout raises SandboxTimeoutError and is really killed."""
+    """A command past its timeout raises SandboxTimeoutError soon and is really killed.
+
+    Killed means gone: the command holds a lock, and the lock must come free (an event, not
+    a wait of fixed length). The timeout grows from 1 s until the command has taken its lock
+    before being killed, so a slow provider cannot make the check pass without testing.
+    """
     async with target.sandbox() as sb:
         started = time.monotonic()
         exc = await _expect_raises(
             SandboxTimeoutError,
-            lambda: sb.exec(["sh", "-c", "sleep 1.5; echo late > timeout-marker"], timeout=0.5),
+            lambda: sb.exec(["sh", "-c", "sleep 60"], timeout=0.5),
             "exec past its timeout",
         )
         elapsed = time.monotonic() - started
         expect(isinstance(exc, TimeoutError), "SandboxTimeoutError is not a TimeoutError")
         expect(elapsed < 10, f"exec(timeout=0.5) returned only after {elapsed:.1f} s")
-        await anyio.sleep(2)
-        await _expect_missing(sb, "timeout-marker", "the timed-out command kept running")
+        await _install_holder(sb)
+        locks = await _exec_past_timeout(
+            sb, lambda lock: f"exec {_hold(sb, lock)} plain", "timeout"
+        )
+        for lock in locks:
+            problem = await _still_running(sb, lock)
+            expect(problem is None, f"the timed-out command kept running: {problem}")
 
 
 @_check
 async def check_cancelled_exec_kills(target: Target) -> None:
-    """Cancelling the task running exec kills the command."""
+    """Cancelling the task running exec kills the command (once it has surely started)."""
     async with target.sandbox() as sb:
-        with anyio.move_on_after(0.5) as scope:
-            await sb.exec(["sh", "-c", "sleep 1.5; echo late > cancel-marker"])
-        expect(scope.cancelled_caught, "the 1.5 s command finished within 0.5 s")
-        await anyio.sleep(2)
-        await _expect_missing(sb, "cancel-marker", "the cancelled command kept running")
+        await _install_holder(sb)
+        lock = "cancel.lock"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(sb.exec, ["sh", "-c", f"exec {_hold(sb, lock)} plain"]))
+            started = await _appears(sb, lock + ".pid", 30)
+            tg.cancel_scope.cancel()
+        expect(started, "the command did not start within 30 s")
+        problem = await _still_running(sb, lock)
+        expect(problem is None, f"the cancelled command kept running: {problem}")
 
 
 @_check
@@ -644,15 +823,15 @@ async def check_kill_started_process(target: Target) -> None:
 @_check
 async def check_kill_kills_children(target: Target) -> None:
     """kill also stops what the process started (a background child here)."""
-    script = "(sleep 1.5; echo late > child-marker) & echo started; wait"
     async with target.sandbox() as sb:
-        proc = await sb.start(["sh", "-c", script])
-        line = await _first_line(proc)
-        expect(line == b"started", f"first line was {line!r}")
+        await _install_holder(sb)
+        proc = await sb.start(["sh", "-c", f"{_hold(sb, 'child.lock')} plain & wait"])
+        line = await _first_line(proc, timeout=30)
+        expect(line.startswith(b"held "), f"first line was {line!r}")
         await proc.kill()
         await _wait(proc)
-        await anyio.sleep(2)
-        await _expect_missing(sb, "child-marker", "kill left the command's child running")
+        problem = await _still_running(sb, "child.lock")
+        expect(problem is None, f"kill left the command's child running: {problem}")
 
 
 @_check
@@ -680,8 +859,11 @@ async def check_returncode_none_while_running(target: Target) -> None:
     async with target.sandbox() as sb:
         proc = await sb.start(["cat"])
         expect(proc.returncode is None, f"returncode {proc.returncode} right after start")
-        await proc.write(b"x")
-        await anyio.sleep(0.2)
+        await proc.write(b"x\n")
+        echoed = b""
+        with _within(10, "reading what cat echoed"):
+            echoed = await proc.stdout.__anext__()
+        expect(echoed == b"x\n", f"cat echoed {echoed!r}")
         expect(proc.returncode is None, f"returncode {proc.returncode} while cat waits")
         await proc.close_stdin()
         await proc.stdout.read()
@@ -689,27 +871,33 @@ async def check_returncode_none_while_running(target: Target) -> None:
         expect(code == 0 and proc.returncode == 0, f"cat exited {code}, {proc.returncode}")
 
 
+# Each command announces itself, then waits (at most 30 s) until all 8 have: it can only get
+# past this barrier if the execs really run at the same time.
+_BARRIER = (
+    'touch "started.$1"; n=0; '
+    'while [ "$(ls started.* | wc -l)" -lt 8 ]; do '
+    'n=$((n + 1)); [ "$n" -gt 600 ] && exit 9; sleep 0.05; done; '
+    'echo "$1"; echo "e$1" >&2'
+)
+
+
 @_check
 async def check_concurrent_execs(target: Target) -> None:
-    """8 execs in one sandbox run at the same time, each with its own output."""
-    results: dict[int, ExecResult] = {}
-
-    async def one(sb: Sandbox, i: int) -> None:
-        results[i] = await sb.exec(["sh", "-c", f"sleep 1; echo {i}; echo e{i} >&2"])
-
+    """8 execs in one sandbox run at the same time (each waits until all have started), each
+    with its own output."""
     async with target.sandbox() as sb:
-        started = time.monotonic()
-        async with anyio.create_task_group() as tg:
-            for i in range(8):
-                tg.start_soon(one, sb, i)
-        elapsed = time.monotonic() - started
-        for i in range(8):
-            r = results[i]
+        results = await _gather(
+            [functools.partial(sb.exec, ["sh", "-c", _BARRIER, "sh", str(i)]) for i in range(8)]
+        )
+        for i, r in enumerate(results):
+            expect(
+                r.exit_code != 9,
+                f"exec {i} waited 30 s for the other 7 to start: the execs did not overlap",
+            )
             expect(
                 r.ok and r.stdout == f"{i}\n".encode() and r.stderr == f"e{i}\n".encode(),
                 f"exec {i} gave {r}",
             )
-        expect(elapsed < 6, f"8 one-second execs took {elapsed:.1f} s: they did not overlap")
 
 
 @_check
