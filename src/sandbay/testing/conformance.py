@@ -20,7 +20,9 @@ expected and what happened; any other exception is a failure too.
 
 Checks that depend on timing wait for events, not for fixed lengths of time, so a slow
 provider makes them slower, not flaky: a line the process prints, a file it writes once it
-is ready, a lock that comes free when the last process holding it is gone.
+is ready, a lock that comes free when the last process holding it is gone. Where a promise
+depends on who the sandbox's user is (root may read anything), the check asks a process of
+that user inside the sandbox first and holds the file API to the same answer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import shlex
 import time
@@ -42,6 +45,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar, Union
@@ -53,8 +57,13 @@ from .._config import ProviderConfig, SandbayConfig
 from .._errors import (
     ConfigError,
     SandboxClosedError,
+    SandboxError,
     SandboxFileNotFoundError,
+    SandboxFileTooLargeError,
+    SandboxIsADirectoryError,
+    SandboxNotADirectoryError,
     SandboxNotFoundError,
+    SandboxPermissionError,
     SandboxTimeoutError,
 )
 from .._provider import Provider, SandboxInfo
@@ -390,6 +399,11 @@ def _fail_all(problems: Sequence[str], what: str) -> None:
         raise CheckFailed(f"{what}: " + "; ".join(problems))
 
 
+def _digest(data: bytes) -> str:
+    # Never the contents: the file may be one the sandbox's user must not see.
+    return f"{len(data)} bytes (sha256 {hashlib.sha256(data).hexdigest()[:12]})"
+
+
 async def _exists(sb: Sandbox, path: str) -> bool:
     result = await sb.exec(["test", "-e", path])
     return result.ok
@@ -410,6 +424,154 @@ async def _appears(sb: Sandbox, path: str, within: float) -> bool:
     """Whether a file shows up within ``within`` seconds (a process announcing an event)."""
     result = await sb.exec(_py(sb, _APPEARS, path, str(within)), timeout=within + 30)
     return result.ok
+
+
+# --- what the sandbox's own user sees --------------------------------------------------------
+
+# Reads a file as a process of the sandbox's user, as `cat` would (the same open and read),
+# and names the errno when that fails: the bytes on stdout, or exit 3 and the name on stderr.
+_READ_AS_USER = """\
+import errno, sys
+try:
+    with open(sys.argv[1], 'rb') as f:
+        data = f.read()
+except OSError as exc:
+    sys.stderr.write(errno.errorcode.get(exc.errno, str(exc.errno)))
+    sys.exit(3)
+sys.stdout.buffer.write(data)
+"""
+
+# Whether the sandbox's user could do what write_file promises (create the parents, then the
+# file), as `mkdir -p` and `echo x > path` would; undoes it. Exit 0 and the directories it
+# made (deepest first, as JSON), or exit 3 and the errno's name on stderr. It never touches
+# an existing file: only new paths (and directories, which fail with EISDIR) are probed.
+_CREATE_AS_USER = """\
+import errno, json, os, sys
+path = sys.argv[1]
+if os.path.lexists(path) and not os.path.isdir(path):
+    sys.exit(f'{path} exists: only new paths are probed')
+parent = os.path.dirname(path.rstrip('/')) or '.'
+made, p = [], parent
+while not os.path.lexists(p):
+    made.append(p)
+    p = os.path.dirname(p) or '.'
+try:
+    if made:
+        os.makedirs(parent)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+except OSError as exc:
+    for d in made:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+    sys.stderr.write(errno.errorcode.get(exc.errno, str(exc.errno)))
+    sys.exit(3)
+os.unlink(path)
+for d in made:
+    os.rmdir(d)
+print(json.dumps(made))
+"""
+
+_ERRNO_ERRORS: Mapping[str, type[SandboxError]] = {
+    "ENOENT": SandboxFileNotFoundError,
+    "EACCES": SandboxPermissionError,
+    "EPERM": SandboxPermissionError,
+    "EISDIR": SandboxIsADirectoryError,
+    "ENOTDIR": SandboxNotADirectoryError,
+}
+
+
+async def _read_as_user(sb: Sandbox, path: str) -> tuple[bytes | None, str]:
+    """What a process of the sandbox's user reads at path: (bytes, "") or (None, errno name)."""
+    result = await sb.exec(_py(sb, _READ_AS_USER, path))
+    if result.exit_code == 0:
+        return result.stdout, ""
+    expect(
+        result.exit_code == 3 and result.stderr,
+        f"reading {path!r} in the sandbox failed oddly: {result.exit_code}, "
+        f"{_short(result.stderr)}",
+    )
+    return None, result.stderr.decode(errors="replace").strip()
+
+
+async def _read_matches_user(sb: Sandbox, path: str) -> str | None:
+    """Compare read_file(path) with what the sandbox's user reads there; None if they agree,
+    else what differs."""
+    seen, errname = await _read_as_user(sb, path)
+    wanted = _ERRNO_ERRORS.get(errname, SandboxError)
+    try:
+        data = await sb.read_file(path)
+    except Exception as exc:
+        if seen is not None:
+            return (
+                f"read_file({path!r}) raised {_describe(exc)}, but the sandbox's "
+                f"user reads {_digest(seen)} there"
+            )
+        if not isinstance(exc, wanted):
+            return (
+                f"read_file({path!r}) raised {_describe(exc)}; the sandbox's user "
+                f"gets {errname} there, so {wanted.__name__} was expected"
+            )
+        return None
+    if seen is None:
+        return (
+            f"read_file({path!r}) returned {_digest(data)}, which the sandbox's user cannot "
+            f"read ({errname}); expected {wanted.__name__}"
+        )
+    if data != seen:
+        return (
+            f"read_file({path!r}) returned {_digest(data)}, the sandbox's user reads "
+            f"{_digest(seen)} there"
+        )
+    return None
+
+
+async def _write_matches_user(sb: Sandbox, path: str) -> str | None:
+    """Compare write_file(path) with what the sandbox's user could do there; None if they
+    agree, else what differs. Removes what it created where the user could create it."""
+    data = b"written by the sandbay conformance suite\n"
+    probe = await sb.exec(_py(sb, _CREATE_AS_USER, path))
+    if probe.exit_code == 0:
+        made: list[str] = json.loads(probe.stdout)
+        try:
+            await sb.write_file(path, data)
+            back, errname = await _read_as_user(sb, path)
+            if back != data:
+                seen = _digest(back) if back is not None else errname
+                return f"write_file({path!r}) succeeded, but the sandbox's user reads {seen}"
+        except Exception as exc:
+            return (
+                f"write_file({path!r}) raised {_describe(exc)}, but the sandbox's "
+                "user may create that file"
+            )
+        finally:
+            await sb.exec(["rm", "-f", "--", path])
+            for directory in made:
+                await sb.exec(["rmdir", "--", directory])
+        return None
+    expect(
+        probe.exit_code == 3 and probe.stderr,
+        f"probing {path!r} in the sandbox failed oddly: {probe.exit_code}, {_short(probe.stderr)}",
+    )
+    errname = probe.stderr.decode(errors="replace").strip()
+    wanted = _ERRNO_ERRORS.get(errname, SandboxError)
+    try:
+        await sb.write_file(path, data)
+    except Exception as exc:
+        if not isinstance(exc, wanted):
+            return (
+                f"write_file({path!r}) raised {_describe(exc)}; the sandbox's user "
+                f"gets {errname} there, so {wanted.__name__} was expected"
+            )
+        if (await sb.exec(["test", "-f", path])).ok:
+            return f"write_file({path!r}) raised {wanted.__name__} but created the file anyway"
+        return None
+    created = (await sb.exec(["test", "-f", path])).ok
+    return (
+        f"write_file({path!r}) succeeded{' (a file is there now)' if created else ''}, where "
+        f"the sandbox's user gets {errname}; expected {wanted.__name__}"
+    )
 
 
 # --- processes that try to outlive their command ----------------------------------------------
@@ -1025,6 +1187,226 @@ async def check_file_mode_honoured(target: Target) -> None:
         await sb.write_file("run.sh", b"secret", mode=0o600)
         seen = (await _run(sb, _py(sb, _MODE, "run.sh"))).text.strip()
         expect(seen == "0o600", f"rewritten with mode 0o600, the file has {seen}")
+
+
+@_check
+async def check_read_directory_is_a_directory(target: Target) -> None:
+    """read_file (and read_file_stream) of a directory raises SandboxIsADirectoryError, an
+    IsADirectoryError."""
+    async with target.sandbox() as sb:
+        await _run(sb, ["mkdir", "-p", "adir/sub"])
+        problems = []
+        for path in ("adir", "adir/sub", "adir/", sb.workdir):
+            for what, action in (
+                ("read_file", functools.partial(sb.read_file, path)),
+                ("read_file_stream", functools.partial(_drain, sb, path)),
+            ):
+                try:
+                    await action()
+                except SandboxIsADirectoryError as exc:
+                    if not isinstance(exc, IsADirectoryError):
+                        problems.append("SandboxIsADirectoryError is not an IsADirectoryError")
+                except Exception as exc:
+                    problems.append(f"{what}({path!r}) raised {_describe(exc)}")
+                else:
+                    problems.append(f"{what}({path!r}) raised nothing")
+        _fail_all(problems, "expected SandboxIsADirectoryError")
+
+
+async def _drain(sb: Sandbox, path: str) -> None:
+    async with aclosing(sb.read_file_stream(path)) as chunks:
+        async for _ in chunks:
+            pass
+
+
+@_check
+async def check_write_directory_is_a_directory(target: Target) -> None:
+    """write_file to a path that is a directory raises SandboxIsADirectoryError (an
+    IsADirectoryError) and leaves the directory as it was."""
+    async with target.sandbox() as sb:
+        await sb.write_file("adir/keep.txt", b"kept")
+        for path in ("adir", sb.resolve("adir")):
+            exc = await _expect_raises(
+                SandboxIsADirectoryError,
+                functools.partial(sb.write_file, path, b"x"),
+                f"write_file({path!r}) on a directory",
+            )
+            expect(isinstance(exc, IsADirectoryError), "not an IsADirectoryError")
+        await _run(sb, ["test", "-d", "adir"])
+        kept = await sb.read_file("adir/keep.txt")
+        expect(kept == b"kept", f"the directory's file now holds {kept!r}")
+
+
+@_check
+async def check_parent_not_a_directory(target: Target) -> None:
+    """A path running through a file raises SandboxNotADirectoryError (a NotADirectoryError)
+    from read_file and write_file, and leaves the file as it was."""
+    async with target.sandbox() as sb:
+        await sb.write_file("plain.txt", b"plain")
+        problems = []
+        actions: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("read_file('plain.txt/inner')", functools.partial(sb.read_file, "plain.txt/inner")),
+            (
+                "write_file('plain.txt/inner')",
+                functools.partial(sb.write_file, "plain.txt/inner", b"x"),
+            ),
+            (
+                "write_file('plain.txt/a/b')",
+                functools.partial(sb.write_file, "plain.txt/a/b", b"x"),
+            ),
+        ]
+        for what, action in actions:
+            try:
+                await action()
+            except SandboxNotADirectoryError as exc:
+                if not isinstance(exc, NotADirectoryError):
+                    problems.append("SandboxNotADirectoryError is not a NotADirectoryError")
+            except Exception as exc:
+                problems.append(f"{what} raised {_describe(exc)}")
+            else:
+                problems.append(f"{what} raised nothing")
+        kept = await sb.read_file("plain.txt")
+        if kept != b"plain":
+            problems.append(f"plain.txt now holds {_short(kept)}")
+        _fail_all(problems, "expected SandboxNotADirectoryError")
+
+
+@_check
+async def check_read_permission_as_user(target: Target) -> None:
+    """read_file has the rights of the sandbox's user: a file it made unreadable (chmod 000),
+    or one in a directory it closed, raises SandboxPermissionError (a PermissionError) where
+    the user's own read (as `cat` does it) is refused.
+
+    Where the user may read it anyway (root with its capabilities: the unisolated local
+    provider run as root), no permission error can be produced, and the check asserts
+    instead that read_file returns the same bytes the user reads.
+    """
+    async with target.sandbox() as sb:
+        await _run(sb, "printf 'not for you' > locked.txt && chmod 000 locked.txt")
+        await _run(sb, "mkdir -p closed && printf inside > closed/f.txt && chmod 000 closed")
+        problems = []
+        for path in ("locked.txt", "closed/f.txt"):
+            problem = await _read_matches_user(sb, path)
+            if problem:
+                problems.append(problem)
+        await sb.exec(["chmod", "-R", "u+rwx", "locked.txt", "closed"])
+        _fail_all(problems, "read_file must see what the sandbox's user sees")
+
+
+@_check
+async def check_write_permission_as_user(target: Target) -> None:
+    """write_file has the rights of the sandbox's user: in a directory it made read-only
+    (chmod 555), writing a new file (or one in a new subdirectory) raises
+    SandboxPermissionError where the user's own ``mkdir -p``/``echo x > path`` is refused,
+    and creates nothing.
+
+    Where the user may write there anyway (root with its capabilities: the unisolated local
+    provider run as root), the check asserts instead that write_file succeeds and the user
+    reads back what was written.
+    """
+    async with target.sandbox() as sb:
+        await _run(sb, "mkdir -p ro && chmod 555 ro")
+        problems = []
+        for path in ("ro/new.txt", "ro/newdir/new.txt"):
+            problem = await _write_matches_user(sb, path)
+            if problem:
+                problems.append(problem)
+        await sb.exec(["chmod", "-R", "u+rwx", "ro"])
+        _fail_all(problems, "write_file must have the sandbox's user's rights")
+
+
+@_check
+async def check_planted_links_read_as_user(target: Target) -> None:
+    """read_file follows links planted in the sandbox as a process of its user would: to
+    /etc/shadow, through a link to /etc, to a directory, relative ones climbing out of the
+    workdir. It returns exactly what the user reads there (its sandbox's files, never the
+    host's) or raises the error the user gets (SandboxPermissionError for /etc/shadow as a
+    non-root user). Where the user is root on the host, it reads what root reads: the same."""
+    links = {
+        "shadow-link": "/etc/shadow",
+        "etc-link": "/etc",
+        "passwd-link": "/etc/passwd",
+        "up-link": "../../../../../../../../etc/shadow",
+        "chain-link": "shadow-link",
+    }
+    async with target.sandbox() as sb:
+        for name, points_to in links.items():
+            await _run(sb, ["ln", "-s", points_to, name])
+        problems = []
+        for path in (*links, "etc-link/shadow", "etc-link/passwd", "etc-link/hostname"):
+            problem = await _read_matches_user(sb, path)
+            if problem:
+                problems.append(problem)
+        _fail_all(problems, "read_file must see what the sandbox's user sees")
+
+
+@_check
+async def check_planted_links_write_as_user(target: Target) -> None:
+    """write_file through a link planted in the sandbox (``etc-link`` -> /etc) creates a file
+    only where the sandbox's user could (its own ``echo x > path`` decides; what the user
+    may create is created and then removed again), and otherwise raises the error the user
+    gets, creating nothing: never a file in the image's or the host's /etc."""
+    name = f".sandbay-conformance-{uuid.uuid4().hex[:12]}"
+    async with target.sandbox() as sb:
+        await _run(sb, ["ln", "-s", "/etc", "etc-link"])
+        problems = []
+        # Each case its own name: what one wrongly creates must not decide the next.
+        for path in (f"etc-link/{name}-file", f"etc-link/{name}-dir/inner", "etc-link"):
+            problem = await _write_matches_user(sb, path)
+            if problem:
+                problems.append(problem)
+        _fail_all(problems, "write_file must have the sandbox's user's rights")
+
+
+@_check
+async def check_read_max_bytes(target: Target) -> None:
+    """read_file(max_bytes=n) returns a file of at most n bytes and raises
+    SandboxFileTooLargeError for a larger one."""
+    data = os.urandom(100_000)
+    async with target.sandbox() as sb:
+        await sb.write_file("sized.bin", data)
+        await sb.write_file("empty.bin", b"")
+        for limit in (0, 1, 99_999):
+            await _expect_raises(
+                SandboxFileTooLargeError,
+                functools.partial(sb.read_file, "sized.bin", max_bytes=limit),
+                f"read_file of 100000 bytes with max_bytes={limit}",
+            )
+        for limit in (100_000, 10**9):
+            back = await sb.read_file("sized.bin", max_bytes=limit)
+            expect(back == data, f"max_bytes={limit} gave {_digest(back)}, not the file")
+        empty = await sb.read_file("empty.bin", max_bytes=0)
+        expect(empty == b"", f"an empty file with max_bytes=0 gave {empty!r}")
+
+
+@_check
+async def check_read_file_stream_large(target: Target) -> None:
+    """read_file_stream yields the exact bytes of an 8 MiB file a process wrote; stopping
+    early releases it and leaves the sandbox usable; a missing file raises at once."""
+    size = 8 * 2**20
+    code = (
+        "import hashlib, os, sys; d = os.urandom(int(sys.argv[2])); "
+        "open(sys.argv[1], 'wb').write(d); print(hashlib.sha256(d).hexdigest())"
+    )
+    async with target.sandbox() as sb:
+        digest = (await _run(sb, _py(sb, code, "stream.bin", str(size)))).text.strip()
+        hasher, total = hashlib.sha256(), 0
+        async with aclosing(sb.read_file_stream("stream.bin")) as chunks:
+            async for chunk in chunks:
+                expect(isinstance(chunk, bytes) and chunk, f"a chunk was {chunk!r}")
+                hasher.update(chunk)
+                total += len(chunk)
+        expect(total == size, f"streamed {total} bytes of {size}")
+        expect(hasher.hexdigest() == digest, "streamed different bytes than the process wrote")
+        async with aclosing(sb.read_file_stream("stream.bin")) as chunks:
+            first = await chunks.__anext__()
+            expect(first, "the first chunk was empty")
+        await _run(sb, ["true"])
+        await _expect_raises(
+            SandboxFileNotFoundError,
+            functools.partial(_drain, sb, "missing.bin"),
+            "read_file_stream of a missing file",
+        )
 
 
 # --- stream framing --------------------------------------------------------------------------
