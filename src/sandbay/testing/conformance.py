@@ -31,6 +31,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import shlex
 import time
@@ -67,7 +68,7 @@ from .._errors import (
     SandboxTimeoutError,
 )
 from .._provider import Provider, SandboxInfo
-from .._sandbox import ExecResult, Process, Sandbox, SandboxSpec
+from .._sandbox import CLOSE_TIMEOUT, ExecResult, Process, Sandbox, SandboxSpec
 
 __all__ = [
     "CHECKS",
@@ -99,7 +100,7 @@ class Target:
 
     Attributes:
         provider: A provider name or config, as `sandbay.open_sandbox` takes it.
-        spec: The base spec; checks add labels, env or a lifetime to it.
+        spec: The base spec; checks add labels, env, a lifetime or limits to it.
     """
 
     provider: ProviderArg
@@ -111,13 +112,16 @@ class Target:
         labels: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
         lifetime_s: float | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
     ) -> open_sandbox:
         """An ``async with`` block holding a new sandbox built from `spec` plus these."""
         data = self.spec.model_dump()
         data["labels"] = {**self.spec.labels, LABEL: "1", **(labels or {})}
         data["env"] = {**self.spec.env, **(env or {})}
-        if lifetime_s is not None:
-            data["lifetime_s"] = lifetime_s
+        for name, value in (("lifetime_s", lifetime_s), ("cpu", cpu), ("memory_mb", memory_mb)):
+            if value is not None:
+                data[name] = value
         return open_sandbox(self.provider, SandboxSpec.model_validate(data))
 
     def get_provider(self) -> Provider:
@@ -626,6 +630,14 @@ else:
 #: Seconds a killed process's descendants get to be gone.
 _GONE_WITHIN = 10
 
+# Ways a command's child leaves its process group or session (or its parent) behind.
+_ESCAPES: Mapping[str, str] = {
+    "setsid": "setsid {hold} plain </dev/null &",
+    "double fork": "( {hold} plain </dev/null & )",
+    "nohup": "nohup {hold} plain </dev/null &",
+    "daemon (fork, setsid, fork)": "{hold} daemon </dev/null",
+}
+
 
 async def _install_holder(sb: Sandbox) -> None:
     await sb.write_file(_HOLDER, _HOLD.encode())
@@ -634,6 +646,11 @@ async def _install_holder(sb: Sandbox) -> None:
 def _hold(sb: Sandbox, lock: str) -> str:
     """The shell words that start the lock holder on ``lock`` (its mode follows)."""
     return f"{shlex.quote(sb.python)} {_HOLDER} {shlex.quote(lock)}"
+
+
+def _escape_script(sb: Sandbox, how: str, lock: str) -> str:
+    """A command that leaves a lock holder behind in the given way, then sleeps."""
+    return _ESCAPES[how].format(hold=_hold(sb, lock)) + "\nexec sleep 60\n"
 
 
 async def _lock_free(sb: Sandbox, lock: str, wait: int) -> bool:
@@ -855,6 +872,44 @@ async def check_write_after_exit(target: Target) -> None:
         await _expect_raises(BrokenPipeError, write_until_broken, "writing 4 MiB after exit")
 
 
+@_check
+async def check_exec_input_str(target: Target) -> None:
+    """exec(input=...) takes a str too, fed to stdin as UTF-8."""
+    text: Any = "héllo wörld €\n😀"  # Any: a str where older signatures said bytes
+    async with target.sandbox() as sb:
+        try:
+            result = await sb.exec(["cat"], input=text)
+        except Exception as exc:
+            raise CheckFailed(f"exec(input=str) raised {_describe(exc)}") from exc
+        expect(result.ok, f"cat exited {result.exit_code}: {_short(result.stderr)}")
+        expect(
+            result.stdout == text.encode(),
+            f"cat printed {result.stdout!r}, not the UTF-8 of {text!r}",
+        )
+
+
+@_check
+async def check_exec_timeout_validated(target: Target) -> None:
+    """A timeout that is not a positive finite number raises ConfigError naming it, and the
+    command does not run."""
+    argv = ["sh", "-c", "echo ran >> timeout-ran.txt"]
+    async with target.sandbox() as sb:
+        problems = []
+        for bad in (-1, 0, -0.5, math.nan, math.inf):
+            try:
+                await sb.exec(argv, timeout=bad)
+            except ConfigError as exc:
+                if "timeout" not in str(exc):
+                    problems.append(f"timeout={bad!r}: ConfigError does not name it: {exc}")
+            except Exception as exc:
+                problems.append(f"timeout={bad!r}: {_describe(exc)}")
+            else:
+                problems.append(f"timeout={bad!r} was accepted")
+        if await _exists(sb, "timeout-ran.txt"):
+            problems.append("the command ran despite the invalid timeout")
+        _fail_all(problems, "expected ConfigError for each")
+
+
 # --- environment and working directory ------------------------------------------------------
 
 _SHOW_ENV = 'printf "%s|%s|%s" "$SANDBAY_CHECK_A" "$SANDBAY_CHECK_B" "$SANDBAY_CHECK_C"'
@@ -920,6 +975,61 @@ async def check_relative_paths_resolve_to_workdir(target: Target) -> None:
         for path in ("made.txt", sb.resolve("made.txt")):
             data = await sb.read_file(path)
             expect(data == b"made", f"read_file({path!r}) gave {data!r}")
+
+
+@_check
+async def check_bad_cwd_reported(target: Target) -> None:
+    """exec with a cwd that does not exist exits non-zero with the directory named on stderr,
+    every time: one after another and several at once (no message lost under load)."""
+    async with target.sandbox() as sb:
+
+        async def one(i: int) -> str | None:
+            name = f"sandbay-no-such-dir-{i}"
+            cwd = name if i % 2 else sb.resolve(name)
+            result = await sb.exec(["true"], cwd=cwd)
+            if result.exit_code == 0:
+                return f"cwd={cwd!r} exited 0"
+            if name.encode() not in result.stderr:
+                return (
+                    f"cwd={cwd!r} exited {result.exit_code} without naming it on stderr "
+                    f"(stderr {_short(result.stderr)}, stdout {_short(result.stdout)})"
+                )
+            return None
+
+        found = [await one(i) for i in range(4)]
+        found += await _gather([functools.partial(one, i) for i in range(4, 12)])
+        _fail_all([p for p in found if p], "a missing working directory")
+
+
+_NO_USER = "nosuchuser-sandbay"
+
+
+@_check
+async def check_bad_user_reported(target: Target) -> None:
+    """exec as a user that does not exist raises ConfigError naming the user, or exits
+    non-zero with the user named on stderr: every time, one after another and several at
+    once (Docker's message must not get lost under load)."""
+    async with target.sandbox() as sb:
+
+        async def one(i: int) -> str | None:
+            try:
+                result = await sb.exec(["true"], user=_NO_USER)
+            except ConfigError as exc:
+                return None if _NO_USER in str(exc) else f"try {i}: ConfigError: {exc}"
+            except Exception as exc:
+                return f"try {i}: {_describe(exc)}"
+            if result.exit_code == 0:
+                return f"try {i}: exited 0"
+            if _NO_USER.encode() not in result.stderr:
+                return (
+                    f"try {i}: exited {result.exit_code} without naming the user on stderr "
+                    f"(stderr {_short(result.stderr)}, stdout {_short(result.stdout)})"
+                )
+            return None
+
+        found = [await one(i) for i in range(4)]
+        found += await _gather([functools.partial(one, i) for i in range(4, 12)])
+        _fail_all([p for p in found if p], f"user={_NO_USER!r}")
 
 
 # --- timeouts, kill, signals ----------------------------------------------------------------
@@ -1060,6 +1170,105 @@ async def check_concurrent_execs(target: Target) -> None:
                 r.ok and r.stdout == f"{i}\n".encode() and r.stderr == f"e{i}\n".encode(),
                 f"exec {i} gave {r}",
             )
+
+
+def _slug(how: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in how)
+
+
+@_check
+async def check_kill_stops_escaped_descendants(target: Target) -> None:
+    """Process.kill stops every descendant, whatever it did to its session or process group:
+    a child started with ``setsid``, a double-forked one, one under ``nohup``, and a daemon
+    (fork, setsid, fork).
+
+    Each descendant holds a lock and prints its pid once it does; after kill, the lock must
+    come free within a bound (another exec waits for it), which needs no shared PID namespace.
+    """
+    async with target.sandbox() as sb:
+        await _install_holder(sb)
+        problems = []
+        for how in _ESCAPES:
+            lock = f"kill-{_slug(how)}.lock"
+            proc = await sb.start(["sh", "-c", _escape_script(sb, how, lock)])
+            try:
+                line = await _first_line(proc, timeout=30)
+                expect(line.startswith(b"held "), f"{how}: first line was {line!r}")
+                expect(
+                    not await _lock_free(sb, lock, 0),
+                    f"{how}: another exec does not see the lock held: cannot check",
+                )
+            finally:
+                with _within(_GONE_WITHIN, f"{how}: Process.kill"):
+                    await proc.kill()
+            await _wait(proc)
+            problem = await _still_running(sb, lock)
+            if problem:
+                problems.append(f"{how}: {problem}")
+        _fail_all(problems, "Process.kill left descendants running")
+
+
+@_check
+async def check_exec_timeout_stops_escaped_descendants(target: Target) -> None:
+    """An exec killed by its timeout takes every descendant with it: ``setsid``, double fork,
+    ``nohup`` and a daemon, as in `kill_stops_escaped_descendants`. The timeout starts at
+    1 s and doubles until the descendant was running before the timeout struck."""
+    async with target.sandbox() as sb:
+        await _install_holder(sb)
+        problems = []
+        for how in _ESCAPES:
+            locks = await _exec_past_timeout(
+                sb,
+                functools.partial(_escape_script, sb, how),
+                f"timeout-{_slug(how)}",
+            )
+            for lock in locks:
+                problem = await _still_running(sb, lock)
+                if problem:
+                    problems.append(f"{how}: {problem}")
+        _fail_all(problems, "exec(timeout=...) left descendants running")
+
+
+#: Processes the pid-pressure check starts: bounded, so the host survives an unisolated run.
+_PRESSURE = 300
+
+
+@_check
+async def check_kill_under_pid_pressure(target: Target) -> None:
+    """With hundreds of processes running in the sandbox, kill returns within a bound and
+    takes them all down, and the next exec runs within a bound.
+
+    The command starts 300 ``sleep 60`` children (a cap, so that an unisolated local sandbox
+    cannot exhaust the host; exhausting a provider's own pids limit is that provider's test),
+    all sharing one locked file description: the lock comes free only when every one of
+    them is gone.
+    """
+    async with target.sandbox() as sb:
+        take = shlex.join(_py(sb, "import fcntl; fcntl.flock(9, fcntl.LOCK_EX)"))
+        script = (
+            "exec 9>>pressure.lock\n"
+            f"{take} || exit 3\n"
+            f'i=0; while [ "$i" -lt {_PRESSURE} ]; do '
+            "sleep 60 </dev/null >/dev/null 2>&1 & i=$((i + 1)); done\n"
+            "echo spawned\n"
+            "wait\n"
+        )
+        proc = await sb.start(["sh", "-c", script])
+        try:
+            line = await _first_line(proc, timeout=60)
+            expect(line == b"spawned", f"first line was {line!r}")
+            expect(
+                not await _lock_free(sb, "pressure.lock", 0), "the lock is not held: cannot check"
+            )
+        finally:
+            with _within(15, f"Process.kill with {_PRESSURE} processes running"):
+                await proc.kill()
+        await _wait(proc, timeout=15)
+        with _within(15, f"exec after killing {_PRESSURE} processes"):
+            result = await sb.exec(["true"])
+            expect(result.ok, f"`true` exited {result.exit_code}: {_short(result.stderr)}")
+        problem = await _still_running(sb, "pressure.lock")
+        expect(problem is None, f"kill left some of the {_PRESSURE} processes: {problem}")
 
 
 @_check
@@ -1534,6 +1743,55 @@ async def check_closed_removed_from_list(target: Target) -> None:
 
 
 @_check
+async def check_aclose_removes_at_once(target: Target) -> None:
+    """Once ``await sb.aclose()`` returns (with a process still running in the sandbox),
+    Provider.list no longer shows it, with no waiting; Provider.destroy of its id is then a
+    no-op, twice over."""
+    marker = uuid.uuid4().hex
+    provider = target.get_provider()
+    async with target.sandbox(labels={LABEL: marker}) as sb:
+        proc = await sb.start(_py(sb, "import time; print('up', flush=True); time.sleep(60)"))
+        line = await _first_line(proc, timeout=30)
+        expect(line == b"up", f"first line was {line!r}")
+        expect(sb.id in await _listed(provider, marker), "the open sandbox is not listed")
+        with _within(CLOSE_TIMEOUT + 10, "aclose"):
+            await sb.aclose()
+        listed = await _listed(provider, marker)
+        expect(not listed, f"Provider.list still shows {sorted(listed)} after aclose returned")
+        await provider.destroy(sb.id)
+        await provider.destroy(sb.id)
+        expect(not await _listed(provider, marker), "destroy after aclose brought it back")
+
+
+@_check
+async def check_aclose_with_escaped_descendants(target: Target) -> None:
+    """aclose of a sandbox with daemonised processes in it (``setsid``, double fork,
+    ``nohup``, daemon) returns within its deadline, after which Provider.list no longer
+    shows the sandbox and Provider.destroy of its id is a no-op.
+
+    That is all the API can show: once closed, a sandbox's files and processes are out of
+    reach, so whether those processes are gone cannot be observed generically from here.
+    tests/test_local.py checks the host's pids for the local provider; a container's
+    processes end with the container. What closing has to do for them, `Process.kill` does
+    too, and `kill_stops_escaped_descendants` checks that from inside.
+    """
+    marker = uuid.uuid4().hex
+    provider = target.get_provider()
+    async with target.sandbox(labels={LABEL: marker}) as sb:
+        await _install_holder(sb)
+        for how in _ESCAPES:
+            proc = await sb.start(["sh", "-c", _escape_script(sb, how, f"close-{_slug(how)}")])
+            line = await _first_line(proc, timeout=30)
+            expect(line.startswith(b"held "), f"{how}: first line was {line!r}")
+        with _within(CLOSE_TIMEOUT + 10, "aclose with daemonised processes"):
+            await sb.aclose()
+        listed = await _listed(provider, marker)
+        expect(not listed, f"Provider.list still shows {sorted(listed)} after aclose returned")
+        await provider.destroy(sb.id)
+        expect(not await _listed(provider, marker), "destroy after aclose brought it back")
+
+
+@_check
 async def check_gc_removes_expired(target: Target) -> None:
     """Provider.gc removes a sandbox whose lifetime passed and keeps one still in its time."""
     marker = uuid.uuid4().hex
@@ -1567,3 +1825,98 @@ async def check_destroy_by_id(target: Target) -> None:
         )
         await provider.destroy(sb.id)
     await provider.destroy("sandbay-conformance-never-existed")
+
+
+# --- the spec: limits are honoured or refused ------------------------------------------------
+
+# Prints, as JSON, every memory limit (bytes) and CPU limit (cores) a process can see: cgroup
+# v2 memory.max and cpu.max, v1 memory.limit_in_bytes and cpu.cfs_quota_us (its own cgroup
+# and every ancestor, where the limit may sit), RLIMIT_AS and RLIMIT_DATA, CPU affinity.
+_LIMITS = """\
+import json, os, resource
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+def ancestors(path):
+    path = path.rstrip('/') or '/'
+    while True:
+        yield '' if path == '/' else path
+        if path == '/':
+            return
+        path = os.path.dirname(path)
+
+memory, cpu = [], []
+try:
+    with open('/proc/self/cgroup') as f:
+        lines = f.read().splitlines()
+except OSError:
+    lines = []
+for line in lines:
+    _, names, path = line.split(':', 2)
+    controllers = [n for n in names.split(',') if n]
+    roots = {'/sys/fs/cgroup/' + n for n in (*controllers, ','.join(controllers))}
+    for root in roots if controllers else ['/sys/fs/cgroup']:
+        for p in ancestors(path):
+            base = root + p
+            for name in ('memory.max', 'memory.limit_in_bytes'):
+                v = read(f'{base}/{name}')
+                if v and v.isdigit() and int(v) < 2**62:
+                    memory.append([int(v), f'{base}/{name}'])
+            v = read(f'{base}/cpu.max')
+            if v and not v.startswith('max'):
+                q, per = v.split()[:2]
+                cpu.append([int(q) / int(per), f'{base}/cpu.max'])
+            q, per = read(f'{base}/cpu.cfs_quota_us'), read(f'{base}/cpu.cfs_period_us')
+            if q and per and q.isdigit() and per.isdigit():
+                cpu.append([int(q) / int(per), f'{base}/cpu.cfs_quota_us'])
+for name in ('RLIMIT_AS', 'RLIMIT_DATA'):
+    soft = resource.getrlimit(getattr(resource, name))[0]
+    if soft != resource.RLIM_INFINITY:
+        memory.append([soft, name])
+if hasattr(os, 'sched_getaffinity'):
+    cpu.append([len(os.sched_getaffinity(0)), 'CPU affinity'])
+print(json.dumps({'memory': memory, 'cpu': cpu}))
+"""
+
+
+@_check
+async def check_spec_limits_honoured_or_refused(target: Target) -> None:
+    """A spec with cpu=1, or with memory_mb=512, either opens a sandbox whose processes are
+    under that limit or raises ConfigError naming the field: never silent acceptance.
+
+    "Under the limit" means a process there sees it: a cgroup's cpu.max or cpu.cfs_quota_us
+    (or its CPU affinity) allowing at most 1 CPU; memory.max, memory.limit_in_bytes,
+    RLIMIT_AS or RLIMIT_DATA of at most 512 MiB. On a one-core host, cpu=1 holds by itself.
+    """
+    problems = []
+    cases: list[tuple[str, Callable[[], open_sandbox], str, float, str]] = [
+        ("cpu=1", functools.partial(target.sandbox, cpu=1.0), "cpu", 1.0, "1 CPU"),
+        (
+            "memory_mb=512",
+            functools.partial(target.sandbox, memory_mb=512),
+            "memory",
+            2**29,
+            "512 MiB",
+        ),
+    ]
+    for fields, opener, kind, bound, shown_bound in cases:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                sb = await stack.enter_async_context(opener())
+            except ConfigError as exc:
+                if kind not in str(exc):
+                    problems.append(f"{fields}: the ConfigError does not name the field: {exc}")
+                continue
+            seen = json.loads((await _run(sb, _py(sb, _LIMITS))).stdout)[kind]
+            if not any(0 < value <= bound for value, _ in seen):
+                shown = ", ".join(f"{where}={value}" for value, where in seen) or "none"
+                problems.append(
+                    f"{fields} was accepted, but no limit of at most {shown_bound} is "
+                    f"visible inside (seen: {shown})"
+                )
+    _fail_all(problems, "limits must be honoured or refused with ConfigError")
