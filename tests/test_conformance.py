@@ -85,5 +85,6 @@ async def test_unknown_check_names_are_rejected() -> None:
 
 
 async def test_check_timeout_is_a_failure() -> None:
+    # exec_timeout_kills waits out a 0.5 s exec timeout, then one of at least 1 s.
     with pytest.raises(CheckFailed, match="did not finish within"):
-        await run_check("concurrent_execs", LocalConfig(), timeout=0.3)
+        await run_check("exec_timeout_kills", LocalConfig(), timeout=0.3)

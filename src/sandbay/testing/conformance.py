@@ -17,6 +17,12 @@ checks are independent and can run in any order. The checks that need the provid
 
 A check fails by raising `CheckFailed` (an `AssertionError`) with a message that says what was
 expected and what happened; any other exception is a failure too.
+
+Checks that depend on timing wait for events, not for fixed lengths of time, so a slow
+provider makes them slower, not flaky: a line the process prints, a file it writes once it
+is ready, a lock that comes free when the last process holding it is gone. Where a promise
+depends on who the sandbox's user is (root may read anything), the check asks a process of
+that user inside the sandbox first and holds the file API to the same answer.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
+import math
 import os
+import shlex
 import time
 import traceback
 import uuid
@@ -37,6 +46,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar, Union
@@ -48,12 +58,17 @@ from .._config import ProviderConfig, SandbayConfig
 from .._errors import (
     ConfigError,
     SandboxClosedError,
+    SandboxError,
     SandboxFileNotFoundError,
+    SandboxFileTooLargeError,
+    SandboxIsADirectoryError,
+    SandboxNotADirectoryError,
     SandboxNotFoundError,
+    SandboxPermissionError,
     SandboxTimeoutError,
 )
 from .._provider import Provider, SandboxInfo
-from .._sandbox import ExecResult, Process, Sandbox, SandboxSpec
+from .._sandbox import CLOSE_TIMEOUT, ExecResult, Process, Sandbox, SandboxSpec
 
 __all__ = [
     "CHECKS",
@@ -85,7 +100,7 @@ class Target:
 
     Attributes:
         provider: A provider name or config, as `sandbay.open_sandbox` takes it.
-        spec: The base spec; checks add labels, env or a lifetime to it.
+        spec: The base spec; checks add labels, env, a lifetime or limits to it.
     """
 
     provider: ProviderArg
@@ -97,13 +112,16 @@ class Target:
         labels: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
         lifetime_s: float | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
     ) -> open_sandbox:
         """An ``async with`` block holding a new sandbox built from `spec` plus these."""
         data = self.spec.model_dump()
         data["labels"] = {**self.spec.labels, LABEL: "1", **(labels or {})}
         data["env"] = {**self.spec.env, **(env or {})}
-        if lifetime_s is not None:
-            data["lifetime_s"] = lifetime_s
+        for name, value in (("lifetime_s", lifetime_s), ("cpu", cpu), ("memory_mb", memory_mb)):
+            if value is not None:
+                data[name] = value
         return open_sandbox(self.provider, SandboxSpec.model_validate(data))
 
     def get_provider(self) -> Provider:
@@ -119,6 +137,7 @@ CHECKS: Mapping[str, Check] = MappingProxyType(_checks)
 """Every check by name, in the order they run."""
 
 _C = TypeVar("_C", bound=Check)
+_T = TypeVar("_T")
 
 
 def _check(func: _C) -> _C:
@@ -251,7 +270,7 @@ async def run_conformance(
                     name,
                     False,
                     time.monotonic() - started,
-                    f"{type(exc).__name__}: {exc}",
+                    _describe(exc),
                     traceback.format_exc(),
                 )
             )
@@ -283,6 +302,14 @@ def expect(condition: object, message: str) -> None:
         raise CheckFailed(message)
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, looking inside exception groups (what leaked out of a task group)."""
+    inner = getattr(exc, "exceptions", None)
+    if isinstance(inner, tuple) and inner:
+        return f"{type(exc).__name__}[{', '.join(_describe(e) for e in inner)}]"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _short(data: bytes | str, limit: int = 200) -> str:
     text = repr(data)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(data)} in all)"
@@ -310,9 +337,7 @@ async def _expect_raises(
     except error as exc:
         return exc
     except Exception as exc:
-        raise CheckFailed(
-            f"{what}: expected {error.__name__}, got {type(exc).__name__}: {exc}"
-        ) from exc
+        raise CheckFailed(f"{what}: expected {error.__name__}, got {_describe(exc)}") from exc
     raise CheckFailed(f"{what}: expected {error.__name__}, nothing was raised")
 
 
@@ -357,6 +382,325 @@ def _within(seconds: float, what: str) -> Iterator[None]:
         yield
     if scope.cancelled_caught:
         raise CheckFailed(f"{what}: no result within {seconds:g} s")
+
+
+async def _gather(calls: Sequence[Callable[[], Awaitable[_T]]]) -> list[_T]:
+    """Run calls at once and return their results in order (they should not raise)."""
+    results: dict[int, _T] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await calls[i]()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(calls)):
+            tg.start_soon(one, i)
+    return [results[i] for i in range(len(calls))]
+
+
+def _fail_all(problems: Sequence[str], what: str) -> None:
+    """Fail with every problem found (checks that try several cases report them all)."""
+    if problems:
+        raise CheckFailed(f"{what}: " + "; ".join(problems))
+
+
+def _digest(data: bytes) -> str:
+    # Never the contents: the file may be one the sandbox's user must not see.
+    return f"{len(data)} bytes (sha256 {hashlib.sha256(data).hexdigest()[:12]})"
+
+
+async def _exists(sb: Sandbox, path: str) -> bool:
+    result = await sb.exec(["test", "-e", path])
+    return result.ok
+
+
+# Exit 0 as soon as argv[1] exists, 1 if it has not within argv[2] seconds.
+_APPEARS = """\
+import os, sys, time
+deadline = time.monotonic() + float(sys.argv[2])
+while not os.path.lexists(sys.argv[1]):
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.02)
+"""
+
+
+async def _appears(sb: Sandbox, path: str, within: float) -> bool:
+    """Whether a file shows up within ``within`` seconds (a process announcing an event)."""
+    result = await sb.exec(_py(sb, _APPEARS, path, str(within)), timeout=within + 30)
+    return result.ok
+
+
+# --- what the sandbox's own user sees --------------------------------------------------------
+
+# Reads a file as a process of the sandbox's user, as `cat` would (the same open and read),
+# and names the errno when that fails: the bytes on stdout, or exit 3 and the name on stderr.
+_READ_AS_USER = """\
+import errno, sys
+try:
+    with open(sys.argv[1], 'rb') as f:
+        data = f.read()
+except OSError as exc:
+    sys.stderr.write(errno.errorcode.get(exc.errno, str(exc.errno)))
+    sys.exit(3)
+sys.stdout.buffer.write(data)
+"""
+
+# Whether the sandbox's user could do what write_file promises (create the parents, then the
+# file), as `mkdir -p` and `echo x > path` would; undoes it. Exit 0 and the directories it
+# made (deepest first, as JSON), or exit 3 and the errno's name on stderr. It never touches
+# an existing file: only new paths (and directories, which fail with EISDIR) are probed.
+_CREATE_AS_USER = """\
+import errno, json, os, sys
+path = sys.argv[1]
+if os.path.lexists(path) and not os.path.isdir(path):
+    sys.exit(f'{path} exists: only new paths are probed')
+parent = os.path.dirname(path.rstrip('/')) or '.'
+made, p = [], parent
+while not os.path.lexists(p):
+    made.append(p)
+    p = os.path.dirname(p) or '.'
+try:
+    if made:
+        os.makedirs(parent)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+except OSError as exc:
+    for d in made:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+    sys.stderr.write(errno.errorcode.get(exc.errno, str(exc.errno)))
+    sys.exit(3)
+os.unlink(path)
+for d in made:
+    os.rmdir(d)
+print(json.dumps(made))
+"""
+
+_ERRNO_ERRORS: Mapping[str, type[SandboxError]] = {
+    "ENOENT": SandboxFileNotFoundError,
+    "EACCES": SandboxPermissionError,
+    "EPERM": SandboxPermissionError,
+    "EISDIR": SandboxIsADirectoryError,
+    "ENOTDIR": SandboxNotADirectoryError,
+}
+
+
+async def _read_as_user(sb: Sandbox, path: str) -> tuple[bytes | None, str]:
+    """What a process of the sandbox's user reads at path: (bytes, "") or (None, errno name)."""
+    result = await sb.exec(_py(sb, _READ_AS_USER, path))
+    if result.exit_code == 0:
+        return result.stdout, ""
+    expect(
+        result.exit_code == 3 and result.stderr,
+        f"reading {path!r} in the sandbox failed oddly: {result.exit_code}, "
+        f"{_short(result.stderr)}",
+    )
+    return None, result.stderr.decode(errors="replace").strip()
+
+
+async def _read_matches_user(sb: Sandbox, path: str) -> str | None:
+    """Compare read_file(path) with what the sandbox's user reads there; None if they agree,
+    else what differs."""
+    seen, errname = await _read_as_user(sb, path)
+    wanted = _ERRNO_ERRORS.get(errname, SandboxError)
+    try:
+        data = await sb.read_file(path)
+    except Exception as exc:
+        if seen is not None:
+            return (
+                f"read_file({path!r}) raised {_describe(exc)}, but the sandbox's "
+                f"user reads {_digest(seen)} there"
+            )
+        if not isinstance(exc, wanted):
+            return (
+                f"read_file({path!r}) raised {_describe(exc)}; the sandbox's user "
+                f"gets {errname} there, so {wanted.__name__} was expected"
+            )
+        return None
+    if seen is None:
+        return (
+            f"read_file({path!r}) returned {_digest(data)}, which the sandbox's user cannot "
+            f"read ({errname}); expected {wanted.__name__}"
+        )
+    if data != seen:
+        return (
+            f"read_file({path!r}) returned {_digest(data)}, the sandbox's user reads "
+            f"{_digest(seen)} there"
+        )
+    return None
+
+
+async def _write_matches_user(sb: Sandbox, path: str) -> str | None:
+    """Compare write_file(path) with what the sandbox's user could do there; None if they
+    agree, else what differs. Removes what it created where the user could create it."""
+    data = b"written by the sandbay conformance suite\n"
+    probe = await sb.exec(_py(sb, _CREATE_AS_USER, path))
+    if probe.exit_code == 0:
+        made: list[str] = json.loads(probe.stdout)
+        try:
+            await sb.write_file(path, data)
+            back, errname = await _read_as_user(sb, path)
+            if back != data:
+                seen = _digest(back) if back is not None else errname
+                return f"write_file({path!r}) succeeded, but the sandbox's user reads {seen}"
+        except Exception as exc:
+            return (
+                f"write_file({path!r}) raised {_describe(exc)}, but the sandbox's "
+                "user may create that file"
+            )
+        finally:
+            await sb.exec(["rm", "-f", "--", path])
+            for directory in made:
+                await sb.exec(["rmdir", "--", directory])
+        return None
+    expect(
+        probe.exit_code == 3 and probe.stderr,
+        f"probing {path!r} in the sandbox failed oddly: {probe.exit_code}, {_short(probe.stderr)}",
+    )
+    errname = probe.stderr.decode(errors="replace").strip()
+    wanted = _ERRNO_ERRORS.get(errname, SandboxError)
+    try:
+        await sb.write_file(path, data)
+    except Exception as exc:
+        if not isinstance(exc, wanted):
+            return (
+                f"write_file({path!r}) raised {_describe(exc)}; the sandbox's user "
+                f"gets {errname} there, so {wanted.__name__} was expected"
+            )
+        if (await sb.exec(["test", "-f", path])).ok:
+            return f"write_file({path!r}) raised {wanted.__name__} but created the file anyway"
+        return None
+    created = (await sb.exec(["test", "-f", path])).ok
+    return (
+        f"write_file({path!r}) succeeded{' (a file is there now)' if created else ''}, where "
+        f"the sandbox's user gets {errname}; expected {wanted.__name__}"
+    )
+
+
+# --- processes that try to outlive their command ----------------------------------------------
+
+_HOLDER = ".sandbay-hold.py"
+# Takes an exclusive flock on argv[1] and holds it for a minute, announcing itself with its
+# pid on stdout (and in argv[1].pid, written once it holds the lock), then letting go of the
+# command's stdio. A lock dies with the last process holding it, so another exec can tell
+# whether the holder still runs by waiting for the lock: an event, where `kill -0 <pid>`
+# would need the same PID namespace (each isolated exec may have its own). With "daemon" it
+# first detaches as daemons do: fork, new session, fork again.
+_HOLD = """\
+import fcntl, os, sys, time
+lock, how = sys.argv[1], sys.argv[2]
+if how == 'daemon':
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+f = open(lock, 'a')
+fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+with open(lock + '.tmp', 'w') as out:
+    out.write(str(os.getpid()))
+os.replace(lock + '.tmp', lock + '.pid')
+try:
+    print('held', os.getpid(), flush=True)
+except OSError:
+    pass  # nobody reads any more: keep holding regardless
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+time.sleep(60)
+"""
+
+# Exit 0 once the lock on argv[1] is free (waiting up to argv[2] whole seconds), else 1.
+_LOCK_FREE = """\
+import fcntl, signal, sys
+f = open(sys.argv[1], 'a')
+wait = int(sys.argv[2])
+if wait:
+    signal.signal(signal.SIGALRM, lambda *_: sys.exit(1))
+    signal.alarm(wait)
+    fcntl.flock(f, fcntl.LOCK_EX)
+else:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        sys.exit(1)
+"""
+
+#: Seconds a killed process's descendants get to be gone.
+_GONE_WITHIN = 10
+
+# Ways a command's child leaves its process group or session (or its parent) behind.
+_ESCAPES: Mapping[str, str] = {
+    "setsid": "setsid {hold} plain </dev/null &",
+    "double fork": "( {hold} plain </dev/null & )",
+    "nohup": "nohup {hold} plain </dev/null &",
+    "daemon (fork, setsid, fork)": "{hold} daemon </dev/null",
+}
+
+
+async def _install_holder(sb: Sandbox) -> None:
+    await sb.write_file(_HOLDER, _HOLD.encode())
+
+
+def _hold(sb: Sandbox, lock: str) -> str:
+    """The shell words that start the lock holder on ``lock`` (its mode follows)."""
+    return f"{shlex.quote(sb.python)} {_HOLDER} {shlex.quote(lock)}"
+
+
+def _escape_script(sb: Sandbox, how: str, lock: str) -> str:
+    """A command that leaves a lock holder behind in the given way, then sleeps."""
+    return _ESCAPES[how].format(hold=_hold(sb, lock)) + "\nexec sleep 60\n"
+
+
+async def _lock_free(sb: Sandbox, lock: str, wait: int) -> bool:
+    result = await sb.exec(_py(sb, _LOCK_FREE, lock, str(wait)), timeout=wait + 30)
+    expect(
+        result.exit_code in (0, 1),
+        f"waiting for the lock {lock!r} failed: {result.exit_code}, {_short(result.stderr)}",
+    )
+    return result.exit_code == 0
+
+
+async def _holder_pid(sb: Sandbox, lock: str) -> str:
+    try:
+        return (await sb.read_file(lock + ".pid")).decode(errors="replace")
+    except SandboxFileNotFoundError:
+        return ""
+
+
+async def _still_running(sb: Sandbox, lock: str) -> str | None:
+    """None once the holder of ``lock`` is gone (waiting a bounded time), else a complaint."""
+    if await _lock_free(sb, lock, _GONE_WITHIN):
+        return None
+    pid = await _holder_pid(sb, lock)
+    who = f"a descendant (pid {pid} in the sandbox)" if pid else "a descendant"
+    return f"{who} still ran {_GONE_WITHIN} s later"
+
+
+async def _exec_past_timeout(sb: Sandbox, script: Callable[[str], str], name: str) -> list[str]:
+    """Run ``exec(["sh", "-c", script(lock)], timeout=t)`` until the command took its lock
+    before its timeout (t doubles from 1 s, so a slow provider gets time to start it).
+
+    Returns:
+        The lock of each try, the last one taken; their holders must all be gone.
+    """
+    timeout = 1.0
+    locks: list[str] = []
+    while True:
+        lock = f"{name}-{len(locks)}.lock"
+        locks.append(lock)
+        try:
+            result = await sb.exec(["sh", "-c", script(lock)], timeout=timeout)
+        except SandboxTimeoutError:
+            pass
+        else:
+            raise CheckFailed(f"{name}: the command ended before its timeout: {result}")
+        if await _exists(sb, lock + ".pid"):
+            return locks
+        if timeout >= 16:
+            raise CheckFailed(f"{name}: the command did not start its child within {timeout:g} s")
+        timeout *= 2
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -528,6 +872,44 @@ async def check_write_after_exit(target: Target) -> None:
         await _expect_raises(BrokenPipeError, write_until_broken, "writing 4 MiB after exit")
 
 
+@_check
+async def check_exec_input_str(target: Target) -> None:
+    """exec(input=...) takes a str too, fed to stdin as UTF-8."""
+    text: Any = "héllo wörld €\n😀"  # Any: a str where older signatures said bytes
+    async with target.sandbox() as sb:
+        try:
+            result = await sb.exec(["cat"], input=text)
+        except Exception as exc:
+            raise CheckFailed(f"exec(input=str) raised {_describe(exc)}") from exc
+        expect(result.ok, f"cat exited {result.exit_code}: {_short(result.stderr)}")
+        expect(
+            result.stdout == text.encode(),
+            f"cat printed {result.stdout!r}, not the UTF-8 of {text!r}",
+        )
+
+
+@_check
+async def check_exec_timeout_validated(target: Target) -> None:
+    """A timeout that is not a positive finite number raises ConfigError naming it, and the
+    command does not run."""
+    argv = ["sh", "-c", "echo ran >> timeout-ran.txt"]
+    async with target.sandbox() as sb:
+        problems = []
+        for bad in (-1, 0, -0.5, math.nan, math.inf):
+            try:
+                await sb.exec(argv, timeout=bad)
+            except ConfigError as exc:
+                if "timeout" not in str(exc):
+                    problems.append(f"timeout={bad!r}: ConfigError does not name it: {exc}")
+            except Exception as exc:
+                problems.append(f"timeout={bad!r}: {_describe(exc)}")
+            else:
+                problems.append(f"timeout={bad!r} was accepted")
+        if await _exists(sb, "timeout-ran.txt"):
+            problems.append("the command ran despite the invalid timeout")
+        _fail_all(problems, "expected ConfigError for each")
+
+
 # --- environment and working directory ------------------------------------------------------
 
 _SHOW_ENV = 'printf "%s|%s|%s" "$SANDBAY_CHECK_A" "$SANDBAY_CHECK_B" "$SANDBAY_CHECK_C"'
@@ -595,35 +977,117 @@ async def check_relative_paths_resolve_to_workdir(target: Target) -> None:
             expect(data == b"made", f"read_file({path!r}) gave {data!r}")
 
 
+#: Tries one after another, then at once, of a failure whose message could get lost.
+_TRIES_ALONE, _TRIES_AT_ONCE = 4, 20
+
+
+async def _tries(one: Callable[[int], Awaitable[str | None]]) -> list[str]:
+    """Run ``one(i)`` alone, then many at once; return its problems, each once, counted."""
+    found = [await one(i) for i in range(_TRIES_ALONE)]
+    total = _TRIES_ALONE + _TRIES_AT_ONCE
+    found += await _gather([functools.partial(one, i) for i in range(_TRIES_ALONE, total)])
+    problems = [p for p in found if p]
+    if not problems:
+        return []
+    return [f"{len(problems)} of {total} tries failed", *problems[:3]]
+
+
+@_check
+async def check_bad_cwd_reported(target: Target) -> None:
+    """exec with a cwd that does not exist exits non-zero with the directory named on stderr,
+    every time: 4 tries one after another, then 20 at once (no message lost under load)."""
+    async with target.sandbox() as sb:
+
+        async def one(i: int) -> str | None:
+            name = f"sandbay-no-such-dir-{i}"
+            cwd = name if i % 2 else sb.resolve(name)
+            result = await sb.exec(["true"], cwd=cwd)
+            if result.exit_code == 0:
+                return f"cwd={cwd!r} exited 0"
+            if name.encode() not in result.stderr:
+                return (
+                    f"cwd={cwd!r} exited {result.exit_code} without naming it on stderr "
+                    f"(stderr {_short(result.stderr)}, stdout {_short(result.stdout)})"
+                )
+            return None
+
+        found = await _tries(one)
+        _fail_all(found, "a missing working directory")
+
+
+_NO_USER = "nosuchuser-sandbay"
+
+
+@_check
+async def check_bad_user_reported(target: Target) -> None:
+    """exec as a user that does not exist raises ConfigError naming the user, or exits
+    non-zero with the user named on stderr: every time, 4 tries one after another, then 20 at
+    once (Docker's message must not get lost under load)."""
+    async with target.sandbox() as sb:
+
+        async def one(i: int) -> str | None:
+            try:
+                result = await sb.exec(["true"], user=_NO_USER)
+            except ConfigError as exc:
+                return None if _NO_USER in str(exc) else f"try {i}: ConfigError: {exc}"
+            except Exception as exc:
+                return f"try {i}: {_describe(exc)}"
+            if result.exit_code == 0:
+                return f"try {i}: exited 0"
+            if _NO_USER.encode() not in result.stderr:
+                return (
+                    f"try {i}: exited {result.exit_code} without naming the user on stderr "
+                    f"(stderr {_short(result.stderr)}, stdout {_short(result.stdout)})"
+                )
+            return None
+
+        found = await _tries(one)
+        _fail_all(found, f"user={_NO_USER!r}")
+
+
 # --- timeouts, kill, signals ----------------------------------------------------------------
 
 
 @_check
 async def check_exec_timeout_kills(target: Target) -> None:
-    """A command past its timeout raises SandboxTimeoutError and is really killed."""
+    """A command past its timeout raises SandboxTimeoutError soon and is really killed.
+
+    Killed means gone: the command holds a lock, and the lock must come free (an event, not
+    a wait of fixed length). The timeout grows from 1 s until the command has taken its lock
+    before being killed, so a slow provider cannot make the check pass without testing.
+    """
     async with target.sandbox() as sb:
         started = time.monotonic()
         exc = await _expect_raises(
             SandboxTimeoutError,
-            lambda: sb.exec(["sh", "-c", "sleep 1.5; echo late > timeout-marker"], timeout=0.5),
+            lambda: sb.exec(["sh", "-c", "sleep 60"], timeout=0.5),
             "exec past its timeout",
         )
         elapsed = time.monotonic() - started
         expect(isinstance(exc, TimeoutError), "SandboxTimeoutError is not a TimeoutError")
         expect(elapsed < 10, f"exec(timeout=0.5) returned only after {elapsed:.1f} s")
-        await anyio.sleep(2)
-        await _expect_missing(sb, "timeout-marker", "the timed-out command kept running")
+        await _install_holder(sb)
+        locks = await _exec_past_timeout(
+            sb, lambda lock: f"exec {_hold(sb, lock)} plain", "timeout"
+        )
+        for lock in locks:
+            problem = await _still_running(sb, lock)
+            expect(problem is None, f"the timed-out command kept running: {problem}")
 
 
 @_check
 async def check_cancelled_exec_kills(target: Target) -> None:
-    """Cancelling the task running exec kills the command."""
+    """Cancelling the task running exec kills the command (once it has surely started)."""
     async with target.sandbox() as sb:
-        with anyio.move_on_after(0.5) as scope:
-            await sb.exec(["sh", "-c", "sleep 1.5; echo late > cancel-marker"])
-        expect(scope.cancelled_caught, "the 1.5 s command finished within 0.5 s")
-        await anyio.sleep(2)
-        await _expect_missing(sb, "cancel-marker", "the cancelled command kept running")
+        await _install_holder(sb)
+        lock = "cancel.lock"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(sb.exec, ["sh", "-c", f"exec {_hold(sb, lock)} plain"]))
+            started = await _appears(sb, lock + ".pid", 30)
+            tg.cancel_scope.cancel()
+        expect(started, "the command did not start within 30 s")
+        problem = await _still_running(sb, lock)
+        expect(problem is None, f"the cancelled command kept running: {problem}")
 
 
 @_check
@@ -644,15 +1108,15 @@ async def check_kill_started_process(target: Target) -> None:
 @_check
 async def check_kill_kills_children(target: Target) -> None:
     """kill also stops what the process started (a background child here)."""
-    script = "(sleep 1.5; echo late > child-marker) & echo started; wait"
     async with target.sandbox() as sb:
-        proc = await sb.start(["sh", "-c", script])
-        line = await _first_line(proc)
-        expect(line == b"started", f"first line was {line!r}")
+        await _install_holder(sb)
+        proc = await sb.start(["sh", "-c", f"{_hold(sb, 'child.lock')} plain & wait"])
+        line = await _first_line(proc, timeout=30)
+        expect(line.startswith(b"held "), f"first line was {line!r}")
         await proc.kill()
         await _wait(proc)
-        await anyio.sleep(2)
-        await _expect_missing(sb, "child-marker", "kill left the command's child running")
+        problem = await _still_running(sb, "child.lock")
+        expect(problem is None, f"kill left the command's child running: {problem}")
 
 
 @_check
@@ -680,8 +1144,11 @@ async def check_returncode_none_while_running(target: Target) -> None:
     async with target.sandbox() as sb:
         proc = await sb.start(["cat"])
         expect(proc.returncode is None, f"returncode {proc.returncode} right after start")
-        await proc.write(b"x")
-        await anyio.sleep(0.2)
+        await proc.write(b"x\n")
+        echoed = b""
+        with _within(10, "reading what cat echoed"):
+            echoed = await proc.stdout.__anext__()
+        expect(echoed == b"x\n", f"cat echoed {echoed!r}")
         expect(proc.returncode is None, f"returncode {proc.returncode} while cat waits")
         await proc.close_stdin()
         await proc.stdout.read()
@@ -689,27 +1156,132 @@ async def check_returncode_none_while_running(target: Target) -> None:
         expect(code == 0 and proc.returncode == 0, f"cat exited {code}, {proc.returncode}")
 
 
+# Each command announces itself, then waits (at most 30 s) until all 8 have: it can only get
+# past this barrier if the execs really run at the same time.
+_BARRIER = (
+    'touch "started.$1"; n=0; '
+    'while [ "$(ls started.* | wc -l)" -lt 8 ]; do '
+    'n=$((n + 1)); [ "$n" -gt 600 ] && exit 9; sleep 0.05; done; '
+    'echo "$1"; echo "e$1" >&2'
+)
+
+
 @_check
 async def check_concurrent_execs(target: Target) -> None:
-    """8 execs in one sandbox run at the same time, each with its own output."""
-    results: dict[int, ExecResult] = {}
-
-    async def one(sb: Sandbox, i: int) -> None:
-        results[i] = await sb.exec(["sh", "-c", f"sleep 1; echo {i}; echo e{i} >&2"])
-
+    """8 execs in one sandbox run at the same time (each waits until all have started), each
+    with its own output."""
     async with target.sandbox() as sb:
-        started = time.monotonic()
-        async with anyio.create_task_group() as tg:
-            for i in range(8):
-                tg.start_soon(one, sb, i)
-        elapsed = time.monotonic() - started
-        for i in range(8):
-            r = results[i]
+        results = await _gather(
+            [functools.partial(sb.exec, ["sh", "-c", _BARRIER, "sh", str(i)]) for i in range(8)]
+        )
+        for i, r in enumerate(results):
+            expect(
+                r.exit_code != 9,
+                f"exec {i} waited 30 s for the other 7 to start: the execs did not overlap",
+            )
             expect(
                 r.ok and r.stdout == f"{i}\n".encode() and r.stderr == f"e{i}\n".encode(),
                 f"exec {i} gave {r}",
             )
-        expect(elapsed < 6, f"8 one-second execs took {elapsed:.1f} s: they did not overlap")
+
+
+def _slug(how: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in how)
+
+
+@_check
+async def check_kill_stops_escaped_descendants(target: Target) -> None:
+    """Process.kill stops every descendant, whatever it did to its session or process group:
+    a child started with ``setsid``, a double-forked one, one under ``nohup``, and a daemon
+    (fork, setsid, fork).
+
+    Each descendant holds a lock and prints its pid once it does; after kill, the lock must
+    come free within a bound (another exec waits for it), which needs no shared PID namespace.
+    """
+    async with target.sandbox() as sb:
+        await _install_holder(sb)
+        problems = []
+        for how in _ESCAPES:
+            lock = f"kill-{_slug(how)}.lock"
+            proc = await sb.start(["sh", "-c", _escape_script(sb, how, lock)])
+            try:
+                line = await _first_line(proc, timeout=30)
+                expect(line.startswith(b"held "), f"{how}: first line was {line!r}")
+                expect(
+                    not await _lock_free(sb, lock, 0),
+                    f"{how}: another exec does not see the lock held: cannot check",
+                )
+            finally:
+                with _within(_GONE_WITHIN, f"{how}: Process.kill"):
+                    await proc.kill()
+            await _wait(proc)
+            problem = await _still_running(sb, lock)
+            if problem:
+                problems.append(f"{how}: {problem}")
+        _fail_all(problems, "Process.kill left descendants running")
+
+
+@_check
+async def check_exec_timeout_stops_escaped_descendants(target: Target) -> None:
+    """An exec killed by its timeout takes every descendant with it: ``setsid``, double fork,
+    ``nohup`` and a daemon, as in `kill_stops_escaped_descendants`. The timeout starts at
+    1 s and doubles until the descendant was running before the timeout struck."""
+    async with target.sandbox() as sb:
+        await _install_holder(sb)
+        problems = []
+        for how in _ESCAPES:
+            locks = await _exec_past_timeout(
+                sb,
+                functools.partial(_escape_script, sb, how),
+                f"timeout-{_slug(how)}",
+            )
+            for lock in locks:
+                problem = await _still_running(sb, lock)
+                if problem:
+                    problems.append(f"{how}: {problem}")
+        _fail_all(problems, "exec(timeout=...) left descendants running")
+
+
+#: Processes the pid-pressure check starts: bounded, so the host survives an unisolated run.
+_PRESSURE = 300
+
+
+@_check
+async def check_kill_under_pid_pressure(target: Target) -> None:
+    """With hundreds of processes running in the sandbox, kill returns within a bound and
+    takes them all down, and the next exec runs within a bound.
+
+    The command starts 300 ``sleep 60`` children (a cap, so that an unisolated local sandbox
+    cannot exhaust the host; exhausting a provider's own pids limit is that provider's test),
+    all sharing one locked file description: the lock comes free only when every one of
+    them is gone.
+    """
+    async with target.sandbox() as sb:
+        take = shlex.join(_py(sb, "import fcntl; fcntl.flock(9, fcntl.LOCK_EX)"))
+        script = (
+            "exec 9>>pressure.lock\n"
+            f"{take} || exit 3\n"
+            f'i=0; while [ "$i" -lt {_PRESSURE} ]; do '
+            "sleep 60 </dev/null >/dev/null 2>&1 & i=$((i + 1)); done\n"
+            "echo spawned\n"
+            "wait\n"
+        )
+        proc = await sb.start(["sh", "-c", script])
+        try:
+            line = await _first_line(proc, timeout=60)
+            expect(line == b"spawned", f"first line was {line!r}")
+            expect(
+                not await _lock_free(sb, "pressure.lock", 0), "the lock is not held: cannot check"
+            )
+        finally:
+            with _within(15, f"Process.kill with {_PRESSURE} processes running"):
+                await proc.kill()
+        await _wait(proc, timeout=15)
+        with _within(15, f"exec after killing {_PRESSURE} processes"):
+            result = await sb.exec(["true"])
+            expect(result.ok, f"`true` exited {result.exit_code}: {_short(result.stderr)}")
+        problem = await _still_running(sb, "pressure.lock")
+        expect(problem is None, f"kill left some of the {_PRESSURE} processes: {problem}")
 
 
 @_check
@@ -839,6 +1411,226 @@ async def check_file_mode_honoured(target: Target) -> None:
         expect(seen == "0o600", f"rewritten with mode 0o600, the file has {seen}")
 
 
+@_check
+async def check_read_directory_is_a_directory(target: Target) -> None:
+    """read_file (and read_file_stream) of a directory raises SandboxIsADirectoryError, an
+    IsADirectoryError."""
+    async with target.sandbox() as sb:
+        await _run(sb, ["mkdir", "-p", "adir/sub"])
+        problems = []
+        for path in ("adir", "adir/sub", "adir/", sb.workdir):
+            for what, action in (
+                ("read_file", functools.partial(sb.read_file, path)),
+                ("read_file_stream", functools.partial(_drain, sb, path)),
+            ):
+                try:
+                    await action()
+                except SandboxIsADirectoryError as exc:
+                    if not isinstance(exc, IsADirectoryError):
+                        problems.append("SandboxIsADirectoryError is not an IsADirectoryError")
+                except Exception as exc:
+                    problems.append(f"{what}({path!r}) raised {_describe(exc)}")
+                else:
+                    problems.append(f"{what}({path!r}) raised nothing")
+        _fail_all(problems, "expected SandboxIsADirectoryError")
+
+
+async def _drain(sb: Sandbox, path: str) -> None:
+    async with aclosing(sb.read_file_stream(path)) as chunks:
+        async for _ in chunks:
+            pass
+
+
+@_check
+async def check_write_directory_is_a_directory(target: Target) -> None:
+    """write_file to a path that is a directory raises SandboxIsADirectoryError (an
+    IsADirectoryError) and leaves the directory as it was."""
+    async with target.sandbox() as sb:
+        await sb.write_file("adir/keep.txt", b"kept")
+        for path in ("adir", sb.resolve("adir")):
+            exc = await _expect_raises(
+                SandboxIsADirectoryError,
+                functools.partial(sb.write_file, path, b"x"),
+                f"write_file({path!r}) on a directory",
+            )
+            expect(isinstance(exc, IsADirectoryError), "not an IsADirectoryError")
+        await _run(sb, ["test", "-d", "adir"])
+        kept = await sb.read_file("adir/keep.txt")
+        expect(kept == b"kept", f"the directory's file now holds {kept!r}")
+
+
+@_check
+async def check_parent_not_a_directory(target: Target) -> None:
+    """A path running through a file raises SandboxNotADirectoryError (a NotADirectoryError)
+    from read_file and write_file, and leaves the file as it was."""
+    async with target.sandbox() as sb:
+        await sb.write_file("plain.txt", b"plain")
+        problems = []
+        actions: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("read_file('plain.txt/inner')", functools.partial(sb.read_file, "plain.txt/inner")),
+            (
+                "write_file('plain.txt/inner')",
+                functools.partial(sb.write_file, "plain.txt/inner", b"x"),
+            ),
+            (
+                "write_file('plain.txt/a/b')",
+                functools.partial(sb.write_file, "plain.txt/a/b", b"x"),
+            ),
+        ]
+        for what, action in actions:
+            try:
+                await action()
+            except SandboxNotADirectoryError as exc:
+                if not isinstance(exc, NotADirectoryError):
+                    problems.append("SandboxNotADirectoryError is not a NotADirectoryError")
+            except Exception as exc:
+                problems.append(f"{what} raised {_describe(exc)}")
+            else:
+                problems.append(f"{what} raised nothing")
+        kept = await sb.read_file("plain.txt")
+        if kept != b"plain":
+            problems.append(f"plain.txt now holds {_short(kept)}")
+        _fail_all(problems, "expected SandboxNotADirectoryError")
+
+
+@_check
+async def check_read_permission_as_user(target: Target) -> None:
+    """read_file has the rights of the sandbox's user: a file it made unreadable (chmod 000),
+    or one in a directory it closed, raises SandboxPermissionError (a PermissionError) where
+    the user's own read (as `cat` does it) is refused.
+
+    Where the user may read it anyway (root with its capabilities: the unisolated local
+    provider run as root), no permission error can be produced, and the check asserts
+    instead that read_file returns the same bytes the user reads.
+    """
+    async with target.sandbox() as sb:
+        await _run(sb, "printf 'not for you' > locked.txt && chmod 000 locked.txt")
+        await _run(sb, "mkdir -p closed && printf inside > closed/f.txt && chmod 000 closed")
+        problems = []
+        for path in ("locked.txt", "closed/f.txt"):
+            problem = await _read_matches_user(sb, path)
+            if problem:
+                problems.append(problem)
+        await sb.exec(["chmod", "-R", "u+rwx", "locked.txt", "closed"])
+        _fail_all(problems, "read_file must see what the sandbox's user sees")
+
+
+@_check
+async def check_write_permission_as_user(target: Target) -> None:
+    """write_file has the rights of the sandbox's user: in a directory it made read-only
+    (chmod 555), writing a new file (or one in a new subdirectory) raises
+    SandboxPermissionError where the user's own ``mkdir -p``/``echo x > path`` is refused,
+    and creates nothing.
+
+    Where the user may write there anyway (root with its capabilities: the unisolated local
+    provider run as root), the check asserts instead that write_file succeeds and the user
+    reads back what was written.
+    """
+    async with target.sandbox() as sb:
+        await _run(sb, "mkdir -p ro && chmod 555 ro")
+        problems = []
+        for path in ("ro/new.txt", "ro/newdir/new.txt"):
+            problem = await _write_matches_user(sb, path)
+            if problem:
+                problems.append(problem)
+        await sb.exec(["chmod", "-R", "u+rwx", "ro"])
+        _fail_all(problems, "write_file must have the sandbox's user's rights")
+
+
+@_check
+async def check_planted_links_read_as_user(target: Target) -> None:
+    """read_file follows links planted in the sandbox as a process of its user would: to
+    /etc/shadow, through a link to /etc, to a directory, relative ones climbing out of the
+    workdir. It returns exactly what the user reads there (its sandbox's files, never the
+    host's) or raises the error the user gets (SandboxPermissionError for /etc/shadow as a
+    non-root user). Where the user is root on the host, it reads what root reads: the same."""
+    links = {
+        "shadow-link": "/etc/shadow",
+        "etc-link": "/etc",
+        "passwd-link": "/etc/passwd",
+        "up-link": "../../../../../../../../etc/shadow",
+        "chain-link": "shadow-link",
+    }
+    async with target.sandbox() as sb:
+        for name, points_to in links.items():
+            await _run(sb, ["ln", "-s", points_to, name])
+        problems = []
+        for path in (*links, "etc-link/shadow", "etc-link/passwd", "etc-link/hostname"):
+            problem = await _read_matches_user(sb, path)
+            if problem:
+                problems.append(problem)
+        _fail_all(problems, "read_file must see what the sandbox's user sees")
+
+
+@_check
+async def check_planted_links_write_as_user(target: Target) -> None:
+    """write_file through a link planted in the sandbox (``etc-link`` -> /etc) creates a file
+    only where the sandbox's user could (its own ``echo x > path`` decides; what the user
+    may create is created and then removed again), and otherwise raises the error the user
+    gets, creating nothing: never a file in the image's or the host's /etc."""
+    name = f".sandbay-conformance-{uuid.uuid4().hex[:12]}"
+    async with target.sandbox() as sb:
+        await _run(sb, ["ln", "-s", "/etc", "etc-link"])
+        problems = []
+        # Each case its own name: what one wrongly creates must not decide the next.
+        for path in (f"etc-link/{name}-file", f"etc-link/{name}-dir/inner", "etc-link"):
+            problem = await _write_matches_user(sb, path)
+            if problem:
+                problems.append(problem)
+        _fail_all(problems, "write_file must have the sandbox's user's rights")
+
+
+@_check
+async def check_read_max_bytes(target: Target) -> None:
+    """read_file(max_bytes=n) returns a file of at most n bytes and raises
+    SandboxFileTooLargeError for a larger one."""
+    data = os.urandom(100_000)
+    async with target.sandbox() as sb:
+        await sb.write_file("sized.bin", data)
+        await sb.write_file("empty.bin", b"")
+        for limit in (0, 1, 99_999):
+            await _expect_raises(
+                SandboxFileTooLargeError,
+                functools.partial(sb.read_file, "sized.bin", max_bytes=limit),
+                f"read_file of 100000 bytes with max_bytes={limit}",
+            )
+        for limit in (100_000, 10**9):
+            back = await sb.read_file("sized.bin", max_bytes=limit)
+            expect(back == data, f"max_bytes={limit} gave {_digest(back)}, not the file")
+        empty = await sb.read_file("empty.bin", max_bytes=0)
+        expect(empty == b"", f"an empty file with max_bytes=0 gave {empty!r}")
+
+
+@_check
+async def check_read_file_stream_large(target: Target) -> None:
+    """read_file_stream yields the exact bytes of an 8 MiB file a process wrote; stopping
+    early releases it and leaves the sandbox usable; a missing file raises at once."""
+    size = 8 * 2**20
+    code = (
+        "import hashlib, os, sys; d = os.urandom(int(sys.argv[2])); "
+        "open(sys.argv[1], 'wb').write(d); print(hashlib.sha256(d).hexdigest())"
+    )
+    async with target.sandbox() as sb:
+        digest = (await _run(sb, _py(sb, code, "stream.bin", str(size)))).text.strip()
+        hasher, total = hashlib.sha256(), 0
+        async with aclosing(sb.read_file_stream("stream.bin")) as chunks:
+            async for chunk in chunks:
+                expect(isinstance(chunk, bytes) and chunk, f"a chunk was {chunk!r}")
+                hasher.update(chunk)
+                total += len(chunk)
+        expect(total == size, f"streamed {total} bytes of {size}")
+        expect(hasher.hexdigest() == digest, "streamed different bytes than the process wrote")
+        async with aclosing(sb.read_file_stream("stream.bin")) as chunks:
+            first = await chunks.__anext__()
+            expect(first, "the first chunk was empty")
+        await _run(sb, ["true"])
+        await _expect_raises(
+            SandboxFileNotFoundError,
+            functools.partial(_drain, sb, "missing.bin"),
+            "read_file_stream of a missing file",
+        )
+
+
 # --- stream framing --------------------------------------------------------------------------
 
 
@@ -964,6 +1756,55 @@ async def check_closed_removed_from_list(target: Target) -> None:
 
 
 @_check
+async def check_aclose_removes_at_once(target: Target) -> None:
+    """Once ``await sb.aclose()`` returns (with a process still running in the sandbox),
+    Provider.list no longer shows it, with no waiting; Provider.destroy of its id is then a
+    no-op, twice over."""
+    marker = uuid.uuid4().hex
+    provider = target.get_provider()
+    async with target.sandbox(labels={LABEL: marker}) as sb:
+        proc = await sb.start(_py(sb, "import time; print('up', flush=True); time.sleep(60)"))
+        line = await _first_line(proc, timeout=30)
+        expect(line == b"up", f"first line was {line!r}")
+        expect(sb.id in await _listed(provider, marker), "the open sandbox is not listed")
+        with _within(CLOSE_TIMEOUT + 10, "aclose"):
+            await sb.aclose()
+        listed = await _listed(provider, marker)
+        expect(not listed, f"Provider.list still shows {sorted(listed)} after aclose returned")
+        await provider.destroy(sb.id)
+        await provider.destroy(sb.id)
+        expect(not await _listed(provider, marker), "destroy after aclose brought it back")
+
+
+@_check
+async def check_aclose_with_escaped_descendants(target: Target) -> None:
+    """aclose of a sandbox with daemonised processes in it (``setsid``, double fork,
+    ``nohup``, daemon) returns within its deadline, after which Provider.list no longer
+    shows the sandbox and Provider.destroy of its id is a no-op.
+
+    That is all the API can show: once closed, a sandbox's files and processes are out of
+    reach, so whether those processes are gone cannot be observed generically from here.
+    tests/test_local.py checks the host's pids for the local provider; a container's
+    processes end with the container. What closing has to do for them, `Process.kill` does
+    too, and `kill_stops_escaped_descendants` checks that from inside.
+    """
+    marker = uuid.uuid4().hex
+    provider = target.get_provider()
+    async with target.sandbox(labels={LABEL: marker}) as sb:
+        await _install_holder(sb)
+        for how in _ESCAPES:
+            proc = await sb.start(["sh", "-c", _escape_script(sb, how, f"close-{_slug(how)}")])
+            line = await _first_line(proc, timeout=30)
+            expect(line.startswith(b"held "), f"{how}: first line was {line!r}")
+        with _within(CLOSE_TIMEOUT + 10, "aclose with daemonised processes"):
+            await sb.aclose()
+        listed = await _listed(provider, marker)
+        expect(not listed, f"Provider.list still shows {sorted(listed)} after aclose returned")
+        await provider.destroy(sb.id)
+        expect(not await _listed(provider, marker), "destroy after aclose brought it back")
+
+
+@_check
 async def check_gc_removes_expired(target: Target) -> None:
     """Provider.gc removes a sandbox whose lifetime passed and keeps one still in its time."""
     marker = uuid.uuid4().hex
@@ -997,3 +1838,98 @@ async def check_destroy_by_id(target: Target) -> None:
         )
         await provider.destroy(sb.id)
     await provider.destroy("sandbay-conformance-never-existed")
+
+
+# --- the spec: limits are honoured or refused ------------------------------------------------
+
+# Prints, as JSON, every memory limit (bytes) and CPU limit (cores) a process can see: cgroup
+# v2 memory.max and cpu.max, v1 memory.limit_in_bytes and cpu.cfs_quota_us (its own cgroup
+# and every ancestor, where the limit may sit), RLIMIT_AS and RLIMIT_DATA, CPU affinity.
+_LIMITS = """\
+import json, os, resource
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+def ancestors(path):
+    path = path.rstrip('/') or '/'
+    while True:
+        yield '' if path == '/' else path
+        if path == '/':
+            return
+        path = os.path.dirname(path)
+
+memory, cpu = [], []
+try:
+    with open('/proc/self/cgroup') as f:
+        lines = f.read().splitlines()
+except OSError:
+    lines = []
+for line in lines:
+    _, names, path = line.split(':', 2)
+    controllers = [n for n in names.split(',') if n]
+    roots = {'/sys/fs/cgroup/' + n for n in (*controllers, ','.join(controllers))}
+    for root in roots if controllers else ['/sys/fs/cgroup']:
+        for p in ancestors(path):
+            base = root + p
+            for name in ('memory.max', 'memory.limit_in_bytes'):
+                v = read(f'{base}/{name}')
+                if v and v.isdigit() and int(v) < 2**62:
+                    memory.append([int(v), f'{base}/{name}'])
+            v = read(f'{base}/cpu.max')
+            if v and not v.startswith('max'):
+                q, per = v.split()[:2]
+                cpu.append([int(q) / int(per), f'{base}/cpu.max'])
+            q, per = read(f'{base}/cpu.cfs_quota_us'), read(f'{base}/cpu.cfs_period_us')
+            if q and per and q.isdigit() and per.isdigit():
+                cpu.append([int(q) / int(per), f'{base}/cpu.cfs_quota_us'])
+for name in ('RLIMIT_AS', 'RLIMIT_DATA'):
+    soft = resource.getrlimit(getattr(resource, name))[0]
+    if soft != resource.RLIM_INFINITY:
+        memory.append([soft, name])
+if hasattr(os, 'sched_getaffinity'):
+    cpu.append([len(os.sched_getaffinity(0)), 'CPU affinity'])
+print(json.dumps({'memory': memory, 'cpu': cpu}))
+"""
+
+
+@_check
+async def check_spec_limits_honoured_or_refused(target: Target) -> None:
+    """A spec with cpu=1, or with memory_mb=512, either opens a sandbox whose processes are
+    under that limit or raises ConfigError naming the field: never silent acceptance.
+
+    "Under the limit" means a process there sees it: a cgroup's cpu.max or cpu.cfs_quota_us
+    (or its CPU affinity) allowing at most 1 CPU; memory.max, memory.limit_in_bytes,
+    RLIMIT_AS or RLIMIT_DATA of at most 512 MiB. On a one-core host, cpu=1 holds by itself.
+    """
+    problems = []
+    cases: list[tuple[str, Callable[[], open_sandbox], str, float, str]] = [
+        ("cpu=1", functools.partial(target.sandbox, cpu=1.0), "cpu", 1.0, "1 CPU"),
+        (
+            "memory_mb=512",
+            functools.partial(target.sandbox, memory_mb=512),
+            "memory",
+            2**29,
+            "512 MiB",
+        ),
+    ]
+    for fields, opener, kind, bound, shown_bound in cases:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                sb = await stack.enter_async_context(opener())
+            except ConfigError as exc:
+                if kind not in str(exc):
+                    problems.append(f"{fields}: the ConfigError does not name the field: {exc}")
+                continue
+            seen = json.loads((await _run(sb, _py(sb, _LIMITS))).stdout)[kind]
+            if not any(0 < value <= bound for value, _ in seen):
+                shown = ", ".join(f"{where}={value}" for value, where in seen) or "none"
+                problems.append(
+                    f"{fields} was accepted, but no limit of at most {shown_bound} is "
+                    f"visible inside (seen: {shown})"
+                )
+    _fail_all(problems, "limits must be honoured or refused with ConfigError")
