@@ -6,8 +6,10 @@ fault-injecting wrapper around a real sandbox cuts a stream to exercise the repl
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -148,6 +150,73 @@ async def test_cancelling_the_consumer_removes_the_sandbox() -> None:
             tg.cancel_scope.cancel()
     assert run.sandbox is not None and run.sandbox.closed
     assert run.sandbox.id not in {s.id for s in await sandbay.get_provider("local").list()}
+
+
+def agent_pids(sandbox: Sandbox, run_id: str) -> set[int]:
+    """Host processes of a local run: its entrypoint (named by the run id) and any process
+    working inside the sandbox's workdir (the CLI and its tools)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue  # gone, or a zombie
+        if run_id.encode() in cmdline or cwd.startswith(sandbox.workdir):
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("how", ["aclose", "async_with"])
+async def test_stopping_early_kills_the_agent_and_removes_the_sandbox(how: str) -> None:
+    async with ScriptedModel([Turn.text("slow", delay_s=30)]) as model:
+        run = sandbay.run_agent("go", provider="local", options=OPTIONS, env=model.env())
+        if how == "aclose":
+            async for _ in run:
+                break
+        else:
+            async with run:
+                async for _ in run:
+                    break
+        assert run.sandbox is not None
+        if how == "aclose":
+            assert agent_pids(run.sandbox, run.run_id), "the agent should still be running"
+            await run.aclose()
+        # Nothing waits for a finalizer: the moment aclose / the block returns, it is over.
+        assert run.sandbox.closed
+        assert run.sandbox.id not in {s.id for s in await sandbay.get_provider("local").list()}
+        assert agent_pids(run.sandbox, run.run_id) == set()
+        await run.aclose()  # idempotent
+
+
+@pytest.mark.docker
+async def test_docker_aclose_after_break_leaves_no_container() -> None:
+    import docker
+
+    async with ScriptedModel([Turn.text("slow", delay_s=30)]) as model:
+        run = sandbay.run_agent(
+            "go",
+            provider=sandbay.DockerConfig(),
+            options=OPTIONS,
+            env=model.env(),
+            spec=SandboxSpec(network="host"),
+            timeout=120,
+        )
+        async for _ in run:
+            break
+        assert run.sandbox is not None
+        session = run.sandbox.labels["sandbay.session"]
+        assert await sandboxes_with_session("docker", session)
+        await run.aclose()
+        assert await sandboxes_with_session("docker", session) == []
+    client = docker.from_env()
+    try:
+        found = client.containers.list(all=True, filters={"label": f"sandbay.session={session}"})
+        assert found == []
+    finally:
+        client.close()
 
 
 async def test_cli_crash_is_an_agent_error_with_exit_code_and_stderr() -> None:

@@ -21,7 +21,8 @@ import shlex
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
@@ -161,12 +162,17 @@ def agent_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 class AgentRun:
     """One agent run: an async iterator of typed `claude_agent_sdk` messages.
 
-    Iterate it directly (``async for message in run_agent(...)``), or use it as an async
-    context manager to guarantee cleanup when you stop early::
+    Use it as an async context manager and iterate it inside::
 
         async with sandbay.run_agent("...") as run:
             async for message in run:
                 ...
+
+    Leaving the block, however it is left (the loop ran out, ``break``, an exception,
+    cancellation), kills the agent and removes the sandbox the run created before the block
+    exits. A bare ``async for`` over the run cannot promise that when it stops early: Python
+    closes an abandoned async generator only when it is garbage collected, so call `aclose`
+    yourself if you do not use ``async with``.
 
     Attributes:
         run_id: Identifies the run inside its sandbox (for `replay_agent`).
@@ -217,14 +223,14 @@ class AgentRun:
         self.timings: dict[str, float] = {}
         self.sandbox_timings: dict[str, float] = {}
         self._raw = False
-        self._gen: AsyncIterator[Any] | None = None
+        self._gen: AsyncGenerator[Any, None] | None = None
 
     def raw(self) -> Self:
         """Yield the raw stream-json dicts instead of typed messages (for ``--json``)."""
         self._raw = True
         return self
 
-    def __aiter__(self) -> AsyncIterator[Any]:
+    def __aiter__(self) -> AsyncGenerator[Any, None]:
         if self._gen is None:
             self._gen = self._messages()
         return self._gen
@@ -236,20 +242,28 @@ class AgentRun:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop the run and remove the sandbox it created. Idempotent."""
+        """Stop the run: kill the agent and remove the sandbox the run created. Idempotent.
+
+        When it returns, the agent's entrypoint has been killed and a sandbox the run
+        provisioned (or took from a pool) is removed.
+        """
         if self._gen is not None:
-            await self._gen.aclose()  # type: ignore[attr-defined]
+            await self._gen.aclose()
 
-    async def _messages(self) -> AsyncIterator[Any]:
-        async for envelope in self._envelopes():
-            if self._raw:
-                yield envelope.data
-                continue
-            message = parse_message(envelope.data)
-            if message is not None:
-                yield message
+    async def _messages(self) -> AsyncGenerator[Any, None]:
+        # aclosing: closing this generator must close the one below, whose ``finally``
+        # kills the agent and removes the sandbox; otherwise that waits for the garbage
+        # collector.
+        async with aclosing(self._envelopes()) as envelopes:
+            async for envelope in envelopes:
+                if self._raw:
+                    yield envelope.data
+                    continue
+                message = parse_message(envelope.data)
+                if message is not None:
+                    yield message
 
-    async def _envelopes(self) -> AsyncIterator[Envelope]:
+    async def _envelopes(self) -> AsyncGenerator[Envelope, None]:
         self.timings["start"] = time.perf_counter()
         deadline = math.inf if self._timeout is None else anyio.current_time() + self._timeout
         proc: Process | None = None
@@ -397,7 +411,14 @@ def run_agent(
     """Run a Claude agent inside a sandbox and stream its messages as they are produced.
 
     Yields the same typed `claude_agent_sdk` messages (``SystemMessage``, ``AssistantMessage``,
-    ``UserMessage``, ``ResultMessage``, …) a local ``query()`` would, in order.
+    ``UserMessage``, ``ResultMessage``, …) a local ``query()`` would, in order::
+
+        async with sandbay.run_agent("fix the failing test", provider="docker") as run:
+            async for message in run:
+                print(message)
+
+    The ``async with`` block is what removes the sandbox when you stop early (``break``, an
+    exception): by the time the block exits, the agent is killed and the sandbox gone.
 
     Args:
         prompt: What the agent should do.
@@ -412,7 +433,7 @@ def run_agent(
         run_id: Name of the run inside the sandbox; default random.
 
     Returns:
-        An `AgentRun`, to iterate with ``async for``.
+        An `AgentRun`: enter it with ``async with``, then iterate it with ``async for``.
 
     Raises:
         ConfigError: Empty prompt, bad timeout, or options that cannot cross.

@@ -71,8 +71,9 @@ class SandboxPool:
     destroyed, provisioning in flight is finished and destroyed)::
 
         async with sandbay.SandboxPool("docker", size=2, options=opts, env=model.env()) as pool:
-            async for message in sandbay.run_agent("...", pool=pool):
-                ...
+            async with sandbay.run_agent("...", pool=pool) as run:
+                async for message in run:
+                    ...
 
     Args:
         provider: Provider name or config; ``None`` reads the config file / environment.
