@@ -491,6 +491,30 @@ async def test_agent_under_bubblewrap_sees_only_its_workspace(tmp_path: Any) -> 
     assert "do-not-leak" not in output and "No such file" in output
 
 
+@pytest.mark.parametrize("call", ["wait_ready", "acquire", "run_agent"])
+async def test_pool_errors_arrive_as_themselves_not_in_a_group(call: str) -> None:
+    # The entrypoint cannot start, so every sandbox the pool warms fails with an AgentError.
+    config = sandbay.LocalConfig(python="/nonexistent/python3")
+    with pytest.raises(sandbay.AgentError, match="ready") as info:
+        async with sandbay.SandboxPool(config, size=1) as pool:
+            if call == "wait_ready":
+                await pool.wait_ready(timeout=60)
+            elif call == "acquire":
+                await pool.acquire(timeout=60)
+            else:
+                await collect(
+                    sandbay.run_agent("go", pool=pool, env={"ANTHROPIC_API_KEY": "unused"})
+                )
+    assert type(info.value) is sandbay.AgentError
+    assert "/nonexistent/python3" in str(info.value)
+
+
+async def test_an_error_in_a_pool_block_comes_out_as_itself() -> None:
+    with pytest.raises(KeyError, match="mine"):
+        async with sandbay.SandboxPool("local", size=1):
+            raise KeyError("mine")
+
+
 async def test_pool_replaces_a_sandbox_near_its_expiry() -> None:
     spec = SandboxSpec(lifetime_s=8)  # margin: a quarter of it, 2 s
     async with sandbay.SandboxPool("local", spec, size=1) as pool:

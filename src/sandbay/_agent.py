@@ -63,6 +63,8 @@ REFUSED_OPTIONS = {
     "session_store": "a SessionStore object lives in your process",
 }
 RECONNECTS = 3
+#: How much of the end of the entrypoint's stderr log an `AgentError` reports from.
+STDERR_TAIL_BYTES = 64 * 1024
 _ENTRYPOINT = "entrypoint.py"
 
 
@@ -379,18 +381,10 @@ class AgentRun:
     async def _died(self, code: int | None) -> AgentError:
         sb = self.sandbox
         assert sb is not None
-        tail = ""
-        try:
-            with anyio.move_on_after(CLOSE_TIMEOUT):
-                tail = _tail(
-                    (await sb.read_file(f"{self._run_dir}/stderr.log")).decode("utf-8", "replace")
-                )
-        except SandboxError:
-            pass
         return AgentError(
             "the agent entrypoint exited before the run ended",
             exit_code=code,
-            stderr_tail=tail,
+            stderr_tail=await stderr_tail(sb, self._run_dir),
             provider=sb.provider,
             sandbox_id=sb.id,
         )
@@ -510,6 +504,24 @@ async def start_entrypoint(sandbox: Sandbox, run_id: str) -> tuple[Process, str]
         f"2>>{shlex.quote(directory + '/stderr.log')}"
     )
     return await sandbox.start(["sh", "-c", command]), directory
+
+
+async def stderr_tail(sandbox: Sandbox, directory: str) -> str:
+    """The last lines the entrypoint in ``directory`` wrote to stderr ("" if unreadable).
+
+    The sandbox decides how large that log is: only its last `STDERR_TAIL_BYTES` are kept
+    while it streams past, and the read gives up after `CLOSE_TIMEOUT`.
+    """
+    kept = bytearray()
+    try:
+        with anyio.move_on_after(CLOSE_TIMEOUT):
+            async with aclosing(sandbox.read_file_stream(f"{directory}/stderr.log")) as chunks:
+                async for chunk in chunks:
+                    kept += chunk
+                    del kept[:-STDERR_TAIL_BYTES]
+    except SandboxError:
+        pass
+    return _tail(kept.decode("utf-8", "replace"))
 
 
 def _replay_argv(sandbox: Sandbox, directory: str, after: int) -> list[str]:
