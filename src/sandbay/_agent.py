@@ -63,6 +63,9 @@ REFUSED_OPTIONS = {
     "session_store": "a SessionStore object lives in your process",
 }
 RECONNECTS = 3
+#: Longest envelope line the host accepts, in bytes: the cap on what one line from the
+#: sandbox may make the host hold (stream-json messages with images run to a few MiB).
+MAX_ENVELOPE_BYTES = 32 * 1024 * 1024
 #: How much of the end of the entrypoint's stderr log an `AgentError` reports from.
 STDERR_TAIL_BYTES = 64 * 1024
 _ENTRYPOINT = "entrypoint.py"
@@ -292,7 +295,7 @@ class AgentRun:
                     # Leave the entrypoint running: only its stream to us broke.
                     reconnects += 1
                     proc = await self._replay_process(self.last_seq)
-                    stream = _EnvelopeReader(proc)
+                    stream = _EnvelopeReader(proc, sandbox=self.sandbox)
                     continue
                 if envelope.kind in ("ready", "prepared"):
                     continue
@@ -347,7 +350,7 @@ class AgentRun:
                 self.sandbox = await create_sandbox(self._provider, self._spec)
             self.timings["sandbox"] = time.perf_counter()
             self._serve, self._run_dir = await start_entrypoint(self.sandbox, self.run_id)
-            reader = _EnvelopeReader(self._serve)
+            reader = _EnvelopeReader(self._serve, sandbox=self.sandbox)
         options.setdefault("cwd", self.sandbox.workdir)
         await _send(
             self._serve,
@@ -461,7 +464,7 @@ async def replay_agent(sandbox: Sandbox, run_id: str, *, after: int = 0) -> Asyn
         AgentError: The run failed, or its entrypoint died before it ended.
     """
     proc = await sandbox.start(_replay_argv(sandbox, run_dir(sandbox, run_id), after))
-    reader = _EnvelopeReader(proc)
+    reader = _EnvelopeReader(proc, sandbox=sandbox)
     try:
         while (envelope := await reader.next()) is not None:
             if envelope.kind == "message":
@@ -509,16 +512,27 @@ async def start_entrypoint(sandbox: Sandbox, run_id: str) -> tuple[Process, str]
 async def stderr_tail(sandbox: Sandbox, directory: str) -> str:
     """The last lines the entrypoint in ``directory`` wrote to stderr ("" if unreadable).
 
-    The sandbox decides how large that log is: only its last `STDERR_TAIL_BYTES` are kept
-    while it streams past, and the read gives up after `CLOSE_TIMEOUT`.
+    The sandbox decides how large that log is: ``tail`` inside the sandbox cuts it to its
+    last `STDERR_TAIL_BYTES` (a sandbox without ``tail`` streams it past, keeping as much),
+    no more than that is ever held, and the read gives up after `CLOSE_TIMEOUT`.
     """
+    path = f"{directory}/stderr.log"
     kept = bytearray()
     try:
         with anyio.move_on_after(CLOSE_TIMEOUT):
-            async with aclosing(sandbox.read_file_stream(f"{directory}/stderr.log")) as chunks:
-                async for chunk in chunks:
+            proc = await sandbox.start(["tail", "-c", str(STDERR_TAIL_BYTES), path])
+            try:
+                async for chunk in proc.stdout:
                     kept += chunk
                     del kept[:-STDERR_TAIL_BYTES]
+                code = await proc.wait()
+            finally:
+                await _kill(proc)
+            if code == 127:  # no tail in this sandbox
+                async with aclosing(sandbox.read_file_stream(path)) as chunks:
+                    async for chunk in chunks:
+                        kept += chunk
+                        del kept[:-STDERR_TAIL_BYTES]
     except SandboxError:
         pass
     return _tail(kept.decode("utf-8", "replace"))
@@ -537,22 +551,38 @@ async def _send(proc: Process, request: dict[str, Any]) -> None:
 
 
 class _EnvelopeReader:
-    """Frames a process's stdout into envelopes; keeps partial lines across reads."""
+    """Frames a process's stdout into envelopes; keeps partial lines across reads.
 
-    def __init__(self, proc: Process) -> None:
+    The sandbox decides what it writes: each byte is scanned once, and a line longer than
+    `MAX_ENVELOPE_BYTES` is a `ProtocolError` once that much of it has arrived, so the host
+    holds at most about that much plus one chunk.
+    """
+
+    def __init__(self, proc: Process, *, sandbox: Sandbox | None = None) -> None:
         self._stdout = proc.stdout
+        self._sandbox = sandbox
+        self._max_line = MAX_ENVELOPE_BYTES
         self._buffer = bytearray()
+        self._begin = 0  # where the next line starts
+        self._scanned = 0  # the buffer up to here holds no newline after _begin
         self._eof = False
 
     async def next(self) -> Envelope | None:
         while True:
-            newline = self._buffer.find(b"\n")
+            newline = self._buffer.find(b"\n", self._scanned)
             if newline != -1:
-                line = bytes(self._buffer[:newline])
-                del self._buffer[: newline + 1]
+                line = bytes(self._buffer[self._begin : newline])
+                self._begin = self._scanned = newline + 1
+                if len(line) > self._max_line:
+                    raise self._too_long()
                 if not line.strip():
                     continue
                 return _parse_envelope(line)
+            del self._buffer[: self._begin]
+            self._begin = 0
+            self._scanned = len(self._buffer)
+            if self._scanned > self._max_line:
+                raise self._too_long()
             if self._eof:
                 return None
             try:
@@ -561,6 +591,15 @@ class _EnvelopeReader:
                 self._eof = True
                 if self._buffer.strip():
                     self._buffer += b"\n"  # a last line without its newline
+
+    def _too_long(self) -> ProtocolError:
+        sb = self._sandbox
+        return ProtocolError(
+            f"the entrypoint wrote a line longer than {self._max_line} bytes without a "
+            "newline (something in the sandbox wrote to its stdout); the run was stopped",
+            provider=sb.provider if sb else None,
+            sandbox_id=sb.id if sb else None,
+        )
 
 
 def _parse_envelope(line: bytes) -> Envelope:

@@ -292,7 +292,7 @@ class SandboxPool:
         try:
             run_id = uuid.uuid4().hex[:16]
             proc, run_dir = await start_entrypoint(sandbox, run_id)
-            reader = _EnvelopeReader(proc)
+            reader = _EnvelopeReader(proc, sandbox=sandbox)
             await _expect(reader, "ready", sandbox, proc, run_dir)
             if self._wire_options is not None:
                 options = {"cwd": sandbox.workdir, **self._wire_options}

@@ -26,6 +26,7 @@ from typing_extensions import Self
 
 from ._errors import (
     ConfigError,
+    ProtocolError,
     SandboxClosedError,
     SandboxFileTooLargeError,
     SandboxTimeoutError,
@@ -119,8 +120,19 @@ class ByteStream:
         """Read to end of stream and return everything."""
         return b"".join([chunk async for chunk in self])
 
-    async def lines(self) -> AsyncIterator[bytes]:
-        """Yield complete lines (without the newline); a final unterminated line too."""
+    async def lines(self, *, max_line: int | None = None) -> AsyncIterator[bytes]:
+        """Yield complete lines (without the newline); a final unterminated line too.
+
+        Args:
+            max_line: Longest line accepted, in bytes. The process decides how long its
+                lines are: with a limit, at most about ``max_line`` bytes plus one chunk are
+                held, however long a line grows.
+
+        Raises:
+            ProtocolError: A line is longer than ``max_line``.
+        """
+        if max_line is not None and max_line < 1:
+            raise ConfigError(f"max_line must be at least 1 byte, got {max_line!r}")
         buffer = bytearray()
         async for chunk in self:
             start = len(buffer)
@@ -129,10 +141,14 @@ class ByteStream:
             end = buffer.find(b"\n", start)
             begin = 0
             while end != -1:
+                if max_line is not None and end - begin > max_line:
+                    raise _line_too_long(max_line)
                 yield bytes(buffer[begin:end])
                 begin = end + 1
                 end = buffer.find(b"\n", begin)
             del buffer[:begin]
+            if max_line is not None and len(buffer) > max_line:
+                raise _line_too_long(max_line)
         if buffer:
             yield bytes(buffer)
 
@@ -519,6 +535,13 @@ class Sandbox(abc.ABC):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<{type(self).__name__} {self.provider} {self.id} {state}>"
+
+
+def _line_too_long(max_line: int) -> ProtocolError:
+    return ProtocolError(
+        f"the process wrote a line longer than max_line={max_line} bytes; "
+        "raise the limit or read the stream in chunks"
+    )
 
 
 def _argv(argv: str | Sequence[str]) -> list[str]:
