@@ -8,6 +8,7 @@ it with a typed error, holding bounded memory.
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 import tracemalloc
@@ -113,7 +114,7 @@ def printing(*lines: bytes | str, then: str = "time.sleep(60)") -> str:
 async def run_with(script: str) -> list[Any]:
     async with sandbay.open_sandbox("local") as inner:
         hostile = HostileEntrypoint(inner, script)
-        async with sandbay.run_agent("go", sandbox=hostile, env=KEY, timeout=60) as run:
+        async with sandbay.run_agent("go", sandbox=hostile, env=KEY, timeout=20) as run:
             return [message async for message in run]
 
 
@@ -222,3 +223,66 @@ async def test_a_huge_stderr_log_is_tailed_in_bounded_memory() -> None:
     assert info.value.exit_code == 3
     assert info.value.stderr_tail.endswith("last words")
     assert peak < 8 * MiB, f"held {peak / MiB:.0f} MiB reading a {FLOOD // MiB} MiB log"
+
+
+# -- malformed envelopes -------------------------------------------------------------------
+
+
+def envelope(**fields: Any) -> str:
+    return json.dumps({"sandbay": 1, "seq": 1, "kind": "message", **fields})
+
+
+NESTED = "[" * 200 + "]" * 200
+DEEP_MESSAGE = (
+    '{"sandbay": 1, "seq": 1, "kind": "message", "data": {"type": "assistant", "message": '
+    '{"model": "m", "content": [{"type": "tool_use", "id": "t", "name": "Bash", "input": '
+    '{"x": ' + NESTED + "}}]}}}"
+)
+
+# Each line, and (in the comment) what the host raised for it before envelopes were checked.
+HOSTILE_LINES = [
+    pytest.param(envelope(seq="abc", data={}), "seq must be", id="seq-text"),  # ValueError
+    pytest.param(
+        '{"sandbay": 1, "seq": 1e999, "kind": "message", "data": {}}',
+        "seq must be",
+        id="seq-infinite",  # OverflowError
+    ),
+    pytest.param(envelope(seq=[1], data={}), "seq must be", id="seq-list"),  # TypeError
+    pytest.param(envelope(seq=-3, data={}), "seq must be", id="seq-negative"),  # ignored
+    pytest.param(envelope(seq=2**70, data={}), "seq must be", id="seq-huge"),  # accepted
+    pytest.param(
+        json.dumps({"sandbay": True, "seq": 1, "kind": "end", "data": {}}),
+        "wire version True",
+        id="version-bool",  # accepted as version 1
+    ),
+    pytest.param(envelope(kind=7, data={}), "kind must be one of", id="kind-number"),
+    pytest.param(envelope(data="text"), "data of a 'message'", id="data-text"),  # AttributeError
+    pytest.param(envelope(data=[]), "data of a 'message'", id="data-list"),  # MessageParseError
+    pytest.param(
+        envelope(data={"type": "assistant"}), "cannot parse", id="message-incomplete"
+    ),  # MessageParseError
+    pytest.param(
+        envelope(data={"type": "user", "message": "x"}), "cannot parse", id="message-odd"
+    ),  # TypeError
+    pytest.param("[" * 100_000 + "]" * 100_000, "nests too deep", id="json-deep"),  # RecursionError
+    pytest.param(DEEP_MESSAGE, "deeper than 100", id="data-deep"),  # accepted
+    pytest.param(
+        envelope(kind="end", data={"timings": "ab"}), "timings", id="timings-text"
+    ),  # ValueError
+    pytest.param(
+        envelope(kind="end", data={"timings": [1]}), "timings", id="timings-list"
+    ),  # TypeError
+    pytest.param(
+        envelope(kind="error", data={"exit_code": "x"}), "exit_code", id="exit-code-text"
+    ),  # AgentError saying "exit code x"
+    pytest.param(b"\xff\xfe not utf-8", "not JSON", id="not-utf8"),
+]
+
+
+@pytest.mark.parametrize(("line", "complaint"), HOSTILE_LINES)
+async def test_a_malformed_envelope_is_a_protocol_error(line: str | bytes, complaint: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(sandbay.ProtocolError, match=complaint) as info:
+        await run_with(printing(line))
+    assert info.value.provider == "hostile" and info.value.sandbox_id
+    assert time.monotonic() - started < 15, "waited for the deadline instead"

@@ -69,6 +69,13 @@ MAX_ENVELOPE_BYTES = 32 * 1024 * 1024
 #: How much of the end of the entrypoint's stderr log an `AgentError` reports from.
 STDERR_TAIL_BYTES = 64 * 1024
 _ENTRYPOINT = "entrypoint.py"
+#: Envelope kinds the entrypoint sends.
+KINDS = frozenset({"ready", "prepared", "message", "error", "end"})
+#: Largest sequence number accepted (a run never comes near it).
+MAX_SEQ = 2**53
+#: Deepest nesting of lists and objects accepted in an envelope's data; the CLI's own
+#: messages stay within a dozen levels.
+MAX_DEPTH = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,11 +268,11 @@ class AgentRun:
         # collector.
         async with aclosing(self._envelopes()) as envelopes:
             async for envelope in envelopes:
+                # Parsed in raw mode too: what the caller gets was checked either way.
+                message = _parse_message(envelope, self.sandbox)
                 if self._raw:
                     yield envelope.data
-                    continue
-                message = parse_message(envelope.data)
-                if message is not None:
+                elif message is not None:
                     yield message
 
     async def _envelopes(self) -> AsyncGenerator[Envelope, None]:
@@ -468,7 +475,7 @@ async def replay_agent(sandbox: Sandbox, run_id: str, *, after: int = 0) -> Asyn
     try:
         while (envelope := await reader.next()) is not None:
             if envelope.kind == "message":
-                message = parse_message(envelope.data)
+                message = _parse_message(envelope, sandbox)
                 if message is not None:
                     yield message
             elif envelope.kind == "error":
@@ -577,7 +584,7 @@ class _EnvelopeReader:
                     raise self._too_long()
                 if not line.strip():
                     continue
-                return _parse_envelope(line)
+                return _parse_envelope(line, self._sandbox)
             del self._buffer[: self._begin]
             self._begin = 0
             self._scanned = len(self._buffer)
@@ -602,20 +609,106 @@ class _EnvelopeReader:
         )
 
 
-def _parse_envelope(line: bytes) -> Envelope:
+def _parse_envelope(line: bytes, sandbox: Sandbox | None = None) -> Envelope:
+    """Check every field of one envelope line; anything off is a `ProtocolError`.
+
+    The line comes from the sandbox, whose code may be hostile: no value in it may raise
+    anything but `ProtocolError` on the host, now or when the caller uses the message.
+    """
+
+    def malformed(what: str) -> ProtocolError:
+        return ProtocolError(
+            f"the entrypoint sent a malformed envelope: {what}; the run was stopped",
+            provider=sandbox.provider if sandbox else None,
+            sandbox_id=sandbox.id if sandbox else None,
+        )
+
     try:
         raw = json.loads(line)
+    except RecursionError:
+        raise malformed("it nests too deep to parse") from None
     except ValueError:
+        raise malformed(f"a line that is not JSON: {line[:200]!r}") from None
+    if not isinstance(raw, dict):
+        raise malformed(f"a JSON {type(raw).__name__} instead of an object")
+    version = raw.get("sandbay")
+    if type(version) is not int or version != WIRE_VERSION:
         raise ProtocolError(
-            f"the entrypoint wrote a line that is not JSON: {line[:200]!r}"
-        ) from None
-    if not isinstance(raw, dict) or raw.get("sandbay") != WIRE_VERSION:
-        version = raw.get("sandbay") if isinstance(raw, dict) else "?"
-        raise ProtocolError(
-            f"the entrypoint speaks wire version {version}, this sandbay speaks "
-            f"{WIRE_VERSION}: use the same sandbay on both sides"
+            f"the entrypoint speaks wire version {_show_value(version)}, this sandbay speaks "
+            f"{WIRE_VERSION}: use the same sandbay on both sides",
+            provider=sandbox.provider if sandbox else None,
+            sandbox_id=sandbox.id if sandbox else None,
         )
-    return Envelope(int(raw.get("seq", 0)), str(raw.get("kind")), raw.get("data") or {})
+    seq = raw.get("seq", 0)
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise malformed(f"seq must be a whole number from 0 to {MAX_SEQ}, got {_show_value(seq)}")
+    kind = raw.get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise malformed(f"kind must be one of {sorted(KINDS)}, got {_show_value(kind)}")
+    data = raw.get("data", {})
+    if not isinstance(data, dict):
+        raise malformed(f"data of a {kind!r} envelope must be an object, got {_show_value(data)}")
+    if _nests_deeper(data, MAX_DEPTH):
+        raise malformed(f"data of a {kind!r} envelope nests deeper than {MAX_DEPTH} levels")
+    if kind == "end":
+        timings = data.get("timings", {})
+        if not isinstance(timings, dict) or not all(
+            isinstance(k, str) and _is_finite_number(v) for k, v in timings.items()
+        ):
+            raise malformed(
+                f"timings of 'end' must map names to numbers, got {_show_value(timings)}"
+            )
+    elif kind == "error":
+        exit_code = data.get("exit_code")
+        if exit_code is not None and (type(exit_code) is not int or abs(exit_code) > 2**31):
+            raise malformed(
+                f"exit_code of 'error' must be an integer, got {_show_value(exit_code)}"
+            )
+        for name in ("type", "message", "stderr"):
+            if not isinstance(data.get(name, ""), (str, type(None))):
+                raise malformed(f"{name} of 'error' must be text, got {_show_value(data[name])}")
+    return Envelope(seq, kind, data)
+
+
+def _parse_message(envelope: Envelope, sandbox: Sandbox | None) -> Message | None:
+    """The typed SDK message of a ``message`` envelope; a `ProtocolError` if it has none."""
+    try:
+        return parse_message(envelope.data)
+    except Exception as exc:  # the SDK's parser raises KeyError, TypeError, … on odd input
+        raise ProtocolError(
+            f"the entrypoint sent message {envelope.seq}, which the Agent SDK cannot parse "
+            f"({type(exc).__name__}: {str(exc)[:200]}); the run was stopped",
+            provider=sandbox.provider if sandbox else None,
+            sandbox_id=sandbox.id if sandbox else None,
+        ) from None
+
+
+def _nests_deeper(value: object, limit: int) -> bool:
+    """Whether JSON data nests more than ``limit`` lists/objects deep (without recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _is_finite_number(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _show_value(value: object) -> str:
+    """A short, safe rendering of a value from the sandbox (no deep repr of containers)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        text = repr(value)
+    elif isinstance(value, str):
+        text = repr(value[:60])
+    else:
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class _deadline:
