@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import codecs
+import math
 import shlex
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, nullcontext
@@ -379,7 +380,7 @@ class Sandbox(abc.ABC):
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
-        input: bytes | None = None,
+        input: bytes | str | None = None,
         timeout: float | None = None,
     ) -> ExecResult:
         """Run a command to completion and return its exit code and output.
@@ -392,16 +393,39 @@ class Sandbox(abc.ABC):
             env: Variables added for this command.
             cwd: Working directory (relative to `workdir`); default `workdir`.
             user: Run as this user instead of the sandbox's default.
-            input: Bytes fed to stdin.
-            timeout: Seconds before the command is killed.
+            input: Fed to stdin: bytes, or text (sent as UTF-8).
+            timeout: Seconds before the command is killed: a positive, finite number.
 
         Returns:
             The `ExecResult`; a non-zero exit code is not an exception.
 
         Raises:
+            ConfigError: ``timeout`` is not a positive finite number, or ``input`` is
+                neither bytes nor text; nothing was started.
             SandboxTimeoutError: The command ran past ``timeout``; it was killed.
             SandboxClosedError: The sandbox was closed.
         """
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            raise ConfigError(
+                f"exec timeout must be a positive, finite number of seconds, got {timeout!r}; "
+                "pass None for no timeout"
+            )
+        data: bytes | None
+        if isinstance(input, str):
+            data = input.encode("utf-8")
+        elif isinstance(input, (bytes, bytearray, memoryview)):
+            data = bytes(input)
+        elif input is None:
+            data = None
+        else:
+            raise ConfigError(
+                f"exec input must be bytes or str, got {type(input).__name__}; encode it first"
+            )
         proc = await self.start(argv, env=env, cwd=cwd, user=user)
         out: list[bytes] = []
         err: list[bytes] = []
@@ -412,8 +436,8 @@ class Sandbox(abc.ABC):
 
         async def feed() -> None:
             try:
-                if input:
-                    await proc.write(input)
+                if data:
+                    await proc.write(data)
             except BrokenPipeError:
                 pass  # the command exited without reading all of it; as in a shell
             finally:
