@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import ipaddress
 import json
 import math
 import os
 import shlex
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
@@ -51,6 +53,14 @@ FORWARDED_ENV = (
     "ANTHROPIC_SMALL_FAST_MODEL",
     "CLAUDE_CODE_OAUTH_TOKEN",
     "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+    "CLAUDE_CODE_USE_BEDROCK",
+    "CLAUDE_CODE_USE_VERTEX",
+)
+#: Any of these lets the agent authenticate to the model (or to Bedrock / Vertex).
+CREDENTIALS = (
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "CLAUDE_CODE_OAUTH_TOKEN",
     "CLAUDE_CODE_USE_BEDROCK",
     "CLAUDE_CODE_USE_VERTEX",
 )
@@ -166,9 +176,106 @@ def _jsonable(value: Any, where: str) -> Any:
 def agent_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The variables the agent gets: forwarded auth/endpoint settings, then ``extra``."""
     env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
-    env["IS_SANDBOX"] = "1"  # lets bypassPermissions run in root sandboxes
     env.update(extra or {})
     return env
+
+
+def sandbox_agent_env(sandbox: Sandbox, env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` as sent to the agent in ``sandbox``.
+
+    ``IS_SANDBOX=1`` (which lets the CLI bypass permissions as root) is added only where a
+    real boundary exists (`Sandbox.isolated`); on the host it would let an agent act as root.
+    """
+    return {"IS_SANDBOX": "1", **env} if sandbox.isolated else dict(env)
+
+
+def check_credentials(*envs: Mapping[str, str] | None) -> None:
+    """Refuse a run whose agent would have no way to authenticate to the model.
+
+    Raises:
+        ConfigError: None of `CREDENTIALS` is set in any of ``envs``.
+    """
+    if any(env and env.get(name) for env in envs for name in CREDENTIALS):
+        return
+    raise ConfigError(
+        "ANTHROPIC_API_KEY is not set, so the agent cannot reach the model (the claude CLI "
+        "would only say 'Not logged in'). Export ANTHROPIC_API_KEY (or pass "
+        "env={'ANTHROPIC_API_KEY': ...}); to run without a model account, use "
+        "`sandbay run --offline`, or start sandbay.testing.ScriptedModel and pass "
+        "env=model.env()"
+    )
+
+
+def check_sandbox(
+    sandbox: Sandbox, *, wire_options: Mapping[str, Any], env: Mapping[str, str]
+) -> None:
+    """Refuse what cannot work, or must not run, in this sandbox; before the agent starts.
+
+    Args:
+        sandbox: Where the agent is about to run.
+        wire_options: Its options, as `options_to_wire` gives them.
+        env: The environment sent with the request (it overrides ``options.env``).
+
+    Raises:
+        ConfigError: ``bypassPermissions`` on a sandbox that does not allow it
+            (`Sandbox.allows_bypass_permissions`), or a model URL on loopback that the
+            sandbox cannot reach (`Sandbox.reaches_host_loopback`).
+    """
+    if _bypasses_permissions(wire_options) and not sandbox.allows_bypass_permissions:
+        raise ConfigError(
+            f"permission_mode='bypassPermissions' refused on this {sandbox.provider} sandbox: "
+            "it is not isolated, so the agent would run every command on this machine as you, "
+            "without asking. Use an isolated sandbox (docker, or local with isolate=true), "
+            "let allowed_tools decide what the agent may run, or opt in explicitly in the "
+            "provider's config",
+            provider=sandbox.provider,
+            sandbox_id=sandbox.id,
+        )
+    option_env = wire_options.get("env")
+    url = (
+        env.get("ANTHROPIC_BASE_URL")
+        or (option_env.get("ANTHROPIC_BASE_URL") if isinstance(option_env, dict) else None)
+        or sandbox.spec.env.get("ANTHROPIC_BASE_URL")
+    )
+    if url and _is_loopback_url(str(url)) and not sandbox.reaches_host_loopback:
+        raise ConfigError(
+            f"ANTHROPIC_BASE_URL={url} is a loopback address, and loopback inside this "
+            f"{sandbox.provider} sandbox is the sandbox's own, not this machine's: the agent "
+            "would retry until its deadline. Give the sandbox the host's network "
+            "(SandboxSpec(network='host')), or use an address the sandbox can reach",
+            provider=sandbox.provider,
+            sandbox_id=sandbox.id,
+        )
+
+
+def _bypasses_permissions(wire_options: Mapping[str, Any]) -> bool:
+    if wire_options.get("permission_mode") == "bypassPermissions":
+        return True
+    extra = wire_options.get("extra_args") or {}
+    return isinstance(extra, dict) and (
+        extra.get("permission-mode") == "bypassPermissions"
+        or "dangerously-skip-permissions" in extra
+        or "allow-dangerously-skip-permissions" in extra
+    )
+
+
+def _is_loopback_url(url: str) -> bool:
+    try:
+        host = urllib.parse.urlsplit(url.strip()).hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    host = host.rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_unspecified
 
 
 class AgentRun:
@@ -229,6 +336,13 @@ class AgentRun:
         self._spec = spec
         self._pool = pool
         self._env = agent_env(env)
+        option_env = self._wire_options.get("env")
+        check_credentials(
+            self._env,
+            option_env if isinstance(option_env, dict) else None,
+            pool.agent_env if pool is not None else None,
+            (sandbox.spec if sandbox is not None else spec or SandboxSpec()).env,
+        )
         self._owns_sandbox = sandbox is None
         self._serve: Process | None = None
         self._run_dir = ""
@@ -351,17 +465,21 @@ class AgentRun:
             self.sandbox, self._serve, self._run_dir = lease.sandbox, lease.process, lease.run_dir
             self.run_id = lease.run_id
             self.timings["sandbox"] = time.perf_counter()
+            if not lease.prepared:  # a prepared CLI was checked, with its options, by the pool
+                check_sandbox(self.sandbox, wire_options=options, env=self._env)
             reader = lease.reader
         else:
             if self.sandbox is None:
                 self.sandbox = await create_sandbox(self._provider, self._spec)
             self.timings["sandbox"] = time.perf_counter()
+            check_sandbox(self.sandbox, wire_options=options, env=self._env)
             self._serve, self._run_dir = await start_entrypoint(self.sandbox, self.run_id)
             reader = _EnvelopeReader(self._serve, sandbox=self.sandbox)
         options.setdefault("cwd", self.sandbox.workdir)
+        env = sandbox_agent_env(self.sandbox, self._env)
         await _send(
             self._serve,
-            {"kind": "request", "prompt": self.prompt, "options": options, "env": self._env},
+            {"kind": "request", "prompt": self.prompt, "options": options, "env": env},
         )
         self.timings["request"] = time.perf_counter()
         return reader
@@ -440,7 +558,13 @@ def run_agent(
         An `AgentRun`: enter it with ``async with``, then iterate it with ``async for``.
 
     Raises:
-        ConfigError: Empty prompt, bad timeout, or options that cannot cross.
+        ConfigError: Empty prompt, bad timeout, options that cannot cross, or no model
+            credentials (none of `CREDENTIALS` in the host's environment, ``env``,
+            ``options.env`` or the spec's env): raised by ``run_agent`` itself. Once the
+            sandbox exists, before the agent starts: ``bypassPermissions`` on a sandbox that
+            does not allow it (`Sandbox.allows_bypass_permissions`), or an
+            ``ANTHROPIC_BASE_URL`` on loopback the sandbox cannot reach; a sandbox the run
+            created is removed.
         SandboxTimeoutError: The deadline passed; messages received before it were yielded,
             the agent was killed and the sandbox (if sandbay created it) removed.
         AgentError: The agent or its CLI failed inside the sandbox; carries the exit code

@@ -120,6 +120,11 @@ class SandboxPool:
         self.stats = {"provisioned": 0, "acquired": 0, "failed": 0}
 
     @property
+    def agent_env(self) -> Mapping[str, str]:
+        """The agent environment the pool's CLIs are started with (``env`` and forwarded)."""
+        return self._env
+
+    @property
     def options(self) -> ClaudeAgentOptions | None:
         """The agent options the pool's CLIs were started with, if any."""
         return self._options
@@ -286,17 +291,20 @@ class SandboxPool:
             self._ready_send.send_nowait(lease)
 
     async def _warm(self) -> Lease:
-        from ._agent import _send, start_entrypoint
+        from ._agent import _send, check_sandbox, sandbox_agent_env, start_entrypoint
 
         sandbox = await create_sandbox(self._provider, self._spec)
         try:
+            if self._wire_options is not None:
+                check_sandbox(sandbox, wire_options=self._wire_options, env=self._env)
             run_id = uuid.uuid4().hex[:16]
             proc, run_dir = await start_entrypoint(sandbox, run_id)
             reader = _EnvelopeReader(proc, sandbox=sandbox)
             await _expect(reader, "ready", sandbox, proc, run_dir)
             if self._wire_options is not None:
                 options = {"cwd": sandbox.workdir, **self._wire_options}
-                await _send(proc, {"kind": "prepare", "options": options, "env": self._env})
+                env = sandbox_agent_env(sandbox, self._env)
+                await _send(proc, {"kind": "prepare", "options": options, "env": env})
                 await _expect(reader, "prepared", sandbox, proc, run_dir)
             return Lease(sandbox, proc, run_dir, run_id, self._wire_options is not None, reader)
         except BaseException:

@@ -312,6 +312,15 @@ class Sandbox(abc.ABC):
         return True
 
     @property
+    def allows_bypass_permissions(self) -> bool:
+        """Whether an agent here may run with ``permission_mode="bypassPermissions"``.
+
+        By default only where the sandbox is `isolated`: elsewhere the agent would act on
+        the host as its user without asking. A provider may let its config opt in.
+        """
+        return self.isolated
+
+    @property
     def reaches_host_loopback(self) -> bool:
         """Whether ``127.0.0.1`` inside the sandbox is the host's loopback.
 
