@@ -405,9 +405,9 @@ async def run_bench(
         model.start()
         env = model.env()
         spec = spec.model_copy(update={"network": "host"})
-    options = ClaudeAgentOptions(
-        max_turns=3, allowed_tools=["Bash"], permission_mode="bypassPermissions"
-    )
+    # allowed_tools lets the agent run Bash unasked on every provider; bypassPermissions is
+    # refused on the unisolated local provider.
+    options = ClaudeAgentOptions(max_turns=3, allowed_tools=["Bash"])
     bar = (progress or _Progress)(
         len(names) * (config.runs + 1) * per_round * (2 if config.raw_baseline else 1),
         f"bench {config.mode}",
