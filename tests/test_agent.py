@@ -6,8 +6,10 @@ fault-injecting wrapper around a real sandbox cuts a stream to exercise the repl
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,12 +27,15 @@ from claude_agent_sdk import (
 from typing_extensions import override
 
 import sandbay
+import sandbay._agent
 from sandbay import ByteStream, Process, Sandbox, SandboxSpec
 from sandbay.testing import ScriptedModel, Turn
 
 pytestmark = pytest.mark.anyio
 
-OPTIONS = ClaudeAgentOptions(
+# allowed_tools lets the CLI run Bash unasked; bypassPermissions is for isolated sandboxes.
+OPTIONS = ClaudeAgentOptions(max_turns=4, allowed_tools=["Bash"])
+BYPASS = ClaudeAgentOptions(
     max_turns=4, allowed_tools=["Bash"], permission_mode="bypassPermissions"
 )
 
@@ -69,12 +74,7 @@ async def test_messages_match_a_local_query_and_tools_act_in_the_sandbox() -> No
         )
         sandboxed_results = model.tool_results()
     async with ScriptedModel(script) as model:
-        local_options = ClaudeAgentOptions(
-            max_turns=4,
-            allowed_tools=["Bash"],
-            permission_mode="bypassPermissions",
-            env={**model.env(), "IS_SANDBOX": "1"},
-        )
+        local_options = ClaudeAgentOptions(max_turns=4, allowed_tools=["Bash"], env=model.env())
         local = [m async for m in query(prompt="go", options=local_options)]
 
     assert shape(messages) == shape(local)
@@ -150,6 +150,73 @@ async def test_cancelling_the_consumer_removes_the_sandbox() -> None:
     assert run.sandbox.id not in {s.id for s in await sandbay.get_provider("local").list()}
 
 
+def agent_pids(sandbox: Sandbox, run_id: str) -> set[int]:
+    """Host processes of a local run: its entrypoint (named by the run id) and any process
+    working inside the sandbox's workdir (the CLI and its tools)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue  # gone, or a zombie
+        if run_id.encode() in cmdline or cwd.startswith(sandbox.workdir):
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("how", ["aclose", "async_with"])
+async def test_stopping_early_kills_the_agent_and_removes_the_sandbox(how: str) -> None:
+    async with ScriptedModel([Turn.text("slow", delay_s=30)]) as model:
+        run = sandbay.run_agent("go", provider="local", options=OPTIONS, env=model.env())
+        if how == "aclose":
+            async for _ in run:
+                break
+        else:
+            async with run:
+                async for _ in run:
+                    break
+        assert run.sandbox is not None
+        if how == "aclose":
+            assert agent_pids(run.sandbox, run.run_id), "the agent should still be running"
+            await run.aclose()
+        # Nothing waits for a finalizer: the moment aclose / the block returns, it is over.
+        assert run.sandbox.closed
+        assert run.sandbox.id not in {s.id for s in await sandbay.get_provider("local").list()}
+        assert agent_pids(run.sandbox, run.run_id) == set()
+        await run.aclose()  # idempotent
+
+
+@pytest.mark.docker
+async def test_docker_aclose_after_break_leaves_no_container() -> None:
+    import docker
+
+    async with ScriptedModel([Turn.text("slow", delay_s=30)]) as model:
+        run = sandbay.run_agent(
+            "go",
+            provider=sandbay.DockerConfig(),
+            options=OPTIONS,
+            env=model.env(),
+            spec=SandboxSpec(network="host"),
+            timeout=120,
+        )
+        async for _ in run:
+            break
+        assert run.sandbox is not None
+        session = run.sandbox.labels["sandbay.session"]
+        assert await sandboxes_with_session("docker", session)
+        await run.aclose()
+        assert await sandboxes_with_session("docker", session) == []
+    client = docker.from_env()
+    try:
+        found = client.containers.list(all=True, filters={"label": f"sandbay.session={session}"})
+        assert found == []
+    finally:
+        client.close()
+
+
 async def test_cli_crash_is_an_agent_error_with_exit_code_and_stderr() -> None:
     options = ClaudeAgentOptions(extra_args={"no-such-flag-xyz": None})
     async with ScriptedModel(["hi"]) as model:
@@ -167,7 +234,9 @@ async def test_cli_crash_is_an_agent_error_with_exit_code_and_stderr() -> None:
 async def test_entrypoint_that_cannot_start_reports_exit_code_and_stderr() -> None:
     config = sandbay.LocalConfig(python="/nonexistent/python3")
     with pytest.raises(sandbay.AgentError) as info:
-        await collect(sandbay.run_agent("go", provider=config, timeout=60))
+        await collect(
+            sandbay.run_agent("go", provider=config, env={"ANTHROPIC_API_KEY": "x"}, timeout=60)
+        )
     assert info.value.exit_code == 127
     assert "/nonexistent/python3" in info.value.stderr_tail
 
@@ -257,6 +326,16 @@ class _FlakySandbox(Sandbox):
     @override
     def agent_dir(self) -> str:
         return self.inner.agent_dir
+
+    @property
+    @override
+    def isolated(self) -> bool:
+        return self.inner.isolated
+
+    @property
+    @override
+    def reaches_host_loopback(self) -> bool:
+        return self.inner.reaches_host_loopback
 
     @override
     async def _start(
@@ -404,13 +483,13 @@ async def test_agent_under_bubblewrap_sees_only_its_workspace(tmp_path: Any) -> 
         pytest.skip("bubblewrap is not installed")
     secret = tmp_path / "host-secret.txt"
     secret.write_text("do-not-leak")
-    command = f"pwd; cat {secret} 2>&1; ls /root | wc -l"
+    command = f"pwd; cat {secret} 2>&1; ls /root | wc -l; env | grep IS_SANDBOX"
     async with ScriptedModel(bash_then_done(command)) as model:
         messages = await collect(
             sandbay.run_agent(
                 "go",
                 provider=sandbay.LocalConfig(isolate=True),
-                options=OPTIONS,
+                options=BYPASS,  # allowed: a real boundary exists
                 env=model.env(),
                 spec=SandboxSpec(network="host"),
                 timeout=120,
@@ -420,6 +499,31 @@ async def test_agent_under_bubblewrap_sees_only_its_workspace(tmp_path: Any) -> 
     assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
     assert "/workspace" in output
     assert "do-not-leak" not in output and "No such file" in output
+    assert "IS_SANDBOX=1" in output
+
+
+@pytest.mark.parametrize("call", ["wait_ready", "acquire", "run_agent"])
+async def test_pool_errors_arrive_as_themselves_not_in_a_group(call: str) -> None:
+    # The entrypoint cannot start, so every sandbox the pool warms fails with an AgentError.
+    config = sandbay.LocalConfig(python="/nonexistent/python3")
+    with pytest.raises(sandbay.AgentError, match="ready") as info:
+        async with sandbay.SandboxPool(config, size=1) as pool:
+            if call == "wait_ready":
+                await pool.wait_ready(timeout=60)
+            elif call == "acquire":
+                await pool.acquire(timeout=60)
+            else:
+                await collect(
+                    sandbay.run_agent("go", pool=pool, env={"ANTHROPIC_API_KEY": "unused"})
+                )
+    assert type(info.value) is sandbay.AgentError
+    assert "/nonexistent/python3" in str(info.value)
+
+
+async def test_an_error_in_a_pool_block_comes_out_as_itself() -> None:
+    with pytest.raises(KeyError, match="mine"):
+        async with sandbay.SandboxPool("local", size=1):
+            raise KeyError("mine")
 
 
 async def test_pool_replaces_a_sandbox_near_its_expiry() -> None:
@@ -435,3 +539,105 @@ async def test_pool_replaces_a_sandbox_near_its_expiry() -> None:
         finally:
             await lease.process.kill()
             await lease.sandbox.aclose()
+
+
+# -- refused up front ----------------------------------------------------------------------
+
+
+def without_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in sandbay._agent.CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_no_credentials_is_refused_before_anything_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    without_credentials(monkeypatch)
+    with pytest.raises(sandbay.ConfigError) as info:
+        sandbay.run_agent("go", provider="local")
+    message = str(info.value)
+    assert "ANTHROPIC_API_KEY is not set" in message
+    assert "--offline" in message and "ScriptedModel" in message
+    # Any one credential, from the host, env=, options.env or the spec, is enough.
+    sandbay.run_agent("go", provider="local", env={"ANTHROPIC_API_KEY": "k"})
+    sandbay.run_agent("go", provider="local", env={"CLAUDE_CODE_USE_BEDROCK": "1"})
+    sandbay.run_agent("go", options=ClaudeAgentOptions(env={"ANTHROPIC_AUTH_TOKEN": "t"}))
+    sandbay.run_agent("go", spec=SandboxSpec(env={"CLAUDE_CODE_OAUTH_TOKEN": "o"}))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "from-the-host")
+    sandbay.run_agent("go", provider="local")
+
+
+LOOPBACK_URLS = [
+    "http://127.0.0.1:9",
+    "http://127.8.9.10:9/v1",
+    "http://localhost:9",
+    "http://[::1]:9",
+]
+
+
+@pytest.mark.bwrap
+@pytest.mark.parametrize("url", LOOPBACK_URLS)
+async def test_loopback_model_url_out_of_an_isolated_sandboxs_reach_is_refused(url: str) -> None:
+    import shutil
+
+    if not shutil.which("bwrap"):
+        pytest.skip("bubblewrap is not installed")
+    run = sandbay.run_agent(
+        "go",
+        provider=sandbay.LocalConfig(isolate=True),
+        spec=SandboxSpec(network="none"),
+        env={"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": url},
+        timeout=60,
+    )
+    started = time.monotonic()
+    with pytest.raises(sandbay.ConfigError, match="loopback inside this local sandbox"):
+        await collect(run)
+    assert time.monotonic() - started < 15
+    assert run.sandbox is not None and run.sandbox.closed
+    assert run.sandbox.id not in {s.id for s in await sandbay.get_provider("local").list()}
+
+
+@pytest.mark.docker
+async def test_docker_loopback_model_url_is_refused_fast_and_the_container_removed() -> None:
+    # network "none": loopback in the container is its own, as on docker's default network;
+    # nothing connects anywhere.
+    run = sandbay.run_agent(
+        "go",
+        provider=sandbay.DockerConfig(),
+        spec=SandboxSpec(network="none"),
+        env={"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"},
+        timeout=120,
+    )
+    started = time.monotonic()
+    with pytest.raises(sandbay.ConfigError, match="network='host'"):
+        await collect(run)
+    assert time.monotonic() - started < 30
+    assert run.sandbox is not None
+    assert await sandboxes_with_session("docker", run.sandbox.labels["sandbay.session"]) == []
+
+
+async def test_unisolated_local_refuses_bypass_permissions_and_says_why() -> None:
+    key = {"ANTHROPIC_API_KEY": "k"}
+    run = sandbay.run_agent("go", provider="local", options=BYPASS, env=key)
+    with pytest.raises(sandbay.ConfigError, match="bypassPermissions") as info:
+        await collect(run)
+    assert "not isolated" in str(info.value) and "as you" in str(info.value)
+    assert "opt in" in str(info.value)
+    assert run.sandbox is not None and run.sandbox.closed
+    assert run.sandbox.id not in {s.id for s in await sandbay.get_provider("local").list()}
+    skip = ClaudeAgentOptions(extra_args={"dangerously-skip-permissions": None})
+    with pytest.raises(sandbay.ConfigError, match="bypassPermissions"):
+        await collect(sandbay.run_agent("go", provider="local", options=skip, env=key))
+    # A pool starting its CLIs that way is refused as it warms them.
+    with pytest.raises(sandbay.ConfigError, match="bypassPermissions"):
+        async with sandbay.SandboxPool("local", size=1, options=BYPASS, env=key) as pool:
+            await pool.wait_ready(timeout=60)
+
+
+async def test_unisolated_agent_does_not_get_is_sandbox() -> None:
+    async with ScriptedModel(bash_then_done("env; echo env-listed")) as model:
+        messages = await collect(
+            sandbay.run_agent("go", provider="local", options=OPTIONS, env=model.env(), timeout=120)
+        )
+        output = str(model.tool_results())
+    assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
+    assert "env-listed" in output and "ANTHROPIC_BASE_URL=" in output
+    assert "IS_SANDBOX" not in output

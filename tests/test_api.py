@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import time
 from typing import Any
 
 import pytest
@@ -139,3 +140,25 @@ def test_callables_are_refused_with_the_field_named(change: dict[str, Any], fiel
     options = dataclasses.replace(ClaudeAgentOptions(), **change)
     with pytest.raises(sandbay.ConfigError, match=field):
         options_to_wire(options)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("timeout", [-1, 0, 0.0, float("nan"), float("inf"), "5", True])
+async def test_exec_refuses_a_timeout_that_is_not_positive_and_finite(timeout: Any) -> None:
+    async with sandbay.open_sandbox("local") as sb:
+        started = time.monotonic()
+        with pytest.raises(sandbay.ConfigError, match="timeout"):
+            await sb.exec(["python3", "-c", "import time; time.sleep(30)"], timeout=timeout)
+        assert time.monotonic() - started < 5  # refused, not run
+
+
+@pytest.mark.anyio
+async def test_exec_input_takes_text_as_utf8_and_bytes_alike() -> None:
+    async with sandbay.open_sandbox("local") as sb:
+        text = await sb.exec(["cat"], input="héllo ✓\n", timeout=30)
+        assert text.stdout == "héllo ✓\n".encode()
+        raw = await sb.exec(["cat"], input=b"\x00\xff", timeout=30)
+        assert raw.stdout == b"\x00\xff"
+        for bad in (123, ["a"], {"a": 1}):
+            with pytest.raises(sandbay.ConfigError, match="input must be bytes or str"):
+                await sb.exec(["cat"], input=bad, timeout=30)  # type: ignore[arg-type]

@@ -14,14 +14,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import ipaddress
 import json
 import math
 import os
 import shlex
 import sys
 import time
+import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +56,14 @@ FORWARDED_ENV = (
     "CLAUDE_CODE_USE_BEDROCK",
     "CLAUDE_CODE_USE_VERTEX",
 )
+#: Any of these lets the agent authenticate to the model (or to Bedrock / Vertex).
+CREDENTIALS = (
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "CLAUDE_CODE_OAUTH_TOKEN",
+    "CLAUDE_CODE_USE_BEDROCK",
+    "CLAUDE_CODE_USE_VERTEX",
+)
 #: Options that are code, not data: they cannot cross into the sandbox.
 REFUSED_OPTIONS = {
     "can_use_tool": "permission callbacks run in your process; use allowed_tools / "
@@ -62,7 +73,19 @@ REFUSED_OPTIONS = {
     "session_store": "a SessionStore object lives in your process",
 }
 RECONNECTS = 3
+#: Longest envelope line the host accepts, in bytes: the cap on what one line from the
+#: sandbox may make the host hold (stream-json messages with images run to a few MiB).
+MAX_ENVELOPE_BYTES = 32 * 1024 * 1024
+#: How much of the end of the entrypoint's stderr log an `AgentError` reports from.
+STDERR_TAIL_BYTES = 64 * 1024
 _ENTRYPOINT = "entrypoint.py"
+#: Envelope kinds the entrypoint sends.
+KINDS = frozenset({"ready", "prepared", "message", "error", "end"})
+#: Largest sequence number accepted (a run never comes near it).
+MAX_SEQ = 2**53
+#: Deepest nesting of lists and objects accepted in an envelope's data; the CLI's own
+#: messages stay within a dozen levels.
+MAX_DEPTH = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,20 +176,122 @@ def _jsonable(value: Any, where: str) -> Any:
 def agent_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The variables the agent gets: forwarded auth/endpoint settings, then ``extra``."""
     env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
-    env["IS_SANDBOX"] = "1"  # lets bypassPermissions run in root sandboxes
     env.update(extra or {})
     return env
+
+
+def sandbox_agent_env(sandbox: Sandbox, env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` as sent to the agent in ``sandbox``.
+
+    ``IS_SANDBOX=1`` (which lets the CLI bypass permissions as root) is added only where a
+    real boundary exists (`Sandbox.isolated`); on the host it would let an agent act as root.
+    """
+    return {"IS_SANDBOX": "1", **env} if sandbox.isolated else dict(env)
+
+
+def check_credentials(*envs: Mapping[str, str] | None) -> None:
+    """Refuse a run whose agent would have no way to authenticate to the model.
+
+    Raises:
+        ConfigError: None of `CREDENTIALS` is set in any of ``envs``.
+    """
+    if any(env and env.get(name) for env in envs for name in CREDENTIALS):
+        return
+    raise ConfigError(
+        "ANTHROPIC_API_KEY is not set, so the agent cannot reach the model (the claude CLI "
+        "would only say 'Not logged in'). Export ANTHROPIC_API_KEY (or pass "
+        "env={'ANTHROPIC_API_KEY': ...}); to run without a model account, use "
+        "`sandbay run --offline`, or start sandbay.testing.ScriptedModel and pass "
+        "env=model.env()"
+    )
+
+
+def check_sandbox(
+    sandbox: Sandbox, *, wire_options: Mapping[str, Any], env: Mapping[str, str]
+) -> None:
+    """Refuse what cannot work, or must not run, in this sandbox; before the agent starts.
+
+    Args:
+        sandbox: Where the agent is about to run.
+        wire_options: Its options, as `options_to_wire` gives them.
+        env: The environment sent with the request (it overrides ``options.env``).
+
+    Raises:
+        ConfigError: ``bypassPermissions`` on a sandbox that does not allow it
+            (`Sandbox.allows_bypass_permissions`), or a model URL on loopback that the
+            sandbox cannot reach (`Sandbox.reaches_host_loopback`).
+    """
+    if _bypasses_permissions(wire_options) and not sandbox.allows_bypass_permissions:
+        raise ConfigError(
+            f"permission_mode='bypassPermissions' refused on this {sandbox.provider} sandbox: "
+            "it is not isolated, so the agent would run every command on this machine as you, "
+            "without asking. Use an isolated sandbox (docker, or local with isolate=true), "
+            "let allowed_tools decide what the agent may run, or opt in explicitly in the "
+            "provider's config",
+            provider=sandbox.provider,
+            sandbox_id=sandbox.id,
+        )
+    option_env = wire_options.get("env")
+    url = (
+        env.get("ANTHROPIC_BASE_URL")
+        or (option_env.get("ANTHROPIC_BASE_URL") if isinstance(option_env, dict) else None)
+        or sandbox.spec.env.get("ANTHROPIC_BASE_URL")
+    )
+    if url and _is_loopback_url(str(url)) and not sandbox.reaches_host_loopback:
+        raise ConfigError(
+            f"ANTHROPIC_BASE_URL={url} is a loopback address, and loopback inside this "
+            f"{sandbox.provider} sandbox is the sandbox's own, not this machine's: the agent "
+            "would retry until its deadline. Give the sandbox the host's network "
+            "(SandboxSpec(network='host')), or use an address the sandbox can reach",
+            provider=sandbox.provider,
+            sandbox_id=sandbox.id,
+        )
+
+
+def _bypasses_permissions(wire_options: Mapping[str, Any]) -> bool:
+    if wire_options.get("permission_mode") == "bypassPermissions":
+        return True
+    extra = wire_options.get("extra_args") or {}
+    return isinstance(extra, dict) and (
+        extra.get("permission-mode") == "bypassPermissions"
+        or "dangerously-skip-permissions" in extra
+        or "allow-dangerously-skip-permissions" in extra
+    )
+
+
+def _is_loopback_url(url: str) -> bool:
+    try:
+        host = urllib.parse.urlsplit(url.strip()).hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    host = host.rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_unspecified
 
 
 class AgentRun:
     """One agent run: an async iterator of typed `claude_agent_sdk` messages.
 
-    Iterate it directly (``async for message in run_agent(...)``), or use it as an async
-    context manager to guarantee cleanup when you stop early::
+    Use it as an async context manager and iterate it inside::
 
         async with sandbay.run_agent("...") as run:
             async for message in run:
                 ...
+
+    Leaving the block, however it is left (the loop ran out, ``break``, an exception,
+    cancellation), kills the agent and removes the sandbox the run created before the block
+    exits. A bare ``async for`` over the run cannot promise that when it stops early: Python
+    closes an abandoned async generator only when it is garbage collected, so call `aclose`
+    yourself if you do not use ``async with``.
 
     Attributes:
         run_id: Identifies the run inside its sandbox (for `replay_agent`).
@@ -211,20 +336,27 @@ class AgentRun:
         self._spec = spec
         self._pool = pool
         self._env = agent_env(env)
+        option_env = self._wire_options.get("env")
+        check_credentials(
+            self._env,
+            option_env if isinstance(option_env, dict) else None,
+            pool.agent_env if pool is not None else None,
+            (sandbox.spec if sandbox is not None else spec or SandboxSpec()).env,
+        )
         self._owns_sandbox = sandbox is None
         self._serve: Process | None = None
         self._run_dir = ""
         self.timings: dict[str, float] = {}
         self.sandbox_timings: dict[str, float] = {}
         self._raw = False
-        self._gen: AsyncIterator[Any] | None = None
+        self._gen: AsyncGenerator[Any, None] | None = None
 
     def raw(self) -> Self:
         """Yield the raw stream-json dicts instead of typed messages (for ``--json``)."""
         self._raw = True
         return self
 
-    def __aiter__(self) -> AsyncIterator[Any]:
+    def __aiter__(self) -> AsyncGenerator[Any, None]:
         if self._gen is None:
             self._gen = self._messages()
         return self._gen
@@ -236,20 +368,28 @@ class AgentRun:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop the run and remove the sandbox it created. Idempotent."""
+        """Stop the run: kill the agent and remove the sandbox the run created. Idempotent.
+
+        When it returns, the agent's entrypoint has been killed and a sandbox the run
+        provisioned (or took from a pool) is removed.
+        """
         if self._gen is not None:
-            await self._gen.aclose()  # type: ignore[attr-defined]
+            await self._gen.aclose()
 
-    async def _messages(self) -> AsyncIterator[Any]:
-        async for envelope in self._envelopes():
-            if self._raw:
-                yield envelope.data
-                continue
-            message = parse_message(envelope.data)
-            if message is not None:
-                yield message
+    async def _messages(self) -> AsyncGenerator[Any, None]:
+        # aclosing: closing this generator must close the one below, whose ``finally``
+        # kills the agent and removes the sandbox; otherwise that waits for the garbage
+        # collector.
+        async with aclosing(self._envelopes()) as envelopes:
+            async for envelope in envelopes:
+                # Parsed in raw mode too: what the caller gets was checked either way.
+                message = _parse_message(envelope, self.sandbox)
+                if self._raw:
+                    yield envelope.data
+                elif message is not None:
+                    yield message
 
-    async def _envelopes(self) -> AsyncIterator[Envelope]:
+    async def _envelopes(self) -> AsyncGenerator[Envelope, None]:
         self.timings["start"] = time.perf_counter()
         deadline = math.inf if self._timeout is None else anyio.current_time() + self._timeout
         proc: Process | None = None
@@ -276,7 +416,7 @@ class AgentRun:
                     # Leave the entrypoint running: only its stream to us broke.
                     reconnects += 1
                     proc = await self._replay_process(self.last_seq)
-                    stream = _EnvelopeReader(proc)
+                    stream = _EnvelopeReader(proc, sandbox=self.sandbox)
                     continue
                 if envelope.kind in ("ready", "prepared"):
                     continue
@@ -325,17 +465,21 @@ class AgentRun:
             self.sandbox, self._serve, self._run_dir = lease.sandbox, lease.process, lease.run_dir
             self.run_id = lease.run_id
             self.timings["sandbox"] = time.perf_counter()
+            if not lease.prepared:  # a prepared CLI was checked, with its options, by the pool
+                check_sandbox(self.sandbox, wire_options=options, env=self._env)
             reader = lease.reader
         else:
             if self.sandbox is None:
                 self.sandbox = await create_sandbox(self._provider, self._spec)
             self.timings["sandbox"] = time.perf_counter()
+            check_sandbox(self.sandbox, wire_options=options, env=self._env)
             self._serve, self._run_dir = await start_entrypoint(self.sandbox, self.run_id)
-            reader = _EnvelopeReader(self._serve)
+            reader = _EnvelopeReader(self._serve, sandbox=self.sandbox)
         options.setdefault("cwd", self.sandbox.workdir)
+        env = sandbox_agent_env(self.sandbox, self._env)
         await _send(
             self._serve,
-            {"kind": "request", "prompt": self.prompt, "options": options, "env": self._env},
+            {"kind": "request", "prompt": self.prompt, "options": options, "env": env},
         )
         self.timings["request"] = time.perf_counter()
         return reader
@@ -365,18 +509,10 @@ class AgentRun:
     async def _died(self, code: int | None) -> AgentError:
         sb = self.sandbox
         assert sb is not None
-        tail = ""
-        try:
-            with anyio.move_on_after(CLOSE_TIMEOUT):
-                tail = _tail(
-                    (await sb.read_file(f"{self._run_dir}/stderr.log")).decode("utf-8", "replace")
-                )
-        except SandboxError:
-            pass
         return AgentError(
             "the agent entrypoint exited before the run ended",
             exit_code=code,
-            stderr_tail=tail,
+            stderr_tail=await stderr_tail(sb, self._run_dir),
             provider=sb.provider,
             sandbox_id=sb.id,
         )
@@ -397,7 +533,14 @@ def run_agent(
     """Run a Claude agent inside a sandbox and stream its messages as they are produced.
 
     Yields the same typed `claude_agent_sdk` messages (``SystemMessage``, ``AssistantMessage``,
-    ``UserMessage``, ``ResultMessage``, …) a local ``query()`` would, in order.
+    ``UserMessage``, ``ResultMessage``, …) a local ``query()`` would, in order::
+
+        async with sandbay.run_agent("fix the failing test", provider="docker") as run:
+            async for message in run:
+                print(message)
+
+    The ``async with`` block is what removes the sandbox when you stop early (``break``, an
+    exception): by the time the block exits, the agent is killed and the sandbox gone.
 
     Args:
         prompt: What the agent should do.
@@ -412,10 +555,16 @@ def run_agent(
         run_id: Name of the run inside the sandbox; default random.
 
     Returns:
-        An `AgentRun`, to iterate with ``async for``.
+        An `AgentRun`: enter it with ``async with``, then iterate it with ``async for``.
 
     Raises:
-        ConfigError: Empty prompt, bad timeout, or options that cannot cross.
+        ConfigError: Empty prompt, bad timeout, options that cannot cross, or no model
+            credentials (none of `CREDENTIALS` in the host's environment, ``env``,
+            ``options.env`` or the spec's env): raised by ``run_agent`` itself. Once the
+            sandbox exists, before the agent starts: ``bypassPermissions`` on a sandbox that
+            does not allow it (`Sandbox.allows_bypass_permissions`), or an
+            ``ANTHROPIC_BASE_URL`` on loopback the sandbox cannot reach; a sandbox the run
+            created is removed.
         SandboxTimeoutError: The deadline passed; messages received before it were yielded,
             the agent was killed and the sandbox (if sandbay created it) removed.
         AgentError: The agent or its CLI failed inside the sandbox; carries the exit code
@@ -446,11 +595,11 @@ async def replay_agent(sandbox: Sandbox, run_id: str, *, after: int = 0) -> Asyn
         AgentError: The run failed, or its entrypoint died before it ended.
     """
     proc = await sandbox.start(_replay_argv(sandbox, run_dir(sandbox, run_id), after))
-    reader = _EnvelopeReader(proc)
+    reader = _EnvelopeReader(proc, sandbox=sandbox)
     try:
         while (envelope := await reader.next()) is not None:
             if envelope.kind == "message":
-                message = parse_message(envelope.data)
+                message = _parse_message(envelope, sandbox)
                 if message is not None:
                     yield message
             elif envelope.kind == "error":
@@ -491,6 +640,35 @@ async def start_entrypoint(sandbox: Sandbox, run_id: str) -> tuple[Process, str]
     return await sandbox.start(["sh", "-c", command]), directory
 
 
+async def stderr_tail(sandbox: Sandbox, directory: str) -> str:
+    """The last lines the entrypoint in ``directory`` wrote to stderr ("" if unreadable).
+
+    The sandbox decides how large that log is: ``tail`` inside the sandbox cuts it to its
+    last `STDERR_TAIL_BYTES` (a sandbox without ``tail`` streams it past, keeping as much),
+    no more than that is ever held, and the read gives up after `CLOSE_TIMEOUT`.
+    """
+    path = f"{directory}/stderr.log"
+    kept = bytearray()
+    try:
+        with anyio.move_on_after(CLOSE_TIMEOUT):
+            proc = await sandbox.start(["tail", "-c", str(STDERR_TAIL_BYTES), path])
+            try:
+                async for chunk in proc.stdout:
+                    kept += chunk
+                    del kept[:-STDERR_TAIL_BYTES]
+                code = await proc.wait()
+            finally:
+                await _kill(proc)
+            if code == 127:  # no tail in this sandbox
+                async with aclosing(sandbox.read_file_stream(path)) as chunks:
+                    async for chunk in chunks:
+                        kept += chunk
+                        del kept[:-STDERR_TAIL_BYTES]
+    except SandboxError:
+        pass
+    return _tail(kept.decode("utf-8", "replace"))
+
+
 def _replay_argv(sandbox: Sandbox, directory: str, after: int) -> list[str]:
     script = f"{sandbox.agent_dir}/{_ENTRYPOINT}"
     return [sandbox.python, script, "replay", "--run-dir", directory, "--after", str(after)]
@@ -504,22 +682,38 @@ async def _send(proc: Process, request: dict[str, Any]) -> None:
 
 
 class _EnvelopeReader:
-    """Frames a process's stdout into envelopes; keeps partial lines across reads."""
+    """Frames a process's stdout into envelopes; keeps partial lines across reads.
 
-    def __init__(self, proc: Process) -> None:
+    The sandbox decides what it writes: each byte is scanned once, and a line longer than
+    `MAX_ENVELOPE_BYTES` is a `ProtocolError` once that much of it has arrived, so the host
+    holds at most about that much plus one chunk.
+    """
+
+    def __init__(self, proc: Process, *, sandbox: Sandbox | None = None) -> None:
         self._stdout = proc.stdout
+        self._sandbox = sandbox
+        self._max_line = MAX_ENVELOPE_BYTES
         self._buffer = bytearray()
+        self._begin = 0  # where the next line starts
+        self._scanned = 0  # the buffer up to here holds no newline after _begin
         self._eof = False
 
     async def next(self) -> Envelope | None:
         while True:
-            newline = self._buffer.find(b"\n")
+            newline = self._buffer.find(b"\n", self._scanned)
             if newline != -1:
-                line = bytes(self._buffer[:newline])
-                del self._buffer[: newline + 1]
+                line = bytes(self._buffer[self._begin : newline])
+                self._begin = self._scanned = newline + 1
+                if len(line) > self._max_line:
+                    raise self._too_long()
                 if not line.strip():
                     continue
-                return _parse_envelope(line)
+                return _parse_envelope(line, self._sandbox)
+            del self._buffer[: self._begin]
+            self._begin = 0
+            self._scanned = len(self._buffer)
+            if self._scanned > self._max_line:
+                raise self._too_long()
             if self._eof:
                 return None
             try:
@@ -529,21 +723,116 @@ class _EnvelopeReader:
                 if self._buffer.strip():
                     self._buffer += b"\n"  # a last line without its newline
 
+    def _too_long(self) -> ProtocolError:
+        sb = self._sandbox
+        return ProtocolError(
+            f"the entrypoint wrote a line longer than {self._max_line} bytes without a "
+            "newline (something in the sandbox wrote to its stdout); the run was stopped",
+            provider=sb.provider if sb else None,
+            sandbox_id=sb.id if sb else None,
+        )
 
-def _parse_envelope(line: bytes) -> Envelope:
+
+def _parse_envelope(line: bytes, sandbox: Sandbox | None = None) -> Envelope:
+    """Check every field of one envelope line; anything off is a `ProtocolError`.
+
+    The line comes from the sandbox, whose code may be hostile: no value in it may raise
+    anything but `ProtocolError` on the host, now or when the caller uses the message.
+    """
+
+    def malformed(what: str) -> ProtocolError:
+        return ProtocolError(
+            f"the entrypoint sent a malformed envelope: {what}; the run was stopped",
+            provider=sandbox.provider if sandbox else None,
+            sandbox_id=sandbox.id if sandbox else None,
+        )
+
     try:
         raw = json.loads(line)
+    except RecursionError:
+        raise malformed("it nests too deep to parse") from None
     except ValueError:
+        raise malformed(f"a line that is not JSON: {line[:200]!r}") from None
+    if not isinstance(raw, dict):
+        raise malformed(f"a JSON {type(raw).__name__} instead of an object")
+    version = raw.get("sandbay")
+    if type(version) is not int or version != WIRE_VERSION:
         raise ProtocolError(
-            f"the entrypoint wrote a line that is not JSON: {line[:200]!r}"
-        ) from None
-    if not isinstance(raw, dict) or raw.get("sandbay") != WIRE_VERSION:
-        version = raw.get("sandbay") if isinstance(raw, dict) else "?"
-        raise ProtocolError(
-            f"the entrypoint speaks wire version {version}, this sandbay speaks "
-            f"{WIRE_VERSION}: use the same sandbay on both sides"
+            f"the entrypoint speaks wire version {_show_value(version)}, this sandbay speaks "
+            f"{WIRE_VERSION}: use the same sandbay on both sides",
+            provider=sandbox.provider if sandbox else None,
+            sandbox_id=sandbox.id if sandbox else None,
         )
-    return Envelope(int(raw.get("seq", 0)), str(raw.get("kind")), raw.get("data") or {})
+    seq = raw.get("seq", 0)
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise malformed(f"seq must be a whole number from 0 to {MAX_SEQ}, got {_show_value(seq)}")
+    kind = raw.get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise malformed(f"kind must be one of {sorted(KINDS)}, got {_show_value(kind)}")
+    data = raw.get("data", {})
+    if not isinstance(data, dict):
+        raise malformed(f"data of a {kind!r} envelope must be an object, got {_show_value(data)}")
+    if _nests_deeper(data, MAX_DEPTH):
+        raise malformed(f"data of a {kind!r} envelope nests deeper than {MAX_DEPTH} levels")
+    if kind == "end":
+        timings = data.get("timings", {})
+        if not isinstance(timings, dict) or not all(
+            isinstance(k, str) and _is_finite_number(v) for k, v in timings.items()
+        ):
+            raise malformed(
+                f"timings of 'end' must map names to numbers, got {_show_value(timings)}"
+            )
+    elif kind == "error":
+        exit_code = data.get("exit_code")
+        if exit_code is not None and (type(exit_code) is not int or abs(exit_code) > 2**31):
+            raise malformed(
+                f"exit_code of 'error' must be an integer, got {_show_value(exit_code)}"
+            )
+        for name in ("type", "message", "stderr"):
+            if not isinstance(data.get(name, ""), (str, type(None))):
+                raise malformed(f"{name} of 'error' must be text, got {_show_value(data[name])}")
+    return Envelope(seq, kind, data)
+
+
+def _parse_message(envelope: Envelope, sandbox: Sandbox | None) -> Message | None:
+    """The typed SDK message of a ``message`` envelope; a `ProtocolError` if it has none."""
+    try:
+        return parse_message(envelope.data)
+    except Exception as exc:  # the SDK's parser raises KeyError, TypeError, … on odd input
+        raise ProtocolError(
+            f"the entrypoint sent message {envelope.seq}, which the Agent SDK cannot parse "
+            f"({type(exc).__name__}: {str(exc)[:200]}); the run was stopped",
+            provider=sandbox.provider if sandbox else None,
+            sandbox_id=sandbox.id if sandbox else None,
+        ) from None
+
+
+def _nests_deeper(value: object, limit: int) -> bool:
+    """Whether JSON data nests more than ``limit`` lists/objects deep (without recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _is_finite_number(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _show_value(value: object) -> str:
+    """A short, safe rendering of a value from the sandbox (no deep repr of containers)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        text = repr(value)
+    elif isinstance(value, str):
+        text = repr(value[:60])
+    else:
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class _deadline:

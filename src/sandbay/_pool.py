@@ -10,6 +10,7 @@ destroys it, and the pool provisions a replacement in the background.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -33,6 +34,9 @@ from ._errors import (
 )
 from ._provider import EXPIRY
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["Lease", "SandboxPool"]
 
@@ -71,8 +75,9 @@ class SandboxPool:
     destroyed, provisioning in flight is finished and destroyed)::
 
         async with sandbay.SandboxPool("docker", size=2, options=opts, env=model.env()) as pool:
-            async for message in sandbay.run_agent("...", pool=pool):
-                ...
+            async with sandbay.run_agent("...", pool=pool) as run:
+                async for message in run:
+                    ...
 
     Args:
         provider: Provider name or config; ``None`` reads the config file / environment.
@@ -115,6 +120,11 @@ class SandboxPool:
         self.stats = {"provisioned": 0, "acquired": 0, "failed": 0}
 
     @property
+    def agent_env(self) -> Mapping[str, str]:
+        """The agent environment the pool's CLIs are started with (``env`` and forwarded)."""
+        return self._env
+
+    @property
     def options(self) -> ClaudeAgentOptions | None:
         """The agent options the pool's CLIs were started with, if any."""
         return self._options
@@ -140,7 +150,11 @@ class SandboxPool:
         exc: BaseException | None = None,
         tb: TracebackType | None = None,
     ) -> None:
-        """Drain the pool: destroy every ready sandbox and those still provisioning."""
+        """Drain the pool: destroy every ready sandbox and those still provisioning.
+
+        An error raised inside the pool's ``async with`` block comes out of it as itself,
+        not wrapped in an ``ExceptionGroup``.
+        """
         if self._closed:
             return
         self._closed = True
@@ -150,7 +164,17 @@ class SandboxPool:
                 # Provisioning in flight is shielded: it finishes, sees the pool closed and
                 # destroys what it made. The task group must exit in the scope it entered.
                 tg.cancel_scope.cancel()
-                await tg.__aexit__(exc_type, exc, tb)
+                try:
+                    await tg.__aexit__(exc_type, exc, tb)
+                except BaseExceptionGroup as group:
+                    # The task group wraps the block's own exception (and anything a
+                    # provisioning task raised); callers expect the error itself.
+                    single = _single(group)
+                    if single is None:
+                        raise
+                    if single is exc:
+                        return  # ``async with`` re-raises it, traceback intact
+                    raise single from None
         finally:
             with anyio.CancelScope(shield=True):
                 self._ready_send.close()
@@ -167,15 +191,24 @@ class SandboxPool:
         """Wait until ``count`` (default: ``size``) sandboxes are ready.
 
         Raises:
-            TimeoutError: They were not ready within ``timeout`` seconds.
-            SandboxError: Provisioning failed; the failure is attached.
+            SandboxTimeoutError: They were not ready within ``timeout`` seconds.
+            SandboxError: Provisioning failed: the error provisioning raised (a
+                `ConfigError`, `AgentError`, …) itself.
         """
         wanted = self.size if count is None else count
-        with anyio.fail_after(timeout):
-            while self.ready < wanted:
-                if self._failures:
-                    self._raise_failure()
-                await anyio.sleep(0.02)
+        try:
+            with anyio.fail_after(timeout):
+                while self.ready < wanted:
+                    if self._failures:
+                        self._raise_failure()
+                    await anyio.sleep(0.02)
+        except TimeoutError as exc:
+            if isinstance(exc, SandboxError):
+                raise
+            raise SandboxTimeoutError(
+                f"{wanted} pooled sandboxes were not ready within {timeout:g} s; "
+                "raise the timeout or the pool's concurrency"
+            ) from None
 
     async def acquire(self, *, timeout: float | None = None) -> Lease:
         """Take a ready sandbox, waiting for one if none is; a replacement starts at once.
@@ -186,7 +219,8 @@ class SandboxPool:
         Raises:
             SandboxClosedError: The pool is closed.
             SandboxTimeoutError: None became ready within ``timeout`` seconds.
-            SandboxError: Provisioning keeps failing; the last failure is attached.
+            SandboxError: Provisioning keeps failing: the error it last raised (a
+                `ConfigError`, `AgentError`, …) itself.
         """
         if self._closed or self._tg is None:
             raise SandboxClosedError("the pool is closed (use it inside `async with`)")
@@ -201,7 +235,9 @@ class SandboxPool:
                             break
                         await _discard(lease)
                         self._tg.start_soon(self._provision)
-        except TimeoutError:
+        except TimeoutError as exc:
+            if isinstance(exc, SandboxError):
+                raise
             raise SandboxTimeoutError(
                 f"no pooled sandbox became ready within {timeout:g} s; "
                 "raise the pool's size or concurrency"
@@ -215,6 +251,12 @@ class SandboxPool:
         failure = self._failures.pop()
         if self._tg is not None:
             self._tg.start_soon(self._provision)
+        if isinstance(failure, SandboxError):
+            raise failure  # typed already: ``except ConfigError`` and the like keep working
+        if isinstance(failure, TimeoutError):
+            raise SandboxTimeoutError(
+                f"provisioning a pooled sandbox took longer than {PROVISION_TIMEOUT:g} s"
+            ) from failure
         raise SandboxError(f"the pool could not provision a sandbox: {failure}") from failure
 
     def check_options(self, wire_options: Mapping[str, object]) -> None:
@@ -249,30 +291,53 @@ class SandboxPool:
             self._ready_send.send_nowait(lease)
 
     async def _warm(self) -> Lease:
-        from ._agent import _send, start_entrypoint
+        from ._agent import _send, check_sandbox, sandbox_agent_env, start_entrypoint
 
         sandbox = await create_sandbox(self._provider, self._spec)
         try:
+            if self._wire_options is not None:
+                check_sandbox(sandbox, wire_options=self._wire_options, env=self._env)
             run_id = uuid.uuid4().hex[:16]
             proc, run_dir = await start_entrypoint(sandbox, run_id)
-            reader = _EnvelopeReader(proc)
-            await _expect(reader, "ready", sandbox)
+            reader = _EnvelopeReader(proc, sandbox=sandbox)
+            await _expect(reader, "ready", sandbox, proc, run_dir)
             if self._wire_options is not None:
                 options = {"cwd": sandbox.workdir, **self._wire_options}
-                await _send(proc, {"kind": "prepare", "options": options, "env": self._env})
-                await _expect(reader, "prepared", sandbox)
+                env = sandbox_agent_env(sandbox, self._env)
+                await _send(proc, {"kind": "prepare", "options": options, "env": env})
+                await _expect(reader, "prepared", sandbox, proc, run_dir)
             return Lease(sandbox, proc, run_dir, run_id, self._wire_options is not None, reader)
         except BaseException:
             await sandbox.aclose()
             raise
 
 
-async def _expect(reader: _EnvelopeReader, kind: str, sandbox: Sandbox) -> None:
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception a (nested) group holds, or ``None`` if it holds several."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, BaseExceptionGroup):
+            pending.extend(item.exceptions)
+        else:
+            leaves.append(item)
+    return leaves[0] if len(leaves) == 1 else None
+
+
+async def _expect(
+    reader: _EnvelopeReader, kind: str, sandbox: Sandbox, proc: Process, run_dir: str
+) -> None:
+    from ._agent import _exit_code, stderr_tail
+
     envelope = await reader.next()
     if envelope is None or envelope.kind != kind:
         detail = envelope.data if envelope is not None else "end of stream"
+        exit_code = await _exit_code(proc) if envelope is None else None
         raise AgentError(
             f"the entrypoint did not report {kind!r} while warming: {detail}",
+            exit_code=exit_code,
+            stderr_tail=await stderr_tail(sandbox, run_dir),
             provider=sandbox.provider,
             sandbox_id=sandbox.id,
         )

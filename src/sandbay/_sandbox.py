@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import codecs
+import math
 import shlex
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, nullcontext
@@ -26,6 +27,7 @@ from typing_extensions import Self
 
 from ._errors import (
     ConfigError,
+    ProtocolError,
     SandboxClosedError,
     SandboxFileTooLargeError,
     SandboxTimeoutError,
@@ -170,8 +172,19 @@ class ByteStream:
         """Read to end of stream and return everything."""
         return b"".join([chunk async for chunk in self])
 
-    async def lines(self) -> AsyncIterator[bytes]:
-        """Yield complete lines (without the newline); a final unterminated line too."""
+    async def lines(self, *, max_line: int | None = None) -> AsyncIterator[bytes]:
+        """Yield complete lines (without the newline); a final unterminated line too.
+
+        Args:
+            max_line: Longest line accepted, in bytes. The process decides how long its
+                lines are: with a limit, at most about ``max_line`` bytes plus one chunk are
+                held, however long a line grows.
+
+        Raises:
+            ProtocolError: A line is longer than ``max_line``.
+        """
+        if max_line is not None and max_line < 1:
+            raise ConfigError(f"max_line must be at least 1 byte, got {max_line!r}")
         buffer = bytearray()
         async for chunk in self:
             start = len(buffer)
@@ -180,10 +193,14 @@ class ByteStream:
             end = buffer.find(b"\n", start)
             begin = 0
             while end != -1:
+                if max_line is not None and end - begin > max_line:
+                    raise _line_too_long(max_line)
                 yield bytes(buffer[begin:end])
                 begin = end + 1
                 end = buffer.find(b"\n", begin)
             del buffer[:begin]
+            if max_line is not None and len(buffer) > max_line:
+                raise _line_too_long(max_line)
         if buffer:
             yield bytes(buffer)
 
@@ -346,6 +363,15 @@ class Sandbox(abc.ABC):
         return True
 
     @property
+    def allows_bypass_permissions(self) -> bool:
+        """Whether an agent here may run with ``permission_mode="bypassPermissions"``.
+
+        By default only where the sandbox is `isolated`: elsewhere the agent would act on
+        the host as its user without asking. A provider may let its config opt in.
+        """
+        return self.isolated
+
+    @property
     def reaches_host_loopback(self) -> bool:
         """Whether ``127.0.0.1`` inside the sandbox is the host's loopback.
 
@@ -414,7 +440,7 @@ class Sandbox(abc.ABC):
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
-        input: bytes | None = None,
+        input: bytes | str | None = None,
         timeout: float | None = None,
     ) -> ExecResult:
         """Run a command to completion and return its exit code and output.
@@ -427,16 +453,39 @@ class Sandbox(abc.ABC):
             env: Variables added for this command.
             cwd: Working directory (relative to `workdir`); default `workdir`.
             user: Run as this user instead of the sandbox's default.
-            input: Bytes fed to stdin.
-            timeout: Seconds before the command is killed.
+            input: Fed to stdin: bytes, or text (sent as UTF-8).
+            timeout: Seconds before the command is killed: a positive, finite number.
 
         Returns:
             The `ExecResult`; a non-zero exit code is not an exception.
 
         Raises:
+            ConfigError: ``timeout`` is not a positive finite number, or ``input`` is
+                neither bytes nor text; nothing was started.
             SandboxTimeoutError: The command ran past ``timeout``; it was killed.
             SandboxClosedError: The sandbox was closed.
         """
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            raise ConfigError(
+                f"exec timeout must be a positive, finite number of seconds, got {timeout!r}; "
+                "pass None for no timeout"
+            )
+        data: bytes | None
+        if isinstance(input, str):
+            data = input.encode("utf-8")
+        elif isinstance(input, (bytes, bytearray, memoryview)):
+            data = bytes(input)
+        elif input is None:
+            data = None
+        else:
+            raise ConfigError(
+                f"exec input must be bytes or str, got {type(input).__name__}; encode it first"
+            )
         proc = await self.start(argv, env=env, cwd=cwd, user=user)
         out: list[bytes] = []
         err: list[bytes] = []
@@ -447,8 +496,8 @@ class Sandbox(abc.ABC):
 
         async def feed() -> None:
             try:
-                if input:
-                    await proc.write(input)
+                if data:
+                    await proc.write(data)
             except BrokenPipeError:
                 pass  # the command exited without reading all of it; as in a shell
             finally:
@@ -570,6 +619,13 @@ class Sandbox(abc.ABC):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<{type(self).__name__} {self.provider} {self.id} {state}>"
+
+
+def _line_too_long(max_line: int) -> ProtocolError:
+    return ProtocolError(
+        f"the process wrote a line longer than max_line={max_line} bytes; "
+        "raise the limit or read the stream in chunks"
+    )
 
 
 def _argv(argv: str | Sequence[str]) -> list[str]:

@@ -1,0 +1,288 @@
+"""What a sandbox writes back cannot exhaust or crash the host.
+
+Code in the sandbox may be hostile (a poisoned repository, a prompt injection). It can write
+to the agent entrypoint's stdout, flood the stderr log, or replace the entrypoint outright.
+Each test here has a real process in a real local sandbox do that, and checks the host stops
+it with a typed error, holding bounded memory.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+import tracemalloc
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import pytest
+from claude_agent_sdk import ClaudeAgentOptions
+from typing_extensions import override
+
+import sandbay
+import sandbay._agent
+from sandbay import Process, Sandbox
+from sandbay._agent import _EnvelopeReader
+from sandbay.testing import ScriptedModel, Turn
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1024 * 1024
+CAP = 1 * MiB
+FLOOD = 64 * MiB
+KEY = {"ANTHROPIC_API_KEY": "unused"}
+
+
+class HostileEntrypoint(Sandbox):
+    """A real sandbox in which the uploaded agent entrypoint is replaced by ``script``."""
+
+    provider = "hostile"
+
+    def __init__(self, inner: Sandbox, script: str) -> None:
+        super().__init__(inner.spec)
+        self.inner = inner
+        self.script = script
+
+    @property
+    @override
+    def id(self) -> str:
+        return self.inner.id
+
+    @property
+    @override
+    def workdir(self) -> str:
+        return self.inner.workdir
+
+    @property
+    @override
+    def python(self) -> str:
+        return self.inner.python
+
+    @property
+    @override
+    def agent_dir(self) -> str:
+        return self.inner.agent_dir
+
+    @property
+    @override
+    def isolated(self) -> bool:
+        return self.inner.isolated
+
+    @property
+    @override
+    def reaches_host_loopback(self) -> bool:
+        return self.inner.reaches_host_loopback
+
+    @override
+    async def _start(
+        self, argv: list[str], *, env: dict[str, str], cwd: str, user: str | None
+    ) -> Process:
+        return await self.inner.start(argv, env=env, cwd=cwd, user=user)
+
+    @override
+    async def _write_file(self, path: str, data: bytes, *, mode: int) -> None:
+        if path.endswith("/entrypoint.py"):
+            data = self.script.encode()
+        await self.inner.write_file(path, data, mode=mode)
+
+    @override
+    async def _read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
+        async for chunk in self.inner.read_file_stream(path):
+            yield chunk
+
+    @override
+    async def _aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def printing(*lines: bytes | str, then: str = "time.sleep(60)") -> str:
+    """A fake entrypoint: says ready, reads the request, prints ``lines``, then ``then``."""
+    raw = [line.encode() if isinstance(line, str) else line for line in lines]
+    return (
+        "import sys, time\n"
+        "out = sys.stdout.buffer\n"
+        'out.write(b\'{"sandbay": 1, "seq": 0, "kind": "ready", "data": {}}\\n\')\n'
+        "out.flush()\n"
+        "sys.stdin.readline()\n"
+        f"for line in {raw!r}:\n"
+        "    out.write(line + b'\\n')\n"
+        "    out.flush()\n"
+        f"{then}\n"
+    )
+
+
+async def run_with(script: str) -> list[Any]:
+    async with sandbay.open_sandbox("local") as inner:
+        hostile = HostileEntrypoint(inner, script)
+        async with sandbay.run_agent("go", sandbox=hostile, env=KEY, timeout=20) as run:
+            return [message async for message in run]
+
+
+# -- line length and memory ----------------------------------------------------------------
+
+
+async def test_envelope_reader_stops_at_the_cap_having_read_little_of_the_flood(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sandbay._agent, "MAX_ENVELOPE_BYTES", CAP)
+    flood = f"import sys; sys.stdout.buffer.write(b'x' * {FLOOD}); sys.stdout.flush()"
+    async with sandbay.open_sandbox("local") as sb:
+        proc = await sb.start(["python3", "-c", flood])
+        reader = _EnvelopeReader(proc, sandbox=sb)
+        started = time.monotonic()
+        with pytest.raises(sandbay.ProtocolError, match=f"longer than {CAP} bytes") as info:
+            await reader.next()
+        assert time.monotonic() - started < 5
+        assert info.value.sandbox_id == sb.id
+        # The rest of the flood is still in the pipe: the reader took only about its cap.
+        rest = 0
+        async for chunk in proc.stdout:
+            rest += len(chunk)
+        assert FLOOD - rest <= CAP + 2 * 65536
+
+
+async def test_byte_stream_lines_refuse_a_line_past_max_line() -> None:
+    script = (
+        f"import sys; sys.stdout.buffer.write(b'a\\nbb\\n' + b'x' * {FLOOD}); sys.stdout.flush()"
+    )
+    async with sandbay.open_sandbox("local") as sb:
+        proc = await sb.start(["python3", "-c", script])
+        got: list[bytes] = []
+        with pytest.raises(sandbay.ProtocolError, match=f"max_line={CAP}"):
+            async for line in proc.stdout.lines(max_line=CAP):
+                got.append(line)
+        assert got == [b"a", b"bb"]
+        rest = 0
+        async for chunk in proc.stdout:
+            rest += len(chunk)
+        assert FLOOD - rest <= CAP + 2 * 65536
+
+
+async def test_byte_stream_lines_without_a_limit_still_frame_lines() -> None:
+    async with sandbay.open_sandbox("local") as sb:
+        proc = await sb.start(["printf", "one\\ntwo\\nlast"])
+        assert [line async for line in proc.stdout.lines()] == [b"one", b"two", b"last"]
+        with pytest.raises(sandbay.ConfigError, match="max_line"):
+            async for _ in proc.stdout.lines(max_line=0):
+                pass
+
+
+async def test_a_tool_flooding_the_entrypoints_stdout_stops_the_run_and_removes_the_sandbox(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sandbay._agent, "MAX_ENVELOPE_BYTES", CAP)
+    run_id = f"flood{time.time_ns()}"
+    # Code the agent runs finds the entrypoint (whose argv names the run) and writes a line
+    # without end straight into its stdout, which the host reads.
+    flood = (
+        "import os\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try:\n"
+        "        argv = open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\\0')\n"
+        "    except OSError:\n"
+        "        continue\n"
+        f"    if b'serve' in argv and any(b'{run_id}' in a for a in argv):\n"
+        f"        open(f'/proc/{{pid}}/fd/1', 'wb').write(b'x' * {FLOOD})\n"
+    )
+    command = f"python3 -c {shlex.quote(flood)}"
+    script = [Turn.tool_use("Bash", {"command": command}), Turn.text("done")]
+    options = ClaudeAgentOptions(max_turns=4, allowed_tools=["Bash"])
+    async with ScriptedModel(script) as model:
+        run = sandbay.run_agent(
+            "go", provider="local", options=options, env=model.env(), run_id=run_id, timeout=120
+        )
+        started = time.monotonic()
+        with pytest.raises(sandbay.ProtocolError, match="longer than"):
+            async with run:
+                async for _ in run:
+                    pass
+        assert time.monotonic() - started < 30
+    assert run.sandbox is not None and run.sandbox.closed
+    assert run.sandbox.id not in {s.id for s in await sandbay.get_provider("local").list()}
+
+
+async def test_a_huge_stderr_log_is_tailed_in_bounded_memory() -> None:
+    # The entrypoint dies after writing 64 MiB to its stderr log: the AgentError carries the
+    # last lines without the host holding the whole log.
+    script = printing(
+        then=(
+            f"for _ in range({FLOOD // MiB}):\n"
+            "    sys.stderr.write('noise ' * (1024 * 1024 // 6) + '\\n')\n"
+            "sys.stderr.write('last words\\n')\n"
+            "sys.stderr.flush()\n"
+            "sys.exit(3)"
+        )
+    )
+    tracemalloc.start()
+    try:
+        with pytest.raises(sandbay.AgentError) as info:
+            await run_with(script)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.exit_code == 3
+    assert info.value.stderr_tail.endswith("last words")
+    assert peak < 8 * MiB, f"held {peak / MiB:.0f} MiB reading a {FLOOD // MiB} MiB log"
+
+
+# -- malformed envelopes -------------------------------------------------------------------
+
+
+def envelope(**fields: Any) -> str:
+    return json.dumps({"sandbay": 1, "seq": 1, "kind": "message", **fields})
+
+
+NESTED = "[" * 200 + "]" * 200
+DEEP_MESSAGE = (
+    '{"sandbay": 1, "seq": 1, "kind": "message", "data": {"type": "assistant", "message": '
+    '{"model": "m", "content": [{"type": "tool_use", "id": "t", "name": "Bash", "input": '
+    '{"x": ' + NESTED + "}}]}}}"
+)
+
+# Each line, and (in the comment) what the host raised for it before envelopes were checked.
+HOSTILE_LINES = [
+    pytest.param(envelope(seq="abc", data={}), "seq must be", id="seq-text"),  # ValueError
+    pytest.param(
+        '{"sandbay": 1, "seq": 1e999, "kind": "message", "data": {}}',
+        "seq must be",
+        id="seq-infinite",  # OverflowError
+    ),
+    pytest.param(envelope(seq=[1], data={}), "seq must be", id="seq-list"),  # TypeError
+    pytest.param(envelope(seq=-3, data={}), "seq must be", id="seq-negative"),  # ignored
+    pytest.param(envelope(seq=2**70, data={}), "seq must be", id="seq-huge"),  # accepted
+    pytest.param(
+        json.dumps({"sandbay": True, "seq": 1, "kind": "end", "data": {}}),
+        "wire version True",
+        id="version-bool",  # accepted as version 1
+    ),
+    pytest.param(envelope(kind=7, data={}), "kind must be one of", id="kind-number"),
+    pytest.param(envelope(data="text"), "data of a 'message'", id="data-text"),  # AttributeError
+    pytest.param(envelope(data=[]), "data of a 'message'", id="data-list"),  # MessageParseError
+    pytest.param(
+        envelope(data={"type": "assistant"}), "cannot parse", id="message-incomplete"
+    ),  # MessageParseError
+    pytest.param(
+        envelope(data={"type": "user", "message": "x"}), "cannot parse", id="message-odd"
+    ),  # TypeError
+    pytest.param("[" * 100_000 + "]" * 100_000, "nests too deep", id="json-deep"),  # RecursionError
+    pytest.param(DEEP_MESSAGE, "deeper than 100", id="data-deep"),  # accepted
+    pytest.param(
+        envelope(kind="end", data={"timings": "ab"}), "timings", id="timings-text"
+    ),  # ValueError
+    pytest.param(
+        envelope(kind="end", data={"timings": [1]}), "timings", id="timings-list"
+    ),  # TypeError
+    pytest.param(
+        envelope(kind="error", data={"exit_code": "x"}), "exit_code", id="exit-code-text"
+    ),  # AgentError saying "exit code x"
+    pytest.param(b"\xff\xfe not utf-8", "not JSON", id="not-utf8"),
+]
+
+
+@pytest.mark.parametrize(("line", "complaint"), HOSTILE_LINES)
+async def test_a_malformed_envelope_is_a_protocol_error(line: str | bytes, complaint: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(sandbay.ProtocolError, match=complaint) as info:
+        await run_with(printing(line))
+    assert info.value.provider == "hostile" and info.value.sandbox_id
+    assert time.monotonic() - started < 15, "waited for the deadline instead"
