@@ -40,10 +40,19 @@ def _check_spec(spec: SandboxSpec, *, isolate: bool) -> None:
             "images; unset it or use the docker provider",
             provider=NAME,
         )
+    for field, value in (("cpu", spec.cpu), ("memory_mb", spec.memory_mb)):
+        if value is not None:
+            raise ConfigError(
+                f"spec.{field} = {value!r}: the local provider cannot limit cpu or memory; "
+                f"unset spec.{field} (also in the [spec] section of sandbay.toml) or use the "
+                "docker provider, which enforces it",
+                provider=NAME,
+            )
     if spec.network == "none" and not isolate:
         raise ConfigError(
-            'spec.network = "none" needs isolation: set isolate = true in the local provider\'s '
-            "config (it uses bubblewrap), or use the docker provider",
+            'spec.network = "none" needs isolation, which needs bubblewrap: install it '
+            "(apt-get install bubblewrap) and leave isolate unset or true in the local "
+            "provider's config, or use the docker provider",
             provider=NAME,
         )
     if not _is_current_user(spec.user):

@@ -105,9 +105,15 @@ class LocalSandbox(Sandbox):
 
     @property
     @override
+    def allows_bypass_permissions(self) -> bool:
+        return self.isolated or self._config.allow_bypass_permissions
+
+    @property
+    @override
     def reaches_host_loopback(self) -> bool:
-        # Unisolated processes are host processes; under bwrap only a shared network does.
-        return not self._bwrap or self.spec.network == "host"
+        # Unisolated processes are host processes; under bwrap, all but network "none"
+        # share the host's network.
+        return not self._bwrap or self.spec.network != "none"
 
     # --- processes ----------------------------------------------------------------------
 
@@ -169,7 +175,9 @@ class LocalSandbox(Sandbox):
     def _bwrap_args(self, cwd: str) -> list[str]:
         assert self._bwrap is not None
         args = [self._bwrap, "--unshare-all", "--die-with-parent", "--new-session"]
-        if self.spec.network == "host":
+        if self.spec.network != "none":
+            # bwrap has no network of its own to route out through: "default" shares the
+            # host's, as "host" does, so that the agent reaches its model.
             args.append("--share-net")
         args += ["--cap-drop", "ALL", "--hostname", "sandbay"]
         for path in _SYSTEM_DIRS:
