@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import socket
 import sys
 import weakref
 from collections.abc import AsyncGenerator
@@ -38,6 +39,10 @@ from ._registry import (
 # Seconds to wait for a killed process's pipes to close before giving up on it.
 _REAP_TIMEOUT = 5.0
 
+# Unisolated commands run under a supervisor that keeps every process they start (Linux).
+_SUPERVISE = sys.platform.startswith("linux") and bool(sys.executable)
+_SUPERVISOR = [sys.executable, "-S", "-I", str(Path(__file__).with_name("_supervisor.py"))]
+
 # Sandboxes open in this process, so `destroy` can stop their processes cleanly.
 _live: weakref.WeakValueDictionary[str, LocalSandbox] = weakref.WeakValueDictionary()
 
@@ -48,8 +53,11 @@ class LocalSandbox(Sandbox):
     Without isolation `workdir` is the directory's host path (``spec.workdir`` is not used)
     and HOME points at it; with isolation the directory is mounted at ``spec.workdir``. Each
     process gets a clean environment: PATH, HOME, TMPDIR, LANG, then ``spec.env`` and the
-    command's own env. Every command runs in its own process group, so `Process.kill` and
-    `aclose` also stop what it started (on Linux, even children of commands that finished).
+    command's own env. Every command runs in its own session. Unisolated (on Linux) it runs
+    under a supervisor (`_supervisor`) that adopts everything it starts, whatever that does
+    to its session or process group; under bubblewrap its PID namespace holds it all. So
+    `Process.kill` and `aclose` stop everything a command started, also what it left running
+    after it finished (which, unisolated, runs on until then, as in a container).
 
     See `LocalProvider` for what it does and does not protect against.
     """
@@ -130,6 +138,7 @@ class LocalSandbox(Sandbox):
                 sandbox_id=self.id,
             )
         full_env = {**self._base_env(), **env}
+        status = report = None
         if self._bwrap:
             command = [*self._bwrap_args(cwd), "--", "/bin/sh", "-c", 'exec "$@"', "sh", *argv]
             host_cwd = str(self._folder)
@@ -137,28 +146,55 @@ class LocalSandbox(Sandbox):
             command, host_cwd = argv, cwd
             if not await anyio.to_thread.run_sync(os.path.isdir, cwd):
                 return FailedProcess(1, f"sandbay: working directory {cwd!r} does not exist\n")
+            if _SUPERVISE:
+                status, report = socket.socketpair()
+                status.setblocking(False)
+                command = [*_SUPERVISOR, str(report.fileno()), *argv]
+        await self._reap_finished()
         before = _boot_ticks()
         try:
             proc = await anyio.open_process(
-                command, cwd=host_cwd, env=full_env, start_new_session=True
+                command,
+                cwd=host_cwd,
+                env=full_env,
+                start_new_session=True,
+                pass_fds=(report.fileno(),) if report else (),
             )
-        except FileNotFoundError:
+        except BaseException as exc:
+            if status is not None:
+                status.close()
+            if isinstance(exc, OSError):
+                return self._spawn_failed(exc, argv)
+            raise
+        finally:
+            if report is not None:
+                report.close()  # the supervisor has its own copy
+        after = _boot_ticks()
+        window = (before - 1, after + 1) if before is not None and after is not None else None
+        process = LocalProcess(
+            proc, status=status, window=window, on_closed=self._processes.discard
+        )
+        self._processes.add(process)
+        if window is not None:
+            # Its start time lies in this window (reading it now could be too late: a quick
+            # command may already be reaped); a pid reused later starts after it.
+            self._groups[process.pid] = window
+        await self._record_processes()
+        return process
+
+    def _spawn_failed(self, exc: OSError, argv: list[str]) -> Process:
+        if isinstance(exc, FileNotFoundError):
             if self._bwrap:
                 return FailedProcess(127, f"sandbay: bubblewrap vanished: {_BWRAP_HELP}\n")
             return FailedProcess(127, f"sandbay: {argv[0]}: command not found\n")
-        except PermissionError:
+        if isinstance(exc, PermissionError):
             return FailedProcess(126, f"sandbay: {argv[0]}: permission denied\n")
-        except OSError as exc:
-            return FailedProcess(126, f"sandbay: {argv[0]}: {exc.strerror or exc}\n")
-        after = _boot_ticks()
-        process = LocalProcess(proc, on_closed=self._processes.discard)
-        self._processes.add(process)
-        if before is not None and after is not None:
-            # Its start time lies in this window (reading it now could be too late: a quick
-            # command may already be reaped); a pid reused later starts after it.
-            self._groups[process.pid] = (before - 1, after + 1)
-        await self._record_processes()
-        return process
+        return FailedProcess(126, f"sandbay: {argv[0]}: {exc.strerror or exc}\n")
+
+    async def _reap_finished(self) -> None:
+        # Supervisors that stayed for what their command left running, and have exited since.
+        for process in list(self._processes):
+            await process.reap_if_done()
 
     def _base_env(self) -> dict[str, str]:
         if self._bwrap:
