@@ -122,10 +122,11 @@ def _remove(sandbox_id: str, folder: Path) -> None:
 
 def _rmtree(folder: Path) -> None:
     def retry(func: Callable[..., Any], path: str, *_: object) -> None:
-        # A process may have left read-only directories behind.
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(path), 0o700)
-            os.chmod(path, 0o700)
+        # A process may have left read-only directories behind. Only directories are made
+        # writable, opened without following links: a link the sandbox planted must never
+        # lead this chmod to a host file.
+        for directory in (os.path.dirname(path), path):
+            _make_dir_writable(directory)
         with contextlib.suppress(FileNotFoundError):
             func(path)
 
@@ -135,6 +136,19 @@ def _rmtree(folder: Path) -> None:
         shutil.rmtree(folder, onexc=retry)
     else:
         shutil.rmtree(folder, onerror=retry)
+
+
+def _make_dir_writable(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
+    except OSError:
+        return  # not a directory (or a link to one): leave it alone
+    try:
+        os.fchmod(fd, 0o700)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _boot_ticks() -> int | None:
