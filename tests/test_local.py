@@ -24,6 +24,7 @@ from sandbay import (
     LocalConfig,
     SandboxFileNotFoundError,
     SandboxNotFoundError,
+    SandboxPermissionError,
     SandboxSpec,
 )
 
@@ -353,21 +354,26 @@ async def test_isolated_file_api_stays_inside(tmp_path: Path) -> None:
     outside = tmp_path / "outside.txt"
     outside.write_text("host secret")
     async with sandbay.open_sandbox(ISOLATED) as sb:
-        with pytest.raises(ConfigError, match="can write only under"):
+        with pytest.raises(SandboxPermissionError, match="can write only under"):
             await sb.write_file("/etc/sandbay-test", b"x")
-        # A process plants a symlink to a host path it cannot see itself.
+        # A process plants a symlink to a host path it cannot see itself: it leads where
+        # it leads in the sandbox (nowhere yet), never to the host file.
         assert (await sb.exec(["ln", "-s", str(outside), "link"])).ok
         with pytest.raises(SandboxFileNotFoundError):
             await sb.read_file("link")
-        with pytest.raises(ConfigError, match="leads out"):
-            await sb.write_file("link", b"overwrite")
+        await sb.write_file("link", b"overwrite")
         assert outside.read_text() == "host secret"
+        assert (await sb.exec(["cat", "link"])).stdout == b"overwrite"
+        assert await sb.read_file("link") == b"overwrite"
         assert (await sb.exec(["ln", "-s", str(tmp_path), "dirlink"])).ok
-        with pytest.raises(ConfigError, match="leads out"):
-            await sb.write_file("dirlink/new.txt", b"x")
+        await sb.write_file("dirlink/new.txt", b"x")
         assert not _exists(tmp_path / "new.txt")
+        assert (await sb.exec(["cat", "dirlink/new.txt"])).stdout == b"x"
         # Host files the sandbox cannot see are not readable through the file API either.
-        for hidden in ("/etc/shadow", str(outside), "/root/.bashrc"):
+        # (The host path the link named is the sandbox's own file now, in its private /tmp.)
+        assert await sb.read_file(str(outside)) == b"overwrite"
+        (tmp_path / "host-only").write_text("host")
+        for hidden in ("/etc/shadow", "/root/.bashrc", str(tmp_path / "host-only")):
             with pytest.raises(SandboxFileNotFoundError):
                 await sb.read_file(hidden)
         # Read-only system files read the same on both sides.

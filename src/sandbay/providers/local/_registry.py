@@ -73,12 +73,6 @@ def _atomic_write(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    if path.is_dir():
-        raise IsADirectoryError(path)
-    _atomic_write(path, data, mode)
-
-
 def _valid_id(sandbox_id: str) -> bool:
     return len(sandbox_id) == 12 and all(c in "0123456789abcdef" for c in sandbox_id)
 
