@@ -496,3 +496,36 @@ async def test_default_runs_unisolated_where_bwrap_cannot_create_a_sandbox(
         async with sandbay.open_sandbox(LocalConfig(isolate=True, root=tmp_path / "root")):
             pass
     assert _entries(tmp_path / "root") == []
+
+
+@pytest.mark.bwrap
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap not installed")
+@pytest.mark.parametrize("layout", ["home-bin", "venv-in-home"])
+async def test_isolated_python_under_home_does_not_expose_the_home(
+    layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    canary = f"canary-{uuid.uuid4().hex}"
+    (home / ".ssh" / "id_rsa").write_text(canary)
+    monkeypatch.setenv("HOME", str(home))
+    if layout == "home-bin":  # ~/bin/python3, a link to an installation elsewhere
+        python = home / "bin" / "python3"
+        python.parent.mkdir()
+        python.symlink_to(REAL_PYTHON)
+    else:  # a venv made in the home directory
+        made = await anyio.run_process(
+            [REAL_PYTHON, "-m", "venv", "--without-pip", str(home / "venv")], check=False
+        )
+        assert made.returncode == 0, made.stderr
+        python = home / "venv" / "bin" / "python"
+    async with sandbay.open_sandbox(LocalConfig(isolate=True, python=str(python))) as sb:
+        result = await sb.exec([sb.python, "-c", "import sys; print(6 * 7, sys.prefix)"])
+        assert result.stdout.split()[0] == b"42", result.stderr
+        if layout == "venv-in-home":
+            assert result.stdout.split()[1] == str(home / "venv").encode()
+        peek = await sb.exec(f"cat {home}/.ssh/id_rsa; ls -A {home}")
+        assert canary.encode() not in peek.stdout
+        assert b".ssh" not in peek.stdout.split(), "the home directory is visible"
+        with pytest.raises(SandboxFileNotFoundError):
+            await sb.read_file(str(home / ".ssh" / "id_rsa"))
