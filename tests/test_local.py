@@ -57,6 +57,10 @@ def _exists(path: str | Path) -> bool:
     return Path(path).exists()
 
 
+def _environ(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/environ").read_bytes()
+
+
 def _entries(path: Path) -> list[Path]:
     return list(path.iterdir())
 
@@ -529,3 +533,22 @@ async def test_isolated_python_under_home_does_not_expose_the_home(
         assert b".ssh" not in peek.stdout.split(), "the home directory is visible"
         with pytest.raises(SandboxFileNotFoundError):
             await sb.read_file(str(home / ".ssh" / "id_rsa"))
+
+
+@pytest.mark.parametrize("config", BOTH)
+async def test_host_process_environments_through_proc(config: LocalConfig) -> None:
+    # A host process holding a secret in its environment, as the application running
+    # sandbay may. Isolated, the sandbox has its own PID namespace and cannot see it;
+    # unisolated it can (processes run as you), which docs/security.md says.
+    value = f"canary-{uuid.uuid4().hex}"
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": value}
+    async with await anyio.open_process(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], env=env
+    ) as host:
+        try:
+            assert value.encode() in _environ(host.pid)
+            async with sandbay.open_sandbox(config) as sb:
+                result = await sb.exec("cat /proc/[0-9]*/environ 2>/dev/null; true")
+        finally:
+            host.kill()
+    assert (value.encode() in result.stdout) is not sb.isolated
