@@ -229,3 +229,12 @@ async def test_isolated_file_api_never_follows_a_racing_link_to_the_host(tmp_pat
         assert os.listdir(host_dir) == ["f"], "write_file created files in a host directory"
         assert (host_dir / "f").read_text() == "HOST SECRET"
         assert outcomes.get("read", 0) > 0, f"the race never let a read through: {outcomes}"
+
+
+@pytest.mark.parametrize("config", BOTH)
+async def test_a_fifo_does_not_hang_read_file(config: LocalConfig) -> None:
+    async with sandbay.open_sandbox(config) as sb:
+        assert (await sb.exec("mkfifo pipe")).ok
+        with anyio.fail_after(10):
+            with pytest.raises(SandboxError, match="FIFO"):
+                await sb.read_file("pipe")

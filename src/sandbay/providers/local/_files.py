@@ -62,10 +62,22 @@ class FileError(Exception):
 
 def open_for_reading(path: str) -> int:
     """Open a host path for reading; a directory raises ``IsADirectoryError``."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    return _checked(os.open(path, _READ_FLAGS))
+
+
+# Non-blocking, so that opening a FIFO cannot hang a worker thread; `_checked` undoes it.
+_READ_FLAGS = os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def _checked(fd: int) -> int:
+    """fd, made blocking, if it is a file that can be read to its end; else close it."""
     try:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise FileError(errno.EISDIR)
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            raise FileError(errno.EOPNOTSUPP, "it is a FIFO or socket; read it with exec")
+        os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
@@ -279,17 +291,12 @@ def isolated_open(mounts: Mounts, path: str) -> int:
             raise FileError(errno.EISDIR)
         if walk._check_modes and not _permits(info, os.R_OK):
             raise FileError(errno.EACCES)
-        flags = os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC
         if parent_fd is None:
-            fd = os.open(name, flags)  # a file bound from the host, the same on both sides
-        else:
-            # The last component was no link a moment ago; if it is one now, refuse
-            # rather than follow it.
-            fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=parent_fd)
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise FileError(errno.EISDIR)
-        return fd
+            # A file bound from the host, the same on both sides.
+            return _checked(os.open(name, _READ_FLAGS))
+        # The last component was no link a moment ago; if it is one now, refuse rather
+        # than follow it.
+        return _checked(os.open(name, _READ_FLAGS | os.O_NOFOLLOW, dir_fd=parent_fd))
     finally:
         walk.close()
 
