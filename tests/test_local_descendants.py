@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import shlex
 import shutil
+import signal
 import sys
 import textwrap
 import time
@@ -253,3 +254,33 @@ async def test_agent_run_timeout_takes_what_its_tools_started(config: LocalConfi
     assert "started" in str(model.tool_results())
     assert seen, "the agent's background process never ran"
     assert await _all_gone(marker) == [], "the agent's background process outlived the timeout"
+
+
+@pytest.mark.parametrize("config", BOTH)
+async def test_ctrl_c_takes_every_descendant(config: LocalConfig) -> None:
+    marker = _marker()
+    command = f"{_daemons(None, marker)}echo started; exec sleep 300"
+    script = textwrap.dedent(
+        f"""
+        import anyio, sandbay
+        async def main():
+            config = sandbay.LocalConfig(isolate={config.isolate})
+            async with sandbay.open_sandbox(config) as sb:
+                proc = await sb.start({command!r})
+                async for line in proc.stdout.lines():
+                    break
+                print("ready", flush=True)
+                await anyio.sleep(120)
+        anyio.run(main)
+        """
+    )
+    async with await anyio.open_process([sys.executable, "-c", script]) as owner:
+        assert owner.stdout is not None
+        with anyio.fail_after(30):
+            ready = await owner.stdout.receive()
+        assert ready.strip() == b"ready"
+        await _started(marker, WAYS)
+        owner.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends
+        with anyio.fail_after(30):
+            await owner.wait()
+    assert await _all_gone(marker) == [], "Ctrl-C left descendants running"
