@@ -69,8 +69,10 @@ def shape(messages: list[Any]) -> list[tuple[str, ...]]:
 async def test_messages_match_a_local_query_and_tools_act_in_the_sandbox() -> None:
     script = bash_then_done("echo sandbay-$((6*7)); pwd")
     async with ScriptedModel(script) as model:
+        # Unisolated, so that the sandbox's working directory is its host folder.
+        plain = sandbay.LocalConfig(isolate=False, allow_bypass_permissions=True)
         messages = await collect(
-            sandbay.run_agent("go", provider="local", options=OPTIONS, env=model.env(), timeout=120)
+            sandbay.run_agent("go", provider=plain, options=OPTIONS, env=model.env(), timeout=120)
         )
         sandboxed_results = model.tool_results()
     async with ScriptedModel(script) as model:

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.anyio
 bwrap_missing = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap not installed")
 
 PROVIDERS = [
-    pytest.param(LocalConfig(), SandboxSpec(), id="local"),
+    pytest.param(LocalConfig(isolate=False), SandboxSpec(), id="local"),
     pytest.param(
         LocalConfig(isolate=True),
         SandboxSpec(),

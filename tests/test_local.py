@@ -24,6 +24,7 @@ from sandbay import (
     LocalConfig,
     SandboxFileNotFoundError,
     SandboxNotFoundError,
+    SandboxPermissionError,
     SandboxSpec,
 )
 
@@ -36,8 +37,9 @@ needs_bwrap = [
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap not installed"),
 ]
 ISOLATED = LocalConfig(isolate=True)
+PLAIN = LocalConfig(isolate=False)
 BOTH = [
-    pytest.param(LocalConfig(), id="plain"),
+    pytest.param(PLAIN, id="plain"),
     pytest.param(ISOLATED, id="isolated", marks=needs_bwrap),
 ]
 
@@ -53,6 +55,10 @@ def _alive(pid: int) -> bool:
 
 def _exists(path: str | Path) -> bool:
     return Path(path).exists()
+
+
+def _environ(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/environ").read_bytes()
 
 
 def _entries(path: Path) -> list[Path]:
@@ -100,7 +106,7 @@ async def test_host_environment_does_not_leak(
 
 
 async def test_home_and_tmp_are_inside_the_sandbox(tmp_path: Path) -> None:
-    async with sandbay.open_sandbox(LocalConfig(root=tmp_path)) as sb:
+    async with sandbay.open_sandbox(LocalConfig(root=tmp_path, isolate=False)) as sb:
         result = await sb.exec('printf "%s\\n%s" "$HOME" "$TMPDIR"')
         home, tmp = result.text.splitlines()
         assert home == sb.workdir
@@ -109,11 +115,11 @@ async def test_home_and_tmp_are_inside_the_sandbox(tmp_path: Path) -> None:
 
 
 async def test_python_is_the_running_interpreter_unless_configured() -> None:
-    async with sandbay.open_sandbox("local") as sb:
+    async with sandbay.open_sandbox(PLAIN) as sb:
         assert sb.python == sys.executable
         result = await sb.exec([sb.python, "-c", "import sys; print(sys.prefix)"])
         assert result.text.strip() == sys.prefix
-    async with sandbay.open_sandbox(LocalConfig(python="/usr/bin/python3")) as sb:
+    async with sandbay.open_sandbox(LocalConfig(python="/usr/bin/python3", isolate=False)) as sb:
         assert sb.python == "/usr/bin/python3"
 
 
@@ -121,8 +127,8 @@ async def test_python_is_the_running_interpreter_unless_configured() -> None:
 
 
 async def test_private_folder_under_root_removed_on_close(tmp_path: Path) -> None:
-    provider = sandbay.get_provider(LocalConfig(root=tmp_path))
-    async with sandbay.open_sandbox(LocalConfig(root=tmp_path)) as sb:
+    provider = sandbay.get_provider(LocalConfig(root=tmp_path, isolate=False))
+    async with sandbay.open_sandbox(LocalConfig(root=tmp_path, isolate=False)) as sb:
         folder = tmp_path / f"sandbay-{sb.id}"
         assert folder.is_dir()
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
@@ -136,7 +142,7 @@ async def test_private_folder_under_root_removed_on_close(tmp_path: Path) -> Non
 
 
 async def test_close_kills_background_processes_left_by_exec() -> None:
-    async with sandbay.open_sandbox("local") as sb:
+    async with sandbay.open_sandbox(PLAIN) as sb:
         result = await sb.exec("sleep 300 >/dev/null 2>&1 & echo $!")
         pid = int(result.text)
         assert _alive(pid)
@@ -148,7 +154,7 @@ async def test_destroy_from_another_process_kills_recorded_processes() -> None:
         """
         import os, anyio, sandbay
         async def main():
-            sb = await sandbay.create_sandbox("local")
+            sb = await sandbay.create_sandbox(sandbay.LocalConfig(isolate=False))
             proc = await sb.start(["sleep", "300"])
             print(sb.id, proc.pid, flush=True)
             os._exit(0)  # a crash: nothing is closed
@@ -168,8 +174,8 @@ async def test_destroy_from_another_process_kills_recorded_processes() -> None:
 
 
 async def test_destroyed_sandbox_is_not_recreated_by_writes(tmp_path: Path) -> None:
-    provider = sandbay.get_provider(LocalConfig(root=tmp_path))
-    async with sandbay.open_sandbox(LocalConfig(root=tmp_path)) as sb:
+    provider = sandbay.get_provider(LocalConfig(root=tmp_path, isolate=False))
+    async with sandbay.open_sandbox(LocalConfig(root=tmp_path, isolate=False)) as sb:
         proc = await sb.start(["sleep", "300"])
         await provider.destroy(sb.id)
         assert proc.returncode is not None or await _gone(getattr(proc, "pid"))  # noqa: B009
@@ -194,7 +200,7 @@ async def test_status_reports_bubblewrap(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 async def test_signal_exit_codes_are_negative() -> None:
-    async with sandbay.open_sandbox("local") as sb:
+    async with sandbay.open_sandbox(PLAIN) as sb:
         assert (await sb.exec(["sh", "-c", "kill -TERM $$"])).exit_code == -15
         proc = await sb.start(["sleep", "60"])
         await proc.kill()
@@ -202,14 +208,14 @@ async def test_signal_exit_codes_are_negative() -> None:
 
 
 async def test_missing_working_directory_is_an_exit_code() -> None:
-    async with sandbay.open_sandbox("local") as sb:
+    async with sandbay.open_sandbox(PLAIN) as sb:
         result = await sb.exec(["true"], cwd="no/such/dir")
         assert result.exit_code == 1
         assert b"does not exist" in result.stderr
 
 
 async def test_non_executable_file_exits_126() -> None:
-    async with sandbay.open_sandbox("local") as sb:
+    async with sandbay.open_sandbox(PLAIN) as sb:
         await sb.write_file("script", b"#!/bin/sh\necho hi\n", mode=0o644)
         result = await sb.exec(["./script"])
         assert result.exit_code == 126
@@ -225,16 +231,31 @@ async def test_non_executable_file_exits_126() -> None:
         (SandboxSpec(image="python:3.12"), "spec.image"),
         (SandboxSpec(network="none"), "spec.network"),
         (SandboxSpec(user="nobody-at-all"), "spec.user"),
+        (SandboxSpec(cpu=1), "spec.cpu"),
+        (SandboxSpec(memory_mb=64), "spec.memory_mb"),
     ],
 )
 async def test_unsupported_spec_fields_raise(spec: SandboxSpec, field: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(field)):
-        async with sandbay.open_sandbox("local", spec):
+        async with sandbay.open_sandbox(PLAIN, spec):
             pass
 
 
+@pytest.mark.parametrize("config", [*BOTH, pytest.param(LocalConfig(), id="default")])
+@pytest.mark.parametrize("field", ["cpu", "memory_mb"])
+async def test_limits_are_refused_not_ignored(
+    config: LocalConfig, field: str, tmp_path: Path
+) -> None:
+    spec = SandboxSpec.model_validate({field: 2})
+    with pytest.raises(ConfigError, match=rf"spec\.{field} = 2.*docker provider") as info:
+        async with sandbay.open_sandbox(config.model_copy(update={"root": tmp_path}), spec):
+            pass
+    assert "cannot limit" in str(info.value)
+    assert _entries(tmp_path) == [], "a refused spec left a folder behind"
+
+
 async def test_other_user_per_exec_raises_and_current_user_works() -> None:
-    async with sandbay.open_sandbox("local", SandboxSpec(cpu=1, memory_mb=64)) as sb:
+    async with sandbay.open_sandbox(PLAIN) as sb:
         with pytest.raises(ConfigError, match="current user"):
             await sb.exec(["true"], user="nobody-at-all")
         assert (await sb.exec(["true"], user=str(os.getuid()))).ok
@@ -254,27 +275,30 @@ async def test_bwrap_missing_is_a_config_error(
 # --- isolation -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("network", ["default", "none"])
 @pytest.mark.bwrap
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap not installed")
-async def test_isolated_sandbox_has_no_network(listener: int, network: str) -> None:
-    async with sandbay.open_sandbox(ISOLATED, SandboxSpec(network=network)) as sb:  # type: ignore[arg-type]
+async def test_isolated_sandbox_with_network_none_has_no_network(listener: int) -> None:
+    async with sandbay.open_sandbox(ISOLATED, SandboxSpec(network="none")) as sb:
+        assert not sb.reaches_host_loopback
         result = await sb.exec([sb.python, "-c", CONNECT, str(listener)])
     assert result.exit_code != 0
     assert b"Error" in result.stderr
 
 
+@pytest.mark.parametrize("network", ["default", "host"])
 @pytest.mark.bwrap
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap not installed")
-async def test_isolated_sandbox_with_host_network_connects(listener: int) -> None:
-    # The control for the test above: the same connection works when the network is shared.
-    async with sandbay.open_sandbox(ISOLATED, SandboxSpec(network="host")) as sb:
+async def test_isolated_sandbox_shares_the_network_unless_none(listener: int, network: str) -> None:
+    # The control for the test above; and "default" must reach the agent's model, which
+    # bwrap (with no network of its own to route out through) can only do on the host's.
+    async with sandbay.open_sandbox(ISOLATED, SandboxSpec(network=network)) as sb:  # type: ignore[arg-type]
+        assert sb.reaches_host_loopback
         result = await sb.exec([sb.python, "-c", CONNECT, str(listener)])
     assert result.ok, result.stderr
 
 
 async def test_plain_sandbox_shares_the_network(listener: int) -> None:
-    async with sandbay.open_sandbox("local") as sb:
+    async with sandbay.open_sandbox(PLAIN) as sb:
         result = await sb.exec([sb.python, "-c", CONNECT, str(listener)])
     assert result.ok, result.stderr
 
@@ -334,21 +358,26 @@ async def test_isolated_file_api_stays_inside(tmp_path: Path) -> None:
     outside = tmp_path / "outside.txt"
     outside.write_text("host secret")
     async with sandbay.open_sandbox(ISOLATED) as sb:
-        with pytest.raises(ConfigError, match="can write only under"):
+        with pytest.raises(SandboxPermissionError, match="can write only under"):
             await sb.write_file("/etc/sandbay-test", b"x")
-        # A process plants a symlink to a host path it cannot see itself.
+        # A process plants a symlink to a host path it cannot see itself: it leads where
+        # it leads in the sandbox (nowhere yet), never to the host file.
         assert (await sb.exec(["ln", "-s", str(outside), "link"])).ok
         with pytest.raises(SandboxFileNotFoundError):
             await sb.read_file("link")
-        with pytest.raises(ConfigError, match="leads out"):
-            await sb.write_file("link", b"overwrite")
+        await sb.write_file("link", b"overwrite")
         assert outside.read_text() == "host secret"
+        assert (await sb.exec(["cat", "link"])).stdout == b"overwrite"
+        assert await sb.read_file("link") == b"overwrite"
         assert (await sb.exec(["ln", "-s", str(tmp_path), "dirlink"])).ok
-        with pytest.raises(ConfigError, match="leads out"):
-            await sb.write_file("dirlink/new.txt", b"x")
+        await sb.write_file("dirlink/new.txt", b"x")
         assert not _exists(tmp_path / "new.txt")
+        assert (await sb.exec(["cat", "dirlink/new.txt"])).stdout == b"x"
         # Host files the sandbox cannot see are not readable through the file API either.
-        for hidden in ("/etc/shadow", str(outside), "/root/.bashrc"):
+        # (The host path the link named is the sandbox's own file now, in its private /tmp.)
+        assert await sb.read_file(str(outside)) == b"overwrite"
+        (tmp_path / "host-only").write_text("host")
+        for hidden in ("/etc/shadow", "/root/.bashrc", str(tmp_path / "host-only")):
             with pytest.raises(SandboxFileNotFoundError):
                 await sb.read_file(hidden)
         # Read-only system files read the same on both sides.
@@ -421,3 +450,105 @@ async def test_isolated_python_installed_under_tmp_stays_visible(tmp_path: Path)
         result = await sb.exec([sb.python, "-c", "print(6 * 7)"])
         assert result.stdout.strip() == b"42", result.stderr
         assert (await sb.exec("echo private > /tmp/x && cat /tmp/x")).stdout == b"private\n"
+
+
+# --- the default: isolated where bubblewrap works --------------------------------------------
+
+
+@pytest.mark.bwrap
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap not installed")
+async def test_default_is_isolated_where_bwrap_works() -> None:
+    assert LocalConfig().isolate is None
+    async with sandbay.open_sandbox(LocalConfig()) as sb:
+        assert sb.isolated and sb.allows_bypass_permissions
+        assert (await sb.exec("pwd")).text == "/workspace\n"
+    async with sandbay.open_sandbox("local", SandboxSpec(network="none")) as sb:
+        assert sb.isolated and not sb.reaches_host_loopback
+
+
+async def test_default_without_bwrap_runs_unisolated(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without bwrap on it
+    async with sandbay.open_sandbox(LocalConfig()) as sb:
+        assert not sb.isolated
+        assert not sb.allows_bypass_permissions, "unisolated agents bypass only when allowed"
+        assert (await sb.exec([sb.python, "-c", "print(6 * 7)"])).text == "42\n"
+    async with sandbay.open_sandbox(LocalConfig(allow_bypass_permissions=True)) as sb:
+        assert not sb.isolated and sb.allows_bypass_permissions
+    with pytest.raises(ConfigError, match=r'network = "none".*install'):
+        async with sandbay.open_sandbox(LocalConfig(), SandboxSpec(network="none")):
+            pass
+    status = await sandbay.get_provider(LocalConfig()).status()
+    assert status.reachable and "unisolated" in status.detail
+    assert "apt-get install bubblewrap" in status.detail
+
+
+async def test_default_runs_unisolated_where_bwrap_cannot_create_a_sandbox(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A bwrap that fails the way it does without user namespaces (e.g. in a container).
+    fake = tmp_path / "bin" / "bwrap"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    async with sandbay.open_sandbox(LocalConfig()) as sb:
+        assert not sb.isolated and not sb.allows_bypass_permissions
+        assert (await sb.exec(["pwd"])).text == f"{sb.workdir}\n"
+    with pytest.raises(ConfigError, match="user namespaces"):
+        async with sandbay.open_sandbox(LocalConfig(isolate=True, root=tmp_path / "root")):
+            pass
+    assert _entries(tmp_path / "root") == []
+
+
+@pytest.mark.bwrap
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap not installed")
+@pytest.mark.parametrize("layout", ["home-bin", "venv-in-home"])
+async def test_isolated_python_under_home_does_not_expose_the_home(
+    layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    canary = f"canary-{uuid.uuid4().hex}"
+    (home / ".ssh" / "id_rsa").write_text(canary)
+    monkeypatch.setenv("HOME", str(home))
+    if layout == "home-bin":  # ~/bin/python3, a link to an installation elsewhere
+        python = home / "bin" / "python3"
+        python.parent.mkdir()
+        python.symlink_to(REAL_PYTHON)
+    else:  # a venv made in the home directory
+        made = await anyio.run_process(
+            [REAL_PYTHON, "-m", "venv", "--without-pip", str(home / "venv")], check=False
+        )
+        assert made.returncode == 0, made.stderr
+        python = home / "venv" / "bin" / "python"
+    async with sandbay.open_sandbox(LocalConfig(isolate=True, python=str(python))) as sb:
+        result = await sb.exec([sb.python, "-c", "import sys; print(6 * 7, sys.prefix)"])
+        assert result.stdout.split()[0] == b"42", result.stderr
+        if layout == "venv-in-home":
+            assert result.stdout.split()[1] == str(home / "venv").encode()
+        peek = await sb.exec(f"cat {home}/.ssh/id_rsa; ls -A {home}")
+        assert canary.encode() not in peek.stdout
+        assert b".ssh" not in peek.stdout.split(), "the home directory is visible"
+        with pytest.raises(SandboxFileNotFoundError):
+            await sb.read_file(str(home / ".ssh" / "id_rsa"))
+
+
+@pytest.mark.parametrize("config", BOTH)
+async def test_host_process_environments_through_proc(config: LocalConfig) -> None:
+    # A host process holding a secret in its environment, as the application running
+    # sandbay may. Isolated, the sandbox has its own PID namespace and cannot see it;
+    # unisolated it can (processes run as you), which docs/security.md says.
+    value = f"canary-{uuid.uuid4().hex}"
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": value}
+    async with await anyio.open_process(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], env=env
+    ) as host:
+        try:
+            assert value.encode() in _environ(host.pid)
+            async with sandbay.open_sandbox(config) as sb:
+                result = await sb.exec("cat /proc/[0-9]*/environ 2>/dev/null; true")
+        finally:
+            host.kill()
+    assert (value.encode() in result.stdout) is not sb.isolated

@@ -46,11 +46,16 @@ class LocalConfig(_Base):
     """Selects this provider."""
     root: Path | None = None
     """Directory under which each sandbox gets its own folder. Default: the system temp dir."""
-    isolate: bool = False
+    isolate: bool | None = None
     """Run processes under bubblewrap: only the workspace and read-only system dirs visible,
-    no network. Needs ``bwrap`` on PATH; an error says so if it is missing."""
+    no network. ``None`` (the default): isolate when ``bwrap`` is on PATH and can create a
+    sandbox here, else run unisolated (``LocalSandbox.isolated`` tells which a sandbox got).
+    ``True``: require it (an error says how to install it). ``False``: never isolate."""
     python: str | None = None
     """Python that runs the agent entrypoint. Default: the interpreter running sandbay."""
+    allow_bypass_permissions: bool = False
+    """Let agents on the unisolated local provider use ``permission_mode="bypassPermissions"``:
+    they then act on this machine as you, unasked. Isolated sandboxes allow it anyway."""
 
 
 class DockerConfig(_Base):

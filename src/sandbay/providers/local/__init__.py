@@ -15,8 +15,10 @@ The registry is ``$XDG_RUNTIME_DIR/sandbay-local`` when that is set, else
 ``<temp dir>/sandbay-local-<uid>``.
 
 The code is split by concern: `_provider` (`LocalProvider`), `_sandbox` (`LocalSandbox`),
-`_process` (host processes), `_bwrap` (isolation and spec checks) and `_registry` (the
-registry, sandbox folders and recorded process groups).
+`_process` (host processes), `_supervisor` (the subreaper each unisolated command runs
+under), `_files` (file operations, resolved as the sandbox sees its paths), `_bwrap`
+(isolation and spec checks) and `_registry` (the registry, sandbox folders and recorded
+processes).
 """
 
 from __future__ import annotations

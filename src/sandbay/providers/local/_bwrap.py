@@ -7,11 +7,16 @@ cannot honour.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import os
 import posixpath
 import pwd
 import shutil
+import subprocess
 import sys
+import sysconfig
 
 from ..._errors import ConfigError
 from ..._sandbox import SandboxSpec
@@ -40,10 +45,19 @@ def _check_spec(spec: SandboxSpec, *, isolate: bool) -> None:
             "images; unset it or use the docker provider",
             provider=NAME,
         )
+    for field, value in (("cpu", spec.cpu), ("memory_mb", spec.memory_mb)):
+        if value is not None:
+            raise ConfigError(
+                f"spec.{field} = {value!r}: the local provider cannot limit cpu or memory; "
+                f"unset spec.{field} (also in the [spec] section of sandbay.toml) or use the "
+                "docker provider, which enforces it",
+                provider=NAME,
+            )
     if spec.network == "none" and not isolate:
         raise ConfigError(
-            'spec.network = "none" needs isolation: set isolate = true in the local provider\'s '
-            "config (it uses bubblewrap), or use the docker provider",
+            'spec.network = "none" needs isolation, which needs bubblewrap: install it '
+            "(apt-get install bubblewrap) and leave isolate unset or true in the local "
+            "provider's config, or use the docker provider",
             provider=NAME,
         )
     if not _is_current_user(spec.user):
@@ -89,15 +103,30 @@ def _is_current_user(user: str | None) -> bool:
 
 
 def _python_dirs(python: str) -> list[str]:
-    """The directories the agent's Python needs, to bind read-only under bwrap."""
-    candidates = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    """What the agent's Python needs, to bind read-only under bwrap; never a home directory.
+
+    Its installation trees (``sys.prefix`` and ``sys.base_prefix``, so a venv and the
+    Python it was made from) and its executable. A tree that is a home directory (or holds
+    one) is replaced by the library directories inside it.
+    """
     found = shutil.which(python)
-    if found:
-        for exe in (found, os.path.realpath(found)):
-            candidates.add(os.path.dirname(os.path.dirname(os.path.abspath(exe))))
+    exe = os.path.abspath(found) if found else None
+    if exe is None or exe == os.path.abspath(sys.executable):
+        prefixes = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+        libraries = _library_dirs()
+    else:
+        prefixes, libraries = _ask_python(exe)
+    homes = _homes()
+    candidates: set[str] = set()
+    for tree in prefixes:
+        tree = os.path.abspath(tree)
+        if any(home == tree or home.startswith(tree.rstrip("/") + "/") for home in homes):
+            candidates.update(d for d in libraries if d.startswith(tree.rstrip("/") + "/"))
+        else:
+            candidates.add(tree)
     covered = ("/usr", "/bin", "/lib", "/etc")
     dirs = sorted(
-        os.path.abspath(d)
+        d
         for d in candidates
         if os.path.isdir(d)
         and not any(d == c or d.startswith(c + "/") for c in covered)
@@ -108,4 +137,40 @@ def _python_dirs(python: str) -> list[str]:
     for d in dirs:
         if not any(d.startswith(k + "/") for k in kept):
             kept.append(d)
+    if exe is not None and not any(exe.startswith(k + "/") for k in (*kept, *covered)):
+        # E.g. ~/bin/python3, a link into an installation kept above: bound as the file it
+        # leads to, which finds its installation from its compiled-in prefix.
+        kept.append(exe)
     return kept
+
+
+def _library_dirs() -> list[str]:
+    paths = sysconfig.get_paths()
+    return [paths[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")]
+
+
+@functools.lru_cache(maxsize=16)
+def _ask_python(exe: str) -> tuple[list[str], list[str]]:
+    """The installation trees and library directories of another interpreter."""
+    code = (
+        "import json, sys, sysconfig; p = sysconfig.get_paths(); print(json.dumps(["
+        "[sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix], "
+        "[p[n] for n in ('stdlib', 'platstdlib', 'purelib', 'platlib')]]))"
+    )
+    try:
+        done = subprocess.run([exe, "-I", "-c", code], capture_output=True, timeout=60, check=True)
+        prefixes, libraries = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        raise ConfigError(
+            f"python = {exe!r} in the local provider's config could not be run to find its "
+            f"installation ({exc}); point it at a Python interpreter",
+            provider=NAME,
+        ) from None
+    return [str(p) for p in prefixes], [str(p) for p in libraries]
+
+
+def _homes() -> set[str]:
+    homes = {os.path.abspath(os.path.expanduser("~"))}
+    with contextlib.suppress(KeyError):
+        homes.add(os.path.abspath(pwd.getpwuid(os.getuid()).pw_dir))
+    return homes

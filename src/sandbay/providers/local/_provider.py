@@ -12,30 +12,42 @@ import anyio
 from typing_extensions import override
 
 from ..._config import LocalConfig
+from ..._errors import ConfigError
 from ..._provider import Provider, ProviderStatus, SandboxInfo
 from ..._sandbox import Sandbox, SandboxSpec
 from ._bwrap import _BWRAP_HELP, _check_spec, _find_bwrap
 from ._registry import NAME, _kill_recorded, _make_folder, _read_entries, _read_entry, _remove
 from ._sandbox import LocalSandbox, _live
 
+# bwrap path -> whether it could create a sandbox here, once tried in this process.
+_BWRAP_WORKS: dict[str, bool] = {}
+
 
 class LocalProvider(Provider):
-    """Sandboxes that are directories on this machine, optionally isolated by bubblewrap.
+    """Sandboxes that are directories on this machine, isolated by bubblewrap where it works.
+
+    ``config.isolate`` unset (the default) isolates whenever ``bwrap`` is on PATH and can
+    create a sandbox here, and otherwise runs unisolated; `LocalSandbox.isolated` tells
+    which a sandbox got.
 
     What it does not do:
 
-    - ``cpu`` and ``memory_mb`` are not enforced (that needs cgroups); they are accepted and
-      ignored, so a spec written for another provider still runs here.
-    - Without ``isolate`` a process runs as you, with your files and your network: the
-      private directory only keeps sandboxes apart from each other by convention, and
-      absolute paths given to `Sandbox.write_file` are host paths. Only the environment is
-      kept clean (your variables, and so your secrets, do not leak in).
-    - With ``isolate`` the process sees the read-only system directories, the Python
-      installation, its workspace and a private /tmp, and no network (unless
+    - ``cpu`` and ``memory_mb`` cannot be enforced; a spec that sets them raises
+      `ConfigError` naming the field (as the spec contract asks), rather than running
+      without the limit.
+    - Unisolated, a process runs as you, with your files, your network and your other
+      processes (and, through /proc, their environments, secrets included): the private
+      directory only keeps sandboxes apart by convention, and absolute paths given to
+      `Sandbox.write_file` are host paths. Only the environment a process starts with is
+      kept clean. Each command runs under a small supervisor that adopts whatever it starts
+      (``setsid``, ``nohup`` and double forks included), so kill and close leave nothing
+      behind; a process that kills its own supervisor can still escape.
+    - Isolated, the process sees the read-only system directories, the Python installation,
+      its workspace and a private /tmp, its own processes only, and no network (unless
       ``spec.network == "host"``). It still shares the host's kernel: a kernel bug is an
       escape. Use Docker with gVisor or a cloud provider for untrusted code.
     - ``spec.image`` cannot be honoured (there are no images); ``spec.network == "none"``
-      needs ``isolate``; ``spec.user`` can only be the current user. Each raises
+      needs isolation; ``spec.user`` can only be the current user. Each raises
       `ConfigError` naming the field.
     - A sandbox does not expire by itself: ``spec.lifetime_s`` becomes its expiry label and
       `gc` removes it after that.
@@ -45,19 +57,31 @@ class LocalProvider(Provider):
 
     def __init__(self, config: LocalConfig) -> None:
         self.config = config
-        self._bwrap_checked = False
 
     @override
     async def create(self, spec: SandboxSpec) -> Sandbox:
-        _check_spec(spec, isolate=self.config.isolate)
-        bwrap = _find_bwrap() if self.config.isolate else None
+        isolate = self.config.isolate
+        bwrap = _find_bwrap() if isolate else shutil.which("bwrap") if isolate is None else None
+        if isolate is None and bwrap is not None and _BWRAP_WORKS.get(bwrap) is False:
+            bwrap = None  # tried before in this process: it cannot create a sandbox here
+        _check_spec(spec, isolate=bool(bwrap) or bool(isolate))
         folder = await anyio.to_thread.run_sync(_make_folder, self.config.root)
         sandbox = LocalSandbox(spec, folder=folder, config=self.config, bwrap=bwrap)
         try:
             await anyio.to_thread.run_sync(sandbox._save_entry, [])
-            if bwrap and not self._bwrap_checked:
-                await sandbox._check_bwrap()
-                self._bwrap_checked = True
+            if bwrap and not _BWRAP_WORKS.get(bwrap):
+                try:
+                    await sandbox._check_bwrap()
+                    _BWRAP_WORKS[bwrap] = True
+                except ConfigError:
+                    if isolate:
+                        raise
+                    # The default: no user namespaces here (a container, a locked-down
+                    # kernel), so run unisolated, as without bwrap.
+                    _BWRAP_WORKS[bwrap] = False
+                    _check_spec(spec, isolate=False)
+                    sandbox = LocalSandbox(spec, folder=folder, config=self.config, bwrap=None)
+                    await anyio.to_thread.run_sync(sandbox._save_entry, [])
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_remove, sandbox.id, folder)
@@ -106,9 +130,16 @@ class LocalProvider(Provider):
     async def status(self) -> ProviderStatus:
         bwrap = shutil.which("bwrap")
         if bwrap:
-            detail = f"bubblewrap at {bwrap}: isolate = true is available"
-        else:
+            detail = f"bubblewrap at {bwrap}: sandboxes are isolated"
+            if self.config.isolate is False:
+                detail = f"bubblewrap at {bwrap}, but isolate = false: sandboxes are not isolated"
+        elif self.config.isolate:
             detail = f"bubblewrap not found, so isolate = true is unavailable: {_BWRAP_HELP}"
-        # Usable unless isolation was asked for and cannot be had.
+        else:
+            detail = (
+                "bubblewrap not found: sandboxes run unisolated, as you; install bubblewrap "
+                "(apt-get install bubblewrap, dnf install bubblewrap) to isolate them"
+            )
+        # Usable unless isolation was required and cannot be had.
         reachable = bool(bwrap) or not self.config.isolate
         return ProviderStatus(name=NAME, installed=True, reachable=reachable, detail=detail)

@@ -73,12 +73,6 @@ def _atomic_write(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    if path.is_dir():
-        raise IsADirectoryError(path)
-    _atomic_write(path, data, mode)
-
-
 def _valid_id(sandbox_id: str) -> bool:
     return len(sandbox_id) == 12 and all(c in "0123456789abcdef" for c in sandbox_id)
 
@@ -122,10 +116,11 @@ def _remove(sandbox_id: str, folder: Path) -> None:
 
 def _rmtree(folder: Path) -> None:
     def retry(func: Callable[..., Any], path: str, *_: object) -> None:
-        # A process may have left read-only directories behind.
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(path), 0o700)
-            os.chmod(path, 0o700)
+        # A process may have left read-only directories behind. Only directories are made
+        # writable, opened without following links: a link the sandbox planted must never
+        # lead this chmod to a host file.
+        for directory in (os.path.dirname(path), path):
+            _make_dir_writable(directory)
         with contextlib.suppress(FileNotFoundError):
             func(path)
 
@@ -135,6 +130,19 @@ def _rmtree(folder: Path) -> None:
         shutil.rmtree(folder, onexc=retry)
     else:
         shutil.rmtree(folder, onerror=retry)
+
+
+def _make_dir_writable(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
+    except OSError:
+        return  # not a directory (or a link to one): leave it alone
+    try:
+        os.fchmod(fd, 0o700)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _boot_ticks() -> int | None:
@@ -170,10 +178,12 @@ def _group_exists(pgid: int) -> bool:
 
 
 def _kill_recorded(groups: list[list[int]]) -> None:
-    """Kill recorded process groups ``[pid, earliest, latest start]`` unless the pid was reused.
+    """Kill recorded processes ``[pid, earliest, latest start]`` unless the pid was reused.
 
-    A group outlives its leader while its members run, and the kernel does not hand out its
-    id meanwhile; so a leader that is gone still leaves the id safe to signal.
+    Each pid is a command's supervisor (or, under bubblewrap, bwrap itself): the tree beneath
+    it is killed, then its process group. A group outlives its leader while its members run,
+    and the kernel does not hand out its id meanwhile; so a leader that is gone still leaves
+    the id safe to signal.
     """
     for group in groups:
         try:
@@ -181,7 +191,88 @@ def _kill_recorded(groups: list[list[int]]) -> None:
         except (TypeError, ValueError):
             continue
         started = _start_time(pid)
-        if started is not None and not lo <= started <= hi:
-            continue  # another process has this pid: the group we started is gone
+        if started is not None:
+            if not lo <= started <= hi:
+                continue  # another process has this pid: the one we started is gone
+            _kill_tree(pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL pid and every process beneath it, whatever their session or process group.
+
+    Each is stopped first and the tree walked again until no new process appears, so none
+    can fork away between the walk and the kill; only then is every one of them killed.
+    With pid a child subreaper (see `_supervisor`), orphans stay beneath it until then.
+    """
+    stopped = [pid]
+    _signal(pid, signal.SIGSTOP)
+    while True:
+        new = [child for child in _descendants(pid) if child not in stopped]
+        if not new:
+            break
+        for child in new:
+            _signal(child, signal.SIGSTOP)
+        stopped += new
+    for target in reversed(stopped):
+        _signal(target, signal.SIGKILL)
+
+
+_HAS_CHILDREN_FILES = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process beneath pid, from /proc (Linux); empty where /proc is not there."""
+    # /proc/<pid>/task/<tid>/children needs CONFIG_PROC_CHILDREN; else scan every parent.
+    children = None if _HAS_CHILDREN_FILES else _children_map()
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        kids = children.get(parent, []) if children is not None else _children(parent)
+        for kid in kids:
+            if kid not in found and kid != pid:
+                found.append(kid)
+                todo.append(kid)
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    kids: list[int] = []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                kids += [int(kid) for kid in fh.read().split()]
+        except (OSError, ValueError):
+            continue
+    return kids
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return children
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        with contextlib.suppress(IndexError, ValueError):
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    return children

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
+import socket
 import sys
 import weakref
 from collections.abc import AsyncGenerator
@@ -19,9 +21,13 @@ from ..._errors import (
     ConfigError,
     SandboxError,
     SandboxFileNotFoundError,
+    SandboxIsADirectoryError,
+    SandboxNotADirectoryError,
     SandboxNotFoundError,
+    SandboxPermissionError,
 )
 from ..._sandbox import Process, Sandbox, SandboxSpec
+from . import _files
 from ._bwrap import _BWRAP_HELP, _ETC_FILES, _SYSTEM_DIRS, _is_current_user, _python_dirs
 from ._process import FailedProcess, LocalProcess
 from ._registry import (
@@ -32,11 +38,14 @@ from ._registry import (
     _kill_recorded,
     _registry,
     _remove,
-    _write,
 )
 
 # Seconds to wait for a killed process's pipes to close before giving up on it.
 _REAP_TIMEOUT = 5.0
+
+# Unisolated commands run under a supervisor that keeps every process they start (Linux).
+_SUPERVISE = sys.platform.startswith("linux") and bool(sys.executable)
+_SUPERVISOR = [sys.executable, "-S", "-I", str(Path(__file__).with_name("_supervisor.py"))]
 
 # Sandboxes open in this process, so `destroy` can stop their processes cleanly.
 _live: weakref.WeakValueDictionary[str, LocalSandbox] = weakref.WeakValueDictionary()
@@ -48,8 +57,11 @@ class LocalSandbox(Sandbox):
     Without isolation `workdir` is the directory's host path (``spec.workdir`` is not used)
     and HOME points at it; with isolation the directory is mounted at ``spec.workdir``. Each
     process gets a clean environment: PATH, HOME, TMPDIR, LANG, then ``spec.env`` and the
-    command's own env. Every command runs in its own process group, so `Process.kill` and
-    `aclose` also stop what it started (on Linux, even children of commands that finished).
+    command's own env. Every command runs in its own session. Unisolated (on Linux) it runs
+    under a supervisor (`_supervisor`) that adopts everything it starts, whatever that does
+    to its session or process group; under bubblewrap its PID namespace holds it all. So
+    `Process.kill` and `aclose` stop everything a command started, also what it left running
+    after it finished (which, unisolated, runs on until then, as in a container).
 
     See `LocalProvider` for what it does and does not protect against.
     """
@@ -69,6 +81,7 @@ class LocalSandbox(Sandbox):
         # a command may leave background children behind in its group.
         self._groups: dict[int, tuple[int, int]] = {}
         self._registry_lock = anyio.Lock()
+        self._mounts: _files.Mounts | None = None
         if bwrap:
             self._inner_workdir = posixpath.normpath(spec.workdir)
             self._binds = _python_dirs(self.python)
@@ -105,9 +118,15 @@ class LocalSandbox(Sandbox):
 
     @property
     @override
+    def allows_bypass_permissions(self) -> bool:
+        return self.isolated or self._config.allow_bypass_permissions
+
+    @property
+    @override
     def reaches_host_loopback(self) -> bool:
-        # Unisolated processes are host processes; under bwrap only a shared network does.
-        return not self._bwrap or self.spec.network == "host"
+        # Unisolated processes are host processes; under bwrap, all but network "none"
+        # share the host's network.
+        return not self._bwrap or self.spec.network != "none"
 
     # --- processes ----------------------------------------------------------------------
 
@@ -124,6 +143,7 @@ class LocalSandbox(Sandbox):
                 sandbox_id=self.id,
             )
         full_env = {**self._base_env(), **env}
+        status = report = None
         if self._bwrap:
             command = [*self._bwrap_args(cwd), "--", "/bin/sh", "-c", 'exec "$@"', "sh", *argv]
             host_cwd = str(self._folder)
@@ -131,28 +151,55 @@ class LocalSandbox(Sandbox):
             command, host_cwd = argv, cwd
             if not await anyio.to_thread.run_sync(os.path.isdir, cwd):
                 return FailedProcess(1, f"sandbay: working directory {cwd!r} does not exist\n")
+            if _SUPERVISE:
+                status, report = socket.socketpair()
+                status.setblocking(False)
+                command = [*_SUPERVISOR, str(report.fileno()), *argv]
+        await self._reap_finished()
         before = _boot_ticks()
         try:
             proc = await anyio.open_process(
-                command, cwd=host_cwd, env=full_env, start_new_session=True
+                command,
+                cwd=host_cwd,
+                env=full_env,
+                start_new_session=True,
+                pass_fds=(report.fileno(),) if report else (),
             )
-        except FileNotFoundError:
+        except BaseException as exc:
+            if status is not None:
+                status.close()
+            if isinstance(exc, OSError):
+                return self._spawn_failed(exc, argv)
+            raise
+        finally:
+            if report is not None:
+                report.close()  # the supervisor has its own copy
+        after = _boot_ticks()
+        window = (before - 1, after + 1) if before is not None and after is not None else None
+        process = LocalProcess(
+            proc, status=status, window=window, on_closed=self._processes.discard
+        )
+        self._processes.add(process)
+        if window is not None:
+            # Its start time lies in this window (reading it now could be too late: a quick
+            # command may already be reaped); a pid reused later starts after it.
+            self._groups[process.pid] = window
+        await self._record_processes()
+        return process
+
+    def _spawn_failed(self, exc: OSError, argv: list[str]) -> Process:
+        if isinstance(exc, FileNotFoundError):
             if self._bwrap:
                 return FailedProcess(127, f"sandbay: bubblewrap vanished: {_BWRAP_HELP}\n")
             return FailedProcess(127, f"sandbay: {argv[0]}: command not found\n")
-        except PermissionError:
+        if isinstance(exc, PermissionError):
             return FailedProcess(126, f"sandbay: {argv[0]}: permission denied\n")
-        except OSError as exc:
-            return FailedProcess(126, f"sandbay: {argv[0]}: {exc.strerror or exc}\n")
-        after = _boot_ticks()
-        process = LocalProcess(proc, on_closed=self._processes.discard)
-        self._processes.add(process)
-        if before is not None and after is not None:
-            # Its start time lies in this window (reading it now could be too late: a quick
-            # command may already be reaped); a pid reused later starts after it.
-            self._groups[process.pid] = (before - 1, after + 1)
-        await self._record_processes()
-        return process
+        return FailedProcess(126, f"sandbay: {argv[0]}: {exc.strerror or exc}\n")
+
+    async def _reap_finished(self) -> None:
+        # Supervisors that stayed for what their command left running, and have exited since.
+        for process in list(self._processes):
+            await process.reap_if_done()
 
     def _base_env(self) -> dict[str, str]:
         if self._bwrap:
@@ -169,7 +216,9 @@ class LocalSandbox(Sandbox):
     def _bwrap_args(self, cwd: str) -> list[str]:
         assert self._bwrap is not None
         args = [self._bwrap, "--unshare-all", "--die-with-parent", "--new-session"]
-        if self.spec.network == "host":
+        if self.spec.network != "none":
+            # bwrap has no network of its own to route out through: "default" shares the
+            # host's, as "host" does, so that the agent reaches its model.
             args.append("--share-net")
         args += ["--cap-drop", "ALL", "--hostname", "sandbay"]
         for path in _SYSTEM_DIRS:
@@ -244,71 +293,92 @@ class LocalSandbox(Sandbox):
     @override
     async def _write_file(self, path: str, data: bytes, *, mode: int) -> None:
         self._check_exists()
-        host = self._host_path(path, write=True)
         try:
-            await anyio.to_thread.run_sync(_write, host, data, mode)
-        except IsADirectoryError:
-            raise ConfigError(
-                f"cannot write {path!r}: it is a directory", **self._where()
-            ) from None
-        except OSError as exc:
-            raise SandboxError(
-                f"cannot write {path!r}: {exc.strerror or exc}", **self._where()
-            ) from None
+            if self._bwrap:
+                mounts = await anyio.to_thread.run_sync(self._mount_table)
+                await anyio.to_thread.run_sync(_files.isolated_write, mounts, path, data, mode)
+            else:
+                await anyio.to_thread.run_sync(_files.write_host, path, data, mode)
+        except (OSError, _files.FileError) as exc:
+            raise self._file_error(exc, path, write=True) from None
 
     @override
     async def _read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
-        yield await self._read_file(path)
-
-    async def _read_file(self, path: str) -> bytes:
         self._check_exists()
-        host = self._host_path(path, write=False)
         try:
-            return await anyio.to_thread.run_sync(host.read_bytes)
-        except (FileNotFoundError, NotADirectoryError):
-            raise SandboxFileNotFoundError(f"no file at {path!r}", **self._where()) from None
-        except IsADirectoryError:
-            raise SandboxFileNotFoundError(
-                f"{path!r} is a directory, not a file", **self._where()
-            ) from None
-        except OSError as exc:
-            raise SandboxError(
-                f"cannot read {path!r}: {exc.strerror or exc}", **self._where()
-            ) from None
+            if self._bwrap:
+                mounts = await anyio.to_thread.run_sync(self._mount_table)
+                fd = await anyio.to_thread.run_sync(_files.isolated_open, mounts, path)
+            else:
+                fd = await anyio.to_thread.run_sync(_files.open_for_reading, path)
+        except (OSError, _files.FileError) as exc:
+            raise self._file_error(exc, path, write=False) from None
+        try:
+            while True:
+                try:
+                    chunk = await anyio.to_thread.run_sync(_files.read_chunk, fd)
+                except OSError as exc:
+                    raise self._file_error(exc, path, write=False) from None
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            os.close(fd)
 
-    def _host_path(self, path: str, *, write: bool) -> Path:
-        """Where a path the sandbox's processes see lives on the host."""
-        path = posixpath.normpath(path)
-        if not self._bwrap:
-            return Path(path)
-        if any(path == p or path.startswith(p + "/") for p in self._binds):
-            # Mounted last, over /tmp and the workspace: read-only, the same on both sides.
-            if write:
-                raise ConfigError(f"cannot write {path!r}: it is read-only", **self._where())
-            return Path(path)
-        for inner, outer in ((self._inner_workdir, "work"), ("/tmp", "tmp")):
-            if path == inner or path.startswith(inner.rstrip("/") + "/"):
-                base = os.path.realpath(self._folder / outer)
-                host = os.path.join(base, posixpath.relpath(path, inner))
-                # A process may have planted a symlink to a host path it cannot see itself.
-                if os.path.commonpath([base, os.path.realpath(host)]) != base:
-                    if write:
-                        raise ConfigError(f"{path!r} leads out of the sandbox", **self._where())
-                    raise SandboxFileNotFoundError(f"no file at {path!r}", **self._where())
-                return Path(host)
-        if write:
-            raise ConfigError(
-                f"cannot write {path!r}: an isolated local sandbox can write only under "
-                f"{self._inner_workdir} and /tmp",
-                **self._where(),
+    def _file_error(
+        self, exc: OSError | _files.FileError, path: str, *, write: bool
+    ) -> SandboxError:
+        where = self._where()
+        code = exc.errno
+        verb = "write" if write else "read"
+        if code == errno.ENOENT:
+            return SandboxFileNotFoundError(f"no file at {path!r}", **where)
+        if code == errno.EISDIR:
+            return SandboxIsADirectoryError(f"cannot {verb} {path!r}: it is a directory", **where)
+        if code == errno.ENOTDIR:
+            return SandboxNotADirectoryError(
+                f"cannot {verb} {path!r}: a parent in the path is not a directory", **where
             )
-        parts = path.split("/")
-        visible = any(path.startswith(p + "/") for p in (*self._binds, *_SYSTEM_DIRS)) or (
-            len(parts) > 2 and parts[1] == "etc" and parts[2] in _ETC_FILES
-        )
-        if visible:
-            return Path(path)  # read-only binds: the same file on both sides
-        raise SandboxFileNotFoundError(f"no file at {path!r}", **self._where())
+        if code == errno.EROFS:
+            return SandboxPermissionError(
+                f"cannot write {path!r}: it is read-only in the sandbox; an isolated local "
+                f"sandbox can write only under {self.workdir} and /tmp",
+                **where,
+            )
+        if code in (errno.EACCES, errno.EPERM):
+            return SandboxPermissionError(
+                f"cannot {verb} {path!r}: permission denied to the sandbox's user", **where
+            )
+        if isinstance(exc, _files.FileError):
+            detail = exc.detail or os.strerror(exc.errno)
+        else:
+            detail = exc.strerror or str(exc)
+        return SandboxError(f"cannot {verb} {path!r}: {detail}", **where)
+
+    def _mount_table(self) -> _files.Mounts:
+        """The paths bubblewrap mounts, as `_bwrap_args` mounts them (a worker thread)."""
+        if self._mounts is None:
+            binds: dict[str, str] = {}
+            links: dict[str, str] = {}
+            for path in _SYSTEM_DIRS:
+                if os.path.islink(path):
+                    links[path] = os.readlink(path)
+                elif os.path.isdir(path):
+                    binds[path] = path
+            for name in _ETC_FILES:
+                if os.path.exists(f"/etc/{name}"):
+                    binds[f"/etc/{name}"] = f"/etc/{name}"
+            binds["/tmp"] = str(self._folder / "tmp")
+            binds[self._inner_workdir] = str(self._folder / "work")
+            for path in self._binds:
+                binds[path] = path
+            self._mounts = _files.Mounts(
+                binds=binds,
+                writable=frozenset({"/tmp", self._inner_workdir} - set(self._binds)),
+                links=links,
+                opaque=frozenset({"/proc", "/dev"}),
+            )
+        return self._mounts
 
     # --- lifecycle ----------------------------------------------------------------------
 
