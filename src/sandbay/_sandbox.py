@@ -382,11 +382,6 @@ class Sandbox(abc.ABC):
         return False
 
     @property
-    def allows_bypass_permissions(self) -> bool:
-        """Whether agents here may use ``permission_mode="bypassPermissions"``."""
-        return self.isolated
-
-    @property
     def closed(self) -> bool:
         """Whether `aclose` has been called."""
         return self._closed
