@@ -616,28 +616,33 @@ async def test_docker_loopback_model_url_is_refused_fast_and_the_container_remov
     assert await sandboxes_with_session("docker", run.sandbox.labels["sandbay.session"]) == []
 
 
+UNISOLATED = sandbay.LocalConfig(isolate=False)
+
+
 async def test_unisolated_local_refuses_bypass_permissions_and_says_why() -> None:
     key = {"ANTHROPIC_API_KEY": "k"}
-    run = sandbay.run_agent("go", provider="local", options=BYPASS, env=key)
+    run = sandbay.run_agent("go", provider=UNISOLATED, options=BYPASS, env=key)
     with pytest.raises(sandbay.ConfigError, match="bypassPermissions") as info:
         await collect(run)
     assert "not isolated" in str(info.value) and "as you" in str(info.value)
     assert "opt in" in str(info.value)
     assert run.sandbox is not None and run.sandbox.closed
-    assert run.sandbox.id not in {s.id for s in await sandbay.get_provider("local").list()}
+    assert run.sandbox.id not in {s.id for s in await sandbay.get_provider(UNISOLATED).list()}
     skip = ClaudeAgentOptions(extra_args={"dangerously-skip-permissions": None})
     with pytest.raises(sandbay.ConfigError, match="bypassPermissions"):
-        await collect(sandbay.run_agent("go", provider="local", options=skip, env=key))
+        await collect(sandbay.run_agent("go", provider=UNISOLATED, options=skip, env=key))
     # A pool starting its CLIs that way is refused as it warms them.
     with pytest.raises(sandbay.ConfigError, match="bypassPermissions"):
-        async with sandbay.SandboxPool("local", size=1, options=BYPASS, env=key) as pool:
+        async with sandbay.SandboxPool(UNISOLATED, size=1, options=BYPASS, env=key) as pool:
             await pool.wait_ready(timeout=60)
 
 
 async def test_unisolated_agent_does_not_get_is_sandbox() -> None:
     async with ScriptedModel(bash_then_done("env; echo env-listed")) as model:
         messages = await collect(
-            sandbay.run_agent("go", provider="local", options=OPTIONS, env=model.env(), timeout=120)
+            sandbay.run_agent(
+                "go", provider=UNISOLATED, options=OPTIONS, env=model.env(), timeout=120
+            )
         )
         output = str(model.tool_results())
     assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
