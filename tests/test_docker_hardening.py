@@ -112,6 +112,16 @@ async def test_write_errors_are_typed_and_leave_nothing(sandbox: sandbay.Sandbox
 
 
 @pytest.mark.anyio
+async def test_paths_named_like_errors_are_not_taken_for_them(sandbox: sandbay.Sandbox) -> None:
+    with pytest.raises(SandboxFileNotFoundError):
+        await sandbox.read_file("Is a directory")
+    with pytest.raises(SandboxFileNotFoundError):
+        await sandbox.read_file("Permission denied")
+    await sandbox.write_file("Not a directory/Is a directory", b"odd names")
+    assert await sandbox.read_file("Not a directory/Is a directory") == b"odd names"
+
+
+@pytest.mark.anyio
 async def test_write_replaces_a_file_with_the_mode_given(sandbox: sandbay.Sandbox) -> None:
     await sandbox.write_file("run.sh", b"#!/bin/sh\necho one\n", mode=0o755)
     await sandbox.write_file("run.sh", b"#!/bin/sh\necho two\n", mode=0o700)

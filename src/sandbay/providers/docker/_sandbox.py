@@ -61,17 +61,19 @@ if [ -e "$p" ]; then exec cat >"$p"; fi
 cat >"$p" && chmod "$m" "$p"
 """
 
-# What a failed cat, mkdir or mv says (in the C locale), as sandbay's typed errors.
-_FILE_ERRORS: tuple[tuple[str, type[SandboxError], str], ...] = (
-    ("permission denied", SandboxPermissionError, "the sandbox's user has no right to it"),
-    ("operation not permitted", SandboxPermissionError, "the sandbox's user has no right to it"),
-    ("read-only file system", SandboxPermissionError, "it is on a read-only file system"),
-    ("is a directory", SandboxIsADirectoryError, "it is a directory"),
-    ("not a directory", SandboxNotADirectoryError, "a parent in the path is not a directory"),
-    ("no such file or directory", SandboxFileNotFoundError, "no such file in the sandbox"),
+# What a failed cat, mkdir or sh redirection ends its message with (``prog: path: reason``,
+# in the C locale), as sandbay's typed errors. Only the end is compared: a path may hold
+# any of these words.
+_FILE_ERRORS: dict[str, tuple[type[SandboxError], str]] = {
+    "permission denied": (SandboxPermissionError, "the sandbox's user has no right to it"),
+    "operation not permitted": (SandboxPermissionError, "the sandbox's user has no right to it"),
+    "read-only file system": (SandboxPermissionError, "it is on a read-only file system"),
+    "is a directory": (SandboxIsADirectoryError, "it is a directory"),
+    "not a directory": (SandboxNotADirectoryError, "a parent in the path is not a directory"),
+    "no such file or directory": (SandboxFileNotFoundError, "no such file in the sandbox"),
     # mkdir -p meeting a file where a parent directory should be
-    ("file exists", SandboxNotADirectoryError, "a parent in the path is not a directory"),
-)
+    "file exists": (SandboxNotADirectoryError, "a parent in the path is not a directory"),
+}
 
 
 class DockerSandbox(Sandbox):
@@ -184,9 +186,9 @@ class DockerSandbox(Sandbox):
 
     async def _kill_tagged(self, token: str, *, user: str) -> None:
         argv = ["sh", "-c", _KILL_SCRIPT, "sh", token]
-        code, _, _ = await self._run(argv, user=user)
-        if code == 0:
-            return
+        code, out, err = await self._run(argv, user=user)
+        if code == 0 or b"unable to find user" in out + err:
+            return  # killed; or a user that never ran anything, so there is nothing to kill
         # The kill could not even start: its script always exits 0. The likely cause is
         # that the sandbox spent every pid of its limit (a fork loop), and no exec starts
         # then. Lend the container a few pids through the engine, kill, and take them back.
@@ -262,11 +264,11 @@ class DockerSandbox(Sandbox):
     def _file_error(self, verb: str, path: str, code: int, stderr: bytes) -> SandboxError:
         text = stderr.decode(errors="replace").strip()
         ctx = {"provider": NAME, "sandbox_id": self._id}
-        lowered = text.lower()
-        if not _LAUNCH_ERROR.match(stderr):
-            for needle, kind, why in _FILE_ERRORS:
-                if needle in lowered:
-                    return kind(f"cannot {verb} {path!r}: {why} ({text})", **ctx)
+        reason = text.splitlines()[-1].rsplit(": ", 1)[-1].lower() if text else ""
+        known = None if _LAUNCH_ERROR.match(stderr) else _FILE_ERRORS.get(reason)
+        if known is not None:
+            kind, why = known
+            return kind(f"cannot {verb} {path!r}: {why} ({text})", **ctx)
         return SandboxError(
             f"cannot {verb} {path!r}: {text or f'exit code {code}'}",
             **ctx,
