@@ -43,6 +43,38 @@ _KILL_SCRIPT = (
 )
 #: Extra pids lent, in turn, to a container too full to start the kill.
 _PIDS_HEADROOM = (64, 512)
+
+# The same kill without a single fork, for a container whose fork loop takes every pid as
+# soon as one is free: Python (exec'd in place of the shell) where the image has it. It
+# stops what it finds until a pass finds nothing new, so children forked meanwhile are
+# caught too, then kills them all.
+_KILL_PY = """
+import os, signal, sys
+token = b"\\0" + sys.argv[1].encode() + b"\\0"
+found = set()
+for _ in range(50):
+    new = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) not in found and int(name) != os.getpid():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if token in b"\\0" + f.read() + b"\\0":
+                        os.kill(int(name), signal.SIGSTOP)
+                        new.add(int(name))
+            except OSError:
+                pass
+    if not new:
+        break
+    found |= new
+for pid in found:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+_KILL_WITHOUT_FORKS = (
+    f'command -v python3 >/dev/null && exec python3 -c "$2" "{EXEC_TOKEN}=$1"; {_KILL_SCRIPT}'
+)
 _MKDIR_OWNED = 'if [ ! -d "$1" ]; then mkdir -p -- "$1" && chown -- "$2" "$1"; fi'
 
 # write_file, as the sandbox's user: $1 the path, $2 the octal mode, the data on stdin.
@@ -193,6 +225,7 @@ class DockerSandbox(Sandbox):
         # that the sandbox spent every pid of its limit (a fork loop), and no exec starts
         # then. Lend the container a few pids through the engine, kill, and take them back.
         # The kill stops what it finds before it kills it, so a loop cannot refill them.
+        argv = ["sh", "-c", _KILL_WITHOUT_FORKS, "sh", token, _KILL_PY]
         async with self._pids_lock:
             limit = self._provider.config.pids_limit
             try:
