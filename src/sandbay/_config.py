@@ -72,7 +72,11 @@ class DockerConfig(_Base):
     user: str = "1000:1000"
     """User processes run as unless the spec names one."""
     pids_limit: int = Field(default=1024, gt=0)
-    """Most processes a container may hold."""
+    """Most processes (threads included) a container may hold."""
+    cpu: float = Field(default=1.0, gt=0)
+    """CPU cores a container may use when its spec sets no ``cpu``."""
+    memory_mb: int = Field(default=1024, gt=0)
+    """Memory limit in MiB (swap included) when the spec sets no ``memory_mb``."""
     runtime: str | None = None
     """OCI runtime (e.g. ``runsc`` for gVisor), if not the engine's default."""
 

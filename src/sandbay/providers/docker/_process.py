@@ -2,6 +2,11 @@
 
 The exec's hijacked socket carries stdin one way and Docker's multiplexed stream the other:
 frames of an 8-byte header (stream, size) and a payload, read and split here on demand.
+
+`start_exec` takes the connection over without losing a byte: the HTTP client reads the
+response's headers through a buffer that may already hold the first frames (a launch error
+such as an unknown user is often all of the stream, sent with the headers). docker-py hands
+out the raw socket and those bytes are lost; sandbay keeps reading through that buffer.
 """
 
 from __future__ import annotations
@@ -33,6 +38,47 @@ _KILL_GRACE_S = 5.0
 _LAUNCH_ERROR = re.compile(rb"^(OCI runtime|exec failed|unable to find user)")
 
 
+class Connection:
+    """A started exec's hijacked connection.
+
+    Attributes:
+        sock: The socket (for writing stdin, shutting down and timeouts).
+        io: What to close: the socket's file object, or the socket itself.
+        reader: A buffered reader over the socket holding any bytes read with the headers,
+            or ``None`` where the transport has none (then ``sock`` is read directly).
+    """
+
+    def __init__(self, response: Any, sock: Any) -> None:
+        self._response = response  # keeps the connection from being collected and closed
+        self.io = sock  # socket.SocketIO over a unix socket, else the transport's socket
+        self.sock: Any = getattr(sock, "_sock", None) or sock
+        fp = getattr(getattr(getattr(response, "raw", None), "_fp", None), "fp", None)
+        self.reader: Any = fp if callable(getattr(fp, "read1", None)) else None
+
+    def recv(self) -> bytes:
+        """Up to 64 KiB: what is buffered first, else one read of the socket."""
+        if self.reader is not None:
+            data: bytes = self.reader.read1(1 << 16)
+            return data
+        data = self.sock.recv(1 << 16)
+        return bytes(data)
+
+
+def start_exec(api: Any, exec_id: str) -> Connection:
+    """Start a created exec attached to its streams and take its connection over. Blocking.
+
+    Raises:
+        docker.errors.APIError: The engine refused (wrap the call in ``docker_errors``).
+    """
+    response = api._post_json(
+        api._url("/exec/{0}/start", exec_id),
+        headers={"Connection": "Upgrade", "Upgrade": "tcp"},
+        data={"Tty": False, "Detach": False},
+        stream=True,
+    )
+    return Connection(response, api._get_raw_response_socket(response))
+
+
 class _DockerProcess(Process):
     """One ``docker exec`` session on a hijacked socket.
 
@@ -43,12 +89,13 @@ class _DockerProcess(Process):
     """
 
     def __init__(
-        self, sandbox: DockerSandbox, exec_id: str, sock: Any, *, token: str, user: str
+        self, sandbox: DockerSandbox, exec_id: str, conn: Connection, *, token: str, user: str
     ) -> None:
         self._sandbox = sandbox
         self._exec_id = exec_id
-        self._io = sock  # socket.SocketIO over a unix socket, else the transport's socket
-        self._sock: Any = getattr(sock, "_sock", None) or sock
+        self._conn = conn
+        self._io = conn.io
+        self._sock = conn.sock
         with contextlib.suppress(AttributeError, OSError):
             self._sock.settimeout(None)  # the client's 60 s timeout would cut quiet processes
         self._token = token
@@ -126,12 +173,12 @@ class _DockerProcess(Process):
             ended = False
             try:
                 while not self._parse_frames():
-                    data = self._sock.recv(1 << 16)
+                    data = self._conn.recv()
                     if not data:
                         ended = True
                         break
                     self._buffer += data
-            except OSError:
+            except (OSError, ValueError):  # ValueError: the reader was closed
                 ended = True
             finally:
                 if ended:
@@ -225,6 +272,9 @@ class _DockerProcess(Process):
         # Called with self._state held.
         self._sock_closed = True
         self._eof = True
+        if self._conn.reader is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._conn.reader.close()
         with contextlib.suppress(OSError):
             self._io.close()
         with contextlib.suppress(OSError):
@@ -305,10 +355,11 @@ class _DockerProcess(Process):
         if self._killed or self._returncode is not None:
             return
         self._killed = True
+        # Hang up first: output nobody will read fills the stream, and the engine, waiting
+        # to deliver it, would hold the container (the kill's own exec included) meanwhile.
+        self._close()
         try:
             with anyio.move_on_after(CLOSE_TIMEOUT):
                 await self._sandbox._kill_tagged(self._token, user=self._user)
         except SandboxError:
             pass  # the container is gone, and the process with it
-        finally:
-            self._close()

@@ -21,7 +21,7 @@ from ..._errors import SandboxError
 from ..._provider import MANAGED, Provider, ProviderStatus, SandboxInfo
 from ..._sandbox import Sandbox, SandboxSpec
 from ._errors import NAME, _address, _explain, docker_client, docker_errors
-from ._sandbox import ROOT, DockerSandbox, _numeric_owner
+from ._sandbox import ROOT, DockerSandbox, _is_numeric
 
 AGENT_WORKDIR = "/workspace"
 
@@ -90,10 +90,9 @@ class DockerProvider(Provider):
             "cap_add": _CAPABILITIES,
             "security_opt": ["no-new-privileges"],
         }
-        if spec.cpu is not None:
-            host_config["nano_cpus"] = int(spec.cpu * 1e9)
-        if spec.memory_mb is not None:
-            host_config["mem_limit"] = host_config["memswap_limit"] = f"{spec.memory_mb}m"
+        cpu, memory_mb = self._limits(spec)
+        host_config["nano_cpus"] = int(cpu * 1e9)
+        host_config["mem_limit"] = host_config["memswap_limit"] = f"{memory_mb}m"
         if spec.network != "default":
             host_config["network_mode"] = spec.network
         if self.config.runtime:
@@ -138,14 +137,20 @@ class DockerProvider(Provider):
         )
         try:
             await anyio.lowlevel.checkpoint()
-            if _numeric_owner(user) is None:
-                await sandbox._owner_ids()  # a user name must exist in the image
+            if not _is_numeric(user):
+                await sandbox._check_user()  # a user name must exist in the image
             if not ready_workdir:
                 await sandbox._prepare_workdir()
         except BaseException:
             await sandbox.aclose()
             raise
         return sandbox
+
+    def _limits(self, spec: SandboxSpec) -> tuple[float, int]:
+        """CPU cores and MiB of memory: the spec's, else the config's defaults."""
+        cpu = spec.cpu if spec.cpu is not None else self.config.cpu
+        memory_mb = spec.memory_mb if spec.memory_mb is not None else self.config.memory_mb
+        return cpu, memory_mb
 
     @override
     async def raw_create_exec(self, spec: SandboxSpec) -> float:
@@ -155,13 +160,14 @@ class DockerProvider(Provider):
         ``exec_run``. Removing the container is not timed.
         """
         image = spec.image or self.config.image or await self.agent_image()
-        options: dict[str, Any] = {"detach": True}
+        cpu, memory_mb = self._limits(spec)
+        options: dict[str, Any] = {
+            "detach": True,
+            "nano_cpus": int(cpu * 1e9),
+            "mem_limit": f"{memory_mb}m",
+        }
         if spec.network != "default":
             options["network_mode"] = spec.network
-        if spec.cpu is not None:
-            options["nano_cpus"] = int(spec.cpu * 1e9)
-        if spec.memory_mb is not None:
-            options["mem_limit"] = f"{spec.memory_mb}m"
 
         def measure() -> float:
             with self._errors(image=image):

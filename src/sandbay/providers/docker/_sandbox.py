@@ -1,23 +1,26 @@
-"""`DockerSandbox`: one container; processes as ``docker exec``, files as tar archives."""
+"""`DockerSandbox`: one container; processes and file operations as ``docker exec``."""
 
 from __future__ import annotations
 
-import posixpath
+import contextlib
 import secrets
-import tarfile
-import time
-from collections.abc import AsyncGenerator, Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, ClassVar
 
 import anyio
-import docker.errors
-import docker.utils
 from typing_extensions import override
 
-from ..._errors import ConfigError, SandboxError, SandboxFileNotFoundError
-from ..._sandbox import Process, Sandbox, SandboxSpec
-from ._errors import NAME, _container_gone, _explain
-from ._process import _DockerProcess
+from ..._errors import (
+    ConfigError,
+    SandboxError,
+    SandboxFileNotFoundError,
+    SandboxIsADirectoryError,
+    SandboxNotADirectoryError,
+    SandboxPermissionError,
+)
+from ..._sandbox import CLOSE_TIMEOUT, ByteStream, Process, Sandbox, SandboxSpec
+from ._errors import NAME
+from ._process import _LAUNCH_ERROR, Connection, _DockerProcess, start_exec
 
 if TYPE_CHECKING:
     from ._provider import DockerProvider
@@ -27,20 +30,82 @@ ROOT = "0:0"
 #: Environment variable marking every process of one exec, so `kill` finds what it started.
 EXEC_TOKEN = "SANDBAY_EXEC_ID"
 
-_MODE_DIR = 1 << 31  # Go's os.ModeDir, as the archive stat header reports it
-_MODE_SYMLINK = 1 << 27
-
 # Kills every process whose environment carries the exec's token: the command and what it
 # started. Runs as the command's user, who may read its /proc/<pid>/environ. Processes are
 # stopped first (twice over, for children forked meanwhile) so that a parent cannot run on
-# for an instant after its child dies.
+# for an instant after its child dies. One grep per pass, not a process per pid: it must
+# run in the few pids a container that spent its limit is lent (`_kill_tagged`).
 _KILL_SCRIPT = (
-    f't="{EXEC_TOKEN}=$1"; pids=; for pass in 1 2; do for d in /proc/[0-9]*; do '
-    'case "$(cat "$d/environ" 2>/dev/null)" in *"$t"*) p="${d#/proc/}"; '
-    'kill -STOP "$p" 2>/dev/null && pids="$pids $p";; esac; done; done; '
+    f't="{EXEC_TOKEN}=$1"; pids=; for pass in 1 2; do '
+    'for f in $(grep -lsF -- "$t" /proc/[0-9]*/environ); do p="${f#/proc/}"; p="${p%/environ}"; '
+    'kill -STOP "$p" 2>/dev/null && pids="$pids $p"; done; done; '
     'if [ -n "$pids" ]; then kill -KILL $pids 2>/dev/null; fi; true'
 )
+#: Extra pids lent, in turn, to a container too full to start the kill.
+_PIDS_HEADROOM = (64, 512)
+
+# The same kill without a single fork, for a container whose fork loop takes every pid as
+# soon as one is free: Python (exec'd in place of the shell) where the image has it. It
+# stops what it finds until a pass finds nothing new, so children forked meanwhile are
+# caught too, then kills them all.
+_KILL_PY = """
+import os, signal, sys
+token = b"\\0" + sys.argv[1].encode() + b"\\0"
+found = set()
+for _ in range(50):
+    new = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) not in found and int(name) != os.getpid():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if token in b"\\0" + f.read() + b"\\0":
+                        os.kill(int(name), signal.SIGSTOP)
+                        new.add(int(name))
+            except OSError:
+                pass
+    if not new:
+        break
+    found |= new
+for pid in found:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+_KILL_WITHOUT_FORKS = (
+    f'command -v python3 >/dev/null && exec python3 -c "$2" "{EXEC_TOKEN}=$1"; {_KILL_SCRIPT}'
+)
 _MKDIR_OWNED = 'if [ ! -d "$1" ]; then mkdir -p -- "$1" && chown -- "$2" "$1"; fi'
+
+# write_file, as the sandbox's user: $1 the path, $2 the octal mode, the data on stdin.
+# A regular file is replaced whole (a new file renamed over it), so a process starting the
+# old one never reads half of the new; where the user may not create files next to it (or
+# the path is a link) it is written in place, as `cat > path` would, links followed.
+_WRITE_SCRIPT = """
+p=$1; m=$2; d=${p%/*}; d=${d:-/}
+if [ -d "$p" ]; then echo "$p: Is a directory" >&2; exit 1; fi
+[ -d "$d" ] || mkdir -p -- "$d" || exit 1
+if [ ! -L "$p" ] && t=$(mktemp "$d/.sandbay-write.XXXXXX" 2>/dev/null); then
+  if cat >"$t" && chmod "$m" "$t" && mv -f -- "$t" "$p"; then exit 0; fi
+  rm -f -- "$t"; exit 1
+fi
+if [ -e "$p" ]; then exec cat >"$p"; fi
+cat >"$p" && chmod "$m" "$p"
+"""
+
+# What a failed cat, mkdir or sh redirection ends its message with (``prog: path: reason``,
+# in the C locale), as sandbay's typed errors. Only the end is compared: a path may hold
+# any of these words.
+_FILE_ERRORS: dict[str, tuple[type[SandboxError], str]] = {
+    "permission denied": (SandboxPermissionError, "the sandbox's user has no right to it"),
+    "operation not permitted": (SandboxPermissionError, "the sandbox's user has no right to it"),
+    "read-only file system": (SandboxPermissionError, "it is on a read-only file system"),
+    "is a directory": (SandboxIsADirectoryError, "it is a directory"),
+    "not a directory": (SandboxNotADirectoryError, "a parent in the path is not a directory"),
+    "no such file or directory": (SandboxFileNotFoundError, "no such file in the sandbox"),
+    # mkdir -p meeting a file where a parent directory should be
+    "file exists": (SandboxNotADirectoryError, "a parent in the path is not a directory"),
+}
 
 
 class DockerSandbox(Sandbox):
@@ -62,8 +127,8 @@ class DockerSandbox(Sandbox):
         self._id = container_id
         self._user = user
         self._container_workdir = workdir  # the container's own working directory, if set
-        self._owner: tuple[int, int] | None = _numeric_owner(user)
         self._processes: set[_DockerProcess] = set()
+        self._pids_lock = anyio.Lock()
 
     @property
     @override
@@ -81,13 +146,18 @@ class DockerSandbox(Sandbox):
     async def _start(
         self, argv: list[str], *, env: dict[str, str], cwd: str, user: str | None
     ) -> Process:
+        return await self._start_exec(argv, env=env, cwd=cwd, user=user)
+
+    async def _start_exec(
+        self, argv: list[str], *, env: dict[str, str], cwd: str, user: str | None
+    ) -> _DockerProcess:
         user = user or self._user
         token = secrets.token_hex(8)
         # The container already has the spec's env and (if set) its workdir: send what differs.
         extra = {k: v for k, v in env.items() if self.spec.env.get(k) != v}
         workdir = None if cwd == self._container_workdir else cwd
 
-        def start() -> tuple[str, Any]:
+        def start() -> tuple[str, Connection]:
             api = self._provider._api()
             exec_id = str(
                 api.exec_create(
@@ -102,193 +172,140 @@ class DockerSandbox(Sandbox):
                     user=user,
                 )["Id"]
             )
-            return exec_id, api.exec_start(exec_id, socket=True)
+            return exec_id, start_exec(api, exec_id)
 
         with anyio.CancelScope(shield=True):
-            exec_id, sock = await self._provider._call(start, sandbox_id=self._id)
-        process = _DockerProcess(self, exec_id, sock, token=token, user=user)
+            exec_id, conn = await self._provider._call(start, sandbox_id=self._id)
+        process = _DockerProcess(self, exec_id, conn, token=token, user=user)
         self._processes.add(process)
         return process
 
-    async def _run(self, argv: list[str], *, user: str) -> tuple[int, bytes]:
-        """Run a helper command to completion; return its exit code and combined output."""
+    async def _run(
+        self, argv: list[str], *, user: str, input: bytes = b"", env: dict[str, str] | None = None
+    ) -> tuple[int, bytes, bytes]:
+        """Run a command to completion from ``/``; return its exit code, stdout and stderr."""
+        proc = await self._start_exec(
+            argv, env={**self.spec.env, **(env or {})}, cwd="/", user=user
+        )
+        try:
+            return await _communicate(proc, input)
+        finally:
+            proc._close()
 
-        def run() -> tuple[int, bytes]:
-            api = self._provider._api()
-            exec_id = api.exec_create(self._id, argv, user=user, workdir="/")["Id"]
-            output = api.exec_start(exec_id)
-            code = api.exec_inspect(exec_id).get("ExitCode")
-            return (code if isinstance(code, int) else 126), bytes(output or b"")
-
-        result: tuple[int, bytes] = await self._provider._call(run, sandbox_id=self._id)
-        return result
+    async def _check_user(self) -> None:
+        """Raise `ConfigError` if Docker cannot run a command as the sandbox's user."""
+        code, out, err = await self._run(["sh", "-c", ":"], user=self._user)
+        text = (err or out).decode(errors="replace").strip()
+        if code != 0 and "user" in text.lower():
+            raise ConfigError(
+                f"user {self._user!r} is not in the image ({text}); give a user the image "
+                "has, or numeric uid:gid",
+                provider=NAME,
+                sandbox_id=self._id,
+            )
 
     async def _prepare_workdir(self) -> None:
-        code, output = await self._run(
+        code, out, err = await self._run(
             ["sh", "-c", _MKDIR_OWNED, "sh", self.workdir, self._user], user=ROOT
         )
         if code != 0:
             raise SandboxError(
                 f"could not create the workdir {self.workdir!r} (exit code {code}): "
-                f"{output.decode(errors='replace').strip()}",
+                f"{(err or out).decode(errors='replace').strip()}",
                 provider=NAME,
                 sandbox_id=self._id,
             )
 
     async def _kill_tagged(self, token: str, *, user: str) -> None:
-        await self._run(["sh", "-c", _KILL_SCRIPT, "sh", token], user=user)
+        argv = ["sh", "-c", _KILL_SCRIPT, "sh", token]
+        code, out, err = await self._run(argv, user=user)
+        if code == 0 or b"unable to find user" in out + err:
+            return  # killed; or a user that never ran anything, so there is nothing to kill
+        # The kill could not even start: its script always exits 0. The likely cause is
+        # that the sandbox spent every pid of its limit (a fork loop), and no exec starts
+        # then. Lend the container a few pids through the engine, kill, and take them back.
+        # The kill stops what it finds before it kills it, so a loop cannot refill them.
+        argv = ["sh", "-c", _KILL_WITHOUT_FORKS, "sh", token, _KILL_PY]
+        async with self._pids_lock:
+            limit = self._provider.config.pids_limit
+            try:
+                for extra in _PIDS_HEADROOM:
+                    await self._set_pids_limit(limit + extra)
+                    code, _, _ = await self._run(argv, user=user)
+                    if code == 0:
+                        return
+            finally:
+                with contextlib.suppress(SandboxError):
+                    await self._set_pids_limit(limit)
+
+    async def _set_pids_limit(self, limit: int) -> None:
+        def update() -> None:
+            api = self._provider._api()
+            response = api._post_json(
+                api._url("/containers/{0}/update", self._id), data={"PidsLimit": limit}
+            )
+            api._raise_for_status(response)
+
+        with anyio.CancelScope(shield=True):
+            await self._provider._call(update, sandbox_id=self._id)
 
     # --- files ---
+    #
+    # Every file operation is a process run as the sandbox's user, so it has that user's
+    # rights and no more, and follows a link exactly as the user's own processes would: a
+    # link the agent planted can lead it nowhere the agent could not go itself. (Docker's
+    # archive API acts as root and would follow such a link into /etc.) This holds for
+    # sandbay's own files too: the entrypoint is written as the user who then runs it, so
+    # whatever the agent planted under /tmp/sandbay, the write has no rights the agent lacks.
 
-    async def _owner_ids(self) -> tuple[int, int]:
-        """uid and gid of the sandbox's user, resolved in the image's /etc/passwd and /etc/group
-        (as Docker resolves them) when not numeric; once per sandbox."""
-        if self._owner is None:
-            name, _, group = self._user.partition(":")
-            passwd = await self._account_file("/etc/passwd")
-            if name.isdigit():
-                uid = int(name)
-                gid = next((int(e[3]) for e in passwd if e[2] == name and e[3].isdigit()), 0)
-            else:
-                entry = next((e for e in passwd if e[0] == name), None)
-                if entry is None or not (entry[2].isdigit() and entry[3].isdigit()):
-                    raise self._no_such_user(name, "/etc/passwd")
-                uid, gid = int(entry[2]), int(entry[3])
-            if group.isdigit():
-                gid = int(group)
-            elif group:
-                found = [e for e in await self._account_file("/etc/group") if e[0] == group]
-                if not found or not found[0][2].isdigit():
-                    raise self._no_such_user(group, "/etc/group")
-                gid = int(found[0][2])
-            self._owner = (uid, gid)
-        return self._owner
-
-    async def _account_file(self, path: str) -> list[list[str]]:
-        try:
-            text = (await self._read_file(path)).decode(errors="replace")
-        except SandboxFileNotFoundError:
-            return []
-        return [line.split(":") for line in text.splitlines() if line.count(":") >= 3]
-
-    def _no_such_user(self, name: str, where: str) -> ConfigError:
-        return ConfigError(
-            f"user {self._user!r}: {name!r} is not in the image's {where}; give a user the "
-            "image has, or numeric uid:gid",
-            provider=NAME,
-            sandbox_id=self._id,
-        )
+    def _file_env(self) -> dict[str, str]:
+        return {**self.spec.env, "LC_ALL": "C"}  # error messages in English, to map them
 
     @override
     async def _write_file(self, path: str, data: bytes, *, mode: int) -> None:
-        parent, name = posixpath.split(path)
-        if not name:
+        if path.endswith("/"):
             raise ConfigError(f"{path!r} names a directory; give a file path")
-        uid, gid = await self._owner_ids()
-
-        def chunks() -> Iterator[bytes]:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.uid, info.gid = len(data), mode & 0o7777, uid, gid
-            info.mtime = int(time.time())
-            yield info.tobuf(format=tarfile.PAX_FORMAT)
-            yield data
-            yield tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE)
-
-        def put() -> bool:
-            api = self._provider._api()
-            try:
-                response = api._put(
-                    api._url("/containers/{0}/archive", self._id),
-                    params={"path": parent or "/", "noOverwriteDirNonDir": "true"},
-                    data=chunks(),
-                )
-                with response:
-                    api._raise_for_status(response)
-            except docker.errors.NotFound as exc:
-                if _container_gone(exc):
-                    raise
-                return False  # the parent directory is missing
-            except docker.errors.APIError as exc:
-                if "cannot overwrite" in _explain(exc).lower():
-                    raise SandboxError(
-                        f"cannot write {path!r}: it is a directory",
-                        provider=NAME,
-                        sandbox_id=self._id,
-                    ) from None
-                raise
-            return True
-
-        if await self._provider._call(put, sandbox_id=self._id):
-            return
-        # Parents the sandbox's user can create are theirs; elsewhere root makes them.
-        code, _ = await self._run(["mkdir", "-p", "--", parent], user=self._user)
+        argv = ["sh", "-c", _WRITE_SCRIPT, "sh", path, format(mode & 0o7777, "o")]
+        code, _, err = await self._run(argv, user=self._user, input=data, env=self._file_env())
         if code != 0:
-            code, output = await self._run(["mkdir", "-p", "--", parent], user=ROOT)
-            if code != 0:
-                raise SandboxError(
-                    f"cannot create directory {parent!r}: "
-                    f"{output.decode(errors='replace').strip()}",
-                    provider=NAME,
-                    sandbox_id=self._id,
-                )
-        if not await self._provider._call(put, sandbox_id=self._id):
-            raise SandboxError(
-                f"cannot write {path!r}: its directory vanished", provider=NAME, sandbox_id=self._id
-            )
+            raise self._file_error("write", path, code, err)
 
     @override
     async def _read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
-        yield await self._read_file(path)
+        proc = await self._start_exec(
+            ["cat", "--", path], env=self._file_env(), cwd="/", user=self._user
+        )
+        finished = False
+        try:
+            await proc.close_stdin()
+            chunks = aiter(proc.stdout)
+            chunk = await anext(chunks, None)
+            if chunk is not None:  # cat writes nothing before it has opened the file
+                yield chunk
+                async for chunk in chunks:
+                    yield chunk
+            code = await proc.wait()
+            finished = True
+            if code != 0:
+                raise self._file_error("read", path, code, await proc.stderr.read())
+        finally:
+            if not finished:  # closed early: cat would wait on its output for ever
+                with anyio.CancelScope(shield=True):
+                    await proc.kill()
+            proc._close()
 
-    async def _read_file(self, path: str) -> bytes:
-        def read() -> bytes:
-            api = self._provider._api()
-            current = path
-            for _ in range(40):  # symlink hops, as the kernel allows
-                response = api._get(
-                    api._url("/containers/{0}/archive", self._id),
-                    params={"path": current},
-                    stream=True,
-                    headers={"Accept-Encoding": "identity"},
-                )
-                with response:
-                    try:
-                        api._raise_for_status(response)
-                    except docker.errors.NotFound as exc:
-                        if _container_gone(exc):
-                            raise
-                        raise SandboxFileNotFoundError(
-                            f"no file {path!r} in the sandbox", provider=NAME, sandbox_id=self._id
-                        ) from None
-                    stat = docker.utils.decode_json_header(
-                        response.headers["X-Docker-Container-Path-Stat"]
-                    )
-                    mode = int(stat.get("mode", 0))
-                    if mode & _MODE_SYMLINK and stat.get("linkTarget"):
-                        current = posixpath.join(posixpath.dirname(current), stat["linkTarget"])
-                        continue
-                    if mode & _MODE_DIR:
-                        raise SandboxError(
-                            f"cannot read {path!r}: it is a directory",
-                            provider=NAME,
-                            sandbox_id=self._id,
-                        )
-                    with tarfile.open(fileobj=response.raw, mode="r|", bufsize=1 << 20) as archive:
-                        for member in archive:
-                            extracted = archive.extractfile(member)
-                            if extracted is not None:
-                                data = extracted.read()
-                                break
-                        else:
-                            data = b""
-                    response.raw.read()  # the archive's end, so the connection is reused
-                    return data
-            raise SandboxError(
-                f"cannot read {path!r}: too many symlinks", provider=NAME, sandbox_id=self._id
-            )
-
-        result: bytes = await self._provider._call(read, sandbox_id=self._id)
-        return result
+    def _file_error(self, verb: str, path: str, code: int, stderr: bytes) -> SandboxError:
+        text = stderr.decode(errors="replace").strip()
+        ctx = {"provider": NAME, "sandbox_id": self._id}
+        reason = text.splitlines()[-1].rsplit(": ", 1)[-1].lower() if text else ""
+        known = None if _LAUNCH_ERROR.match(stderr) else _FILE_ERRORS.get(reason)
+        if known is not None:
+            kind, why = known
+            return kind(f"cannot {verb} {path!r}: {why} ({text})", **ctx)
+        return SandboxError(
+            f"cannot {verb} {path!r}: {text or f'exit code {code}'}",
+            **ctx,
+        )
 
     # --- lifecycle ---
 
@@ -304,10 +321,38 @@ class DockerSandbox(Sandbox):
         self._processes.discard(process)
 
 
-def _numeric_owner(user: str) -> tuple[int, int] | None:
-    if user in ("root", "0", "0:0"):
-        return (0, 0)
-    uid, sep, gid = user.partition(":")
-    if sep and uid.isdigit() and gid.isdigit():
-        return (int(uid), int(gid))
-    return None
+def _is_numeric(user: str) -> bool:
+    """Whether a user is given as uid or uid:gid, which needs no lookup in the image."""
+    uid, _, gid = user.partition(":")
+    return uid.isdigit() and (not gid or gid.isdigit())
+
+
+async def _communicate(proc: _DockerProcess, input: bytes) -> tuple[int, bytes, bytes]:
+    """Feed stdin, read both streams to their end, wait; kill the process if interrupted."""
+    out: list[bytes] = []
+    err: list[bytes] = []
+
+    async def collect(stream: ByteStream, into: list[bytes]) -> None:
+        async for chunk in stream:
+            into.append(chunk)
+
+    async def feed() -> None:
+        try:
+            if input:
+                await proc.write(input)
+        except BrokenPipeError:
+            pass  # it exited without reading everything: its exit code says why
+        finally:
+            await proc.close_stdin()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect, proc.stdout, out)
+            tg.start_soon(collect, proc.stderr, err)
+            tg.start_soon(feed)
+        code = await proc.wait()
+    except BaseException:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+            await proc.kill()
+        raise
+    return code, b"".join(out), b"".join(err)
