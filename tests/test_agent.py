@@ -152,6 +152,11 @@ async def test_cancelling_the_consumer_removes_the_sandbox() -> None:
     assert run.sandbox.id not in {s.id for s in await sandbay.get_provider("local").list()}
 
 
+#: The unisolated local provider: its processes are host processes with host paths, so a test
+#: can find them in /proc (under isolation every sandbox's workdir reads /workspace).
+UNISOLATED = sandbay.LocalConfig(isolate=False)
+
+
 def agent_pids(sandbox: Sandbox, run_id: str) -> set[int]:
     """Host processes of a local run: its entrypoint (named by the run id) and any process
     working inside the sandbox's workdir (the CLI and its tools)."""
@@ -172,7 +177,7 @@ def agent_pids(sandbox: Sandbox, run_id: str) -> set[int]:
 @pytest.mark.parametrize("how", ["aclose", "async_with"])
 async def test_stopping_early_kills_the_agent_and_removes_the_sandbox(how: str) -> None:
     async with ScriptedModel([Turn.text("slow", delay_s=30)]) as model:
-        run = sandbay.run_agent("go", provider="local", options=OPTIONS, env=model.env())
+        run = sandbay.run_agent("go", provider=UNISOLATED, options=OPTIONS, env=model.env())
         if how == "aclose":
             async for _ in run:
                 break
@@ -186,7 +191,7 @@ async def test_stopping_early_kills_the_agent_and_removes_the_sandbox(how: str) 
             await run.aclose()
         # Nothing waits for a finalizer: the moment aclose / the block returns, it is over.
         assert run.sandbox.closed
-        assert run.sandbox.id not in {s.id for s in await sandbay.get_provider("local").list()}
+        assert run.sandbox.id not in {s.id for s in await sandbay.get_provider(UNISOLATED).list()}
         assert agent_pids(run.sandbox, run.run_id) == set()
         await run.aclose()  # idempotent
 
@@ -614,9 +619,6 @@ async def test_docker_loopback_model_url_is_refused_fast_and_the_container_remov
     assert time.monotonic() - started < 30
     assert run.sandbox is not None
     assert await sandboxes_with_session("docker", run.sandbox.labels["sandbay.session"]) == []
-
-
-UNISOLATED = sandbay.LocalConfig(isolate=False)
 
 
 async def test_unisolated_local_refuses_bypass_permissions_and_says_why() -> None:

@@ -64,7 +64,7 @@ async def test_run_conformance_reports_a_failure() -> None:
     # The local provider cannot cut the network off without isolation: every sandbox the
     # checks open fails to be created, and the report says so instead of raising.
     report = await run_conformance(
-        LocalConfig(), spec=SandboxSpec(network="none"), only=["exit_codes"]
+        LocalConfig(isolate=False), spec=SandboxSpec(network="none"), only=["exit_codes"]
     )
     assert not report.ok
     (failure,) = report.failures

@@ -198,17 +198,16 @@ async def test_gc_from_another_process_takes_every_descendant(config: LocalConfi
 
 
 def _agent_configs() -> list[Any]:
-    # Unisolated agents may bypass permissions only when allowed to, explicitly.
-    plain = LocalConfig(isolate=False, allow_bypass_permissions=True)
+    plain = LocalConfig(isolate=False)
     return [
         pytest.param(plain, id="plain"),
         pytest.param(ISOLATED, id="isolated", marks=needs_bwrap),
     ]
 
 
-OPTIONS = ClaudeAgentOptions(
-    max_turns=4, allowed_tools=["Bash"], permission_mode="bypassPermissions"
-)
+# allowed_tools lets the agent run Bash unasked; bypassPermissions is refused unisolated, and
+# the CLI itself refuses it as root where no boundary sets IS_SANDBOX.
+OPTIONS = ClaudeAgentOptions(max_turns=4, allowed_tools=["Bash"])
 
 
 def _agent_daemon(program: str) -> str:

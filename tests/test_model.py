@@ -315,7 +315,7 @@ def test_default_script_is_a_bash_call_then_a_summary() -> None:
     assert len(script) == 2
     (call,) = script[0].content
     assert call["type"] == "tool_use" and call["name"] == "Bash"
-    assert "hostname" in call["input"]["command"]
+    assert "hello from" in call["input"]["command"]
     assert script[0].stop_reason == "tool_use"
     assert script[1].stop_reason == "end_turn"
 

@@ -217,6 +217,24 @@ def _kill_tree(pid: int) -> None:
         stopped += new
     for target in reversed(stopped):
         _signal(target, signal.SIGKILL)
+    # A killed process runs no more code, but it is listed until the kernel has torn it
+    # down: wait for that (briefly), so that "closed" means no process of it is left.
+    deadline = time.monotonic() + _TEARDOWN_WAIT
+    while any(_alive(target) for target in stopped) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+#: Seconds `_kill_tree` waits for the kernel to tear killed processes down.
+_TEARDOWN_WAIT = 2.0
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid is a process that has not yet exited (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X")
 
 
 _HAS_CHILDREN_FILES = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
