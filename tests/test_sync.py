@@ -145,3 +145,48 @@ def test_import_sandbay_sync_stays_light() -> None:
     from test_startup import imported_after
 
     assert imported_after("import sandbay.sync") == []
+
+
+def ids_on(provider: str | sandbay.ProviderConfig) -> set[str]:
+    return {s.id for s in anyio.run(sandbay.get_provider(provider).list)}
+
+
+async def is_isolated(sandbox: sandbay.Sandbox) -> bool:
+    return sandbox.isolated
+
+
+ISOLATING = [
+    pytest.param("local", id="local-bwrap"),
+    pytest.param(sandbay.DockerConfig(), id="docker", marks=pytest.mark.docker),
+]
+
+
+@pytest.mark.parametrize("provider", ISOLATING)
+def test_files_and_exec_on_isolating_providers(provider: str | sandbay.ProviderConfig) -> None:
+    with sandbay.sync.open_sandbox(provider, sandbay.SandboxSpec(network="none")) as sb:
+        assert sb.call(is_isolated) is True
+        sb.write_file("in/data.bin", bytes(range(256)))
+        assert sb.read_file("in/data.bin") == bytes(range(256))
+        assert sb.exec(["wc", "-c", "in/data.bin"]).text.split()[0] == "256"
+        assert sb.id in ids_on(provider)
+    assert sb.id not in ids_on(provider)
+
+
+@pytest.mark.parametrize("provider", ISOLATING)
+def test_breaking_out_of_a_run_on_isolating_providers(
+    provider: str | sandbay.ProviderConfig,
+) -> None:
+    with ScriptedModel([Turn.text("slow", delay_s=30)]) as model:
+        with sandbay.sync.run_agent(
+            "go",
+            provider=provider,
+            options=OPTIONS,
+            env=model.env(),
+            spec=sandbay.SandboxSpec(network="host"),
+            timeout=120,
+        ) as run:
+            for message in run:
+                assert isinstance(message, SystemMessage)
+                break
+            assert run.sandbox_id in ids_on(provider)
+        assert run.sandbox_id not in ids_on(provider)
