@@ -88,6 +88,8 @@ def test_a_run_in_an_open_sandbox_leaves_it_open() -> None:
             with sandbay.sync.run_agent("go", sandbox=sb, options=OPTIONS, env=model.env()) as run:
                 assert isinstance(list(run)[-1], ResultMessage)
             assert not sb.closed and sb.read_file("made.txt") == b"made\n"
+        with pytest.raises(sandbay.SandboxClosedError):
+            sandbay.sync.run_agent("go", sandbox=sb, options=OPTIONS, env=model.env())
 
 
 def test_breaking_out_of_a_run_leaves_no_sandbox() -> None:
@@ -190,3 +192,14 @@ def test_breaking_out_of_a_run_on_isolating_providers(
                 break
             assert run.sandbox_id in ids_on(provider)
         assert run.sandbox_id not in ids_on(provider)
+
+
+def test_an_exception_in_the_loop_body_leaves_no_sandbox() -> None:
+    with ScriptedModel([Turn.text("slow", delay_s=30)]) as model:
+        with pytest.raises(KeyboardInterrupt):
+            with sandbay.sync.run_agent(
+                "go", provider=UNISOLATED, options=OPTIONS, env=model.env()
+            ) as run:
+                for _ in run:
+                    raise KeyboardInterrupt  # as Ctrl-C would, mid-run
+        assert run.sandbox_id is not None and run.sandbox_id not in live_ids()

@@ -99,9 +99,15 @@ class _Loop:
         return self.portal.call(fn, *args)
 
     def close(self) -> None:
-        """Stop the loop once its tasks are done, and join its thread. Idempotent."""
+        """Stop the loop and join its thread. Idempotent.
+
+        Called once the object's own cleanup has run on the loop; what is left (a call a
+        Ctrl-C abandoned) is cancelled rather than waited for.
+        """
         if self.running:
             self.running = False
+            with contextlib.suppress(RuntimeError):
+                self.portal.call(self.portal.stop, True)
             self._manager.__exit__(None, None, None)
 
 
@@ -407,6 +413,10 @@ def run_agent(
     """
     from ._agent import run_agent as async_run_agent
 
+    if sandbox is not None and not sandbox._loop.running:
+        raise SandboxClosedError(
+            "the sandbox was closed", provider=sandbox.provider, sandbox_id=sandbox.id
+        )
     owns_loop = sandbox is None
     loop = _Loop() if sandbox is None else sandbox._loop
     try:
