@@ -408,7 +408,9 @@ async def test_pool_runs_are_warm_and_never_reuse_a_sandbox() -> None:
                 ids.append(run.sandbox.id)
                 # The CLI was started ahead of time: the first message follows the request
                 # within the pool's warm path, not a cold CLI start.
-                assert run.timings["first_message"] - run.timings["start"] < 1.0
+                t = run.timings
+                assert t.first_message is not None and t.start is not None
+                assert t.first_message - t.start < 1.0
             assert len(set(ids)) == 3
             with pytest.raises(sandbay.ConfigError, match="other options"):
                 sandbay.run_agent("go", pool=pool, options=ClaudeAgentOptions(max_turns=9))

@@ -10,14 +10,17 @@ import pytest
 import sandbay
 from sandbay._bench import (
     COLD_PHASES,
+    RAW_BASELINES,
     WARM_PHASES,
     BenchConfig,
-    _check_fresh,
-    _nonce_command,
+    BenchReport,
+    RunSample,
     run_bench,
     stats,
+    summarize,
     write_results,
 )
+from sandbay._bench._running import _check_fresh, _nonce_command
 
 pytestmark = pytest.mark.anyio
 
@@ -52,6 +55,7 @@ async def test_a_small_run_reports_every_phase(mode: str, tmp_path: Path) -> Non
     for sample in report.samples:
         assert set(sample.phases) == set(phases)
         assert all(v >= 0 for v in sample.phases.values())
+    assert all(isinstance(s.model_s, float) for s in report.samples)
     summary = report.summary()["local"]
     assert summary["failures"] == 0 and summary["total"]["p50"] > 0
     assert len(report.raw["local"]) == 2 * per_round  # raw baseline: same rounds, same load
@@ -73,8 +77,6 @@ async def test_failures_are_counted_not_dropped() -> None:
 
 
 def test_a_report_renders_the_same_after_a_json_round_trip() -> None:
-    from sandbay._bench import BenchReport, RunSample
-
     report = BenchReport(
         config={
             "providers": ["p"],
@@ -93,3 +95,106 @@ def test_a_report_renders_the_same_after_a_json_round_trip() -> None:
     assert again.to_markdown() == report.to_markdown()
     assert again.summary()["p"]["failures"] == 1
     assert again.summary()["p"]["create_to_first_msg"]["p50"] > 0
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    # 20 samples: p95 is the 19th smallest, p99 the 20th; the median averages the middle two.
+    twenty = [float(v) for v in range(20, 0, -1)]
+    s = stats(twenty)
+    assert (s["p95"], s["p99"], s["p50"], s["n"]) == (19.0, 20.0, 10.5, 20)
+    # 10 samples: ceil(9.5) = 10, so p95 is already the largest; an odd count has a middle one.
+    ten = stats([float(v) for v in range(1, 11)])
+    assert ten["p95"] == ten["p99"] == 10.0
+    assert stats([5.0, 1.0, 3.0])["p50"] == 3.0
+    # Nearest rank picks a sample, never interpolates between two.
+    gap = stats([1.0] * 18 + [100.0, 1000.0])
+    assert gap["p95"] == 100.0 and gap["p99"] == 1000.0
+
+
+def test_summary_counts_failures_and_keeps_them_out_of_timings() -> None:
+    phases = dict.fromkeys(COLD_PHASES, 0.1)
+    samples = [
+        RunSample("a", dict(phases), model_s=0.05),
+        RunSample("a", {**phases, "provision": 0.5}),
+        RunSample("a", error="AgentError: boom"),
+        RunSample("a", error="AgentError: boom"),
+        RunSample("a", error="SandboxTimeoutError: late"),
+        RunSample("b", error="ProviderUnavailableError: down"),
+    ]
+    summary = summarize(
+        samples, mode="cold", raw={"a": [0.1, 0.3]}, raw_errors={"a": 1}, labels={"b": "fake"}
+    )
+    a, b = summary["a"], summary["b"]
+    assert (a["runs"], a["failures"]) == (5, 3)
+    assert a["errors"] == ["AgentError: boom", "SandboxTimeoutError: late"]  # distinct, sorted
+    assert a["phases"]["provision"]["n"] == 2 and a["phases"]["provision"]["max"] == 0.5
+    assert a["total"]["min"] == pytest.approx(0.7) and a["total"]["n"] == 2
+    assert a["model"]["n"] == 1 and a["raw_failures"] == 1
+    # create → first exec: median of (0.2, 0.6) over the raw median (0.2)
+    assert a["ratio_vs_raw"] == pytest.approx(0.4 / 0.2)
+    assert (b["runs"], b["failures"], b["label"]) == (1, 1, "fake")
+    assert b["total"] == {} and "ratio_vs_raw" not in b
+
+
+def test_warm_summary_subtracts_the_agents_own_time() -> None:
+    phases = {**dict.fromkeys(WARM_PHASES, 0.0), "acquire": 0.01, "first_msg": 0.09}
+    sample = RunSample("a", phases, agent_first_msg_s=0.08)
+    a = summarize([sample], mode="warm", raw={}, raw_errors={}, labels={})["a"]
+    assert a["acquire_to_first_msg"]["p50"] == pytest.approx(0.1)
+    assert a["sandbay_overhead_to_first_msg"]["p50"] == pytest.approx(0.02)
+    assert "create_to_first_exec" not in a
+
+
+def test_raw_baselines_live_in_the_benchmark_not_on_the_provider() -> None:
+    assert not hasattr(sandbay.Provider, "raw_create_exec")
+    assert not hasattr(sandbay.Provider, "bench_label")
+    assert {"local", "docker"} <= set(RAW_BASELINES)
+
+
+async def test_local_raw_baseline_times_a_folder_and_one_process() -> None:
+    config = sandbay.SandbayConfig(provider=sandbay.LocalConfig())
+    seconds = await RAW_BASELINES["local"](config, sandbay.SandboxSpec())
+    assert 0 < seconds < 10
+
+
+def test_docker_raw_baseline_applies_sandbays_default_limits() -> None:
+    from sandbay._bench._baselines import _docker_run_options
+
+    defaults = _docker_run_options(sandbay.DockerConfig(), sandbay.SandboxSpec())
+    assert defaults == {"detach": True, "nano_cpus": 10**9, "mem_limit": "1024m"}
+    spec = sandbay.SandboxSpec(cpu=0.5, memory_mb=256, network="none")
+    assert _docker_run_options(sandbay.DockerConfig(cpu=2), spec) == {
+        "detach": True,
+        "nano_cpus": 5 * 10**8,
+        "mem_limit": "256m",
+        "network_mode": "none",
+    }
+
+
+@pytest.mark.docker
+async def test_docker_raw_baseline_runs_and_maps_errors() -> None:
+    config = sandbay.SandbayConfig(provider=sandbay.DockerConfig())
+    seconds = await RAW_BASELINES["docker"](config, sandbay.SandboxSpec(network="none"))
+    assert 0 < seconds < 60
+    # SDK errors become sandbay's, which the benchmark counts as failed baselines.
+    gone = sandbay.SandbayConfig(
+        provider=sandbay.DockerConfig(base_url="unix:///tmp/sandbay-no-such-docker.sock")
+    )
+    with pytest.raises(sandbay.ProviderUnavailableError):
+        await RAW_BASELINES["docker"](gone, sandbay.SandboxSpec(image="any", network="none"))
+
+
+def test_run_timings_are_a_record_and_dict_access_is_deprecated() -> None:
+    timings = sandbay.RunTimings(start=1.0, request=2.5)
+    assert timings.request == 2.5 and timings.result is None
+    assert timings.as_dict() == {"start": 1.0, "request": 2.5}
+    with pytest.raises(AttributeError):
+        timings.start = 3.0  # type: ignore[misc]
+    with pytest.warns(DeprecationWarning, match="run.timings.first_message"):
+        assert timings["request"] == 2.5
+    with pytest.warns(DeprecationWarning), pytest.raises(KeyError):
+        timings["result"]
+    with pytest.warns(DeprecationWarning):
+        assert "start" in timings and timings.get("closed") is None
+    with pytest.warns(DeprecationWarning):
+        assert dict(timings.items()) == {"start": 1.0, "request": 2.5}

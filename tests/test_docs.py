@@ -49,8 +49,12 @@ def test_runs_are_always_iterated_inside_async_with(path: Path) -> None:
     # `async for m in run_agent(...)` without `async with` leaks the run on `break`.
     for code in blocks(path):
         assert not re.search(r"async\s+for\s+\w+\s+in\s+(sandbay\.)?run_agent\(", code), code
+        assert not re.search(r"\bfor\s+\w+\s+in\s+(sandbay\.)?sync\.run_agent\(", code), code
         for call in re.finditer(r"^(.*)\brun_agent\(", code, re.MULTILINE):
-            assert "async with" in call.group(1), f"{path.name}: {call.group(0)}"
+            # The blocking facade's run (sandbay.sync) is a plain context manager.
+            prefix = call.group(1)
+            managed = "async with" in prefix or re.search(r"\bwith\s+(sandbay\.)?sync\.$", prefix)
+            assert managed, f"{path.name}: {call.group(0)}"
 
 
 def test_readme_examples_are_complete_scripts() -> None:

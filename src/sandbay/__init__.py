@@ -30,7 +30,7 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
-    from ._agent import AgentRun, replay_agent, run_agent
+    from ._agent import AgentRun, RunTimings, replay_agent, run_agent
     from ._api import create_sandbox, get_provider, open_sandbox
     from ._config import DockerConfig, LocalConfig, ProviderConfig, SandbayConfig, load_config
     from ._pool import SandboxPool
@@ -43,6 +43,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "AgentRun": "._agent",
     "replay_agent": "._agent",
+    "RunTimings": "._agent",
     "run_agent": "._agent",
     "create_sandbox": "._api",
     "get_provider": "._api",
@@ -79,6 +80,7 @@ __all__ = [
     "ProviderConfig",
     "ProviderStatus",
     "ProviderUnavailableError",
+    "RunTimings",
     "SandbayConfig",
     "Sandbox",
     "SandboxClosedError",

@@ -23,7 +23,8 @@ import sys
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+import warnings
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from contextlib import aclosing
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,7 @@ from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
 if TYPE_CHECKING:
     from ._pool import SandboxPool
 
-__all__ = ["AgentRun", "Envelope", "replay_agent", "run_agent"]
+__all__ = ["AgentRun", "Envelope", "RunTimings", "replay_agent", "run_agent"]
 
 WIRE_VERSION = 1
 #: Host variables an agent needs, passed on stdin (never in argv or the sandbox's env).
@@ -101,6 +102,78 @@ class Envelope:
     seq: int
     kind: str
     data: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunTimings:
+    """When a run reached each milestone: `time.perf_counter` values, ``None`` until reached.
+
+    `AgentRun.timings` is replaced by a new record at each milestone, so a record once read
+    never changes. Subtract two fields for a phase: ``t.first_message - t.request``.
+
+    Attributes:
+        start: Iteration began.
+        sandbox: The sandbox was provisioned, or taken from the pool.
+        request: The entrypoint was started and the request sent.
+        first_message: The first agent message arrived (``system/init``).
+        first_assistant: The first assistant message arrived.
+        result: The result message arrived.
+        closed: The run was torn down (its sandbox removed, if the run owned it).
+    """
+
+    start: float | None = None
+    sandbox: float | None = None
+    request: float | None = None
+    first_message: float | None = None
+    first_assistant: float | None = None
+    result: float | None = None
+    closed: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        """The milestones reached, by name, in the order they are reached."""
+        return {
+            field.name: value
+            for field in dataclasses.fields(self)
+            if (value := getattr(self, field.name)) is not None
+        }
+
+    # Read access as a dict, which `AgentRun.timings` was: deprecated, kept for old callers.
+
+    def __getitem__(self, name: str) -> float:
+        _warn_dict_access()
+        return self.as_dict()[name]
+
+    def get(self, name: str, default: float | None = None) -> float | None:
+        """Deprecated dict access: use the attribute (``None`` until reached)."""
+        _warn_dict_access()
+        return self.as_dict().get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        _warn_dict_access()
+        return name in self.as_dict()
+
+    def __iter__(self) -> Iterator[str]:
+        _warn_dict_access()
+        return iter(self.as_dict())
+
+    def keys(self) -> Iterator[str]:
+        """Deprecated dict access: use `as_dict`."""
+        _warn_dict_access()
+        return iter(self.as_dict())
+
+    def items(self) -> Iterator[tuple[str, float]]:
+        """Deprecated dict access: use `as_dict`."""
+        _warn_dict_access()
+        return iter(self.as_dict().items())
+
+
+def _warn_dict_access() -> None:
+    warnings.warn(
+        "AgentRun.timings is a RunTimings record, not a dict: read its attributes "
+        "(run.timings.first_message) or call run.timings.as_dict()",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 @functools.cache
@@ -297,9 +370,9 @@ class AgentRun:
         run_id: Identifies the run inside its sandbox (for `replay_agent`).
         last_seq: Sequence number of the last message received.
         sandbox: The sandbox it runs in, once provisioned.
-        timings: `time.perf_counter` of each milestone reached: ``start``, ``sandbox``
-            (provisioned or taken from the pool), ``request`` (entrypoint started and the
-            request sent), ``first_message``, ``first_assistant``, ``result``, ``closed``.
+        timings: When the run reached each milestone, a `RunTimings` record (``start``,
+            ``sandbox``, ``request``, ``first_message``, ``first_assistant``, ``result``,
+            ``closed``).
         sandbox_timings: Measured inside the sandbox, reported when the run ends:
             ``prompt_to_first_message_ms`` is the agent's own time from the prompt to its
             first message, so the rest of ``request → first_message`` is transport.
@@ -346,7 +419,7 @@ class AgentRun:
         self._owns_sandbox = sandbox is None
         self._serve: Process | None = None
         self._run_dir = ""
-        self.timings: dict[str, float] = {}
+        self.timings = RunTimings()
         self.sandbox_timings: dict[str, float] = {}
         self._raw = False
         self._gen: AsyncGenerator[Any, None] | None = None
@@ -390,7 +463,7 @@ class AgentRun:
                     yield message
 
     async def _envelopes(self) -> AsyncGenerator[Envelope, None]:
-        self.timings["start"] = time.perf_counter()
+        self._reached("start")
         deadline = math.inf if self._timeout is None else anyio.current_time() + self._timeout
         proc: Process | None = None
         finished = False
@@ -446,15 +519,21 @@ class AgentRun:
                         await _kill(process)
                 if self._owns_sandbox and self.sandbox is not None:
                     await self.sandbox.aclose()
-                self.timings["closed"] = time.perf_counter()
+                self._reached("closed")
 
     def _mark(self, message_type: object) -> None:
         now = time.perf_counter()
-        self.timings.setdefault("first_message", now)
-        if message_type == "assistant":
-            self.timings.setdefault("first_assistant", now)
-        elif message_type == "result":
-            self.timings.setdefault("result", now)
+        if self.timings.first_message is None:
+            self._reached("first_message", now)
+        if message_type == "assistant" and self.timings.first_assistant is None:
+            self._reached("first_assistant", now)
+        elif message_type == "result" and self.timings.result is None:
+            self._reached("result", now)
+
+    def _reached(self, milestone: str, at: float | None = None) -> None:
+        """Record a milestone in a new `RunTimings` (records handed out never change)."""
+        at = time.perf_counter() if at is None else at
+        self.timings = dataclasses.replace(self.timings, **{milestone: at})
 
     async def _launch(self) -> _EnvelopeReader:
         """Provision (or take) the sandbox, start the entrypoint and send the request."""
@@ -464,14 +543,14 @@ class AgentRun:
             # A pooled sandbox is used once: this run owns it and destroys it.
             self.sandbox, self._serve, self._run_dir = lease.sandbox, lease.process, lease.run_dir
             self.run_id = lease.run_id
-            self.timings["sandbox"] = time.perf_counter()
+            self._reached("sandbox")
             if not lease.prepared:  # a prepared CLI was checked, with its options, by the pool
                 check_sandbox(self.sandbox, wire_options=options, env=self._env)
             reader = lease.reader
         else:
             if self.sandbox is None:
                 self.sandbox = await create_sandbox(self._provider, self._spec)
-            self.timings["sandbox"] = time.perf_counter()
+            self._reached("sandbox")
             check_sandbox(self.sandbox, wire_options=options, env=self._env)
             self._serve, self._run_dir = await start_entrypoint(self.sandbox, self.run_id)
             reader = _EnvelopeReader(self._serve, sandbox=self.sandbox)
@@ -481,7 +560,7 @@ class AgentRun:
             self._serve,
             {"kind": "request", "prompt": self.prompt, "options": options, "env": env},
         )
-        self.timings["request"] = time.perf_counter()
+        self._reached("request")
         return reader
 
     async def _replay_process(self, after: int) -> Process:

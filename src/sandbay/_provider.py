@@ -99,8 +99,6 @@ class Provider(abc.ABC):
     """
 
     name: ClassVar[str]
-    #: Shown beside the provider in benchmark reports (e.g. "local fake: client overhead only").
-    bench_label: ClassVar[str] = ""
 
     @abc.abstractmethod
     async def create(self, spec: SandboxSpec) -> Sandbox:
@@ -139,17 +137,6 @@ class Provider(abc.ABC):
                 await self.destroy(info.id)
                 removed.append((info, reason))
         return removed
-
-    async def raw_create_exec(self, spec: SandboxSpec) -> float:
-        """Seconds for create → first exec (``true``) done directly with the provider's SDK.
-
-        The benchmark's baseline for sandbay's own overhead. The sandbox is removed
-        afterwards (not timed).
-
-        Raises:
-            NotImplementedError: The provider has no raw baseline.
-        """
-        raise NotImplementedError
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most providers hold nothing
         """Release clients the provider holds."""

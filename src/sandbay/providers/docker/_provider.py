@@ -6,7 +6,6 @@ import contextlib
 import math
 import sys
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -151,36 +150,6 @@ class DockerProvider(Provider):
         cpu = spec.cpu if spec.cpu is not None else self.config.cpu
         memory_mb = spec.memory_mb if spec.memory_mb is not None else self.config.memory_mb
         return cpu, memory_mb
-
-    @override
-    async def raw_create_exec(self, spec: SandboxSpec) -> float:
-        """create → first exec as a user of the plain SDK would write it, for the benchmark.
-
-        Same image, network and limits as `create`; ``containers.run(detach=True)`` then
-        ``exec_run``. Removing the container is not timed.
-        """
-        image = spec.image or self.config.image or await self.agent_image()
-        cpu, memory_mb = self._limits(spec)
-        options: dict[str, Any] = {
-            "detach": True,
-            "nano_cpus": int(cpu * 1e9),
-            "mem_limit": f"{memory_mb}m",
-        }
-        if spec.network != "default":
-            options["network_mode"] = spec.network
-
-        def measure() -> float:
-            with self._errors(image=image):
-                client = self._docker_client()
-                started = time.perf_counter()
-                container = client.containers.run(image, ["sleep", "600"], **options)
-                try:
-                    container.exec_run(["true"])
-                    return time.perf_counter() - started
-                finally:
-                    container.remove(force=True)
-
-        return float(await anyio.to_thread.run_sync(measure))
 
     @override
     async def list(self, *, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:

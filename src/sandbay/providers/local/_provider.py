@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -114,17 +112,6 @@ class LocalProvider(Provider):
             return
         await anyio.to_thread.run_sync(_kill_recorded, entry.get("processes", []))
         await anyio.to_thread.run_sync(_remove, sandbox_id, Path(entry["folder"]))
-
-    @override
-    async def raw_create_exec(self, spec: SandboxSpec) -> float:
-        """create → first exec without sandbay: a temporary folder and one process in it."""
-        started = time.perf_counter()
-        folder = tempfile.mkdtemp(prefix="sandbay-raw-")
-        try:
-            await anyio.run_process(["true"], cwd=folder)
-            return time.perf_counter() - started
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
 
     @override
     async def status(self) -> ProviderStatus:

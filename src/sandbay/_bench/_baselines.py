@@ -1,0 +1,99 @@
+"""Raw baselines: create → first exec done directly with each provider's own SDK.
+
+The benchmark times these in the same rounds as sandbay's runs, so a report shows sandbay's
+overhead as a ratio measured side by side. They are benchmark code, written as a user of the
+plain SDK would write them, and each imports its provider's SDK only when it runs. A provider
+without an entry here has no raw baseline (its rows leave it out).
+
+A provider measured against a local fake of its control plane (rather than the real service)
+has an entry in `LABELS`, shown beside its name in every table and chart, since its rows then
+measure sandbay's client overhead only.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .._config import DockerConfig, SandbayConfig
+
+if TYPE_CHECKING:
+    from .._sandbox import SandboxSpec
+
+__all__ = ["LABELS", "RAW_BASELINES", "RawBaseline"]
+
+#: Seconds for create → first exec of a fresh sandbox made with the provider's SDK; the
+#: sandbox is removed afterwards (not timed). Raises `SandboxError` or `OSError` on failure.
+RawBaseline = Callable[[SandbayConfig, "SandboxSpec"], Awaitable[float]]
+
+
+async def _local(config: SandbayConfig, spec: SandboxSpec) -> float:
+    """A temporary folder and one process in it: what a sandbox costs without sandbay."""
+    started = time.perf_counter()
+    folder = tempfile.mkdtemp(prefix="sandbay-raw-")
+    try:
+        await anyio.run_process(["true"], cwd=folder)
+        return time.perf_counter() - started
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _docker(config: SandbayConfig, spec: SandboxSpec) -> float:
+    """``containers.run(detach=True)`` then ``exec_run``, with sandbay's image and limits.
+
+    Same image, network, CPU and memory as a sandbay sandbox of this config and spec (the
+    config's defaults, 1 core and 1 GiB, unless the spec sets its own).
+    """
+    from .._api import get_provider
+    from ..providers.docker._errors import docker_client, docker_errors
+    from ..providers.docker._provider import DockerProvider
+
+    docker = config.provider
+    assert isinstance(docker, DockerConfig)
+    image = spec.image or docker.image
+    if image is None:
+        provider = get_provider(config)
+        assert isinstance(provider, DockerProvider)
+        image = await provider.agent_image()
+    options = _docker_run_options(docker, spec)
+
+    def measure(image: str) -> float:
+        with docker_errors(base_url=docker.base_url, image=image):
+            client = docker_client(docker)  # connecting is not timed: a user's client is open
+            try:
+                started = time.perf_counter()
+                container = client.containers.run(image, ["sleep", "600"], **options)
+                try:
+                    container.exec_run(["true"])
+                    return time.perf_counter() - started
+                finally:
+                    container.remove(force=True)
+            finally:
+                client.close()
+
+    return float(await anyio.to_thread.run_sync(measure, image))
+
+
+def _docker_run_options(docker: DockerConfig, spec: SandboxSpec) -> dict[str, Any]:
+    """``containers.run`` options: the spec's limits and network, else the config's defaults."""
+    cpu = spec.cpu if spec.cpu is not None else docker.cpu
+    memory_mb = spec.memory_mb if spec.memory_mb is not None else docker.memory_mb
+    options: dict[str, Any] = {
+        "detach": True,
+        "nano_cpus": int(cpu * 1e9),
+        "mem_limit": f"{memory_mb}m",
+    }
+    if spec.network != "default":
+        options["network_mode"] = spec.network
+    return options
+
+
+#: Raw baselines by provider name.
+RAW_BASELINES: dict[str, RawBaseline] = {"local": _local, "docker": _docker}
+#: Shown beside a provider's name in reports, by provider name (none today).
+LABELS: dict[str, str] = {}

@@ -1,0 +1,145 @@
+"""Rendering a benchmark report: Markdown tables, a PNG chart, and the files they go to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._samples import COLD_PHASES, WARM_PHASES
+
+if TYPE_CHECKING:
+    from ._report import BenchReport
+
+__all__ = ["render_markdown", "render_plot", "write_results"]
+
+
+def render_markdown(report: BenchReport) -> str:
+    """The report's tables: per-phase p50 (p95), then min / percentiles / max per span."""
+    summary = report.summary()
+    mode = report.config["mode"]
+    phases = WARM_PHASES if mode == "warm" else COLD_PHASES
+    lines = [
+        f"## {mode} start, {report.config['runs']} runs per provider"
+        + (f", bursts of {report.config['concurrency']}" if mode == "burst" else ""),
+        "",
+        f"Machine: {report.machine['cpus']} cores, {report.machine['memory_gib']} GiB, "
+        f"{report.machine['platform']}, Python {report.machine['python']}. "
+        f"Model: {report.config['model']}. Times in ms; p50 (p95).",
+        "",
+        "| provider | runs | failed | " + " | ".join(phases) + " | total p50 | total p95 |",
+        "|---|---:|---:|" + "---:|" * len(phases) + "---:|---:|",
+    ]
+    for name, entry in summary.items():
+        label = f" ({entry['label']})" if entry["label"] else ""
+        cells = [
+            f"{_ms(entry['phases'][p].get('p50'))} ({_ms(entry['phases'][p].get('p95'))})"
+            for p in phases
+        ]
+        lines.append(
+            f"| {name}{label} | {entry['runs']} | {entry['failures']} | "
+            + " | ".join(cells)
+            + f" | {_ms(entry['total'].get('p50'))} | {_ms(entry['total'].get('p95'))} |"
+        )
+    lines += [
+        "",
+        "| provider | stat | min | p50 | p95 | p99 | max |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, entry in summary.items():
+        rows = [("total", entry["total"])]
+        if mode == "warm":
+            rows.append(("acquire → first agent message", entry["acquire_to_first_msg"]))
+            rows.append(
+                (
+                    "  of which sandbay (minus the agent's own)",
+                    entry["sandbay_overhead_to_first_msg"],
+                )
+            )
+        else:
+            rows.append(("create → first agent message", entry["create_to_first_msg"]))
+            rows.append(("create → first exec (sandbay)", entry["create_to_first_exec"]))
+        rows.append(("create → first exec (raw SDK)", entry["raw_create_to_first_exec"]))
+        rows.append(("model's own time (duration_api_ms)", entry["model"]))
+        rows.append(("agent's own prompt → first message (in sandbox)", entry["agent_first_msg"]))
+        for title, st in rows:
+            if st:
+                lines.append(
+                    f"| {name} | {title} | {_ms(st['min'])} | {_ms(st['p50'])} | "
+                    f"{_ms(st['p95'])} | {_ms(st['p99'])} | {_ms(st['max'])} |"
+                )
+    ratios = {n: e["ratio_vs_raw"] for n, e in summary.items() if "ratio_vs_raw" in e}
+    if ratios:
+        lines += [
+            "",
+            "sandbay create → first exec over the raw SDK (median ratio, same run): "
+            + ", ".join(f"{n} {r:.2f}×" for n, r in ratios.items()),
+        ]
+    failures = {n: e["errors"] for n, e in summary.items() if e["errors"]}
+    for name, errors in failures.items():
+        lines.append(f"\nFailures on {name}: " + "; ".join(errors))
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(report: BenchReport, path: Path) -> bool:
+    """Stacked bars of p50 per phase, with p95-of-total whiskers. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    summary = report.summary()
+    mode = report.config["mode"]
+    phases = WARM_PHASES if mode == "warm" else COLD_PHASES
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.8 * len(names)))
+    lefts = [0.0] * len(names)
+    colors = plt.get_cmap("tab10")
+    for i, phase in enumerate(phases):
+        widths = [summary[n]["phases"][phase].get("p50", 0) * 1000 for n in names]
+        ax.barh(names, widths, left=lefts, color=colors(i), label=phase)
+        lefts = [a + b for a, b in zip(lefts, widths, strict=True)]
+    p50 = [summary[n]["total"].get("p50", 0) * 1000 for n in names]
+    p95 = [summary[n]["total"].get("p95", 0) * 1000 for n in names]
+    ax.errorbar(
+        lefts,
+        names,
+        xerr=[[0] * len(names), [max(b - a, 0) for a, b in zip(p50, p95, strict=True)]],
+        fmt="none",
+        ecolor="black",
+        capsize=4,
+        label="p95 total",
+    )
+    ax.set_yticks(
+        range(len(names)),
+        [f"{n}\n({summary[n]['label']})" if summary[n]["label"] else n for n in names],
+    )
+    ax.set_xlabel("milliseconds (stacked phase p50s; whisker to total p95)")
+    burst = f", bursts of {report.config['concurrency']}" if mode == "burst" else ""
+    ax.set_title(
+        f"sandbay {mode} start{burst}: {report.machine['cpus']} cores, "
+        f"{report.machine['memory_gib']} GiB, model {report.config['model']}"
+    )
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_results(report: BenchReport, directory: Path, *, stem: str | None = None) -> list[Path]:
+    """Write JSON, Markdown and (with matplotlib) PNG; returns the paths written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = stem or f"{report.config['mode']}-{'-'.join(report.config['providers'])}"
+    paths = [directory / f"{stem}.json", directory / f"{stem}.md"]
+    paths[0].write_text(report.to_json())
+    paths[1].write_text(report.to_markdown())
+    png = directory / f"{stem}.png"
+    if report.plot(png):
+        paths.append(png)
+    return paths
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value * 1000:.0f}"

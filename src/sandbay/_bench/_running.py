@@ -1,0 +1,354 @@
+"""Running the cold-start benchmark: rounds of runs per provider, each phase timed.
+
+Each run times phases with a monotonic clock (`time.perf_counter`):
+
+========== =================================================================================
+provision  create requested → the provider accepted it and returned a sandbox
+ready      → the first exec returned (it writes the run's nonce: the fresh-sandbox check)
+inject     → sandbay's entrypoint uploaded and started, the request sent
+first_msg  → the first agent message arrived (``system/init``)
+first_asst → the first assistant message arrived (includes the model's first answer)
+result     → the result message arrived
+teardown   → the sandbox is removed
+========== =================================================================================
+
+In ``warm`` mode a `SandboxPool` has done provision, ready and the CLI's start-up ahead of
+time: ``acquire`` (take a ready sandbox) replaces provision and ready, and the fresh-sandbox
+check runs after the result, off the critical path. ``burst`` starts K cold runs at once.
+
+Providers are interleaved run by run (their order rotating), one warm-up run each is
+excluded, and failures are counted, not dropped. A raw baseline (create → first exec with
+the provider's own SDK, `RAW_BASELINES`) runs in the same rounds, so the report shows
+sandbay's overhead as a ratio measured side by side.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+from claude_agent_sdk import ClaudeAgentOptions, ResultMessage
+
+from .._agent import RunTimings, run_agent
+from .._api import create_sandbox
+from .._config import SandbayConfig, parse_config
+from .._errors import SandboxError
+from .._pool import SandboxPool
+from .._sandbox import SandboxSpec
+from ._baselines import LABELS, RAW_BASELINES
+from ._report import BenchReport, machine_info
+from ._samples import RunSample
+
+__all__ = ["BenchConfig", "run_bench"]
+
+Mode = Literal["cold", "warm", "burst"]
+PROMPT = "Run `echo benchmark` and report what it printed."
+NONCE_GLOB = ".sandbay-bench-nonce-"
+#: Seconds a full warm pool is left idle before a measured run, so the last refill settles.
+WARM_SETTLE_S = 1.0
+
+
+@dataclass
+class BenchConfig:
+    """What to measure.
+
+    Attributes:
+        providers: Provider names or configs, measured side by side.
+        runs: Measured runs per provider (after one warm-up run).
+        mode: ``cold``, ``warm`` or ``burst``.
+        concurrency: Runs started at once in ``burst`` mode; pool concurrency in ``warm``.
+        model: ``scripted`` (the loopback scripted model) or ``real`` (your API key).
+        spec: Spec for every sandbox (``network`` is forced to ``host`` with the scripted
+            model, which listens on the host's loopback).
+        raw_baseline: Also time create → first exec with each provider's own SDK.
+    """
+
+    providers: Sequence[str | SandbayConfig]
+    runs: int = 10
+    mode: Mode = "cold"
+    concurrency: int = 8
+    model: Literal["scripted", "real"] = "scripted"
+    spec: SandboxSpec = field(default_factory=SandboxSpec)
+    raw_baseline: bool = True
+
+
+class _Progress:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, total: int, title: str) -> None:
+        self.total, self.done, self.title = total, 0, title
+        self.tty = sys.stderr.isatty()
+        self.last_line = 0.0
+
+    def step(self, note: str) -> None:
+        self.done += 1
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        line = (
+            f"{self.title} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {note}"
+        )
+        if self.tty:
+            print(f"\r{line[:120]:<120}", end="", file=sys.stderr, flush=True)
+            if self.done == self.total:
+                print(file=sys.stderr)
+        elif self.done == self.total or time.monotonic() - self.last_line > 5:
+            self.last_line = time.monotonic()
+            print(line, file=sys.stderr, flush=True)
+
+
+async def run_bench(
+    config: BenchConfig, *, progress: Callable[[int, str], _Progress] | None = None
+) -> BenchReport:
+    """Run the benchmark and return its report.
+
+    Raises:
+        ConfigError: Unknown provider or bad settings.
+    """
+    from ..testing import ScriptedModel
+
+    configs = [
+        p if isinstance(p, SandbayConfig) else parse_config({"provider": {"type": p}})
+        for p in config.providers
+    ]
+    names: list[str] = [c.provider.type for c in configs]
+    if len(set(names)) != len(names):
+        names = [f"{n}#{i}" for i, n in enumerate(names)]
+    report = BenchReport(
+        config={
+            "providers": names,
+            "runs": config.runs,
+            "mode": config.mode,
+            "concurrency": config.concurrency,
+            "model": config.model,
+        },
+        machine=machine_info(),
+    )
+    for name, cfg in zip(names, configs, strict=True):
+        report.labels[name] = LABELS.get(cfg.provider.type, "")
+        report.raw[name] = []
+        report.raw_errors[name] = 0
+
+    per_round = config.concurrency if config.mode == "burst" else 1
+    model = None
+    env: dict[str, str] = {}
+    spec = config.spec
+    if config.model == "scripted":
+        model = ScriptedModel(_bench_script(len(names) * (config.runs + 1) * per_round + 16))
+        model.start()
+        env = model.env()
+        spec = spec.model_copy(update={"network": "host"})
+    # The benchmark's script answers in text only; allowed_tools is all a run needs, on every
+    # provider (bypassPermissions is for isolated sandboxes only).
+    options = ClaudeAgentOptions(max_turns=3, allowed_tools=["Bash"])
+    bar = (progress or _Progress)(
+        len(names) * (config.runs + 1) * per_round * (2 if config.raw_baseline else 1),
+        f"bench {config.mode}",
+    )
+    seen_nonces: set[str] = set()
+    try:
+        pools: dict[str, SandboxPool] = {}
+        async with AsyncExitStack() as stack:
+            if config.mode == "warm":
+                for name, cfg in zip(names, configs, strict=True):
+                    pools[name] = await stack.enter_async_context(
+                        SandboxPool(cfg, spec, size=2, concurrency=2, options=options, env=env)
+                    )
+            for round_no in range(config.runs + 1):
+                warmup = round_no == 0
+                shift = round_no % len(names)
+                for name, cfg in (
+                    list(zip(names, configs, strict=True))[shift:]
+                    + list(zip(names, configs, strict=True))[:shift]
+                ):
+                    samples = await _round(
+                        config, name, cfg, spec, options, env, pools, seen_nonces
+                    )
+                    for sample in samples:
+                        bar.step(f"{name} {'warm-up' if warmup else ''}")
+                        if not warmup:
+                            report.samples.append(sample)
+                    if config.raw_baseline:
+                        # Under the same load as the runs: K at once in burst mode.
+                        for raw in await _raw_round(cfg, spec, per_round):
+                            bar.step(f"{name} raw")
+                            if warmup:
+                                continue
+                            if raw is None:
+                                report.raw_errors[name] += 1
+                            elif raw >= 0:
+                                report.raw[name].append(raw)
+    finally:
+        if model is not None:
+            model.stop()
+    return report
+
+
+def _bench_script(turns: int) -> list[Any]:
+    # One text turn per run: under a burst, runs share the model, and a single-turn script
+    # keeps every run identical whichever order their requests arrive in.
+    return [{"text": "benchmark done"}] * turns
+
+
+async def _round(
+    config: BenchConfig,
+    name: str,
+    cfg: SandbayConfig,
+    spec: SandboxSpec,
+    options: ClaudeAgentOptions,
+    env: dict[str, str],
+    pools: dict[str, SandboxPool],
+    seen: set[str],
+) -> list[RunSample]:
+    if config.mode == "warm":
+        return [await _warm_run(name, pools[name], seen)]
+    if config.mode == "cold":
+        return [await _cold_run(name, cfg, spec, options, env, seen)]
+    samples: list[RunSample] = []
+
+    async def one() -> None:
+        samples.append(await _cold_run(name, cfg, spec, options, env, seen))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(config.concurrency):
+            tg.start_soon(one)
+    return samples
+
+
+def _nonce_command(nonce: str) -> str:
+    # Lists nonces earlier runs left (there must be none), then leaves this run's.
+    return f"ls -a | grep '^{NONCE_GLOB}' || true; echo {nonce} > {NONCE_GLOB}{nonce}"
+
+
+def _check_fresh(output: bytes, nonce: str, seen: set[str]) -> None:
+    found = [line for line in output.decode().split() if line.startswith(NONCE_GLOB)]
+    if found:
+        raise SandboxError(f"sandbox not fresh: found {found} from an earlier run")
+    seen.add(nonce)
+
+
+async def _cold_run(
+    name: str,
+    cfg: SandbayConfig,
+    spec: SandboxSpec,
+    options: ClaudeAgentOptions,
+    env: dict[str, str],
+    seen: set[str],
+) -> RunSample:
+    sample = RunSample(name)
+    nonce = uuid.uuid4().hex
+    t0 = time.perf_counter()
+    sandbox = None
+    try:
+        sandbox = await create_sandbox(cfg, spec)
+        t1 = time.perf_counter()
+        result = await sandbox.exec(_nonce_command(nonce), timeout=60)
+        t2 = time.perf_counter()
+        if not result.ok:
+            raise SandboxError(f"nonce exec failed: {result.stderr[-300:]!r}")
+        _check_fresh(result.stdout, nonce, seen)
+        run = run_agent(PROMPT, sandbox=sandbox, options=options, env=env, timeout=120)
+        async with run:
+            async for message in run:
+                if isinstance(message, ResultMessage):
+                    sample.model_s = message.duration_api_ms / 1000
+        tm = _Reached(run.timings)
+        sample.agent_first_msg_s = _agent_first_msg(run.sandbox_timings)
+        await sandbox.aclose()
+        t3 = time.perf_counter()
+        sample.phases = {
+            "provision": t1 - t0,
+            "ready": t2 - t1,
+            "inject": tm.request - t2,
+            "first_msg": tm.first_message - tm.request,
+            "first_asst": tm.first_assistant - tm.first_message,
+            "result": tm.result - tm.first_assistant,
+            "teardown": t3 - tm.result,
+        }
+    except (SandboxError, OSError, KeyError, TimeoutError) as exc:
+        sample.error = f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        if sandbox is not None:
+            await sandbox.aclose()
+    return sample
+
+
+async def _warm_run(name: str, pool: SandboxPool, seen: set[str]) -> RunSample:
+    sample = RunSample(name)
+    nonce = uuid.uuid4().hex
+    try:
+        # Steady state, not timed: the pool is full and its last refill has settled, as in a
+        # pool that keeps up with demand. (Refilling still runs during the measured run.)
+        await pool.wait_ready(timeout=300)
+        await anyio.sleep(WARM_SETTLE_S)
+        run = run_agent(PROMPT, pool=pool, timeout=120)
+        checked_at = 0.0
+        async with run:
+            async for message in run:
+                if isinstance(message, ResultMessage):
+                    sample.model_s = message.duration_api_ms / 1000
+                    # Fresh-sandbox check, after the result: off the critical path.
+                    assert run.sandbox is not None
+                    result = await run.sandbox.exec(_nonce_command(nonce), timeout=60)
+                    _check_fresh(result.stdout, nonce, seen)
+                    checked_at = time.perf_counter()
+        tm = _Reached(run.timings)
+        sample.agent_first_msg_s = _agent_first_msg(run.sandbox_timings)
+        sample.phases = {
+            "acquire": tm.sandbox - tm.start,
+            "inject": tm.request - tm.sandbox,
+            "first_msg": tm.first_message - tm.request,
+            "first_asst": tm.first_assistant - tm.first_message,
+            "result": tm.result - tm.first_assistant,
+            "teardown": tm.closed - checked_at,
+        }
+    except (SandboxError, OSError, KeyError, TimeoutError) as exc:
+        sample.error = f"{type(exc).__name__}: {exc}"[:300]
+    return sample
+
+
+class _Reached:
+    """A run's milestones as floats; `KeyError` (a failed sample) for one it never reached."""
+
+    def __init__(self, timings: RunTimings) -> None:
+        self._timings = timings
+
+    def __getattr__(self, milestone: str) -> float:
+        value: float | None = getattr(self._timings, milestone)
+        if value is None:
+            raise KeyError(f"the run never reached {milestone!r}")
+        return value
+
+
+def _agent_first_msg(timings: dict[str, float]) -> float | None:
+    value = timings.get("prompt_to_first_message_ms")
+    return None if value is None else value / 1000
+
+
+async def _raw_round(cfg: SandbayConfig, spec: SandboxSpec, count: int) -> list[float | None]:
+    """``count`` raw baselines started at once."""
+    results: list[float | None] = []
+
+    async def one() -> None:
+        results.append(await _raw(cfg, spec))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(count):
+            tg.start_soon(one)
+    return results
+
+
+async def _raw(cfg: SandbayConfig, spec: SandboxSpec) -> float | None:
+    """Seconds for create → first exec with the provider's own SDK; -1 if it has none."""
+    baseline = RAW_BASELINES.get(cfg.provider.type)
+    if baseline is None:
+        return -1.0
+    try:
+        return await baseline(cfg, spec)
+    except (SandboxError, OSError):
+        return None

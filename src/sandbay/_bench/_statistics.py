@@ -1,0 +1,114 @@
+"""The benchmark's statistics: percentiles of samples and the per-provider summary.
+
+Pure functions of the samples: no I/O, no clock, so every figure in a report can be checked
+by hand (tests/test_bench.py does).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ._samples import COLD_PHASES, WARM_PHASES, RunSample
+
+__all__ = ["stats", "summarize"]
+
+
+def stats(values: Sequence[float]) -> dict[str, float]:
+    """min / p50 / p95 / p99 / max and the count; empty dict for no values.
+
+    p95 and p99 are nearest-rank percentiles (the smallest sample with at least that share
+    of samples at or below it: with 20 samples, p95 is the 19th and p99 the 20th); p50 is the
+    median (the mean of the two middle samples for an even count).
+    """
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pct(q: float) -> float:
+        rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+        return ordered[rank - 1]
+
+    return {
+        "min": ordered[0],
+        "p50": statistics.median(ordered),
+        "p95": pct(95),
+        "p99": pct(99),
+        "max": ordered[-1],
+        "n": len(ordered),
+    }
+
+
+def summarize(
+    samples: Sequence[RunSample],
+    *,
+    mode: str,
+    raw: Mapping[str, Sequence[float]],
+    raw_errors: Mapping[str, int],
+    labels: Mapping[str, str],
+) -> dict[str, Any]:
+    """Per provider, in the order first sampled: runs, failures, stats, the raw ratio.
+
+    Failed runs count in ``runs`` and ``failures`` (with up to five distinct errors) and are
+    left out of every timing.
+
+    Args:
+        samples: Every measured run.
+        mode: ``cold``, ``warm`` or ``burst``: which phases and derived spans to report.
+        raw: Raw-SDK create → first exec seconds per provider.
+        raw_errors: Failed raw baselines per provider.
+        labels: Shown beside a provider's name.
+    """
+    out: dict[str, Any] = {}
+    phases = WARM_PHASES if mode == "warm" else COLD_PHASES
+    for name in dict.fromkeys(s.provider for s in samples):
+        ok = [s for s in samples if s.provider == name and s.error is None]
+        failed = [s for s in samples if s.provider == name and s.error is not None]
+        entry: dict[str, Any] = {
+            "runs": len(ok) + len(failed),
+            "failures": len(failed),
+            "errors": sorted({s.error for s in failed if s.error})[:5],
+            "label": labels.get(name, ""),
+            "phases": {p: stats([s.phases[p] for s in ok if p in s.phases]) for p in phases},
+            "total": stats([s.total for s in ok]),
+        }
+        entry["model"] = stats([s.model_s for s in ok if s.model_s is not None])
+        entry["agent_first_msg"] = stats(
+            [s.agent_first_msg_s for s in ok if s.agent_first_msg_s is not None]
+        )
+        if mode == "warm":
+            to_first = {
+                id(s): s.phases["acquire"] + s.phases["inject"] + s.phases["first_msg"] for s in ok
+            }
+            entry["acquire_to_first_msg"] = stats(list(to_first.values()))
+            # What sandbay adds: the host's wait minus the agent's own time in the sandbox.
+            entry["sandbay_overhead_to_first_msg"] = stats(
+                [
+                    to_first[id(s)] - s.agent_first_msg_s
+                    for s in ok
+                    if s.agent_first_msg_s is not None
+                ]
+            )
+        else:
+            entry["create_to_first_exec"] = stats(
+                [s.phases["provision"] + s.phases["ready"] for s in ok]
+            )
+            entry["create_to_first_msg"] = stats(
+                [
+                    s.phases["provision"]
+                    + s.phases["ready"]
+                    + s.phases["inject"]
+                    + s.phases["first_msg"]
+                    for s in ok
+                ]
+            )
+        raw_values = raw.get(name, [])
+        entry["raw_create_to_first_exec"] = stats(raw_values)
+        entry["raw_failures"] = raw_errors.get(name, 0)
+        ours = entry.get("create_to_first_exec", {}).get("p50")
+        if raw_values and ours:
+            entry["ratio_vs_raw"] = ours / statistics.median(raw_values)
+        out[name] = entry
+    return out
