@@ -6,6 +6,7 @@ skipped, unless ``SANDBAY_REQUIRE_DOCKER=1`` (CI), where that is a failure.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -30,8 +31,8 @@ from sandbay import (
     SandboxPermissionError,
     SandboxSpec,
 )
-from sandbay._image import AGENT_IMAGE, build_agent_image
 from sandbay.providers.docker import DockerProvider, DockerSandbox, map_docker_error
+from sandbay.providers.docker._image import AGENT_IMAGE, build_agent_image
 
 pytestmark = pytest.mark.docker
 
@@ -471,12 +472,33 @@ async def test_agent_image_has_the_sdk_and_the_claude_cli(client: Any) -> None:
     assert b"Claude Code" in on_path
 
 
-def test_build_is_skipped_when_the_inputs_are_built() -> None:
-    lines: list[str] = []
-    tag = build_agent_image(CONFIG, progress=lines.append)
+def test_build_is_skipped_when_the_inputs_are_built(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="sandbay.image"):
+        tag = build_agent_image(CONFIG)
     assert tag.startswith("sandbay-agent:")
+    lines = [r.getMessage() for r in caplog.records if r.name == "sandbay.image"]
     assert f"{tag} is already built" in lines
     assert not any(line.startswith("Step ") for line in lines)
+    # Progress is logged, not printed: a library leaves the terminal to its application.
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.anyio
+async def test_provider_builds_its_image_through_the_hook(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    provider = DockerProvider(CONFIG)
+    try:
+        with caplog.at_level(logging.INFO, logger="sandbay.image"):
+            tag = await provider.build_image()
+        # The hook's image is the one sandboxes then use, found without building again.
+        assert await provider.agent_image() == tag
+    finally:
+        await provider.aclose()
+    assert f"{tag} is already built" in caplog.messages
+    assert build_agent_image(CONFIG) == tag
 
 
 def test_missing_base_image_is_explained() -> None:

@@ -21,6 +21,9 @@ USAGE_ERROR = 2
 #: Exit status when stdout was closed early (``sandbay run … | head -1``): 128 + SIGPIPE, what a
 #: shell reports for a command that a closed pipe ended.
 BROKEN_PIPE = 141
+#: The logger image builds report progress on (`sandbay._image.IMAGE_LOG`), not imported here
+#: to keep start-up light.
+IMAGE_LOGGER = "sandbay.image"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,13 +215,26 @@ def _parser() -> argparse.ArgumentParser:
     with_all(gc)
     gc.set_defaults(func=_gc)
 
-    image = sub.add_parser("image", help="the docker agent image")
+    image = sub.add_parser("image", help="the agent image a provider runs agents in")
     image_sub = image.add_subparsers(title="image commands", metavar="COMMAND")
-    build = image_sub.add_parser("build", help="build the agent image (from local wheels)")
-    build.add_argument(
-        "--base", help="base image with Python 3.10+ (default: the config's, else sandbay-base)"
+    build = image_sub.add_parser(
+        "build",
+        help="build the agent image for a provider (docker: from local wheels)",
+        description="Build the agent image the way the provider builds images, or find it "
+        "built, and print its reference. The provider is --provider, else the configured one "
+        "(as for `run`); docker when that one has no images (local).",
     )
-    with_config(build)
+    build.add_argument(
+        "--base",
+        help="base image with Python 3.10+, for providers that build on one "
+        "(default: the config's, else sandbay-base)",
+    )
+    build.add_argument(
+        "--refresh",
+        action="store_true",
+        help="fetch the newest dependencies even when cached ones would do",
+    )
+    with_provider(build)
     build.set_defaults(func=_image_build)
 
     model = sub.add_parser("model", help="the scripted Messages-API model")
@@ -253,6 +269,7 @@ async def _run(args: argparse.Namespace) -> int:
     from .testing import ScriptedModel, default_script
 
     config = _config(args)
+    _show_progress()  # a first run on docker builds the agent image
     offline = (
         args.offline
         or args.script
@@ -482,11 +499,27 @@ def _chosen_providers(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 
 async def _image_build(args: argparse.Namespace) -> int:
-    from ._image import build_agent_image_cli
-    from ._provider import provider_module
+    from ._config import DockerConfig
+    from ._errors import ConfigError
+    from ._provider import make_provider
 
-    provider_module("docker")  # without the docker extra: the message every command gives
-    return await build_agent_image_cli(base=args.base, config_file=args.config)
+    config = _config(args).provider
+    if args.provider is None and config.type == "local":
+        # Before images were per provider, `image build` meant docker's: it still does
+        # when nothing names a provider with images.
+        config = DockerConfig()
+    if args.base:
+        if "base_image" not in type(config).model_fields:
+            raise ConfigError(f"--base: the {config.type} provider builds on no base image")
+        config = config.model_copy(update={"base_image": args.base})
+    _show_progress()
+    provider = make_provider(config)
+    try:
+        reference = await provider.build_image(refresh=args.refresh)
+    finally:
+        await provider.aclose()
+    print(reference)
+    return 0
 
 
 def _model_serve(args: argparse.Namespace) -> int:
@@ -498,3 +531,27 @@ def _model_serve(args: argparse.Namespace) -> int:
 
 def _note(text: str) -> None:
     print(f"sandbay: {text}", file=sys.stderr, flush=True)
+
+
+def _show_progress() -> None:
+    """Show the library's progress on stderr: its INFO records, and every line of a build."""
+    import logging
+
+    root = logging.getLogger("sandbay")
+    if any(getattr(h, "name", None) == _PROGRESS for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.name = _PROGRESS
+    handler.addFilter(_label)
+    handler.setFormatter(logging.Formatter("sandbay: %(sandbay_what)s%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger(IMAGE_LOGGER).setLevel(logging.DEBUG)
+
+
+_PROGRESS = "sandbay-cli-progress"
+
+
+def _label(record: Any) -> bool:
+    record.sandbay_what = "agent image: " if record.name.startswith(IMAGE_LOGGER) else ""
+    return True

@@ -124,6 +124,27 @@ class Provider(abc.ABC):
     async def status(self) -> ProviderStatus:
         """Check whether the provider is usable, without creating anything."""
 
+    async def build_image(self, *, refresh: bool = False) -> str:
+        """Build the agent image this provider runs agents in, or find it built.
+
+        The image is `sandbay._image.AgentImageRecipe` rendered the provider's way (a
+        Dockerfile, a template, a snapshot). Progress is logged on the ``sandbay.image``
+        logger. ``sandbay image build --provider NAME`` calls this. Providers build their
+        image on first use anyway; this does it ahead of time.
+
+        Args:
+            refresh: Fetch the newest dependencies even when cached ones would do.
+
+        Returns:
+            The provider's reference to the image (a tag, a template id).
+
+        Raises:
+            ConfigError: The provider has no images (the default).
+            ImageError: Building failed; the message says why and what to do.
+            ProviderUnavailableError: The provider cannot be reached.
+        """
+        raise ConfigError(f"the {self.name} provider has no images to build")
+
     async def gc(self, *, now: float | None = None) -> builtins.list[tuple[SandboxInfo, str]]:
         """Destroy sandboxes whose expiry passed or whose owner process is gone.
 

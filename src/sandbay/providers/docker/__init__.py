@@ -10,8 +10,9 @@ Every blocking SDK call runs in a worker thread. Every exception of the SDK (and
 ``requests`` beneath it) is turned into sandbay's error tree by `map_docker_error`.
 
 The code is split by concern: `_errors` (error mapping and the client), `_provider`
-(`DockerProvider`), `_sandbox` (`DockerSandbox`) and `_process` (an exec session and its
-frame demultiplexing). Only this package imports the ``docker`` SDK.
+(`DockerProvider`), `_sandbox` (`DockerSandbox`), `_process` (an exec session and its
+frame demultiplexing) and `_image` (the agent image recipe rendered as a Dockerfile and
+built). Only this package imports the ``docker`` SDK.
 """
 
 from __future__ import annotations

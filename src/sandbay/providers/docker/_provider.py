@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -20,6 +19,7 @@ from ..._errors import SandboxError
 from ..._provider import MANAGED, Provider, ProviderStatus, SandboxInfo
 from ..._sandbox import Sandbox, SandboxSpec
 from ._errors import NAME, _address, _explain, docker_client, docker_errors
+from ._image import ensure_agent_image
 from ._sandbox import ROOT, DockerSandbox, _is_numeric
 
 AGENT_WORKDIR = "/workspace"
@@ -68,10 +68,8 @@ class DockerProvider(Provider):
     async def agent_image(self) -> str:
         """The agent image for this config's base, built (once) if missing."""
         if self._agent_image is None:
-            from ..._image import ensure_agent_image
-
             self._agent_image = await ensure_agent_image(
-                self._docker_client, base=self.config.base_image, progress=_progress_to_stderr
+                self._docker_client, base=self.config.base_image
             )
         return self._agent_image
 
@@ -208,14 +206,17 @@ class DockerProvider(Provider):
         return await anyio.to_thread.run_sync(check)
 
     @override
+    async def build_image(self, *, refresh: bool = False) -> str:
+        self._agent_image = await ensure_agent_image(
+            self._docker_client, base=self.config.base_image, build=True, refresh=refresh
+        )
+        return self._agent_image
+
+    @override
     async def aclose(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             await anyio.to_thread.run_sync(client.close)
-
-
-def _progress_to_stderr(line: str) -> None:
-    print(f"sandbay: agent image: {line}", file=sys.stderr, flush=True)
 
 
 def _remove_quietly(api: Any, container_id: str) -> None:

@@ -130,3 +130,10 @@ class LocalProvider(Provider):
         # Usable unless isolation was required and cannot be had.
         reachable = bool(bwrap) or not self.config.isolate
         return ProviderStatus(name=NAME, installed=True, reachable=reachable, detail=detail)
+
+    @override
+    async def build_image(self, *, refresh: bool = False) -> str:
+        raise ConfigError(
+            "the local provider runs on this machine and has no images "
+            "(its agents use the Python running sandbay)"
+        )
