@@ -20,6 +20,7 @@ from typing_extensions import override
 
 import sandbay
 from sandbay import Sandbox, SandboxSpec
+from sandbay._provider import Launch, managed_labels
 from sandbay.providers.local import LocalProvider
 
 pytestmark = pytest.mark.anyio
@@ -315,3 +316,47 @@ def test_a_pool_can_be_made_outside_an_event_loop() -> None:
     assert pool.ready == 0 and not pool.closed
     with pytest.raises(sandbay.ConfigError, match="close_timeout"):
         sandbay.SandboxPool("local", close_timeout=0)
+
+
+# -- starting a process as part of creating the sandbox ------------------------------------
+
+
+@pytest.mark.parametrize("provider", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+async def test_create_with_process_writes_the_files_then_starts_with_stdin_intact(
+    provider: str,
+) -> None:
+    chosen = sandbay.get_provider(provider)
+    payload = bytes(range(256)) * 300  # larger than a pipe's buffer, every byte value
+
+    def launch(sandbox: Sandbox) -> Launch:
+        path = f"{sandbox.agent_dir}/sub/payload.bin"
+        script = f"wc -c < {path}; read line; echo got $line"
+        return Launch(argv=["sh", "-c", script], files={path: payload})
+
+    spec = SandboxSpec(labels={}).model_copy(update={"labels": managed_labels(SandboxSpec())})
+    sandbox, proc = await chosen.create_with_process(spec, launch)
+    async with sandbox:
+        await proc.write(b"hello\n")
+        out = await proc.stdout.read()
+        assert await proc.wait() == 0
+        assert out.split() == [str(len(payload)).encode(), b"got", b"hello"]
+        path = f"{sandbox.agent_dir}/sub/payload.bin"
+        assert await sandbox.read_file(path) == payload
+
+
+@pytest.mark.docker
+async def test_a_cold_docker_run_starts_its_entrypoint_with_the_sandbox() -> None:
+    from sandbay.testing import ScriptedModel, Turn
+
+    async with ScriptedModel([Turn.text("cold done")]) as model:
+        run = sandbay.run_agent(
+            "go",
+            provider="docker",
+            env=model.env(),
+            spec=SandboxSpec(network="host"),
+            timeout=120,
+        )
+        async with run:
+            messages = [m async for m in run]
+    assert type(messages[-1]).__name__ == "ResultMessage"
+    assert run.sandbox is not None and run.sandbox.closed
