@@ -24,25 +24,31 @@ import time
 import urllib.parse
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 from claude_agent_sdk import ClaudeAgentOptions, Message
 from claude_agent_sdk._internal.message_parser import parse_message
 from typing_extensions import Self
 
-from ._api import create_sandbox
-from ._config import ProviderConfig, SandbayConfig
+from ._api import get_provider
+from ._config import ProviderConfig, SandbayConfig, load_config
 from ._errors import AgentError, ConfigError, ProtocolError, SandboxError, SandboxTimeoutError
+from ._provider import Launch, Provider, managed_labels
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
 
-if TYPE_CHECKING:
-    from ._pool import SandboxPool
-
-__all__ = ["AgentRun", "Envelope", "RunTimings", "replay_agent", "run_agent"]
+__all__ = [
+    "AgentRun",
+    "Envelope",
+    "Lease",
+    "LeaseSource",
+    "RunTimings",
+    "replay_agent",
+    "run_agent",
+]
 
 WIRE_VERSION = 1
 #: Host variables an agent needs, passed on stdin (never in argv or the sandbox's env).
@@ -174,6 +180,48 @@ def _warn_dict_access() -> None:
         DeprecationWarning,
         stacklevel=3,
     )
+
+
+@dataclasses.dataclass
+class Lease:
+    """A ready sandbox taken from a pool: the caller now owns it and must close it.
+
+    Attributes:
+        sandbox: The sandbox.
+        process: Its entrypoint, waiting for a request on stdin.
+        run_dir: The run's directory inside the sandbox.
+        run_id: The run's id.
+        prepared: Whether the ``claude`` CLI is already started with the pool's options.
+        reader: Frames the entrypoint's stdout; holds anything read past the warm-up.
+    """
+
+    sandbox: Sandbox
+    process: Process
+    run_dir: str
+    run_id: str
+    prepared: bool
+    reader: _EnvelopeReader
+
+
+class LeaseSource(Protocol):
+    """What a run needs from a pool (`SandboxPool` is one): ready sandboxes, one at a time.
+
+    The agent layer knows pools only through this, so the pool builds on the agent layer
+    and not the other way round.
+    """
+
+    @property
+    def agent_env(self) -> Mapping[str, str]:
+        """The agent environment the pool's CLIs were started with."""
+        ...
+
+    def check_options(self, wire_options: Mapping[str, object]) -> None:
+        """Raise `ConfigError` if a run's options differ from the pool's."""
+        ...
+
+    async def acquire(self, *, timeout: float | None = None) -> Lease:
+        """Take a ready sandbox; the caller owns it from then on."""
+        ...
 
 
 @functools.cache
@@ -387,7 +435,7 @@ class AgentRun:
         timeout: float | None,
         spec: SandboxSpec | None,
         sandbox: Sandbox | None,
-        pool: SandboxPool | None,
+        pool: LeaseSource | None,
         env: Mapping[str, str] | None,
         run_id: str | None,
     ) -> None:
@@ -547,9 +595,16 @@ class AgentRun:
             if not lease.prepared:  # a prepared CLI was checked, with its options, by the pool
                 check_sandbox(self.sandbox, wire_options=options, env=self._env)
             reader = lease.reader
+        elif self.sandbox is None:
+            # Cold: the entrypoint starts as part of provisioning (it only imports the SDK
+            # and waits for its request), so the checks below still come before the agent.
+            self.sandbox, self._serve, self._run_dir = await provision_entrypoint(
+                self._provider, self._spec, self.run_id
+            )
+            self._reached("sandbox")
+            check_sandbox(self.sandbox, wire_options=options, env=self._env)
+            reader = _EnvelopeReader(self._serve, sandbox=self.sandbox)
         else:
-            if self.sandbox is None:
-                self.sandbox = await create_sandbox(self._provider, self._spec)
             self._reached("sandbox")
             check_sandbox(self.sandbox, wire_options=options, env=self._env)
             self._serve, self._run_dir = await start_entrypoint(self.sandbox, self.run_id)
@@ -605,7 +660,7 @@ def run_agent(
     timeout: float | None = None,
     spec: SandboxSpec | None = None,
     sandbox: Sandbox | None = None,
-    pool: SandboxPool | None = None,
+    pool: LeaseSource | None = None,
     env: Mapping[str, str] | None = None,
     run_id: str | None = None,
 ) -> AgentRun:
@@ -701,22 +756,60 @@ def run_dir(sandbox: Sandbox, run_id: str) -> str:
     return f"{sandbox.agent_dir}/runs/{run_id}"
 
 
+def entrypoint_launch(run_id: str) -> Callable[[Sandbox], Launch]:
+    """What starts the entrypoint of run ``run_id``, waiting for its request, in a sandbox."""
+
+    def launch(sandbox: Sandbox) -> Launch:
+        directory = run_dir(sandbox, run_id)
+        script = f"{sandbox.agent_dir}/{_ENTRYPOINT}"
+        command = (
+            f"mkdir -p {shlex.quote(directory)} && exec {shlex.quote(sandbox.python)} "
+            f"{shlex.quote(script)} serve --run-dir {shlex.quote(directory)} "
+            f"2>>{shlex.quote(directory + '/stderr.log')}"
+        )
+        return Launch(argv=["sh", "-c", command], files={script: entrypoint_source()})
+
+    return launch
+
+
 async def start_entrypoint(sandbox: Sandbox, run_id: str) -> tuple[Process, str]:
-    """Upload the entrypoint and start it waiting for its request.
+    """Upload the entrypoint into an open sandbox and start it waiting for its request.
 
     Returns:
         The entrypoint process and its run directory.
     """
-    base = sandbox.agent_dir
-    directory = run_dir(sandbox, run_id)
-    script = f"{base}/{_ENTRYPOINT}"
-    await sandbox.write_file(script, entrypoint_source())
-    command = (
-        f"mkdir -p {shlex.quote(directory)} && exec {shlex.quote(sandbox.python)} "
-        f"{shlex.quote(script)} serve --run-dir {shlex.quote(directory)} "
-        f"2>>{shlex.quote(directory + '/stderr.log')}"
-    )
-    return await sandbox.start(["sh", "-c", command]), directory
+    plan = entrypoint_launch(run_id)(sandbox)
+    for path, data in plan.files.items():
+        await sandbox.write_file(path, data)
+    return await sandbox.start(plan.argv), run_dir(sandbox, run_id)
+
+
+async def provision_entrypoint(
+    provider: str | ProviderConfig | SandbayConfig | Provider | None,
+    spec: SandboxSpec | None,
+    run_id: str,
+) -> tuple[Sandbox, Process, str]:
+    """Provision a sandbox with the entrypoint starting as part of it.
+
+    The provider overlaps the entrypoint's start-up with its own
+    (`Provider.create_with_process`). Arguments are those of `create_sandbox`; a
+    `Provider` instance is used as it is.
+
+    Returns:
+        The sandbox (the caller must close it), the entrypoint process and its run directory.
+    """
+    if isinstance(provider, Provider):
+        chosen = provider
+        spec = spec or SandboxSpec()
+    else:
+        if provider is None:
+            provider = load_config()  # read once: provider and spec from the same file
+        if spec is None:
+            spec = provider.spec if isinstance(provider, SandbayConfig) else SandboxSpec()
+        chosen = get_provider(provider)
+    labelled = spec.model_copy(update={"labels": managed_labels(spec)})
+    sandbox, proc = await chosen.create_with_process(labelled, entrypoint_launch(run_id))
+    return sandbox, proc, run_dir(sandbox, run_id)
 
 
 async def stderr_tail(sandbox: Sandbox, directory: str) -> str:

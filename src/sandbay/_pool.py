@@ -5,25 +5,43 @@ imported the Agent SDK and, when the pool was given agent ``options``, has also 
 ``claude`` CLI and finished its handshake. `run_agent(..., pool=pool)` takes one, sends the
 prompt and so skips provisioning, upload and CLI start-up. A sandbox is used once: the run
 destroys it, and the pool provisions a replacement in the background.
+
+The pool's background work (provisioning, discarding) runs in a task group owned by one
+runner task, not by the caller's task, so a service may open the pool in its startup hook
+and close it in its shutdown hook, whichever tasks those run in. Everything that waits
+(`SandboxPool.acquire`, `SandboxPool.wait_ready`, closing) wakes on events the pool sets
+when its state changes; nothing polls.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import logging
 import math
-import sys
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
+from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 from claude_agent_sdk import ClaudeAgentOptions
 from typing_extensions import Self
 
-from ._agent import _EnvelopeReader
-from ._api import create_sandbox
+from ._agent import (
+    Lease,
+    _EnvelopeReader,
+    _exit_code,
+    _send,
+    agent_env,
+    check_sandbox,
+    options_to_wire,
+    provision_entrypoint,
+    sandbox_agent_env,
+    stderr_tail,
+)
 from ._config import ProviderConfig, SandbayConfig
 from ._errors import (
     AgentError,
@@ -32,90 +50,106 @@ from ._errors import (
     SandboxError,
     SandboxTimeoutError,
 )
-from ._provider import EXPIRY
+from ._provider import EXPIRY, Provider
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
-
 __all__ = ["Lease", "SandboxPool"]
+
+logger = logging.getLogger("sandbay")
 
 #: Seconds one sandbox may take to provision and warm before the attempt is abandoned.
 PROVISION_TIMEOUT = 300.0
 #: A pooled sandbox this close to its expiry (at most a quarter of its lifetime) is replaced
 #: instead of handed out.
 EXPIRY_MARGIN_S = 120.0
-
-
-@dataclass
-class Lease:
-    """A ready sandbox taken from a pool: the caller now owns it and must close it.
-
-    Attributes:
-        sandbox: The sandbox.
-        process: Its entrypoint, waiting for a request on stdin.
-        run_dir: The run's directory inside the sandbox.
-        run_id: The run's id.
-        prepared: Whether the ``claude`` CLI is already started with the pool's options.
-        reader: Frames the entrypoint's stdout; holds anything read past the warm-up.
-    """
-
-    sandbox: Sandbox
-    process: Process
-    run_dir: str
-    run_id: str
-    prepared: bool
-    reader: _EnvelopeReader
+#: Default bound, in seconds, on `SandboxPool.aclose`: well under the 30 s a Kubernetes pod
+#: gets between SIGTERM and SIGKILL, with room for the rest of a service's shutdown.
+CLOSE_TIMEOUT_S = 10.0
 
 
 class SandboxPool:
     """Keeps ``size`` sandboxes provisioned with the entrypoint started, for instant runs.
 
     Use it as an async context manager; closing drains it (every pooled sandbox is
-    destroyed, provisioning in flight is finished and destroyed)::
+    destroyed, provisioning in flight is cancelled and what it made destroyed)::
 
         async with sandbay.SandboxPool("docker", size=2, options=opts, env=model.env()) as pool:
             async with sandbay.run_agent("...", pool=pool) as run:
                 async for message in run:
                     ...
 
+    In a service, open it in the startup hook and close it in the shutdown hook; they may
+    run in different tasks::
+
+        pool = sandbay.SandboxPool("docker", size=4, options=opts)
+
+        async def startup() -> None:
+            await pool.start()
+
+        async def shutdown() -> None:
+            await pool.aclose()  # returns within close_timeout
+
+    The pool's background work runs in a runner task of its own (or, with
+    ``start(task_group=tg)``, in a task of ``tg``), never in the task that called `start`.
+
     Args:
-        provider: Provider name or config; ``None`` reads the config file / environment.
+        provider: Provider name or config, or a `Provider` to use as it is; ``None`` reads
+            the config file / environment.
         spec: What to provision.
         size: How many ready sandboxes to keep.
         concurrency: Most sandboxes provisioned at once.
         options: Agent options to start the ``claude`` CLI with ahead of time. Runs taking
             from this pool then use these options (``run_agent`` refuses different ones).
         env: Agent environment (model endpoint, keys) for the pre-started CLI.
+        close_timeout: Longest `aclose` waits for the pool's background work, in seconds.
+            What is still running then (a provider that does not answer) is left to finish
+            on its own; a sandbox it leaves behind carries its expiry label, by which
+            ``sandbay gc`` removes it.
+
+    Raises:
+        ConfigError: ``size``, ``concurrency`` or ``close_timeout`` out of range, or
+            ``options`` that cannot cross into a sandbox.
     """
 
     def __init__(
         self,
-        provider: str | ProviderConfig | SandbayConfig | None = None,
+        provider: str | ProviderConfig | SandbayConfig | Provider | None = None,
         spec: SandboxSpec | None = None,
         *,
         size: int = 2,
         concurrency: int = 2,
         options: ClaudeAgentOptions | None = None,
         env: Mapping[str, str] | None = None,
+        close_timeout: float = CLOSE_TIMEOUT_S,
     ) -> None:
-        from ._agent import agent_env, options_to_wire
-
         if size < 1:
             raise ConfigError(f"pool size must be at least 1, got {size}")
         if concurrency < 1:
             raise ConfigError(f"pool concurrency must be at least 1, got {concurrency}")
+        if not (isinstance(close_timeout, (int, float)) and 0 < close_timeout < math.inf):
+            raise ConfigError(
+                f"pool close_timeout must be a positive, finite number of seconds, "
+                f"got {close_timeout!r}"
+            )
         self.size = size
+        self.close_timeout = float(close_timeout)
         self._provider = provider
         self._spec = spec
         self._options = options
         self._wire_options = options_to_wire(options) if options is not None else None
         self._env = agent_env(env)
-        self._limiter = anyio.CapacityLimiter(concurrency)
-        self._ready_send, self._ready = anyio.create_memory_object_stream[Lease](math.inf)
-        self._tg: TaskGroup | None = None
+        self._concurrency = concurrency
+        self._ready: collections.deque[Lease] = collections.deque()
+        self._failures: list[Exception] = []
+        self._started = False
         self._closed = False
-        self._failures: list[BaseException] = []
+        # Made by `start`, inside the event loop (anyio's primitives belong to one).
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._changed: anyio.Event | None = None
+        self._stop: anyio.Event | None = None
+        self._stopped: anyio.Event | None = None
+        self._tg: TaskGroup | None = None
+        self._runner: object = None  # the runner task, held so it is not collected
         #: Counters for reports: provisioned, handed out, failed.
         self.stats = {"provisioned": 0, "acquired": 0, "failed": 0}
 
@@ -129,12 +163,54 @@ class SandboxPool:
         """The agent options the pool's CLIs were started with, if any."""
         return self._options
 
-    async def __aenter__(self) -> Self:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        for _ in range(self.size):
-            self._tg.start_soon(self._provision)
+    @property
+    def ready(self) -> int:
+        """How many sandboxes are ready to hand out now."""
+        return len(self._ready)
+
+    @property
+    def closed(self) -> bool:
+        """Whether `aclose` has been called."""
+        return self._closed
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, *, task_group: TaskGroup | None = None) -> Self:
+        """Start provisioning in the background and return at once.
+
+        May be called from any task; `aclose` may then be called from any other.
+
+        Args:
+            task_group: Run the pool's background work as a task of this group (which then
+                does not exit before the pool is closed). By default it runs in a runner
+                task of the event loop's own, for hooks that cannot share a task group.
+
+        Returns:
+            The pool.
+
+        Raises:
+            SandboxClosedError: The pool was closed; make a new one.
+            ConfigError: The pool was started already.
+        """
+        if self._closed:
+            raise SandboxClosedError("the pool is closed; make a new SandboxPool")
+        if self._started:
+            raise ConfigError("the pool is started already")
+        self._started = True
+        self._limiter = anyio.CapacityLimiter(self._concurrency)
+        self._changed = anyio.Event()
+        self._stop = anyio.Event()
+        self._stopped = anyio.Event()
+        if task_group is not None:
+            await task_group.start(self._serve)
+        else:
+            entered = anyio.Event()
+            self._runner = _spawn_runner(lambda: self._serve(task_status=_Started(entered)))
+            await entered.wait()
         return self
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
 
     async def __aexit__(
         self,
@@ -142,55 +218,65 @@ class SandboxPool:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose(exc_type, exc, tb)
+        await self.aclose()
 
-    async def aclose(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc: BaseException | None = None,
-        tb: TracebackType | None = None,
-    ) -> None:
-        """Drain the pool: destroy every ready sandbox and those still provisioning.
+    async def aclose(self) -> None:
+        """Drain the pool: destroy every ready sandbox, cancel provisioning in flight.
 
-        An error raised inside the pool's ``async with`` block comes out of it as itself,
-        not wrapped in an ``ExceptionGroup``.
+        Callable from any task, and idempotent: each call waits up to ``close_timeout``
+        seconds for the background work to end, shielded from cancellation, then returns.
+        Work still running then (a provider call that does not return) goes on in the
+        background and destroys what it made when it returns; if the process exits first,
+        the sandbox's expiry label lets ``sandbay gc`` remove it.
         """
-        if self._closed:
-            return
+        first = not self._closed
         self._closed = True
-        tg, self._tg = self._tg, None
-        try:
-            if tg is not None:
-                # Provisioning in flight is shielded: it finishes, sees the pool closed and
-                # destroys what it made. The task group must exit in the scope it entered.
-                tg.cancel_scope.cancel()
-                try:
-                    await tg.__aexit__(exc_type, exc, tb)
-                except BaseExceptionGroup as group:
-                    # The task group wraps the block's own exception (and anything a
-                    # provisioning task raised); callers expect the error itself.
-                    single = _single(group)
-                    if single is None:
-                        raise
-                    if single is exc:
-                        return  # ``async with`` re-raises it, traceback intact
-                    raise single from None
-        finally:
-            with anyio.CancelScope(shield=True):
-                self._ready_send.close()
-                async for lease in self._ready:
-                    await _discard(lease)
-                self._ready.close()
+        if not self._started or self._stop is None or self._stopped is None:
+            return
+        self._notify()  # waiters in acquire / wait_ready see the pool closed
+        self._stop.set()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
+            await self._stopped.wait()
+        if first and not self._stopped.is_set():
+            logger.warning(
+                "the pool's background work did not end within %g s; what it still "
+                "provisions is destroyed when the provider answers, else by `sandbay gc` "
+                "after its expiry",
+                self.close_timeout,
+            )
 
-    @property
-    def ready(self) -> int:
-        """How many sandboxes are ready to hand out now."""
-        return self._ready.statistics().current_buffer_used
+    async def _serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The runner: owns the task group all background work runs in, until `aclose`."""
+        assert self._stop is not None and self._stopped is not None
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for _ in range(self.size):
+                    tg.start_soon(self._provision)
+                task_status.started()
+                await self._stop.wait()
+                # Ready sandboxes are discarded in tasks of their own, shielded and bounded,
+                # concurrently; provisioning in flight is cancelled, and providers clean up
+                # what a cancelled create made.
+                while self._ready:
+                    tg.start_soon(_discard, self._ready.popleft())
+                tg.cancel_scope.cancel()
+        except BaseException:  # pragma: no cover - only a bug in this module gets here
+            logger.exception("the sandbox pool's runner failed")
+            raise
+        finally:
+            self._tg = None
+            self._closed = True
+            self._stopped.set()
+            self._notify()
+
+    # --- taking sandboxes ----------------------------------------------------------------
 
     async def wait_ready(self, count: int | None = None, *, timeout: float | None = None) -> None:
         """Wait until ``count`` (default: ``size``) sandboxes are ready.
 
         Raises:
+            SandboxClosedError: The pool is not started, or was closed.
             SandboxTimeoutError: They were not ready within ``timeout`` seconds.
             SandboxError: Provisioning failed: the error provisioning raised (a
                 `ConfigError`, `AgentError`, …) itself.
@@ -198,10 +284,13 @@ class SandboxPool:
         wanted = self.size if count is None else count
         try:
             with anyio.fail_after(timeout):
-                while self.ready < wanted:
+                while True:
+                    self._check_open()
+                    if len(self._ready) >= wanted:
+                        return
                     if self._failures:
                         self._raise_failure()
-                    await anyio.sleep(0.02)
+                    await self._wait_for_change()
         except TimeoutError as exc:
             if isinstance(exc, SandboxError):
                 raise
@@ -217,24 +306,25 @@ class SandboxPool:
         out: it could stop in the middle of the run.
 
         Raises:
-            SandboxClosedError: The pool is closed.
+            SandboxClosedError: The pool is not started, or was closed (also while waiting).
             SandboxTimeoutError: None became ready within ``timeout`` seconds.
-            SandboxError: Provisioning keeps failing: the error it last raised (a
-                `ConfigError`, `AgentError`, …) itself.
+            SandboxError: Provisioning failed and nothing is ready: the error it raised (a
+                `ConfigError`, `AgentError`, …) itself; a new attempt has started.
         """
-        if self._closed or self._tg is None:
-            raise SandboxClosedError("the pool is closed (use it inside `async with`)")
         try:
             with anyio.fail_after(timeout):
                 while True:
-                    if self._failures and self.ready == 0:
-                        self._raise_failure()  # nothing ready and provisioning failed
-                    with anyio.move_on_after(0.5):
-                        lease = await self._ready.receive()
+                    self._check_open()
+                    if self._ready:
+                        lease = self._ready.popleft()
+                        self._background(self._provision)  # its replacement
                         if not _expires_soon(lease):
                             break
-                        await _discard(lease)
-                        self._tg.start_soon(self._provision)
+                        self._background(_discard, lease)
+                        continue
+                    if self._failures:
+                        self._raise_failure()  # nothing ready and provisioning failed
+                    await self._wait_for_change()
         except TimeoutError as exc:
             if isinstance(exc, SandboxError):
                 raise
@@ -243,21 +333,7 @@ class SandboxPool:
                 "raise the pool's size or concurrency"
             ) from None
         self.stats["acquired"] += 1
-        self._tg.start_soon(self._provision)
         return lease
-
-    def _raise_failure(self) -> None:
-        """Surface the latest provisioning failure (rather than wait forever) and retry."""
-        failure = self._failures.pop()
-        if self._tg is not None:
-            self._tg.start_soon(self._provision)
-        if isinstance(failure, SandboxError):
-            raise failure  # typed already: ``except ConfigError`` and the like keep working
-        if isinstance(failure, TimeoutError):
-            raise SandboxTimeoutError(
-                f"provisioning a pooled sandbox took longer than {PROVISION_TIMEOUT:g} s"
-            ) from failure
-        raise SandboxError(f"the pool could not provision a sandbox: {failure}") from failure
 
     def check_options(self, wire_options: Mapping[str, object]) -> None:
         """Refuse options that differ from those the pool's CLIs were started with."""
@@ -269,36 +345,69 @@ class SandboxPool:
                 "the pool's, or make a pool with these options"
             )
 
+    # --- internals -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if not self._started:
+            raise SandboxClosedError(
+                "the pool is not started: use it inside `async with`, or call `start()`"
+            )
+        if self._closed:
+            raise SandboxClosedError("the pool is closed")
+
+    def _notify(self) -> None:
+        """Wake every task waiting for the pool's state to change."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def _wait_for_change(self) -> None:
+        assert self._changed is not None
+        await self._changed.wait()
+
+    def _background(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        if self._tg is not None:
+            self._tg.start_soon(fn, *args)
+
+    def _raise_failure(self) -> None:
+        """Surface the oldest provisioning failure (rather than wait forever) and retry."""
+        failure = self._failures.pop(0)
+        self._background(self._provision)
+        if isinstance(failure, SandboxError):
+            raise failure  # typed already: ``except ConfigError`` and the like keep working
+        if isinstance(failure, TimeoutError):
+            raise SandboxTimeoutError(
+                f"provisioning a pooled sandbox took longer than {PROVISION_TIMEOUT:g} s"
+            ) from failure
+        raise SandboxError(f"the pool could not provision a sandbox: {failure!r}") from failure
+
     async def _provision(self) -> None:
+        assert self._limiter is not None
         async with self._limiter:
             if self._closed:
                 return
-            lease: Lease | None = None
             try:
-                # Shielded: a sandbox half-created when the pool closes is finished and then
-                # destroyed, never orphaned.
-                with anyio.CancelScope(shield=True), anyio.fail_after(PROVISION_TIMEOUT):
+                with anyio.fail_after(PROVISION_TIMEOUT):
                     lease = await self._warm()
-            except (SandboxError, OSError, TimeoutError) as exc:
-                self.stats["failed"] += 1
-                self._failures.append(exc)
+            except Exception as exc:  # any failure is the acquirer's to see, typed
+                if not self._closed:
+                    self.stats["failed"] += 1
+                    self._failures.append(exc)
+                    self._notify()
                 return
-            assert lease is not None
             if self._closed:
-                await _discard(lease)
+                await _discard(lease)  # closed while it was being made
                 return
             self.stats["provisioned"] += 1
-            self._ready_send.send_nowait(lease)
+            self._ready.append(lease)
+            self._notify()
 
     async def _warm(self) -> Lease:
-        from ._agent import _send, check_sandbox, sandbox_agent_env, start_entrypoint
-
-        sandbox = await create_sandbox(self._provider, self._spec)
+        run_id = uuid.uuid4().hex[:16]
+        sandbox, proc, run_dir = await provision_entrypoint(self._provider, self._spec, run_id)
         try:
             if self._wire_options is not None:
                 check_sandbox(sandbox, wire_options=self._wire_options, env=self._env)
-            run_id = uuid.uuid4().hex[:16]
-            proc, run_dir = await start_entrypoint(sandbox, run_id)
             reader = _EnvelopeReader(proc, sandbox=sandbox)
             await _expect(reader, "ready", sandbox, proc, run_dir)
             if self._wire_options is not None:
@@ -312,24 +421,41 @@ class SandboxPool:
             raise
 
 
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception a (nested) group holds, or ``None`` if it holds several."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, BaseExceptionGroup):
-            pending.extend(item.exceptions)
-        else:
-            leaves.append(item)
-    return leaves[0] if len(leaves) == 1 else None
+class _Started:
+    """The `TaskStatus` of a runner started outside a task group: sets an event."""
+
+    def __init__(self, event: anyio.Event) -> None:
+        self._event = event
+
+    def started(self, value: object = None) -> None:
+        self._event.set()
+
+
+def _spawn_runner(serve: Callable[[], Awaitable[None]]) -> object:
+    """Run ``serve`` as a task of the event loop's own, and return the task to hold.
+
+    anyio runs every task in a task group, and a task group must be exited by the task that
+    entered it; a pool opened in one hook and closed in another has no such task. So its
+    runner is the event loop's own task (asyncio) or a system task (trio); the pool stops it
+    through an event and waits for it, bounded, in `SandboxPool.aclose`.
+    """
+
+    async def run() -> None:
+        await serve()
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: trio is anyio's other backend
+        import trio  # type: ignore[import-not-found, unused-ignore]
+
+        trio.lowlevel.spawn_system_task(run)
+        return None
+    return loop.create_task(run(), name="sandbay-pool")
 
 
 async def _expect(
     reader: _EnvelopeReader, kind: str, sandbox: Sandbox, proc: Process, run_dir: str
 ) -> None:
-    from ._agent import _exit_code, stderr_tail
-
     envelope = await reader.next()
     if envelope is None or envelope.kind != kind:
         detail = envelope.data if envelope is not None else "end of stream"

@@ -13,18 +13,18 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, ClassVar
 
 from ._errors import ConfigError, MissingDependencyError
-from ._sandbox import Sandbox, SandboxSpec
+from ._sandbox import Process, Sandbox, SandboxSpec
 
 if TYPE_CHECKING:
     from ._config import ProviderConfig
 
-__all__ = ["Provider", "ProviderStatus", "SandboxInfo", "managed_labels"]
+__all__ = ["Launch", "Provider", "ProviderStatus", "SandboxInfo", "managed_labels"]
 
 LABEL_PREFIX = "sandbay."
 MANAGED = "sandbay.managed"
@@ -76,6 +76,20 @@ class SandboxInfo:
 
 
 @dataclass(frozen=True)
+class Launch:
+    """A process to start in a new sandbox, with the files it needs written first.
+
+    Attributes:
+        argv: The command (argv[0] looked up on PATH), started in the sandbox's `workdir`.
+        files: Absolute path -> contents, written (mode 0644, as the sandbox's user,
+            parent directories created) before the process starts.
+    """
+
+    argv: list[str]
+    files: Mapping[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ProviderStatus:
     """What `sandbay providers` reports for one provider.
 
@@ -111,6 +125,42 @@ class Provider(abc.ABC):
             ProviderUnavailableError: The provider cannot be reached.
             ConfigError: The spec asks for something this provider cannot do.
         """
+
+    async def create_with_process(
+        self, spec: SandboxSpec, launch: Callable[[Sandbox], Launch]
+    ) -> tuple[Sandbox, Process]:
+        """Provision a sandbox and start one process in it, as early as the provider can.
+
+        The agent layer starts its entrypoint this way, so that the entrypoint's own
+        start-up overlaps the provider's. This default is `create`, then `Sandbox.write_file`
+        for each file, then `Sandbox.start`; a provider overrides it to do the same in fewer
+        round trips (one call that writes the files and starts the process, the sandbox's
+        own first command, …). The result must be indistinguishable from the default's.
+
+        Args:
+            spec: What to provision, as for `create`.
+            launch: Called once, with the new sandbox before anything runs in it (its
+                `Sandbox.agent_dir`, `Sandbox.python` and `Sandbox.workdir` are known),
+                to say what to start.
+
+        Returns:
+            The sandbox, ready as after `create`, and the started process (its stdin open).
+
+        Raises:
+            ProviderUnavailableError: The provider cannot be reached.
+            ConfigError: The spec asks for something this provider cannot do.
+            SandboxError: Writing a file or starting the process failed. On any failure,
+                cancellation included, the sandbox is removed: nothing is left behind.
+        """
+        sandbox = await self.create(spec)
+        try:
+            plan = launch(sandbox)
+            for path, data in plan.files.items():
+                await sandbox.write_file(path, data)
+            return sandbox, await sandbox.start(plan.argv)
+        except BaseException:
+            await sandbox.aclose()
+            raise
 
     @abc.abstractmethod
     async def list(self, *, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
