@@ -14,11 +14,13 @@ import ast
 import json
 import os
 import stat
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import sandbay
@@ -58,12 +60,13 @@ def box(tmp_path: Path) -> Iterator[Path]:
     assert sorted(p.name for p in (tmp_path / "outside").iterdir()) == ["canary.txt"]
 
 
-def lying_python(tmp_path: Path, stream: bytes) -> LocalConfig:
-    """A local provider whose sandbox Python prints ``stream``, whatever it is asked."""
+def lying_python(tmp_path: Path, stream: bytes, *, then: str = "") -> LocalConfig:
+    """A local provider whose sandbox Python prints ``stream``, whatever it is asked, then
+    runs the shell command ``then``."""
     payload = tmp_path / "payload.bin"
     payload.write_bytes(stream)
     script = tmp_path / "python3"
-    script.write_text(f"#!/bin/sh\nexec cat {payload}\n")
+    script.write_text(f"#!/bin/sh\ncat {payload}\n{then}\n")
     script.chmod(0o755)
     return LocalConfig(isolate=False, python=str(script))
 
@@ -335,3 +338,30 @@ def test_helper_runs_on_the_oldest_supported_python() -> None:
     from sandbay._fileops import HELPER
 
     ast.parse(HELPER, feature_version=(3, 10))
+
+
+async def test_a_cancelled_download_leaves_no_partial_file(box: Path, tmp_path: Path) -> None:
+    dest = box / "dest"
+    size = 8 * 2**20  # past SMALL_FILE: streamed into a temporary file as it comes
+    stream = rec(**ROOT) + rec(path="big", type="file", size=size, mode=0o644, mtime=0)
+    # The helper sends a quarter of the file, then stalls.
+    config = lying_python(tmp_path, stream + b"a" * (2 * 2**20), then="exec sleep 60")
+    async with sandbay.open_sandbox(config, SandboxSpec()) as sb:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sb.download, "tree", dest)
+                await anyio.to_thread.run_sync(wait_for_partial, dest)
+                scope.cancel()
+    assert not (dest / "big").exists()
+    assert_contained(box, dest)
+
+
+def wait_for_partial(dest: Path) -> None:
+    """Return once the download's temporary file holds all the bytes sent (the event)."""
+    deadline = time.monotonic() + 30
+    while not any(
+        p.name.endswith(".sandbay-download") and p.stat().st_size == 2 * 2**20
+        for p in (dest.iterdir() if dest.is_dir() else [])
+    ):
+        assert time.monotonic() < deadline, "the partial file never appeared"
+        time.sleep(0.01)
