@@ -2160,7 +2160,8 @@ async def check_file_api_links_not_followed_out(target: Target) -> None:
     links; remove of a link removes the link; a recursive remove of a directory holding
     links (absolute, relative, to directories outside it) removes the links and keeps what
     they lead to; download creates no link that leads out of its copy, and writes nothing
-    outside it."""
+    outside it; in an isolated sandbox, upload and make_dir through a link to /etc create
+    only what the user's own mkdir could (else SandboxPermissionError, nothing made)."""
     async with target.sandbox() as sb:
         await sb.write_file("keep/canary", b"still here")
         keep = sb.resolve("keep")
@@ -2177,12 +2178,35 @@ async def check_file_api_links_not_followed_out(target: Target) -> None:
             _expect_contained(tmp, dest)
             expect(sorted(os.listdir(tmp)) == ["dest"], f"download wrote {os.listdir(tmp)}")
             expect(sorted(os.listdir(dest)) == ["sub"], f"the copy holds {os.listdir(dest)}")
+        if sb.isolated:  # else the user is the host's, and /etc the host's own
+            await _upload_through_link_as_user(sb, "doomed/etc-link")
         await sb.remove("doomed/etc-link")
         expect((await sb.stat("/etc")).is_dir, "removing a link to /etc touched /etc")
         await sb.remove("doomed", recursive=True)
         expect(not await sb.exists("doomed"), "the directory is still there")
         back = await sb.read_file("keep/canary")
         expect(back == b"still here", f"the canary a link led to now holds {back!r}")
+
+
+async def _upload_through_link_as_user(sb: Sandbox, link: str) -> None:
+    """upload and make_dir through a link to /etc create only what the user's own mkdir
+    could, and otherwise raise SandboxPermissionError, creating nothing."""
+    name = f"{link}/.sandbay-conformance-{uuid.uuid4().hex[:12]}"
+    user_may = (await sb.exec(["sh", "-c", f"mkdir {name} && rmdir {name}"])).ok
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_local(os.path.join(tmp, "f.txt"), b"uploaded")
+        actions: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("upload", lambda: sb.upload(tmp, name)),
+            ("make_dir", lambda: sb.make_dir(name)),
+        ]
+        for what, action in actions:
+            if user_may:
+                await action()
+                await sb.remove(name, recursive=True)
+            else:
+                await _expect_raises(SandboxPermissionError, action, f"{what} through {link}")
+            made = await sb.exists(name, follow_symlinks=False)
+            expect(not made, f"{what} through {link} left {name} behind")
 
 
 def _expect_contained(top: str, dest: str) -> None:
