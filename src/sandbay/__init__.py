@@ -20,6 +20,7 @@ from ._errors import (
     ProviderUnavailableError,
     SandboxClosedError,
     SandboxError,
+    SandboxFileExistsError,
     SandboxFileNotFoundError,
     SandboxFileTooLargeError,
     SandboxIsADirectoryError,
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from ._config import DockerConfig, LocalConfig, ProviderConfig, SandbayConfig, load_config
     from ._pool import SandboxPool
     from ._provider import Provider, ProviderStatus, SandboxInfo
-    from ._sandbox import ByteStream, ExecResult, Process, Sandbox, SandboxSpec
+    from ._sandbox import ByteStream, ExecResult, FileInfo, FileType, Process, Sandbox, SandboxSpec
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,8 @@ _LAZY = {
     "Process": "._sandbox",
     "Sandbox": "._sandbox",
     "SandboxSpec": "._sandbox",
+    "FileInfo": "._sandbox",
+    "FileType": "._sandbox",
 }
 
 __all__ = [
@@ -71,6 +74,8 @@ __all__ = [
     "ConfigError",
     "DockerConfig",
     "ExecResult",
+    "FileInfo",
+    "FileType",
     "ImageError",
     "LocalConfig",
     "MissingDependencyError",
@@ -85,6 +90,7 @@ __all__ = [
     "Sandbox",
     "SandboxClosedError",
     "SandboxError",
+    "SandboxFileExistsError",
     "SandboxFileNotFoundError",
     "SandboxFileTooLargeError",
     "SandboxInfo",

@@ -19,6 +19,8 @@ meaning, the subclass inherits it too, so ``except TimeoutError`` keeps working:
     │                                         a path whose parent part is not a directory
     ├── SandboxPermissionError (PermissionError)
     │                                         the sandbox's user may not read or write that path
+    ├── SandboxFileExistsError (FileExistsError)
+    │                                         make_dir(exist_ok=False) on a path that exists
     ├── SandboxFileTooLargeError              a file is larger than the caller's max_bytes
     ├── ImageError                            the agent image could not be built or found
     ├── AgentError                            the agent inside the sandbox failed
@@ -39,6 +41,7 @@ __all__ = [
     "ProviderUnavailableError",
     "SandboxClosedError",
     "SandboxError",
+    "SandboxFileExistsError",
     "SandboxFileNotFoundError",
     "SandboxFileTooLargeError",
     "SandboxIsADirectoryError",
@@ -113,6 +116,11 @@ class SandboxPermissionError(SandboxError, PermissionError):
     user cannot read, or a link planted in the sandbox that leads where the user may not go,
     raises this.
     """
+
+
+class SandboxFileExistsError(SandboxError, FileExistsError):
+    """`Sandbox.make_dir` found something at the path: a directory (with ``exist_ok=False``)
+    or another kind of file."""
 
 
 class SandboxFileTooLargeError(SandboxError):

@@ -14,26 +14,33 @@ from __future__ import annotations
 
 import abc
 import codecs
+import functools
 import math
+import os
+import posixpath
 import shlex
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import Self
 
+from . import _fileops
 from ._errors import (
     ConfigError,
     ProtocolError,
     SandboxClosedError,
+    SandboxError,
     SandboxFileTooLargeError,
     SandboxTimeoutError,
 )
 
-__all__ = ["ByteStream", "ExecResult", "Process", "Sandbox", "SandboxSpec"]
+__all__ = ["ByteStream", "ExecResult", "FileInfo", "FileType", "Process", "Sandbox", "SandboxSpec"]
+
+_R = TypeVar("_R")
 
 #: Seconds `Sandbox.aclose` and `Process.kill` give each provider call before giving up.
 CLOSE_TIMEOUT = 30.0
@@ -142,6 +149,51 @@ class ExecResult:
     def text(self) -> str:
         """stdout decoded as UTF-8, undecodable bytes replaced."""
         return self.stdout.decode("utf-8", "replace")
+
+
+FileType = Literal["file", "dir", "symlink", "other"]
+"""What a `FileInfo` describes: ``other`` is a FIFO, socket or device."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One entry of a sandbox's file system, as `Sandbox.stat` and `Sandbox.list_dir` see it.
+
+    Names are text; bytes that are not UTF-8 come as surrogate escapes, as Python's ``os``
+    functions give them (pass such a path back to the sandbox unchanged).
+
+    Attributes:
+        name: The last component of `path` (``"/"`` for the root).
+        path: The absolute path in the sandbox, as asked for (links in it not resolved).
+        type: ``"file"``, ``"dir"``, ``"symlink"`` or ``"other"`` (FIFO, socket, device).
+        size: Size in bytes (of a link: the length of its target).
+        mode: Permission bits, set-id and sticky bits included (``0o755``).
+        mtime: Time of last modification, in seconds since the epoch.
+        link_target: Where a symlink points, as written in the link; ``None`` for others.
+    """
+
+    name: str
+    path: str
+    type: FileType
+    size: int
+    mode: int
+    mtime: float
+    link_target: str | None = None
+
+    @property
+    def is_file(self) -> bool:
+        """Whether it is a regular file."""
+        return self.type == "file"
+
+    @property
+    def is_dir(self) -> bool:
+        """Whether it is a directory."""
+        return self.type == "dir"
+
+    @property
+    def is_symlink(self) -> bool:
+        """Whether it is a symbolic link."""
+        return self.type == "symlink"
 
 
 class ByteStream:
@@ -287,6 +339,11 @@ class Sandbox(abc.ABC):
     a link planted inside the sandbox leads where it would lead a process there, never to a
     host file and never with more rights (``read_file(p)`` returns what ``cat p`` run as the
     sandbox's user would print, or raises the matching error).
+
+    The rest of the file API (`list_dir`, `stat`, `exists`, `remove`, `make_dir`, `upload`,
+    `download`) is concrete: a small helper program run with `python` as the sandbox's
+    user, which keeps that promise on every provider. A provider may override any of them
+    with a faster native path that keeps the same contract.
 
     Attributes:
         provider: The provider's name (``"docker"``, ``"local"``, …).
@@ -598,6 +655,383 @@ class Sandbox(abc.ABC):
                 if chunk:
                     yield chunk
 
+    async def list_dir(self, path: str) -> list[FileInfo]:
+        """List a directory's entries, sorted by name (without ``.`` and ``..``).
+
+        Each entry is described as it is, not what it leads to: a link is a ``symlink``
+        with its `FileInfo.link_target`. A link given as ``path`` itself is followed, as
+        ``ls`` follows it.
+
+        Args:
+            path: Absolute, or relative to `workdir`.
+
+        Returns:
+            One `FileInfo` per entry.
+
+        Raises:
+            SandboxFileNotFoundError: Nothing at that path.
+            SandboxNotADirectoryError: It (or a parent in it) is not a directory.
+            SandboxPermissionError: The sandbox's user may not list it.
+            SandboxClosedError: The sandbox was closed.
+        """
+        where = self.resolve(path)
+
+        async def receive(records: _fileops.Records) -> list[FileInfo]:
+            found = []
+            while not (record := await records.next()).get("end"):
+                entry = _fileops.entry(record, key="name")
+                name = _fileops.check_name(entry["name"])
+                found.append(_file_info(name, posixpath.join(where, name), entry))
+            return found
+
+        found = await self._file_helper(
+            "list", [where], what=f"cannot list {path!r}", receive=receive
+        )
+        return sorted(found, key=lambda info: info.name)
+
+    async def stat(self, path: str, *, follow_symlinks: bool = True) -> FileInfo:
+        """Describe one path, as ``os.stat`` (or ``os.lstat``) would there.
+
+        Args:
+            path: Absolute, or relative to `workdir`.
+            follow_symlinks: Describe what a final link leads to (as ``os.stat``); with
+                ``False``, the link itself (as ``os.lstat``). Links earlier in the path are
+                always followed, as the sandbox's processes follow them.
+
+        Returns:
+            Its `FileInfo`; `FileInfo.path` is the path as given, made absolute.
+
+        Raises:
+            SandboxFileNotFoundError: Nothing at that path (or a final link leads nowhere).
+            SandboxNotADirectoryError: A parent in the path is not a directory.
+            SandboxPermissionError: The sandbox's user may not look there.
+            SandboxClosedError: The sandbox was closed.
+        """
+        where = self.resolve(path)
+        info = await self._stat(where, follow_symlinks=follow_symlinks, probe=False)
+        assert info is not None
+        return info
+
+    async def exists(self, path: str, *, follow_symlinks: bool = True) -> bool:
+        """Whether something is at path, as ``os.path.exists`` (or ``lexists``) says there.
+
+        Args:
+            path: Absolute, or relative to `workdir`.
+            follow_symlinks: With ``True`` a link that leads nowhere (or into a loop) does
+                not count; with ``False`` every link does.
+
+        Returns:
+            ``False`` where the path, or a parent in it, is missing or not a directory.
+
+        Raises:
+            SandboxPermissionError: The sandbox's user may not look there (whether the path
+                exists is not the user's to know).
+            SandboxClosedError: The sandbox was closed.
+        """
+        where = self.resolve(path)
+        info = await self._stat(where, follow_symlinks=follow_symlinks, probe=True)
+        return info is not None
+
+    async def _stat(self, where: str, *, follow_symlinks: bool, probe: bool) -> FileInfo | None:
+        async def receive(records: _fileops.Records) -> FileInfo | None:
+            record = await records.next()
+            info = None
+            if not record.get("missing"):
+                name = posixpath.basename(where.rstrip("/")) or "/"
+                info = _file_info(name, where, _fileops.entry(record))
+            if not (await records.next()).get("end"):
+                raise ProtocolError("the sandbox's file helper sent more than one entry")
+            return info
+
+        flags = ["1" if follow_symlinks else "0", "1" if probe else "0"]
+        return await self._file_helper(
+            "stat", [where, *flags], what=f"cannot stat {where!r}", receive=receive
+        )
+
+    async def remove(self, path: str, *, recursive: bool = False, missing_ok: bool = False) -> None:
+        """Remove a file, a link or (with ``recursive``) a directory and all it holds.
+
+        A link is removed itself, never what it leads to; a recursive removal never follows
+        a link inside the directory (links there are removed, their targets kept). A
+        trailing ``/`` is ignored. It needs the rights ``rm`` needs as the sandbox's user.
+
+        Args:
+            path: Absolute, or relative to `workdir`; never ``/``.
+            recursive: Remove a directory with everything in it, as ``rm -r`` does.
+            missing_ok: Do nothing where nothing is at path, instead of raising.
+
+        Raises:
+            SandboxFileNotFoundError: Nothing at that path (unless ``missing_ok``).
+            SandboxIsADirectoryError: It is a directory and ``recursive`` is not set.
+            SandboxNotADirectoryError: A parent in the path is not a directory.
+            SandboxPermissionError: The sandbox's user may not remove it (or something in
+                it: what could be removed before that is gone).
+            ConfigError: The path is the root.
+            SandboxClosedError: The sandbox was closed.
+        """
+        where = self.resolve(path).rstrip("/")
+        if not where:
+            raise ConfigError("refusing to remove '/': give a path below the root")
+
+        async def receive(records: _fileops.Records) -> None:
+            await _expect_end(records)
+
+        flags = ["1" if recursive else "0", "1" if missing_ok else "0"]
+        await self._file_helper(
+            "remove", [where, *flags], what=f"cannot remove {path!r}", receive=receive
+        )
+
+    async def make_dir(self, path: str, *, parents: bool = True, exist_ok: bool = True) -> None:
+        """Create a directory, as ``mkdir -p`` does by default (``os.makedirs``).
+
+        New directories get mode ``0o777`` less the sandbox's umask, and belong to the
+        sandbox's user. Links in the path are followed, as its processes follow them.
+
+        Args:
+            path: Absolute, or relative to `workdir`.
+            parents: Create missing parent directories too; without it a missing parent
+                raises `SandboxFileNotFoundError`.
+            exist_ok: Accept a directory already at path; without it, that raises
+                `SandboxFileExistsError`.
+
+        Raises:
+            SandboxFileExistsError: Something that is not a directory is at path, or (with
+                ``exist_ok=False``) a directory is.
+            SandboxFileNotFoundError: A parent is missing and ``parents`` is not set.
+            SandboxNotADirectoryError: A parent in the path is not a directory.
+            SandboxPermissionError: The sandbox's user may not create it.
+            SandboxClosedError: The sandbox was closed.
+        """
+        where = self.resolve(path)
+
+        async def receive(records: _fileops.Records) -> None:
+            await _expect_end(records)
+
+        flags = ["1" if parents else "0", "1" if exist_ok else "0"]
+        await self._file_helper(
+            "mkdir", [where, *flags], what=f"cannot make directory {path!r}", receive=receive
+        )
+
+    async def upload(self, local_path: str | os.PathLike[str], remote_path: str) -> None:
+        """Copy a local file or directory tree into the sandbox; ``remote_path`` becomes it.
+
+        A directory is created at ``remote_path`` (with missing parents) or merged into the
+        one there: every directory, regular file and symlink of the tree is created under
+        it, replacing files of the same name. Files keep their permission bits (set-id and
+        sticky bits dropped) and modification times; links are copied as links, their
+        targets unchanged; FIFOs, sockets and devices are skipped. A file becomes the file
+        at ``remote_path``. Everything is created as the sandbox's user, with that user's
+        rights, following links in the sandbox as its processes would.
+
+        Contents stream from disk: about one chunk is held in memory at a time. Each file
+        is written beside its name and renamed over it, so a process never reads half of
+        one; on an error, what was copied before it stays.
+
+        Args:
+            local_path: A file or directory on this host (a link there is followed).
+            remote_path: Absolute, or relative to `workdir`.
+
+        Raises:
+            SandboxNotADirectoryError: Something that is not a directory is where the tree
+                needs one.
+            SandboxIsADirectoryError: A directory is where the tree has a file.
+            SandboxPermissionError: The sandbox's user may not create something there.
+            OSError: Reading ``local_path`` failed (``FileNotFoundError`` if it is missing).
+            ConfigError: ``local_path`` is neither a file nor a directory.
+            SandboxClosedError: The sandbox was closed.
+        """
+        local = os.fspath(local_path)
+        where = self.resolve(remote_path)
+        self._check_open()
+        info = await anyio.to_thread.run_sync(os.stat, local)
+        if not (_is_dir(info) or _is_file(info)):
+            raise ConfigError(f"cannot upload {local!r}: it is neither a file nor a directory")
+
+        async def send(proc: Process) -> None:
+            sender = _Sender(proc)
+            if _is_file(info):
+                await _send_file(sender, local, ".", follow=True)
+            else:
+                root = _fileops.local_entry(local, ".", info)
+                assert root is not None
+                await sender.put(_fileops.encode(root))
+                await _send_tree(sender, local)
+            await sender.put(_fileops.encode({"end": True}))
+            await sender.flush()
+
+        async def receive(records: _fileops.Records) -> None:
+            await _expect_end(records)
+
+        await self._file_helper(
+            "put",
+            [where],
+            what=f"cannot upload {local!r} to {remote_path!r}",
+            receive=receive,
+            send=send,
+        )
+
+    async def download(self, remote_path: str, local_path: str | os.PathLike[str]) -> None:
+        """Copy a file or directory tree out of the sandbox; ``local_path`` becomes it.
+
+        It reads as the sandbox's user: what that user may not read raises. A link given as
+        ``remote_path`` is followed; links inside the tree are copied as links, not
+        followed. A directory is created at ``local_path`` (with missing parents) or merged
+        into the one there; a file becomes the file at ``local_path``.
+
+        Nothing is ever written outside ``local_path``, whatever the sandbox holds or sends:
+        every name is checked, links are never followed while writing, and a link is
+        created only where its target stays inside the copy (relative, its leading ``..``
+        climbing no higher than ``local_path``, no ``..`` after them; like rsync's
+        ``--safe-links``, stricter). Other links, and FIFOs, sockets and devices, are
+        skipped and named in a warning on the ``sandbay`` logger. Files lose their set-id
+        and sticky bits and group and other write; directories stay writable by you, so
+        the copy can be changed and removed; modification times of files are kept.
+
+        Contents stream to disk: about one chunk is held in memory at a time. Each file is
+        written beside its name and renamed over it (a file or link already there is
+        replaced, never written through); on an error, what was copied before it stays.
+
+        Args:
+            remote_path: Absolute, or relative to `workdir`.
+            local_path: Where on this host the copy goes.
+
+        Raises:
+            SandboxFileNotFoundError: Nothing at ``remote_path``.
+            SandboxNotADirectoryError: A parent in the path is not a directory.
+            SandboxPermissionError: The sandbox's user may not read something in the tree.
+            ProtocolError: The sandbox sent a name that would leave ``local_path`` (or
+                anything else malformed); nothing was written outside ``local_path``.
+            SandboxError: ``remote_path`` is neither a file nor a directory, or a file
+                changed while it was read.
+            OSError: Writing ``local_path`` failed (something else is in the way there).
+            SandboxClosedError: The sandbox was closed.
+        """
+        where = self.resolve(remote_path)
+        tree = _fileops.LocalTree(os.fspath(local_path))
+        skipped: list[str] = []
+
+        async def receive(records: _fileops.Records) -> None:
+            first = _fileops.entry(await records.next(), key="path")
+            if first["path"] != ".":
+                raise ProtocolError("the sandbox's file helper did not start with the root")
+            if first["type"] == "file":
+                await anyio.to_thread.run_sync(tree.begin_file)
+                await _receive_file(records, tree, [], first)
+            elif first["type"] == "dir":
+                await anyio.to_thread.run_sync(tree.begin_dir, first["mode"])
+            else:
+                raise SandboxError(
+                    f"cannot download {remote_path!r}: it is neither a file nor a directory",
+                    provider=self.provider,
+                    sandbox_id=self.id,
+                )
+            while not (record := await records.next()).get("end"):
+                entry = _fileops.entry(record, key="path")
+                parts = _fileops.split_relative(entry["path"])
+                if first["type"] != "dir":
+                    raise ProtocolError("the sandbox's file helper sent entries in a file")
+                if entry["type"] == "dir":
+                    await anyio.to_thread.run_sync(tree.make_dir, parts, entry["mode"])
+                elif entry["type"] == "file":
+                    await _receive_file(records, tree, parts, entry)
+                elif entry["type"] != "symlink" or not await anyio.to_thread.run_sync(
+                    tree.make_link, parts, entry["target"]
+                ):
+                    skipped.append(entry["path"])
+
+        try:
+            await self._file_helper(
+                "get",
+                [where],
+                what=f"cannot download {remote_path!r}",
+                receive=receive,
+            )
+        finally:
+            await anyio.to_thread.run_sync(tree.close)
+            if skipped:
+                shown = ", ".join(repr(p) for p in skipped[:20])
+                more = f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+                _fileops.logger.warning(
+                    "download of %r to %r skipped %d entries (links leading out of the "
+                    "copy, FIFOs, sockets, devices): %s%s",
+                    remote_path,
+                    tree.root,
+                    len(skipped),
+                    shown,
+                    more,
+                )
+
+    async def _file_helper(
+        self,
+        op: str,
+        args: Sequence[str],
+        *,
+        what: str,
+        receive: Callable[[_fileops.Records], Awaitable[_R]],
+        send: Callable[[Process], Awaitable[None]] | None = None,
+    ) -> _R:
+        """Run the file helper's ``op`` as the sandbox's user; ``receive`` reads its records
+        up to the last; ``send`` (if any) feeds its stdin meanwhile."""
+        self._check_open()
+        where = {"provider": self.provider, "sandbox_id": self.id}
+        argv = [self.python, "-I", "-S", "-c", _fileops.HELPER, op, *args]
+        proc = await self.start(argv, cwd="/")
+        records = _fileops.Records(proc.stdout, what=what, where=where)
+        tail = bytearray()
+        local_errors: list[Exception] = []
+
+        async def drain_stderr() -> None:
+            async for chunk in proc.stderr:
+                tail.extend(chunk)
+                del tail[:-2000]
+
+        async def feed() -> None:
+            try:
+                if send is not None:
+                    await send(proc)
+            except BrokenPipeError:
+                pass  # the helper stopped reading: its records say why
+            except Exception as exc:
+                local_errors.append(exc)  # ending stdin early makes the helper clean up
+            finally:
+                await proc.close_stdin()
+
+        ended = False
+        failure: Exception | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain_stderr)
+                tg.start_soon(feed)
+                try:
+                    result = await receive(records)
+                except _fileops.Ended:
+                    ended = True
+                except Exception as exc:
+                    # Raised below, as itself rather than inside an exception group.
+                    failure = exc
+                    tg.cancel_scope.cancel()
+            if failure is None:
+                code = await proc.wait()
+        except BaseException:
+            await _kill_shielded(proc)
+            raise
+        if failure is not None or local_errors:
+            await _kill_shielded(proc)
+            error = local_errors[0] if local_errors else failure
+            assert error is not None
+            raise error from None
+        if ended or code != 0:
+            text = tail.decode(errors="replace").strip()
+            if code == 127:
+                detail = (
+                    f"the file API runs {self.python!r} in the sandbox, and it is not there; "
+                    "use an image with Python 3.10+"
+                )
+            else:
+                detail = f"the file helper failed (exit code {code}): {text or 'no output'}"
+            raise SandboxError(f"{what}: {detail}", **where)
+        return result
+
     async def aclose(self) -> None:
         """Remove the sandbox. Idempotent; runs shielded and bounds its own wait.
 
@@ -647,3 +1081,121 @@ def _show(argv: str | Sequence[str]) -> str:
 async def _kill_shielded(proc: Process) -> None:
     with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
         await proc.kill()
+
+
+def _file_info(name: str, path: str, entry: Mapping[str, Any]) -> FileInfo:
+    return FileInfo(
+        name=name,
+        path=path,
+        type=entry["type"],
+        size=entry["size"],
+        mode=entry["mode"],
+        mtime=float(entry["mtime"]),
+        link_target=entry["target"] if entry["type"] == "symlink" else None,
+    )
+
+
+async def _expect_end(records: _fileops.Records) -> None:
+    if not (await records.next()).get("end"):
+        raise ProtocolError("the sandbox's file helper sent an unexpected record")
+
+
+def _is_dir(info: os.stat_result) -> bool:
+    return info.st_mode & 0o170000 == 0o040000
+
+
+def _is_file(info: os.stat_result) -> bool:
+    return info.st_mode & 0o170000 == 0o100000
+
+
+class _Sender:
+    """Writes to a process's stdin in chunks of about `_fileops.CHUNK`."""
+
+    def __init__(self, proc: Process) -> None:
+        self._proc = proc
+        self._buffer = bytearray()
+
+    async def put(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= _fileops.CHUNK:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._buffer:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            await self._proc.write(data)
+
+
+async def _send_file(sender: _Sender, path: str, rel: str, *, follow: bool) -> None:
+    """Send one local regular file's record and contents (about one chunk held at a time)."""
+    if follow:
+        path = await anyio.to_thread.run_sync(os.path.realpath, path)
+    fd, info = await anyio.to_thread.run_sync(_fileops.open_local, path)
+    try:
+        record = _fileops.local_entry(path, rel, info)
+        if record is None or record["type"] != "file":
+            return  # no longer a regular file
+        size = record["size"]
+        await sender.put(_fileops.encode(record))
+        left = size
+        while left:
+            data = await anyio.to_thread.run_sync(
+                _fileops.read_exactly, fd, min(left, _fileops.SMALL_FILE)
+            )
+            if not data:
+                raise OSError(f"{path!r} shrank while it was uploaded")
+            await sender.put(data)
+            left -= len(data)
+    finally:
+        os.close(fd)
+
+
+async def _send_tree(sender: _Sender, root: str) -> None:
+    """Send every entry below a local directory, directories before what they hold."""
+    todo = [(".", root)]
+    while todo:
+        rel, path = todo.pop()
+        subdirs = []
+        for name, info in await anyio.to_thread.run_sync(_fileops.scan, path):
+            child = os.path.join(path, name)
+            crel = name if rel == "." else f"{rel}/{name}"
+            if _is_file(info):
+                await _send_file(sender, child, crel, follow=False)
+                continue
+            record = await anyio.to_thread.run_sync(_fileops.local_entry, child, crel, info)
+            if record is None:
+                _fileops.logger.warning("upload skipped %r: not a file, directory or link", child)
+                continue
+            await sender.put(_fileops.encode(record))
+            if record["type"] == "dir":
+                subdirs.append((crel, child))
+        todo.extend(reversed(subdirs))
+
+
+async def _receive_file(
+    records: _fileops.Records, tree: _fileops.LocalTree, parts: list[str], entry: Mapping[str, Any]
+) -> None:
+    """Write one downloaded file's contents, holding about one chunk at a time."""
+    size, mode, mtime = entry["size"], entry["mode"], float(entry["mtime"])
+    if size <= _fileops.SMALL_FILE:
+        data = b"".join([chunk async for chunk in records.data(size)])
+        if await records.status():
+            await anyio.to_thread.run_sync(tree.small_file, parts, data, mode, mtime)
+            return
+    else:
+        opened = await anyio.to_thread.run_sync(tree.open_file, parts)
+        keep = False
+        try:
+            async for chunk in records.data(size):
+                await anyio.to_thread.run_sync(tree.write, opened[0], chunk)
+            keep = await records.status()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(
+                    functools.partial(tree.finish_file, opened, mode, mtime, keep=keep)
+                )
+        if keep:
+            return
+    await records.next()  # the error record: raises its typed error
+    raise ProtocolError("the sandbox's file helper failed a file without saying why")

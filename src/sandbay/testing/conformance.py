@@ -34,6 +34,7 @@ import json
 import math
 import os
 import shlex
+import tempfile
 import time
 import traceback
 import uuid
@@ -59,6 +60,7 @@ from .._errors import (
     ConfigError,
     SandboxClosedError,
     SandboxError,
+    SandboxFileExistsError,
     SandboxFileNotFoundError,
     SandboxFileTooLargeError,
     SandboxIsADirectoryError,
@@ -1938,3 +1940,400 @@ async def check_spec_limits_honoured_or_refused(target: Target) -> None:
                     f"visible inside (seen: {shown})"
                 )
     _fail_all(problems, "limits must be honoured or refused with ConfigError")
+
+
+# --- the file API: list, stat, exists, remove, make_dir, trees -------------------------------
+
+_BIG = b"3 MiB and 17 bytes of random data, made when the tree is"
+# A tree for the round trip: (relative path, contents or None for a directory, mode).
+_TREE: Sequence[tuple[str, bytes | None, int]] = (
+    ("bin", None, 0o755),
+    ("bin/run.sh", b"#!/bin/sh\necho ran\n", 0o755),
+    ("data", None, 0o750),
+    ("data/blob.bin", bytes(range(256)) * 64 + b"\x00\r\n", 0o644),
+    ("data/secret.key", b"k" * 10, 0o600),
+    ("data/deep", None, 0o755),
+    ("data/deep/er", None, 0o755),
+    ("data/deep/er/big.bin", _BIG, 0o640),
+    ("data/empty.txt", b"", 0o644),
+    ("empty-dir", None, 0o700),
+    ("naïve name with spaces", b"unicode\n", 0o644),
+)
+_TREE_LINKS = {"bin/latest": "run.sh", "data/deep/up": "../blob.bin"}
+
+
+def _make_local_tree(root: str) -> None:
+    os.makedirs(root)
+    for rel, data, _ in _TREE:
+        path = os.path.join(root, rel)
+        if data is None:
+            os.mkdir(path)
+        else:
+            _write_local(path, os.urandom(3 * 2**20 + 17) if data is _BIG else data)
+        os.utime(path, (1_600_000_000, 1_600_000_000))
+    for rel, target in _TREE_LINKS.items():
+        os.symlink(target, os.path.join(root, rel))
+    for rel, _, mode in reversed(_TREE):
+        os.chmod(os.path.join(root, rel), mode)
+
+
+def _local_tree(root: str) -> dict[str, tuple[str, int, str]]:
+    """Every entry below root: relative path -> (type, mode, digest of contents or target)."""
+    found: dict[str, tuple[str, int, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            info = os.lstat(path)
+            mode = info.st_mode & 0o7777
+            if os.path.islink(path):
+                found[rel] = ("symlink", 0, os.readlink(path))
+            elif os.path.isdir(path):
+                found[rel] = ("dir", mode, "")
+            else:
+                with open(path, "rb") as f:
+                    found[rel] = ("file", mode, hashlib.sha256(f.read()).hexdigest())
+    return found
+
+
+# Prints, as JSON, every entry below argv[1]: relative path -> [type, mode, sha256 or target].
+_TREE_AS_USER = """\
+import hashlib, json, os, stat, sys
+root, found = sys.argv[1], {}
+for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+        path = os.path.join(dirpath, name)
+        st = os.lstat(path)
+        rel = os.path.relpath(path, root)
+        if stat.S_ISLNK(st.st_mode):
+            found[rel] = ['symlink', 0, os.readlink(path)]
+        elif stat.S_ISDIR(st.st_mode):
+            found[rel] = ['dir', stat.S_IMODE(st.st_mode), '']
+        else:
+            found[rel] = ['file', stat.S_IMODE(st.st_mode),
+                          hashlib.sha256(open(path, 'rb').read()).hexdigest()]
+print(json.dumps(found))
+"""
+
+
+@_check
+async def check_file_api_list_stat_exists(target: Target) -> None:
+    """list_dir lists a directory sorted by name, each entry as it is (a link as a symlink
+    with its target, never followed), with type, size and mode; stat follows a final link
+    unless follow_symlinks=False; exists says False for missing paths and dangling links;
+    missing paths raise SandboxFileNotFoundError, a file listed or passed through
+    SandboxNotADirectoryError."""
+    async with target.sandbox() as sb:
+        await sb.write_file("d/b.txt", b"12345", mode=0o640)
+        await _run(sb, "mkdir d/sub && ln -s b.txt d/a-link && ln -s /nowhere/at/all d/dangling")
+        await _run(sb, "ln -s /etc d/etc-link && mkfifo d/fifo")
+        entries = await sb.list_dir("d")
+        names = [e.name for e in entries]
+        expect(names == ["a-link", "b.txt", "dangling", "etc-link", "fifo", "sub"], f"{names}")
+        by = {e.name: e for e in entries}
+        b = by["b.txt"]
+        expect((b.type, b.size, b.mode) == ("file", 5, 0o640), f"b.txt listed as {b}")
+        expect(b.path == sb.resolve("d/b.txt"), f"b.txt's path is {b.path!r}")
+        expect(by["sub"].is_dir, f"sub listed as {by['sub']}")
+        expect(by["fifo"].type == "other", f"a FIFO listed as {by['fifo']}")
+        link = by["etc-link"]
+        expect(link.is_symlink and link.link_target == "/etc", f"etc-link listed as {link}")
+        expect(abs(b.mtime - time.time()) < 3600, f"b.txt's mtime {b.mtime} is not about now")
+        followed = await sb.stat("d/a-link")
+        expect(followed.is_file and followed.size == 5, f"stat of a link to b.txt: {followed}")
+        expect(followed.name == "a-link", f"stat names it {followed.name!r}")
+        own = await sb.stat("d/a-link", follow_symlinks=False)
+        expect(own.is_symlink and own.link_target == "b.txt", f"lstat of the link: {own}")
+        expect((await sb.stat(sb.resolve("d"))).is_dir, "stat of an absolute dir path")
+        for path, want in (("d/b.txt", True), ("d", True), ("d/nope", False), ("d/b.txt/x", False)):
+            got = await sb.exists(path)
+            expect(got is want, f"exists({path!r}) is {got}")
+        expect(not await sb.exists("d/dangling"), "exists() of a dangling link is True")
+        expect(await sb.exists("d/dangling", follow_symlinks=False), "the link itself exists")
+        errors: list[tuple[type[BaseException], str, Callable[[], Awaitable[object]]]] = [
+            (SandboxFileNotFoundError, "list_dir('nope')", lambda: sb.list_dir("nope")),
+            (SandboxFileNotFoundError, "stat('nope')", lambda: sb.stat("nope")),
+            (SandboxFileNotFoundError, "stat of a dangling link", lambda: sb.stat("d/dangling")),
+            (SandboxNotADirectoryError, "list_dir of a file", lambda: sb.list_dir("d/b.txt")),
+            (SandboxNotADirectoryError, "stat through a file", lambda: sb.stat("d/b.txt/x")),
+        ]
+        for error, what, action in errors:
+            exc = await _expect_raises(error, action, what)
+            expect(isinstance(exc, OSError), f"{what}: {type(exc).__name__} is no OSError")
+        await sb.aclose()
+        for what, action in (
+            ("list_dir", lambda: sb.list_dir("d")),
+            ("stat", lambda: sb.stat("d")),
+            ("exists", lambda: sb.exists("d")),
+            ("remove", lambda: sb.remove("d", recursive=True)),
+            ("make_dir", lambda: sb.make_dir("e")),
+        ):
+            await _expect_raises(SandboxClosedError, action, f"{what} after aclose")
+
+
+@_check
+async def check_file_api_make_dir_remove(target: Target) -> None:
+    """make_dir makes parents and accepts an existing directory by default; exist_ok=False
+    and a file in the way raise SandboxFileExistsError, parents=False with a missing parent
+    SandboxFileNotFoundError. remove removes files and links, refuses a directory without
+    recursive (SandboxIsADirectoryError), removes it with recursive, raises
+    SandboxFileNotFoundError for a missing path unless missing_ok, refuses '/'."""
+    async with target.sandbox() as sb:
+        await sb.make_dir("p/q/r")
+        await _run(sb, ["test", "-d", "p/q/r"])
+        await sb.make_dir("p/q/r")
+        await sb.make_dir("p/q/s", parents=False)
+        await _run(sb, ["test", "-d", "p/q/s"])
+        await sb.write_file("p/file", b"x")
+        for what, action, error in (
+            ("exist_ok=False", lambda: sb.make_dir("p/q", exist_ok=False), SandboxFileExistsError),
+            ("over a file", lambda: sb.make_dir("p/file"), SandboxFileExistsError),
+            ("through a file", lambda: sb.make_dir("p/file/x"), SandboxNotADirectoryError),
+            (
+                "parents=False",
+                lambda: sb.make_dir("p/x/y", parents=False),
+                SandboxFileNotFoundError,
+            ),
+        ):
+            await _expect_raises(error, action, f"make_dir {what}")
+        await _run(sb, "ln -s q p/q-link && printf keep > p/q/r/kept")
+        await sb.remove("p/q-link")
+        expect(not await sb.exists("p/q-link", follow_symlinks=False), "the link is still there")
+        expect(await sb.exists("p/q/r/kept"), "removing a link removed what it leads to")
+        await sb.remove("p/file")
+        expect(not await sb.exists("p/file"), "the file is still there")
+        await _expect_raises(SandboxIsADirectoryError, lambda: sb.remove("p"), "remove(dir)")
+        expect(await sb.exists("p/q/r/kept"), "a refused remove removed something")
+        await _expect_raises(
+            SandboxFileNotFoundError, lambda: sb.remove("p/none"), "remove missing"
+        )
+        await sb.remove("p/none", missing_ok=True)
+        await sb.remove("p/q/", recursive=True)
+        expect(not await sb.exists("p/q"), "remove(recursive=True) left the directory")
+        expect(await sb.exists("p"), "remove(recursive=True) removed the parent")
+        await _expect_raises(ConfigError, lambda: sb.remove("/", recursive=True), "remove('/')")
+
+
+@_check
+async def check_file_api_rights_as_user(target: Target) -> None:
+    """list_dir, make_dir and remove have the sandbox's user's rights: in a directory it
+    closed (chmod 000) or made read-only (chmod 555) they raise SandboxPermissionError
+    where the user's own ``ls``, ``mkdir`` or ``rm`` is refused, and change nothing; where
+    the user may (root), they succeed as its commands do."""
+    async with target.sandbox() as sb:
+        await _run(sb, "mkdir -p closed ro && touch closed/f ro/f && chmod 000 closed")
+        await _run(sb, "chmod 555 ro")
+        problems = []
+        cases: list[tuple[str, str, Callable[[], Awaitable[object]]]] = [
+            ("list_dir('closed')", "ls closed", lambda: sb.list_dir("closed")),
+            (
+                "make_dir('ro/new')",
+                "mkdir ro/new-probe && rmdir ro/new-probe",
+                lambda: sb.make_dir("ro/new"),
+            ),
+            ("remove('ro/f')", "cp ro/f ro/f-probe && rm ro/f-probe", lambda: sb.remove("ro/f")),
+        ]
+        allowed: dict[str, bool] = {}
+        for what, probe, action in cases:
+            user_may = allowed[what] = (await sb.exec(["sh", "-c", probe])).ok
+            try:
+                await action()
+            except SandboxPermissionError as exc:
+                if user_may:
+                    problems.append(f"{what} raised {_describe(exc)}; the user may do it")
+                elif not isinstance(exc, PermissionError):
+                    problems.append(f"{what}: SandboxPermissionError is no PermissionError")
+            except Exception as exc:
+                problems.append(f"{what} raised {_describe(exc)}")
+            else:
+                if not user_may:
+                    problems.append(f"{what} succeeded where the sandbox's user may not")
+        if not allowed["remove('ro/f')"]:
+            expect(await sb.exists("ro/f"), "a refused remove removed the file")
+        await sb.exec(["chmod", "-R", "u+rwx", "closed", "ro"])
+        _fail_all(problems, "the file API must have the sandbox's user's rights")
+
+
+@_check
+async def check_file_api_links_not_followed_out(target: Target) -> None:
+    """Links planted in the sandbox lead the file API nowhere new: list_dir shows them as
+    links; remove of a link removes the link; a recursive remove of a directory holding
+    links (absolute, relative, to directories outside it) removes the links and keeps what
+    they lead to; download creates no link that leads out of its copy, and writes nothing
+    outside it; in an isolated sandbox, upload and make_dir through a link to /etc create
+    only what the user's own mkdir could (else SandboxPermissionError, nothing made)."""
+    async with target.sandbox() as sb:
+        await sb.write_file("keep/canary", b"still here")
+        keep = sb.resolve("keep")
+        await _run(sb, ["mkdir", "-p", "doomed/sub"])
+        await _run(sb, ["ln", "-s", keep, "doomed/abs-link"])
+        await _run(sb, ["ln", "-s", "../keep", "doomed/rel-link"])
+        await _run(sb, ["ln", "-s", "../../keep/canary", "doomed/sub/file-link"])
+        await _run(sb, ["ln", "-s", "/etc", "doomed/etc-link"])
+        listed = {e.name: e.type for e in await sb.list_dir("doomed")}
+        expect(listed.get("abs-link") == "symlink", f"list_dir shows {listed}")
+        with tempfile.TemporaryDirectory() as tmp:
+            dest = os.path.join(tmp, "dest")
+            await sb.download("doomed", dest)
+            _expect_contained(tmp, dest)
+            expect(sorted(os.listdir(tmp)) == ["dest"], f"download wrote {os.listdir(tmp)}")
+            expect(sorted(os.listdir(dest)) == ["sub"], f"the copy holds {os.listdir(dest)}")
+        if sb.isolated:  # else the user is the host's, and /etc the host's own
+            await _upload_through_link_as_user(sb, "doomed/etc-link")
+        await sb.remove("doomed/etc-link")
+        expect((await sb.stat("/etc")).is_dir, "removing a link to /etc touched /etc")
+        await sb.remove("doomed", recursive=True)
+        expect(not await sb.exists("doomed"), "the directory is still there")
+        back = await sb.read_file("keep/canary")
+        expect(back == b"still here", f"the canary a link led to now holds {back!r}")
+
+
+async def _upload_through_link_as_user(sb: Sandbox, link: str) -> None:
+    """upload and make_dir through a link to /etc create only what the user's own mkdir
+    could, and otherwise raise SandboxPermissionError, creating nothing."""
+    name = f"{link}/.sandbay-conformance-{uuid.uuid4().hex[:12]}"
+    user_may = (await sb.exec(["sh", "-c", f"mkdir {name} && rmdir {name}"])).ok
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_local(os.path.join(tmp, "f.txt"), b"uploaded")
+        actions: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("upload", lambda: sb.upload(tmp, name)),
+            ("make_dir", lambda: sb.make_dir(name)),
+        ]
+        for what, action in actions:
+            if user_may:
+                await action()
+                await sb.remove(name, recursive=True)
+            else:
+                await _expect_raises(SandboxPermissionError, action, f"{what} through {link}")
+            made = await sb.exists(name, follow_symlinks=False)
+            expect(not made, f"{what} through {link} left {name} behind")
+
+
+def _expect_contained(top: str, dest: str) -> None:
+    """Fail if anything below top is outside dest, or a link below dest leads out of it."""
+    real = os.path.realpath(dest)
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            expect(
+                os.path.commonpath([path, dest]) == dest or path == dest,
+                f"download wrote {path!r}, outside {dest!r}",
+            )
+            if os.path.islink(path):
+                lands = os.path.realpath(path)
+                expect(
+                    os.path.commonpath([lands, real]) == real,
+                    f"download made the link {path!r} -> {os.readlink(path)!r}, which leads "
+                    f"out of the copy (to {lands!r})",
+                )
+
+
+@_check
+async def check_file_tree_roundtrip(target: Target) -> None:
+    """upload copies a local tree (nested directories, binary files of up to 3 MiB, modes,
+    an empty directory, links, a non-ASCII name) into the sandbox, where its processes see
+    the same bytes, modes and links; download copies it back out identical; a single file
+    goes both ways too."""
+    async with target.sandbox() as sb:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "src")
+            _make_local_tree(src)
+            want = _local_tree(src)
+            await sb.upload(src, "up/tree")
+            seen = json.loads((await _run(sb, _py(sb, _TREE_AS_USER, "up/tree"))).stdout)
+            problems = []
+            for rel, (kind, mode, content) in want.items():
+                got = seen.get(rel)
+                if got is None:
+                    problems.append(f"{rel!r} is missing in the sandbox")
+                    continue
+                if got != [kind, mode, content]:
+                    problems.append(f"{rel!r} is {got} in the sandbox, {kind} {oct(mode)}")
+            extra = set(seen) - set(want)
+            if extra:
+                problems.append(f"the sandbox has entries the tree lacks: {sorted(extra)}")
+            _fail_all(problems, "upload must copy the tree")
+            info = await sb.stat("up/tree/data/blob.bin")
+            expect(int(info.mtime) == 1_600_000_000, f"upload lost the mtime: {info.mtime}")
+            out = os.path.join(tmp, "out", "copy")
+            await sb.download("up/tree", out)
+            back = _local_tree(out)
+            expect(back == want, f"download gave a different tree: {_tree_diff(want, back)}")
+            expect(
+                int(os.stat(os.path.join(out, "data/blob.bin")).st_mtime) == 1_600_000_000,
+                "download lost the mtime",
+            )
+            one = os.path.join(tmp, "one.bin")
+            await sb.upload(os.path.join(src, "data/deep/er/big.bin"), "single/big.bin")
+            await sb.download("single/big.bin", one)
+            same = _read_local(one) == _read_local(os.path.join(src, "data/deep/er/big.bin"))
+            expect(same, "a single file came back different")
+
+
+def _tree_diff(want: Mapping[str, object], got: Mapping[str, object]) -> str:
+    keys = sorted(set(want) | set(got))
+    diffs = [f"{k}: {want.get(k)} != {got.get(k)}" for k in keys if want.get(k) != got.get(k)]
+    return "; ".join(diffs[:10])
+
+
+# Builds a tree whose names and links try to lead a download out of its copy: names with
+# newlines, backslashes, leading dashes and dots, bytes that are not UTF-8; links that are
+# absolute, climb out, or climb out only in combination (l2 goes through l1, which climbs
+# back up to the tree's root, then one level more).
+_HOSTILE_TREE = r"""
+import os, sys
+root = sys.argv[1]
+os.makedirs(os.path.join(root, 'd', 'e'))
+for name in ['line\nbreak', 'back\\slash', '-dash', '..dots', '.hidden', 'sp ace']:
+    with open(os.path.join(root, name), 'w') as f:
+        f.write(name)
+with open(os.path.join(os.fsencode(root), b'bad-\xff-utf8'), 'w') as f:
+    f.write('bytes')
+links = {'abs': '/etc', 'up': '../../../../../../../../etc', 'self-up': '..',
+         'd/e/l1': '..', 'l2': 'd/e/l1/../../..', 'd/ok': '../sp ace',
+         'd/e/deep-up': '../../..', 'dot-dot-later': 'd/../..'}
+for rel, target in links.items():
+    os.symlink(target, os.path.join(root, rel))
+"""
+
+
+@_check
+async def check_file_download_hostile_tree(target: Target) -> None:
+    """download of a tree the sandbox built to escape (links that are absolute, climb out
+    directly or only in combination; odd names, bytes that are not UTF-8) writes nothing
+    outside the local directory and creates no link that leads out of it; every regular
+    file arrives with its name and contents, and links that stay inside are kept."""
+    async with target.sandbox() as sb:
+        await _run(sb, _py(sb, _HOSTILE_TREE, "hostile"))
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_local(os.path.join(tmp, "outside.txt"), b"untouched")
+            dest = os.path.join(tmp, "box", "dest")
+            await sb.download("hostile", dest)
+            _check_hostile_copy(tmp, dest)
+
+
+def _read_local(path: str | bytes) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write_local(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _check_hostile_copy(tmp: str, dest: str) -> None:
+    _expect_contained(os.path.join(tmp, "box"), dest)
+    expect(sorted(os.listdir(tmp)) == ["box", "outside.txt"], f"{os.listdir(tmp)}")
+    expect(_read_local(os.path.join(tmp, "outside.txt")) == b"untouched", "outside.txt changed")
+    for name in ["line\nbreak", "back\\slash", "-dash", "..dots", ".hidden", "sp ace"]:
+        got = _read_local(os.path.join(dest, name))
+        expect(got == name.encode(), f"{name!r} arrived as {got!r}")
+    odd = os.path.join(os.fsencode(dest), b"bad-\xff-utf8")
+    expect(_read_local(odd) == b"bytes", "the file whose name is not UTF-8 arrived different")
+    expect(os.readlink(os.path.join(dest, "d/ok")) == "../sp ace", "an inside link was lost")
+    for gone in ("abs", "up", "self-up", "l2", "d/e/deep-up", "dot-dot-later"):
+        expect(
+            not os.path.lexists(os.path.join(dest, gone)),
+            f"the link {gone!r}, which leads out, was created",
+        )
