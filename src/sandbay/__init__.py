@@ -30,9 +30,16 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
-    from ._agent import AgentRun, replay_agent, run_agent
-    from ._api import create_sandbox, get_provider, open_sandbox
-    from ._config import DockerConfig, LocalConfig, ProviderConfig, SandbayConfig, load_config
+    from ._agent import AgentRun, ResumedRun, RunHandle, replay_agent, resume_run, run_agent
+    from ._api import Providers, connect_sandbox, create_sandbox, get_provider, open_sandbox
+    from ._config import (
+        BaseProviderConfig,
+        DockerConfig,
+        LocalConfig,
+        ProviderConfig,
+        SandbayConfig,
+        load_config,
+    )
     from ._pool import SandboxPool
     from ._provider import Provider, ProviderStatus, SandboxInfo
     from ._sandbox import ByteStream, ExecResult, Process, Sandbox, SandboxSpec
@@ -42,11 +49,17 @@ __version__ = "0.1.0"
 # Public name -> the private module that defines it, imported on first access.
 _LAZY = {
     "AgentRun": "._agent",
+    "ResumedRun": "._agent",
+    "RunHandle": "._agent",
     "replay_agent": "._agent",
+    "resume_run": "._agent",
     "run_agent": "._agent",
+    "Providers": "._api",
+    "connect_sandbox": "._api",
     "create_sandbox": "._api",
     "get_provider": "._api",
     "open_sandbox": "._api",
+    "BaseProviderConfig": "._config",
     "DockerConfig": "._config",
     "LocalConfig": "._config",
     "ProviderConfig": "._config",
@@ -66,6 +79,7 @@ _LAZY = {
 __all__ = [
     "AgentError",
     "AgentRun",
+    "BaseProviderConfig",
     "ByteStream",
     "ConfigError",
     "DockerConfig",
@@ -79,6 +93,9 @@ __all__ = [
     "ProviderConfig",
     "ProviderStatus",
     "ProviderUnavailableError",
+    "Providers",
+    "ResumedRun",
+    "RunHandle",
     "SandbayConfig",
     "Sandbox",
     "SandboxClosedError",
@@ -93,11 +110,13 @@ __all__ = [
     "SandboxPool",
     "SandboxSpec",
     "SandboxTimeoutError",
+    "connect_sandbox",
     "create_sandbox",
     "get_provider",
     "load_config",
     "open_sandbox",
     "replay_agent",
+    "resume_run",
     "run_agent",
 ]
 
