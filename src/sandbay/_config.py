@@ -41,6 +41,7 @@ from pydantic import (
     Field,
     SecretBytes,
     SecretStr,
+    SerializeAsAny,
     TypeAdapter,
     ValidationError,
     ValidatorFunctionWrapHandler,
@@ -233,8 +234,9 @@ def _validate_provider(value: Any, handler: ValidatorFunctionWrapHandler | None)
 class SandbayConfig(_Base):
     """A whole config file: the provider and the defaults for every sandbox."""
 
-    provider: Annotated[BaseProviderConfig, WrapValidator(_validate_provider)] = Field(
-        default_factory=LocalConfig
+    # SerializeAsAny: dumped as the config it is, not as the base class's lone ``type``.
+    provider: Annotated[SerializeAsAny[BaseProviderConfig], WrapValidator(_validate_provider)] = (
+        Field(default_factory=LocalConfig)
     )
     """Which provider, and its settings: a built-in `ProviderConfig`, or the config model a
     ``sandbay.providers`` entry point registers for ``type``."""

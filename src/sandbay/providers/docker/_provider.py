@@ -296,6 +296,7 @@ class DockerProvider(Provider):
 def _spec_label(spec: SandboxSpec, user: str, ready_workdir: bool) -> str:
     data = spec.model_dump(mode="json", exclude={"env", "labels"})
     data["env_names"] = sorted(spec.env)
+    data["label_names"] = sorted(spec.labels)  # the image's own labels are not the spec's
     data["sandbox_user"] = user
     data["ready_workdir"] = ready_workdir
     return json.dumps(data, separators=(",", ":"))
@@ -310,12 +311,16 @@ def _stored_spec(labels: Mapping[str, str], env: list[str]) -> tuple[SandboxSpec
     if not isinstance(data, dict):
         data = {}
     names = data.pop("env_names", [])
+    label_names = data.pop("label_names", None)
     user = data.pop("sandbox_user", None)
     ready_workdir = data.pop("ready_workdir", False) is True
     values = dict(item.partition("=")[::2] for item in env if isinstance(item, str))
     if isinstance(names, list):
         data["env"] = {name: values[name] for name in names if name in values}
-    data["labels"] = {k: v for k, v in labels.items() if k != SPEC_LABEL}
+    if isinstance(label_names, list):
+        data["labels"] = {k: labels[k] for k in label_names if k in labels}
+    else:
+        data["labels"] = {k: v for k, v in labels.items() if k != SPEC_LABEL}
     try:
         spec = SandboxSpec.model_validate(data)
     except SandboxError:  # written by another version of sandbay: keep what still fits

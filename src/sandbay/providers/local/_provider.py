@@ -54,8 +54,11 @@ class LocalProvider(Provider):
     - `connect` works from any process of the same user on this machine (the registry is
       per user). The whole spec, env included, is kept in the registry entry (mode 0600),
       so a reattached sandbox has it all. An isolated sandbox needs ``bwrap`` where it is
-      reattached, too. The reattaching provider's config (``python``,
-      ``allow_bypass_permissions``) applies from then on.
+      reattached, too, and its processes die with the process that started them
+      (bubblewrap's ``--die-with-parent``): its files outlive a crashed worker, a running
+      agent does not (unisolated, it runs on, and `sandbay.resume_run` follows it). The
+      reattaching provider's config (``python``, ``allow_bypass_permissions``) applies
+      from then on.
     """
 
     name = NAME
