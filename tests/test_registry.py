@@ -181,3 +181,17 @@ def test_a_whole_config_round_trips_through_json_with_its_provider_fields(
     ):
         config = sandbay.SandbayConfig(provider=provider)
         assert sandbay.SandbayConfig.model_validate_json(config.model_dump_json()) == config
+
+
+def test_the_process_wide_providers_are_closed_at_exit(thirdparty: Path) -> None:
+    code = (
+        "import atexit, sandbay\n"
+        "from thirdparty_provider import ThirdPartyConfig\n"
+        "made = []\n"
+        "atexit.register(lambda: print('closed:', made[0].closed))  # runs after sandbay's\n"
+        "made.append(sandbay.get_provider(ThirdPartyConfig()))\n"
+        "print('open:', made[0].closed)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(thirdparty / "site"), str(TESTS)])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.stdout.split() == ["open:", "False", "closed:", "True"], result.stderr
