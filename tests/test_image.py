@@ -184,6 +184,10 @@ class _Imageless(Provider):
         raise NotImplementedError
 
     @override
+    async def connect(self, sandbox_id: str) -> Sandbox:
+        raise NotImplementedError
+
+    @override
     async def list(self, *, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
         return []
 
@@ -199,7 +203,7 @@ class _Imageless(Provider):
 @pytest.mark.anyio
 async def test_providers_without_images_say_so() -> None:
     with pytest.raises(ConfigError, match="the imageless provider has no images"):
-        await _Imageless().build_image()
+        await _Imageless(LocalConfig()).build_image()
     with pytest.raises(ConfigError, match="local provider runs on this machine and has no images"):
         await LocalProvider(LocalConfig()).build_image()
 

@@ -31,9 +31,24 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
-    from ._agent import AgentRun, RunTimings, replay_agent, run_agent
-    from ._api import create_sandbox, get_provider, open_sandbox
-    from ._config import DockerConfig, LocalConfig, ProviderConfig, SandbayConfig, load_config
+    from ._agent import (
+        AgentRun,
+        ResumedRun,
+        RunHandle,
+        RunTimings,
+        replay_agent,
+        resume_run,
+        run_agent,
+    )
+    from ._api import Providers, connect_sandbox, create_sandbox, get_provider, open_sandbox
+    from ._config import (
+        BaseProviderConfig,
+        DockerConfig,
+        LocalConfig,
+        ProviderConfig,
+        SandbayConfig,
+        load_config,
+    )
     from ._pool import SandboxPool
     from ._provider import Provider, ProviderStatus, SandboxInfo
     from ._sandbox import ByteStream, ExecResult, FileInfo, FileType, Process, Sandbox, SandboxSpec
@@ -43,12 +58,18 @@ __version__ = "0.1.0"
 # Public name -> the private module that defines it, imported on first access.
 _LAZY = {
     "AgentRun": "._agent",
+    "ResumedRun": "._agent",
+    "RunHandle": "._agent",
     "replay_agent": "._agent",
     "RunTimings": "._agent",
+    "resume_run": "._agent",
     "run_agent": "._agent",
+    "Providers": "._api",
+    "connect_sandbox": "._api",
     "create_sandbox": "._api",
     "get_provider": "._api",
     "open_sandbox": "._api",
+    "BaseProviderConfig": "._config",
     "DockerConfig": "._config",
     "LocalConfig": "._config",
     "ProviderConfig": "._config",
@@ -70,6 +91,7 @@ _LAZY = {
 __all__ = [
     "AgentError",
     "AgentRun",
+    "BaseProviderConfig",
     "ByteStream",
     "ConfigError",
     "DockerConfig",
@@ -85,6 +107,9 @@ __all__ = [
     "ProviderConfig",
     "ProviderStatus",
     "ProviderUnavailableError",
+    "Providers",
+    "ResumedRun",
+    "RunHandle",
     "RunTimings",
     "SandbayConfig",
     "Sandbox",
@@ -101,11 +126,13 @@ __all__ = [
     "SandboxPool",
     "SandboxSpec",
     "SandboxTimeoutError",
+    "connect_sandbox",
     "create_sandbox",
     "get_provider",
     "load_config",
     "open_sandbox",
     "replay_agent",
+    "resume_run",
     "run_agent",
 ]
 

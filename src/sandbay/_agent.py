@@ -27,15 +27,23 @@ import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing
 from pathlib import PurePath
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import anyio
 from claude_agent_sdk import ClaudeAgentOptions, Message
 from claude_agent_sdk._internal.message_parser import parse_message
+from pydantic import ValidationError
 from typing_extensions import Self
 
-from ._api import get_provider
-from ._config import ProviderConfig, SandbayConfig, load_config
+from ._api import Providers, connect_sandbox, get_provider
+from ._config import (
+    BaseProviderConfig,
+    ProviderConfig,
+    SandbayConfig,
+    config_from_data,
+    load_config,
+    provider_config,
+)
 from ._errors import AgentError, ConfigError, ProtocolError, SandboxError, SandboxTimeoutError
 from ._provider import Launch, Provider, managed_labels
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
@@ -45,8 +53,10 @@ __all__ = [
     "Envelope",
     "Lease",
     "LeaseSource",
+    "RunHandle",
     "RunTimings",
     "replay_agent",
+    "resume_run",
     "run_agent",
 ]
 
@@ -213,6 +223,11 @@ class LeaseSource(Protocol):
     @property
     def agent_env(self) -> Mapping[str, str]:
         """The agent environment the pool's CLIs were started with."""
+        ...
+
+    @property
+    def provider(self) -> str | BaseProviderConfig | SandbayConfig | Provider | None:
+        """The provider the pool's sandboxes come from, as it was given to the pool."""
         ...
 
     def check_options(self, wire_options: Mapping[str, object]) -> None:
@@ -497,6 +512,46 @@ class AgentRun:
         if self._gen is not None:
             await self._gen.aclose()
 
+    def handle(self, *, provider: str | BaseProviderConfig | None = None) -> RunHandle:
+        """A serialisable handle with which another process resumes this run (`resume_run`).
+
+        Take it once the run has its sandbox (after the first message), and again for a
+        later ``last_seq``. It holds the provider's config as data (secrets left out: they
+        come from the resuming process's environment), the sandbox id, the run id, the last
+        sequence number received, and whether the run owns its sandbox (then the resumer
+        removes it when done). The run started here still kills the agent and removes the
+        sandbox when it is closed; a handle is for when this process cannot go on (it
+        crashed, or the worker restarted), not for two readers at once.
+
+        Args:
+            provider: The config of the provider the sandbox is on, when the run was given
+                a ``sandbox=`` made from something other than that provider's defaults.
+
+        Raises:
+            ConfigError: The run has no sandbox yet.
+        """
+        sandbox = self.sandbox
+        if sandbox is None:
+            raise ConfigError("the run has no sandbox yet: take its handle after it started")
+        if provider is None:
+            source = self._pool.provider if self._pool is not None else self._provider
+            if isinstance(source, Provider):
+                source = source.config
+            if source is None and not self._owns_sandbox:
+                # A sandbox given without its config: the provider's defaults.
+                config = config_from_data({"type": sandbox.provider})
+            else:
+                config = provider_config(source)
+        else:
+            config = provider_config(provider)
+        return RunHandle(
+            provider=config.public_data(),
+            sandbox_id=sandbox.id,
+            run_id=self.run_id,
+            last_seq=self.last_seq,
+            owns_sandbox=self._owns_sandbox,
+        )
+
     async def _messages(self) -> AsyncGenerator[Any, None]:
         # aclosing: closing this generator must close the one below, whose ``finally``
         # kills the agent and removes the sandbox; otherwise that waits for the garbage
@@ -728,14 +783,214 @@ async def replay_agent(sandbox: Sandbox, run_id: str, *, after: int = 0) -> Asyn
     Raises:
         AgentError: The run failed, or its entrypoint died before it ended.
     """
+    async with aclosing(_replay_envelopes(sandbox, run_id, after)) as envelopes:
+        async for envelope in envelopes:
+            message = _parse_message(envelope, sandbox)
+            if message is not None:
+                yield message
+
+
+@dataclasses.dataclass(frozen=True)
+class RunHandle:
+    """Where a run lives, as data: another process resumes it with `resume_run`.
+
+    Made by `AgentRun.handle`; `to_json` and `from_json` carry it across processes.
+
+    Attributes:
+        provider: The provider's config as JSON-ready data (``type`` and its fields, secrets
+            left out).
+        sandbox_id: `Sandbox.id` of the run's sandbox.
+        run_id: `AgentRun.run_id`.
+        last_seq: Sequence number of the last message the handle's holder received;
+            resuming yields the messages after it.
+        owns_sandbox: Whether the run created its sandbox (then the resumer removes it).
+    """
+
+    provider: Mapping[str, Any]
+    sandbox_id: str
+    run_id: str
+    last_seq: int = 0
+    owns_sandbox: bool = True
+
+    VERSION: ClassVar[int] = 1
+
+    def config(self) -> BaseProviderConfig:
+        """The provider's config, secrets from the environment as when it was first loaded.
+
+        Raises:
+            ConfigError: The provider is unknown here, or its data is invalid.
+        """
+        try:
+            return config_from_data(self.provider)
+        except ValidationError as exc:
+            raise ConfigError(f"run handle: invalid provider config: {exc}") from None
+
+    def to_json(self) -> str:
+        """The handle as one line of JSON."""
+        data = {"version": self.VERSION, **dataclasses.asdict(self)}
+        data["provider"] = dict(self.provider)
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RunHandle:
+        """Read a handle written by `to_json`.
+
+        Raises:
+            ConfigError: Not a run handle, or one of another version.
+        """
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"not a run handle (invalid JSON: {exc})") from None
+        if not isinstance(data, dict) or data.get("version") != cls.VERSION:
+            raise ConfigError(f"not a version {cls.VERSION} run handle")
+        provider = data.get("provider")
+        fields = (data.get("sandbox_id"), data.get("run_id"))
+        last_seq, owns = data.get("last_seq"), data.get("owns_sandbox")
+        if (
+            not isinstance(provider, dict)
+            or not isinstance(provider.get("type"), str)
+            or not all(isinstance(x, str) and x for x in fields)
+            or type(last_seq) is not int
+            or not 0 <= last_seq <= MAX_SEQ
+            or type(owns) is not bool
+        ):
+            raise ConfigError("not a valid run handle: a field is missing or of the wrong type")
+        return cls(
+            provider=provider,
+            sandbox_id=str(fields[0]),
+            run_id=str(fields[1]),
+            last_seq=last_seq,
+            owns_sandbox=owns,
+        )
+
+
+class ResumedRun:
+    """A run resumed from its `RunHandle`: an async iterator of the messages still to come.
+
+    Use it as an async context manager, as an `AgentRun`::
+
+        async with sandbay.resume_run(handle) as run:
+            async for message in run:
+                ...
+
+    Leaving the block removes the sandbox if the handle says the run owned it (the agent
+    with it); a sandbox the run was lent is left open, the agent still running in it if the
+    block was left early.
+
+    Attributes:
+        run_id: The run's id.
+        last_seq: Sequence number of the last message received (the handle's, at first).
+        sandbox: The reattached sandbox, once connected.
+    """
+
+    def __init__(self, handle: RunHandle, *, providers: Providers | None) -> None:
+        self._handle = handle
+        self._config = handle.config()
+        self._providers = providers
+        self.run_id = handle.run_id
+        self.last_seq = handle.last_seq
+        self.sandbox: Sandbox | None = None
+        self._gen: AsyncGenerator[Message, None] | None = None
+
+    def handle(self) -> RunHandle:
+        """A handle to resume from where this one got to."""
+        return dataclasses.replace(self._handle, last_seq=self.last_seq)
+
+    def __aiter__(self) -> AsyncGenerator[Message, None]:
+        if self._gen is None:
+            self._gen = self._messages()
+        return self._gen
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop following the run; remove the sandbox if the run owned it. Idempotent."""
+        if self._gen is None:
+            self._gen = self._messages()  # never iterated: still release the sandbox
+            with anyio.CancelScope(shield=True):
+                await self._release()
+        await self._gen.aclose()
+
+    async def _messages(self) -> AsyncGenerator[Message, None]:
+        try:
+            if self.sandbox is None:
+                self.sandbox = await connect_sandbox(
+                    self._config, self._handle.sandbox_id, providers=self._providers
+                )
+            async with aclosing(
+                _replay_envelopes(self.sandbox, self.run_id, self.last_seq)
+            ) as envelopes:
+                async for envelope in envelopes:
+                    message = _parse_message(envelope, self.sandbox)
+                    self.last_seq = max(self.last_seq, envelope.seq)
+                    if message is not None:
+                        yield message
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release()
+
+    async def _release(self) -> None:
+        if self._handle.owns_sandbox:
+            if self.sandbox is None:
+                with anyio.move_on_after(CLOSE_TIMEOUT):
+                    try:
+                        self.sandbox = await connect_sandbox(
+                            self._config, self._handle.sandbox_id, providers=self._providers
+                        )
+                    except SandboxError:
+                        return
+            if self.sandbox is not None:
+                await self.sandbox.aclose()
+
+
+def resume_run(handle: RunHandle | str, *, providers: Providers | None = None) -> ResumedRun:
+    """Resume a run from its handle, in any process: reattach and follow its messages.
+
+    The messages after ``handle.last_seq`` are replayed from the run's log in the sandbox,
+    then followed as the agent produces them, until the run ends::
+
+        handle = run.handle()                  # in the process that started it
+        text = handle.to_json()                # stored, sent to another worker
+        async with sandbay.resume_run(text) as run:   # anywhere that reaches the provider
+            async for message in run:
+                ...
+
+    Args:
+        handle: A `RunHandle`, or its `RunHandle.to_json`.
+        providers: The `Providers` that owns the provider; default the process-wide one.
+
+    Returns:
+        A `ResumedRun`: enter it with ``async with``, then iterate it with ``async for``.
+
+    Raises:
+        ConfigError: Not a valid handle, or an unknown provider: raised by ``resume_run``.
+        SandboxNotFoundError: The sandbox is gone (raised on iteration).
+        AgentError: The run failed, or its entrypoint died before it ended.
+    """
+    if not isinstance(handle, RunHandle):
+        handle = RunHandle.from_json(handle)
+    return ResumedRun(handle, providers=providers)
+
+
+async def _replay_envelopes(
+    sandbox: Sandbox, run_id: str, after: int
+) -> AsyncGenerator[Envelope, None]:
+    """The run's ``message`` envelopes after ``after``, from its log, until it ends.
+
+    Raises:
+        AgentError: The run failed, or its entrypoint died before it ended.
+    """
     proc = await sandbox.start(_replay_argv(sandbox, run_dir(sandbox, run_id), after))
     reader = _EnvelopeReader(proc, sandbox=sandbox)
     try:
         while (envelope := await reader.next()) is not None:
             if envelope.kind == "message":
-                message = _parse_message(envelope, sandbox)
-                if message is not None:
-                    yield message
+                yield envelope
             elif envelope.kind == "error":
                 raise AgentError(
                     f"the run failed: {envelope.data.get('type')}: {envelope.data.get('message')}",

@@ -1,4 +1,4 @@
-"""Configuration: one frozen model per provider, joined in an explicit discriminated union.
+"""Configuration: one frozen model per provider, and the registry of providers it implies.
 
 A config file (``sandbay.toml``, or any file given with ``--config``) looks like::
 
@@ -11,16 +11,42 @@ A config file (``sandbay.toml``, or any file given with ``--config``) looks like
 
 ``SANDBAY_PROVIDER`` overrides the provider's type; the other fields of ``[provider]`` then
 apply only if they belong to the new type.
+
+The config models are the registry. Each subclasses `BaseProviderConfig` and names its provider
+class as an import path (``provider_class``), imported only when a provider is made; the
+built-in ones are joined in the discriminated union `ProviderConfig`. A provider shipped in
+another distribution registers its config model under the entry-point group
+``sandbay.providers`` (the entry point's name is its ``type``)::
+
+    [project.entry-points."sandbay.providers"]
+    acme = "acme_sandbay:AcmeConfig"
+
+A ``[provider]`` table whose ``type`` is not built in is validated by the model its entry
+point names. This module imports no provider: `sandbay._provider` imports it, never the
+reverse.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretBytes,
+    SecretStr,
+    SerializeAsAny,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
 
 from ._errors import ConfigError
 from ._sandbox import SandboxSpec
@@ -30,20 +56,62 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["DockerConfig", "LocalConfig", "ProviderConfig", "SandbayConfig", "load_config"]
+__all__ = [
+    "BaseProviderConfig",
+    "DockerConfig",
+    "LocalConfig",
+    "ProviderConfig",
+    "SandbayConfig",
+    "load_config",
+]
 
 CONFIG_FILE = "sandbay.toml"
+#: Entry-point group through which other distributions add providers.
+ENTRY_POINT_GROUP = "sandbay.providers"
 
 
 class _Base(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class LocalConfig(_Base):
+class BaseProviderConfig(_Base):
+    """What every provider's config model is: the one place a provider is registered.
+
+    A subclass sets ``type`` to a ``Literal`` with the provider's name as its default, and
+    ``provider_class`` to the ``"module:Class"`` path of its `Provider` subclass, whose
+    constructor takes the config. The module is imported only when a provider is made, so
+    loading a config never imports a provider's SDK. Secrets are ``SecretStr`` fields: they
+    are left out of `public_data` (what a run handle stores).
+    """
+
+    type: str
+    """Selects the provider."""
+
+    provider_class: ClassVar[str]
+    """``"module:Class"`` of the `Provider` this config makes."""
+    extra: ClassVar[str | None] = None
+    """The pip extra that installs the provider's SDK (named when its import fails)."""
+
+    def public_data(self) -> dict[str, Any]:
+        """The config as JSON-ready data without its secrets (``SecretStr`` fields).
+
+        `config_from_data` turns it back into a config; secrets then come from their
+        defaults (the environment), as when the config was first loaded.
+        """
+        secret = {
+            name
+            for name in type(self).model_fields
+            if isinstance(getattr(self, name), (SecretStr, SecretBytes))
+        }
+        return self.model_dump(mode="json", exclude=secret)
+
+
+class LocalConfig(BaseProviderConfig):
     """The embedded default: processes on this machine in a private working directory."""
 
     type: Literal["local"] = "local"
     """Selects this provider."""
+    provider_class: ClassVar[str] = "sandbay.providers.local:LocalProvider"
     root: Path | None = None
     """Directory under which each sandbox gets its own folder. Default: the system temp dir."""
     isolate: bool | None = None
@@ -58,11 +126,13 @@ class LocalConfig(_Base):
     they then act on this machine as you, unasked. Isolated sandboxes allow it anyway."""
 
 
-class DockerConfig(_Base):
+class DockerConfig(BaseProviderConfig):
     """Containers on a Docker engine, through the ``docker`` SDK."""
 
     type: Literal["docker"] = "docker"
     """Selects this provider."""
+    provider_class: ClassVar[str] = "sandbay.providers.docker:DockerProvider"
+    extra: ClassVar[str | None] = "docker"
     base_url: str | None = None
     """Engine address (``unix:///var/run/docker.sock``). Default: ``DOCKER_HOST`` or the socket."""
     image: str | None = None
@@ -82,14 +152,94 @@ class DockerConfig(_Base):
 
 
 ProviderConfig = Annotated[LocalConfig | DockerConfig, Field(discriminator="type")]
-"""Any provider's config; ``type`` selects which."""
+"""Any built-in provider's config; ``type`` selects which. A new built-in provider's config
+joins this union, and nothing else outside its own folder."""
+
+_BUILTIN: TypeAdapter[LocalConfig | DockerConfig] = TypeAdapter(ProviderConfig)
+
+
+def builtin_config_types() -> dict[str, type[BaseProviderConfig]]:
+    """The built-in config models by provider name, read off the `ProviderConfig` union."""
+    union = get_args(ProviderConfig)[0]
+    return {model.model_fields["type"].default: model for model in get_args(union)}
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def provider_names() -> list[str]:
+    """Names of every provider: the built-in ones and those registered by entry point."""
+    return sorted({*builtin_config_types(), *_entry_points()})
+
+
+def config_type(name: str) -> type[BaseProviderConfig]:
+    """The config model of the provider called ``name``.
+
+    Built-in providers come first; any other name is looked up in the ``sandbay.providers``
+    entry-point group, whose entry point names the config model.
+
+    Raises:
+        ConfigError: No provider has that name, or its entry point does not load a config
+            model for it.
+    """
+    builtin = builtin_config_types()
+    if name in builtin:
+        return builtin[name]
+    entry = _entry_points().get(name)
+    if entry is None:
+        raise ConfigError(
+            f"unknown provider {name!r}; valid providers: {', '.join(provider_names())}"
+        )
+    try:
+        model = entry.load()
+    except Exception as exc:  # a broken plugin: say which, whatever it raised
+        raise ConfigError(
+            f"the {name!r} provider's entry point {entry.value!r} failed to load: {exc}"
+        ) from exc
+    if not (
+        isinstance(model, type)
+        and issubclass(model, BaseProviderConfig)
+        and model.model_fields["type"].default == name
+        and isinstance(getattr(model, "provider_class", None), str)
+    ):
+        raise ConfigError(
+            f"the {name!r} provider's entry point {entry.value!r} must name a "
+            f"BaseProviderConfig subclass whose type defaults to {name!r} and which sets "
+            "provider_class"
+        )
+    return model
+
+
+def config_from_data(data: Mapping[str, Any]) -> BaseProviderConfig:
+    """Validate one provider's config (a ``[provider]`` table); ``type`` selects the model.
+
+    Raises:
+        ConfigError: Unknown provider (the message lists the valid ones).
+        ValidationError: A field is invalid.
+    """
+    config: BaseProviderConfig = _validate_provider(dict(data), None)
+    return config
+
+
+def _validate_provider(value: Any, handler: ValidatorFunctionWrapHandler | None) -> Any:
+    if isinstance(value, BaseProviderConfig):
+        return value
+    kind = value.get("type") if isinstance(value, Mapping) else None
+    if isinstance(kind, str) and kind not in builtin_config_types():
+        return config_type(kind).model_validate(value)
+    return _BUILTIN.validate_python(value)
 
 
 class SandbayConfig(_Base):
     """A whole config file: the provider and the defaults for every sandbox."""
 
-    provider: ProviderConfig = Field(default_factory=LocalConfig)
-    """Which provider, and its settings."""
+    # SerializeAsAny: dumped as the config it is, not as the base class's lone ``type``.
+    provider: Annotated[SerializeAsAny[BaseProviderConfig], WrapValidator(_validate_provider)] = (
+        Field(default_factory=LocalConfig)
+    )
+    """Which provider, and its settings: a built-in `ProviderConfig`, or the config model a
+    ``sandbay.providers`` entry point registers for ``type``."""
     spec: SandboxSpec = Field(default_factory=SandboxSpec)
     """Defaults for the sandboxes sandbay opens."""
 
@@ -133,14 +283,15 @@ def config_source(path: str | os.PathLike[str] | None = None) -> Path | None:
 
 def parse_config(data: dict[str, Any], *, where: str = "config") -> SandbayConfig:
     """Validate a config mapping; errors name each bad field and ``where`` it came from."""
-    from ._provider import provider_names
-
     kind = data.get("provider", {}).get("type") if isinstance(data.get("provider"), dict) else None
-    if kind is not None and kind not in provider_names():
-        raise ConfigError(
-            f"{where}: unknown provider {kind!r} in provider.type; "
-            f"valid providers: {', '.join(provider_names())}"
-        )
+    if isinstance(kind, str) and kind not in builtin_config_types():
+        try:
+            config_type(kind)
+        except ConfigError as exc:
+            detail = exc.message.replace(
+                f"provider {kind!r};", f"provider {kind!r} in provider.type;"
+            )
+            raise ConfigError(f"{where}: {detail}") from None
     try:
         return SandbayConfig.model_validate(data)
     except ValidationError as exc:
@@ -150,7 +301,9 @@ def parse_config(data: dict[str, Any], *, where: str = "config") -> SandbayConfi
         raise ConfigError(f"{where}: invalid config: {problems}") from None
 
 
-def provider_config(provider: str | ProviderConfig | SandbayConfig | None) -> ProviderConfig:
+def provider_config(
+    provider: str | BaseProviderConfig | SandbayConfig | None,
+) -> BaseProviderConfig:
     """Turn a provider name, a config object or ``None`` (config file / env) into a config."""
     if provider is None:
         return load_config().provider
@@ -163,9 +316,7 @@ def provider_config(provider: str | ProviderConfig | SandbayConfig | None) -> Pr
 
 
 def _with_provider(data: dict[str, Any], name: str, *, where: str) -> dict[str, Any]:
-    from ._provider import provider_names
-
-    if name not in provider_names():
+    if name not in builtin_config_types() and name not in _entry_points():
         raise ConfigError(
             f"{where}: unknown provider {name!r}; valid providers: {', '.join(provider_names())}"
         )

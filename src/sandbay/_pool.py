@@ -42,7 +42,7 @@ from ._agent import (
     sandbox_agent_env,
     stderr_tail,
 )
-from ._config import ProviderConfig, SandbayConfig
+from ._config import BaseProviderConfig, ProviderConfig, SandbayConfig
 from ._errors import (
     AgentError,
     ConfigError,
@@ -152,6 +152,11 @@ class SandboxPool:
         self._runner: object = None  # the runner task, held so it is not collected
         #: Counters for reports: provisioned, handed out, failed.
         self.stats = {"provisioned": 0, "acquired": 0, "failed": 0}
+
+    @property
+    def provider(self) -> str | BaseProviderConfig | SandbayConfig | Provider | None:
+        """The provider the pool's sandboxes come from, as it was given to the pool."""
+        return self._provider
 
     @property
     def agent_env(self) -> Mapping[str, str]:

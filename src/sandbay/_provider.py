@@ -1,7 +1,9 @@
-"""The provider side of the interface: create, list and destroy sandboxes, and health checks.
+"""The provider side of the interface: create, reattach, list and destroy sandboxes.
 
 A provider module under `sandbay.providers` defines one `Provider` subclass built on its
-SDK. Everything provider-neutral (labels, garbage collection, the registry) is here.
+SDK, and its config model (in `sandbay._config`, or in its own distribution registered by
+entry point) names that class: the config models are the registry. Everything
+provider-neutral (labels, garbage collection, making a provider from a config) is here.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
+from ._config import BaseProviderConfig, config_type
+from ._config import provider_names as provider_names
 from ._errors import ConfigError, MissingDependencyError
 from ._sandbox import Process, Sandbox, SandboxSpec
-
-if TYPE_CHECKING:
-    from ._config import ProviderConfig
 
 __all__ = ["Launch", "Provider", "ProviderStatus", "SandboxInfo", "managed_labels"]
 
@@ -109,10 +110,23 @@ class ProviderStatus:
 class Provider(abc.ABC):
     """Creates sandboxes of one kind. One instance per config; cheap to construct.
 
-    `__init__` does no I/O: clients connect on first use.
+    `__init__` takes the provider's config (a `BaseProviderConfig` subclass, whose
+    ``provider_class`` names this class) and does no I/O: clients connect on first use.
+    Whoever made a provider closes it with `aclose` (`sandbay.Providers` does, on exit).
+
+    A provider must not bind a client to the event loop it happens to be first used in:
+    the same instance may serve ``anyio.run`` after ``anyio.run``, and another thread's loop.
+    A synchronous SDK client (docker's) is fine; an SDK whose client belongs to one loop
+    makes it per call, or per loop.
+
+    Attributes:
+        config: The config it was made from.
     """
 
     name: ClassVar[str]
+
+    def __init__(self, config: BaseProviderConfig) -> None:
+        self.config = config
 
     @abc.abstractmethod
     async def create(self, spec: SandboxSpec) -> Sandbox:
@@ -161,6 +175,22 @@ class Provider(abc.ABC):
         except BaseException:
             await sandbox.aclose()
             raise
+
+    @abc.abstractmethod
+    async def connect(self, sandbox_id: str) -> Sandbox:
+        """Reattach to a sandbox this provider created, from any process, by its id.
+
+        The sandbox returned works fully (`Sandbox.exec`, `Sandbox.start`, files) and is
+        owned by the caller: its `Sandbox.aclose` removes it, as if it had been created
+        here. Its `Sandbox.spec` is rebuilt from what the provider stores: the labels
+        always; the workdir, the user, the network and the env where the provider keeps
+        them (each provider's docstring says which it cannot). Processes started before
+        are not adopted as `Process` objects, but closing the sandbox stops them.
+
+        Raises:
+            SandboxNotFoundError: No sandbox with this id (never one, or removed).
+            ProviderUnavailableError: The provider cannot be reached.
+        """
 
     @abc.abstractmethod
     async def list(self, *, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
@@ -240,28 +270,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-# name -> (module, class, pip extra or None)
-_REGISTRY: dict[str, tuple[str, str, str | None]] = {
-    "local": ("sandbay.providers.local", "LocalProvider", None),
-    "docker": ("sandbay.providers.docker", "DockerProvider", "docker"),
-}
+def provider_class(config: BaseProviderConfig) -> type[Provider]:
+    """The `Provider` subclass a config names, importing its module (and so its SDK).
+
+    Raises:
+        MissingDependencyError: Its SDK is not installed (the message names the extra).
+        ConfigError: ``provider_class`` does not name a `Provider` subclass.
+    """
+    module_name, _, class_name = type(config).provider_class.partition(":")
+    module = _import_provider(config.type, module_name, type(config).extra)
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Provider)):
+        raise ConfigError(
+            f"{type(config).__name__}.provider_class {type(config).provider_class!r} does "
+            "not name a Provider subclass",
+            provider=config.type,
+        )
+    return cls
 
 
-def provider_names() -> list[str]:
-    """Names of every provider sandbay knows."""
-    return sorted(_REGISTRY)
-
-
-def make_provider(config: ProviderConfig) -> Provider:
+def make_provider(config: BaseProviderConfig) -> Provider:
     """Instantiate the provider a config selects, importing its module lazily.
+
+    The caller owns it: close it with `Provider.aclose` (or let `sandbay.Providers` own it).
 
     Raises:
         ConfigError: Unknown provider.
         MissingDependencyError: Its SDK is not installed (the message names the extra).
     """
-    module = provider_module(config.type)
-    cls: type[Provider] = getattr(module, _REGISTRY[config.type][1])
-    return cls(config)  # type: ignore[call-arg]
+    return provider_class(config)(config)
 
 
 def provider_module(name: str) -> ModuleType:
@@ -271,18 +308,17 @@ def provider_module(name: str) -> ModuleType:
         ConfigError: Unknown provider.
         MissingDependencyError: Its SDK is not installed (the message names the extra).
     """
-    try:
-        module_name, _, extra = _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown provider {name!r}; valid providers: {', '.join(provider_names())}"
-        ) from None
+    model = config_type(name)
+    return _import_provider(name, model.provider_class.partition(":")[0], model.extra)
+
+
+def _import_provider(name: str, module_name: str, extra: str | None) -> ModuleType:
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
         missing = exc.name or "its SDK"
+        how = f'pip install "sandbay[{extra}]"' if extra else "install it"
         raise MissingDependencyError(
-            f"the {name} provider needs {missing!r}, which is not installed: "
-            f'pip install "sandbay[{extra}]"',
+            f"the {name} provider needs {missing!r}, which is not installed: {how}",
             provider=name,
         ) from exc

@@ -2337,3 +2337,94 @@ def _check_hostile_copy(tmp: str, dest: str) -> None:
             not os.path.lexists(os.path.join(dest, gone)),
             f"the link {gone!r}, which leads out, was created",
         )
+
+
+# --- reattaching by id ------------------------------------------------------------------
+
+
+def _in_fresh_loop(func: Callable[[], Awaitable[_T]]) -> Awaitable[_T]:
+    """Run ``func`` in a new event loop on a worker thread, as another process would."""
+    return anyio.to_thread.run_sync(anyio.run, func)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)
+
+
+@_check
+async def check_reattach_by_id_from_a_fresh_provider(target: Target) -> None:
+    """A sandbox created, written to and then let go of (every object dropped, its provider
+    closed) is reattached by id from a new provider instance in another event loop: the
+    file reads back, a process runs, the labels survive, and closing it removes it (a
+    second connect raises SandboxNotFoundError).
+    """
+    import gc
+
+    from .._api import Providers
+    from .._config import provider_config
+    from .._provider import make_provider
+
+    config = provider_config(target.provider)
+    data = target.spec.model_dump()
+    data["labels"] = {**target.spec.labels, LABEL: "1", "reattach": "yes"}
+    spec = SandboxSpec.model_validate(data)
+    payload = os.urandom(1024) + b"reattached"
+
+    async def create() -> str:
+        async with Providers() as providers:
+            sb = await providers.create_sandbox(config, spec)
+            try:
+                await sb.write_file("reattach.bin", payload)
+            except BaseException:
+                await sb.aclose()
+                raise
+            return sb.id  # the sandbox is let go, not closed
+
+    sandbox_id = await _in_fresh_loop(create)
+    gc.collect()  # nothing of the first loop's objects is left to lean on
+
+    async def reattach() -> None:
+        provider = make_provider(config)  # a new instance, as a new process would make
+        try:
+            sb = await provider.connect(sandbox_id)
+            async with sb:
+                _require(sb.id == sandbox_id, f"connect returned sandbox {sb.id}, not {sandbox_id}")
+                got = await sb.read_file("reattach.bin")
+                _require(
+                    got == payload, f"the file read back {len(got)} bytes, not the 1034 written"
+                )
+                result = await sb.exec("echo alive")
+                _require(result.text == "alive\n", f"exec after connect gave {result!r}")
+                _require(
+                    sb.labels.get("reattach") == "yes",
+                    f"the labels did not survive reattaching: {dict(sb.labels)}",
+                )
+            listed = {info.id for info in await provider.list(labels={"reattach": "yes"})}
+            _require(sandbox_id not in listed, "closing the reattached sandbox did not remove it")
+            try:
+                again = await provider.connect(sandbox_id)
+            except SandboxNotFoundError:
+                pass
+            else:
+                await again.aclose()
+                raise CheckFailed("connect to a removed sandbox did not raise SandboxNotFoundError")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await provider.destroy(sandbox_id)  # whatever failed above, nothing is left
+                await provider.aclose()
+
+    await _in_fresh_loop(reattach)
+
+
+@_check
+async def check_connect_unknown_id_not_found(target: Target) -> None:
+    """Provider.connect with an id no sandbox has raises SandboxNotFoundError."""
+    provider = target.get_provider()
+    for unknown in ("0123456789ab", "sandbay-no-such-sandbox"):
+        try:
+            sb = await provider.connect(unknown)
+        except SandboxNotFoundError:
+            continue
+        await sb.aclose()
+        raise CheckFailed(f"connect({unknown!r}) returned a sandbox instead of raising")

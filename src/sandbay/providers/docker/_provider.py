@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -15,7 +16,7 @@ import requests.exceptions
 from typing_extensions import override
 
 from ..._config import DockerConfig
-from ..._errors import SandboxError
+from ..._errors import SandboxError, SandboxNotFoundError
 from ..._provider import MANAGED, Provider, ProviderStatus, SandboxInfo
 from ..._sandbox import Sandbox, SandboxSpec
 from ._errors import NAME, _address, _explain, docker_client, docker_errors
@@ -23,15 +24,25 @@ from ._image import ensure_agent_image
 from ._sandbox import ROOT, DockerSandbox, _is_numeric
 
 AGENT_WORKDIR = "/workspace"
+#: Label holding what `connect` needs to rebuild a sandbox's spec (no env values: those are
+#: read back from the container's own environment).
+SPEC_LABEL = "sandbay.spec"
 
 # Root in the sandbox keeps what package installs and sandbay's own root execs need.
 _CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID"]
 
 
 class DockerProvider(Provider):
-    """Sandboxes as containers on a Docker engine. Connects on first use."""
+    """Sandboxes as containers on a Docker engine. Connects on first use.
+
+    `connect` rebuilds a sandbox from its container: the spec (workdir, user, network,
+    limits, image, env names) from a ``sandbay.spec`` label written at create, the env's
+    values and the labels from the container itself. Any process that reaches the same
+    engine may reattach; a container whose lifetime ran out has stopped and cannot be.
+    """
 
     name: ClassVar[str] = NAME
+    config: DockerConfig
 
     def __init__(self, config: DockerConfig) -> None:
         self.config = config
@@ -106,7 +117,7 @@ class DockerProvider(Provider):
                 user=ROOT,
                 environment=dict(spec.env),
                 working_dir=spec.workdir if ready_workdir else None,
-                labels=dict(spec.labels),
+                labels={**spec.labels, SPEC_LABEL: _spec_label(spec, user, ready_workdir)},
                 host_config=api.create_host_config(**host_config),
                 detach=True,
             )
@@ -143,6 +154,43 @@ class DockerProvider(Provider):
             raise
         return sandbox
 
+    @override
+    async def connect(self, sandbox_id: str) -> Sandbox:
+        def inspect() -> dict[str, Any] | None:
+            with self._errors(sandbox_id=sandbox_id):
+                try:
+                    found: dict[str, Any] = self._api().inspect_container(sandbox_id)
+                    return found
+                except docker.errors.NotFound:
+                    return None
+
+        found = await anyio.to_thread.run_sync(inspect) if sandbox_id else None
+        config = (found or {}).get("Config") or {}
+        labels = dict(config.get("Labels") or {})
+        if found is None or labels.get(MANAGED) != "1":
+            raise SandboxNotFoundError(
+                f"no sandbay container {sandbox_id!r} on the engine (removed, or not "
+                "sandbay's); `sandbay ls` lists the live ones",
+                provider=NAME,
+                sandbox_id=sandbox_id,
+            )
+        container_id = str(found["Id"])
+        if not (found.get("State") or {}).get("Running"):
+            raise SandboxNotFoundError(
+                f"container {container_id[:12]} has stopped (its lifetime ran out?); "
+                "`sandbay gc` removes it",
+                provider=NAME,
+                sandbox_id=container_id,
+            )
+        spec, user, ready_workdir = _stored_spec(labels, config.get("Env") or [])
+        return DockerSandbox(
+            spec,
+            provider=self,
+            container_id=container_id,
+            user=user or self.config.user,
+            workdir=spec.workdir if ready_workdir else None,
+        )
+
     def _limits(self, spec: SandboxSpec) -> tuple[float, int]:
         """CPU cores and MiB of memory: the spec's, else the config's defaults."""
         cpu = spec.cpu if spec.cpu is not None else self.config.cpu
@@ -159,7 +207,7 @@ class DockerProvider(Provider):
             SandboxInfo(
                 id=str(item["Id"]),
                 provider=NAME,
-                labels=dict(item.get("Labels") or {}),
+                labels={k: v for k, v in (item.get("Labels") or {}).items() if k != SPEC_LABEL},
                 status=str(item.get("State") or "unknown"),
             )
             for item in found
@@ -217,6 +265,41 @@ class DockerProvider(Provider):
         client, self._client = self._client, None
         if client is not None:
             await anyio.to_thread.run_sync(client.close)
+
+
+def _spec_label(spec: SandboxSpec, user: str, ready_workdir: bool) -> str:
+    data = spec.model_dump(mode="json", exclude={"env", "labels"})
+    data["env_names"] = sorted(spec.env)
+    data["label_names"] = sorted(spec.labels)  # the image's own labels are not the spec's
+    data["sandbox_user"] = user
+    data["ready_workdir"] = ready_workdir
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _stored_spec(labels: Mapping[str, str], env: list[str]) -> tuple[SandboxSpec, str | None, bool]:
+    """The spec, the user processes run as, and whether the container's workdir is the spec's."""
+    try:
+        data = json.loads(labels.get(SPEC_LABEL, "{}"))
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    names = data.pop("env_names", [])
+    label_names = data.pop("label_names", None)
+    user = data.pop("sandbox_user", None)
+    ready_workdir = data.pop("ready_workdir", False) is True
+    values = dict(item.partition("=")[::2] for item in env if isinstance(item, str))
+    if isinstance(names, list):
+        data["env"] = {name: values[name] for name in names if name in values}
+    if isinstance(label_names, list):
+        data["labels"] = {k: labels[k] for k in label_names if k in labels}
+    else:
+        data["labels"] = {k: v for k, v in labels.items() if k != SPEC_LABEL}
+    try:
+        spec = SandboxSpec.model_validate(data)
+    except SandboxError:  # written by another version of sandbay: keep what still fits
+        spec, ready_workdir = SandboxSpec(labels=data["labels"]), False
+    return spec, user if isinstance(user, str) else None, ready_workdir
 
 
 def _remove_quietly(api: Any, container_id: str) -> None:

@@ -10,7 +10,7 @@ import anyio
 from typing_extensions import override
 
 from ..._config import LocalConfig
-from ..._errors import ConfigError
+from ..._errors import ConfigError, SandboxNotFoundError
 from ..._provider import Provider, ProviderStatus, SandboxInfo
 from ..._sandbox import Sandbox, SandboxSpec
 from ._bwrap import _BWRAP_HELP, _check_spec, _find_bwrap
@@ -49,9 +49,18 @@ class LocalProvider(Provider):
       `ConfigError` naming the field.
     - A sandbox does not expire by itself: ``spec.lifetime_s`` becomes its expiry label and
       `gc` removes it after that.
+    - `connect` works from any process of the same user on this machine (the registry is
+      per user). The whole spec, env included, is kept in the registry entry (mode 0600),
+      so a reattached sandbox has it all. An isolated sandbox needs ``bwrap`` where it is
+      reattached, too, and its processes die with the process that started them
+      (bubblewrap's ``--die-with-parent``): its files outlive a crashed worker, a running
+      agent does not (unisolated, it runs on, and `sandbay.resume_run` follows it). The
+      reattaching provider's config (``python``, ``allow_bypass_permissions``) applies
+      from then on.
     """
 
     name = NAME
+    config: LocalConfig
 
     def __init__(self, config: LocalConfig) -> None:
         self.config = config
@@ -84,6 +93,32 @@ class LocalProvider(Provider):
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_remove, sandbox.id, folder)
             raise
+        _live[sandbox.id] = sandbox
+        return sandbox
+
+    @override
+    async def connect(self, sandbox_id: str) -> Sandbox:
+        entry = await anyio.to_thread.run_sync(_read_entry, sandbox_id)
+        folder = Path(entry["folder"]) if entry is not None else None
+        if (
+            entry is None
+            or folder is None
+            or folder.name != f"sandbay-{sandbox_id}"
+            or not await anyio.to_thread.run_sync(folder.is_dir)
+        ):
+            raise SandboxNotFoundError(
+                f"no local sandbox {sandbox_id!r} on this machine for this user (removed, or "
+                "never created here); `sandbay ls` lists the live ones",
+                provider=NAME,
+                sandbox_id=sandbox_id,
+            )
+        spec = _stored_spec(entry)
+        bwrap = None
+        if entry.get("isolated"):
+            bwrap = _find_bwrap()  # raises ConfigError saying how to install it
+        sandbox = LocalSandbox(spec, folder=folder, config=self.config, bwrap=bwrap)
+        # What it started before (also what it left running) is stopped when it closes.
+        sandbox._groups.update(_recorded_groups(entry.get("processes")))
         _live[sandbox.id] = sandbox
         return sandbox
 
@@ -137,3 +172,24 @@ class LocalProvider(Provider):
             "the local provider runs on this machine and has no images "
             "(its agents use the Python running sandbay)"
         )
+
+
+def _stored_spec(entry: Mapping[str, object]) -> SandboxSpec:
+    """The spec a registry entry recorded; its labels at least, for entries without one."""
+    labels = entry.get("labels")
+    stored = entry.get("spec")
+    data = dict(stored) if isinstance(stored, dict) else {}
+    data["labels"] = dict(labels) if isinstance(labels, dict) else {}
+    try:
+        return SandboxSpec.model_validate(data)
+    except ConfigError:  # written by another version of sandbay: keep what still fits
+        return SandboxSpec(labels=data["labels"])
+
+
+def _recorded_groups(processes: object) -> dict[int, tuple[int, int]]:
+    groups: dict[int, tuple[int, int]] = {}
+    if isinstance(processes, list):
+        for item in processes:
+            if isinstance(item, list) and len(item) == 3 and all(type(x) is int for x in item):
+                groups[item[0]] = (item[1], item[2])
+    return groups

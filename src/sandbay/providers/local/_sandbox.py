@@ -272,6 +272,8 @@ class LocalSandbox(Sandbox):
             "id": self.id,
             "folder": str(self._folder),
             "labels": dict(self.spec.labels),
+            # For `LocalProvider.connect`; the file is the user's alone (0600).
+            "spec": self.spec.model_dump(mode="json", exclude={"labels"}),
             "isolated": bool(self._bwrap),
             "processes": groups,
         }
