@@ -19,6 +19,15 @@ from ._bwrap import _BWRAP_HELP, _check_spec, _find_bwrap
 from ._registry import NAME, _kill_recorded, _make_folder, _read_entries, _read_entry, _remove
 from ._sandbox import LocalSandbox, _live
 
+
+def _lease(entry: Mapping[str, object]) -> float | None:
+    """The expiry `Sandbox.extend` last wrote to a registry entry (none in older entries)."""
+    expiry = entry.get("expiry")
+    if isinstance(expiry, (int, float)) and not isinstance(expiry, bool):
+        return float(expiry)
+    return None
+
+
 # bwrap path -> whether it could create a sandbox here, once tried in this process.
 _BWRAP_WORKS: dict[str, bool] = {}
 
@@ -49,8 +58,9 @@ class LocalProvider(Provider):
     - ``spec.image`` cannot be honoured (there are no images); ``spec.network == "none"``
       needs isolation; ``spec.user`` can only be the current user. Each raises
       `ConfigError` naming the field.
-    - A sandbox does not expire by itself: ``spec.lifetime_s`` becomes its expiry label and
-      `gc` removes it after that.
+    - A sandbox does not expire by itself: its lease (``spec.lifetime_s`` from creation,
+      renewed by `Sandbox.extend`) is kept in its registry entry, and `gc`, from any
+      process, removes it once that passed.
     """
 
     name = NAME
@@ -99,6 +109,7 @@ class LocalProvider(Provider):
                 provider=NAME,
                 labels=entry["labels"],
                 status=entry["status"],
+                lease=_lease(entry),
             )
             for entry in entries
             if all(entry["labels"].get(key) == value for key, value in wanted.items())
