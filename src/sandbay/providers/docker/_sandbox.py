@@ -41,6 +41,11 @@ LEASE_FILE = "/run/sandbay/expiry"
 # look (a look that cannot fork ends the lease early).
 _LEASE_PY = """
 import os, sys, time
+try:
+    with open("/proc/self/comm", "w") as h:
+        h.write("sandbay-lease")  # in ps, not one of the sandbox's own python3 processes
+except OSError:
+    pass
 path = sys.argv[1]
 os.makedirs(os.path.dirname(path), exist_ok=True)
 os.chmod(os.path.dirname(path), 0o755)
