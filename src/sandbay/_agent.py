@@ -16,6 +16,7 @@ import functools
 import importlib.resources
 import ipaddress
 import json
+import logging
 import math
 import os
 import shlex
@@ -27,6 +28,7 @@ import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing
 from pathlib import PurePath
+from types import TracebackType
 from typing import Any, ClassVar, Protocol
 
 import anyio
@@ -61,6 +63,12 @@ __all__ = [
 ]
 
 WIRE_VERSION = 1
+
+#: Lease (seconds) of a sandbox a run creates inside ``async with``, renewed while the run is
+#: open: a host process killed mid-run leaves its sandbox behind for at most about this long.
+RUN_LEASE_S = 180.0
+
+_logger = logging.getLogger("sandbay")
 #: Host variables an agent needs, passed on stdin (never in argv or the sandbox's env).
 FORWARDED_ENV = (
     "ANTHROPIC_API_KEY",
@@ -429,6 +437,12 @@ class AgentRun:
     closes an abandoned async generator only when it is garbage collected, so call `aclose`
     yourself if you do not use ``async with``.
 
+    Inside ``async with``, a sandbox the run creates gets a short lease (`RUN_LEASE_S`, at
+    most ``spec.lifetime_s``) that a task of the run renews until the block exits or
+    ``spec.lifetime_s`` has passed: if the host process dies, its sandbox expires soon after
+    (docker's stops by itself; `sandbay gc` removes the rest). Iterated without
+    ``async with``, the sandbox's lease is ``spec.lifetime_s``, unrenewed.
+
     Attributes:
         run_id: Identifies the run inside its sandbox (for `replay_agent`).
         last_seq: Sequence number of the last message received.
@@ -486,6 +500,7 @@ class AgentRun:
         self.sandbox_timings: dict[str, float] = {}
         self._raw = False
         self._gen: AsyncGenerator[Any, None] | None = None
+        self._keep_alive: _KeepAlive | None = None
 
     def raw(self) -> Self:
         """Yield the raw stream-json dicts instead of typed messages (for ``--json``)."""
@@ -498,10 +513,28 @@ class AgentRun:
         return self._gen
 
     async def __aenter__(self) -> Self:
+        if self._owns_sandbox and self._pool is None and self._keep_alive is None:
+            self._keep_alive = _KeepAlive()
+            await self._keep_alive.__aenter__()
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        keep_alive, self._keep_alive = self._keep_alive, None
+        if keep_alive is None:
+            await self.aclose()
+            return None
+        keep_alive.stop()
+        try:
+            await self.aclose()
+        except BaseException as error:
+            await keep_alive.__aexit__(type(error), error, error.__traceback__)
+            raise
+        return await keep_alive.__aexit__(exc_type, exc, tb)
 
     async def aclose(self) -> None:
         """Stop the run: kill the agent and remove the sandbox the run created. Idempotent.
@@ -653,9 +686,18 @@ class AgentRun:
         elif self.sandbox is None:
             # Cold: the entrypoint starts as part of provisioning (it only imports the SDK
             # and waits for its request), so the checks below still come before the agent.
+            provider = self._provider if self._provider is not None else load_config()
+            spec = self._spec
+            if spec is None:
+                spec = provider.spec if isinstance(provider, SandbayConfig) else SandboxSpec()
+            keep_alive = self._keep_alive
+            if keep_alive is not None:
+                spec = keep_alive.shorten(spec)
             self.sandbox, self._serve, self._run_dir = await provision_entrypoint(
-                self._provider, self._spec, self.run_id
+                provider, spec, self.run_id
             )
+            if keep_alive is not None:
+                keep_alive.renew(self.sandbox)
             self._reached("sandbox")
             check_sandbox(self.sandbox, wire_options=options, env=self._env)
             reader = _EnvelopeReader(self._serve, sandbox=self.sandbox)
@@ -705,6 +747,57 @@ class AgentRun:
             provider=sb.provider,
             sandbox_id=sb.id,
         )
+
+
+class _KeepAlive:
+    """Renews the lease of the sandbox a run created, in a task group the run's block owns.
+
+    Entered and exited in `AgentRun.__aenter__` and ``__aexit__``, so its task lives exactly
+    as long as the ``async with`` block. The task never raises: a renewal that fails is
+    logged and tried again, the lease leaving room for two more tries.
+    """
+
+    def __init__(self) -> None:
+        self._tg = anyio.create_task_group()
+        self._scope = anyio.CancelScope()
+        self._lease = RUN_LEASE_S
+        self._until = math.inf
+
+    def shorten(self, spec: SandboxSpec) -> SandboxSpec:
+        """The spec to create with: the short lease; renewals stop at its full lifetime."""
+        self._lease = min(RUN_LEASE_S, spec.lifetime_s)
+        self._until = time.time() + spec.lifetime_s
+        return spec.model_copy(update={"lifetime_s": self._lease})
+
+    def renew(self, sandbox: Sandbox) -> None:
+        self._tg.start_soon(self._run, sandbox)
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+    async def _run(self, sandbox: Sandbox) -> None:
+        with self._scope:
+            while True:
+                await anyio.sleep(self._lease / 3)
+                left = self._until - time.time()
+                if left <= 0 or sandbox.closed:
+                    return  # its lifetime is spent: let the lease run out
+                try:
+                    await sandbox.extend(min(self._lease, left))
+                except Exception as exc:  # retried; a failed renewal must not end the run
+                    _logger.warning("could not renew the lease of sandbox %s: %s", sandbox.id, exc)
+
+    async def __aenter__(self) -> None:
+        await self._tg.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self._scope.cancel()
+        return await self._tg.__aexit__(exc_type, exc, tb)
 
 
 def run_agent(

@@ -208,7 +208,7 @@ def _parser() -> argparse.ArgumentParser:
 
     gc = sub.add_parser(
         "gc",
-        help="remove sandboxes whose owner is gone or expiry passed",
+        help="remove sandboxes whose lease (expiry) passed",
         description="Remove orphaned sandboxes on the configured provider (chosen as for "
         "`ls`), or with --all on every installed provider.",
     )

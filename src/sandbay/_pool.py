@@ -50,7 +50,7 @@ from ._errors import (
     SandboxError,
     SandboxTimeoutError,
 )
-from ._provider import EXPIRY, Provider
+from ._provider import Provider
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
 
 __all__ = ["Lease", "SandboxPool"]
@@ -475,9 +475,8 @@ async def _expect(
 
 
 def _expires_soon(lease: Lease) -> bool:
-    try:
-        expiry = float(lease.sandbox.labels[EXPIRY])
-    except (KeyError, ValueError):
+    expiry = lease.sandbox.expiry
+    if expiry is None:
         return False
     margin = min(EXPIRY_MARGIN_S, lease.sandbox.spec.lifetime_s / 4)
     return time.time() + margin > expiry

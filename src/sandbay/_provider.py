@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import builtins
 import importlib
+import math
 import os
 import socket
 import time
@@ -23,7 +24,7 @@ from typing import ClassVar
 from ._config import BaseProviderConfig, config_type
 from ._config import provider_names as provider_names
 from ._errors import ConfigError, MissingDependencyError
-from ._sandbox import Process, Sandbox, SandboxSpec
+from ._sandbox import EXPIRY_LABEL, Process, Sandbox, SandboxSpec
 
 __all__ = ["Launch", "Provider", "ProviderStatus", "SandboxInfo", "managed_labels"]
 
@@ -31,7 +32,7 @@ LABEL_PREFIX = "sandbay."
 MANAGED = "sandbay.managed"
 SESSION = "sandbay.session"
 OWNER = "sandbay.owner"
-EXPIRY = "sandbay.expiry"
+EXPIRY = EXPIRY_LABEL
 
 
 @dataclass(frozen=True)
@@ -43,16 +44,22 @@ class SandboxInfo:
         provider: The provider's name.
         labels: All its labels.
         status: The provider's word for its state (``running``, ``exited``, …).
+        lease: Unix time its lease ends as the provider keeps it (renewed by
+            `Sandbox.extend`), where that is apart from the labels; ``None``: the
+            ``sandbay.expiry`` label is the lease.
     """
 
     id: str
     provider: str
     labels: Mapping[str, str] = field(default_factory=dict)
     status: str = "unknown"
+    lease: float | None = None
 
     @property
     def expiry(self) -> float | None:
-        """Unix time after which the sandbox may be removed, if labelled."""
+        """Unix time after which the sandbox may be removed: its lease, else its label."""
+        if self.lease is not None:
+            return self.lease
         try:
             return float(self.labels[EXPIRY])
         except (KeyError, ValueError):
@@ -60,19 +67,21 @@ class SandboxInfo:
 
     @property
     def owner(self) -> str | None:
-        """``host:pid`` of the process that created it, if labelled."""
+        """``host:pid`` of the process that created it, if labelled.
+
+        Informational only: a sandbox outlives the process that created it for as long as
+        its lease runs (a restarted worker keeps its sandboxes), so gc never looks at it.
+        """
         return self.labels.get(OWNER)
 
     def orphaned(self, *, now: float | None = None) -> str | None:
-        """Why `sandbay gc` should remove it (expired, owner gone), or ``None`` to keep it."""
+        """Why `sandbay gc` should remove it (``"expired"``), or ``None`` to keep it.
+
+        Only the lease decides. A sandbox without an expiry is kept.
+        """
         expiry = self.expiry
         if expiry is not None and (now if now is not None else time.time()) > expiry:
             return "expired"
-        owner = self.owner
-        if owner:
-            host, _, pid = owner.rpartition(":")
-            if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-                return "owner gone"
         return None
 
 
@@ -226,7 +235,15 @@ class Provider(abc.ABC):
         raise ConfigError(f"the {self.name} provider has no images to build")
 
     async def gc(self, *, now: float | None = None) -> builtins.list[tuple[SandboxInfo, str]]:
-        """Destroy sandboxes whose expiry passed or whose owner process is gone.
+        """Destroy sandboxes whose lease ran out (`SandboxInfo.orphaned`).
+
+        Only the expiry decides (as `list` reports it, renewals included): a sandbox whose
+        creator died lives out its lease, and one whose creator lives on is removed once
+        its lease passed unrenewed. Which process created it does not matter, so gc may run
+        anywhere (another host, another PID namespace) with the same result.
+
+        Args:
+            now: The time to judge by (Unix time); default the current time.
 
         Returns:
             Each removed sandbox with the reason.
@@ -246,7 +263,9 @@ class Provider(abc.ABC):
 def managed_labels(spec: SandboxSpec, *, session: str | None = None) -> dict[str, str]:
     """sandbay's own labels for a new sandbox, merged under the user's.
 
-    The user's labels cannot override ``sandbay.*`` ones: gc depends on them.
+    The user's labels cannot override ``sandbay.*`` ones: gc depends on them. The expiry
+    is the first lease (``spec.lifetime_s`` from now; `Sandbox.extend` renews it); the
+    owner (``host:pid``) is informational and gc ignores it.
     """
     bad = sorted(key for key in spec.labels if key.startswith(LABEL_PREFIX))
     if bad:
@@ -256,18 +275,8 @@ def managed_labels(spec: SandboxSpec, *, session: str | None = None) -> dict[str
         MANAGED: "1",
         SESSION: session or uuid.uuid4().hex,
         OWNER: f"{socket.gethostname()}:{os.getpid()}",
-        EXPIRY: f"{time.time() + spec.lifetime_s:.0f}",
+        EXPIRY: f"{math.ceil(time.time() + spec.lifetime_s)}",
     }
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def provider_class(config: BaseProviderConfig) -> type[Provider]:

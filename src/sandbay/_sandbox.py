@@ -19,6 +19,7 @@ import math
 import os
 import posixpath
 import shlex
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, nullcontext
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ _R = TypeVar("_R")
 
 #: Seconds `Sandbox.aclose` and `Process.kill` give each provider call before giving up.
 CLOSE_TIMEOUT = 30.0
+
+#: The label holding a sandbox's expiry (Unix time) as it was when the sandbox was created.
+EXPIRY_LABEL = "sandbay.expiry"
 
 
 class _CheckedModel(BaseModel):
@@ -113,7 +117,8 @@ class SandboxSpec(_CheckedModel):
     memory_mb: int | None = Field(default=None, gt=0)
     """Memory limit in MiB."""
     lifetime_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
-    """Wall-clock lifetime: after it, `sandbay gc` (or the provider) removes the sandbox."""
+    """The sandbox's first lease: it expires this long after creation unless `Sandbox.extend`
+    renews it; after that, `sandbay gc` (or the provider) removes it."""
     env: dict[str, str] = Field(default_factory=dict)
     """Environment variables for every process in the sandbox."""
     labels: dict[str, str] = Field(default_factory=dict)
@@ -322,8 +327,9 @@ class Sandbox(abc.ABC):
     call `aclose` yourself; either way it is removed from the provider when closed. After
     `aclose`, every method raises `SandboxClosedError`.
 
-    Providers implement `id`, `_start`, `_write_file`, `_read_stream` and `_aclose`. Those
-    receive absolute paths and a normalised argv; they must raise:
+    Providers implement `id`, `_start`, `_write_file`, `_read_stream` and `_aclose`, and
+    `_extend` where leases can be renewed. Those receive absolute paths and a normalised
+    argv; they must raise:
 
     - `SandboxFileNotFoundError` from `_read_stream` for a missing path;
     - `SandboxIsADirectoryError` from `_read_stream` and `_write_file` for a path that is a
@@ -355,6 +361,10 @@ class Sandbox(abc.ABC):
     def __init__(self, spec: SandboxSpec) -> None:
         self.spec = spec
         self._closed = False
+        try:
+            self._expiry: float | None = float(spec.labels[EXPIRY_LABEL])
+        except (KeyError, ValueError):
+            self._expiry = None
 
     # --- to implement ------------------------------------------------------------------
 
@@ -386,6 +396,23 @@ class Sandbox(abc.ABC):
     @abc.abstractmethod
     async def _aclose(self) -> None:
         """Remove the sandbox from the provider. Called once, shielded, with a deadline."""
+
+    async def _extend(self, expiry: float) -> None:
+        """Make the sandbox's lease end at ``expiry`` (Unix time, whole seconds), sooner or later.
+
+        Where `Provider.list` reads the expiry from must show it afterwards, and `gc` (and
+        the provider itself, where sandboxes stop on their own) must judge by it. The
+        sandbox's own processes must not be able to do the same. The default refuses.
+
+        Raises:
+            ConfigError: The provider cannot renew a lease.
+        """
+        raise ConfigError(
+            f"the {self.provider} provider cannot extend a sandbox's lease; create the "
+            "sandbox with a longer spec.lifetime_s",
+            provider=self.provider,
+            sandbox_id=self.id,
+        )
 
     # --- concrete ----------------------------------------------------------------------
 
@@ -442,6 +469,16 @@ class Sandbox(abc.ABC):
     def closed(self) -> bool:
         """Whether `aclose` has been called."""
         return self._closed
+
+    @property
+    def expiry(self) -> float | None:
+        """Unix time the sandbox's lease ends, as this object last set it.
+
+        The ``sandbay.expiry`` label at creation, then what `extend` returned. Another
+        process may have renewed it since: `Provider.list` shows the provider's current
+        value. ``None`` for a sandbox created without sandbay's labels.
+        """
+        return self._expiry
 
     def resolve(self, path: str) -> str:
         """Turn a path relative to `workdir` into an absolute one."""
@@ -1036,13 +1073,46 @@ class Sandbox(abc.ABC):
         """Remove the sandbox. Idempotent; runs shielded and bounds its own wait.
 
         A provider that does not answer within `CLOSE_TIMEOUT` seconds is given up on; the
-        sandbox's expiry label lets `sandbay gc` remove it later.
+        sandbox's lease (`expiry`) lets `sandbay gc` remove it later.
         """
         if self._closed:
             return
         self._closed = True
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
             await self._aclose()
+
+    async def extend(self, seconds: float) -> float:
+        """Renew the sandbox's lease: it now expires ``seconds`` from now (a keep-alive).
+
+        A sandbox whose lease ends is removed by `sandbay gc`, or stops by itself where the
+        provider can do that (docker); so a process that renews the lease of the sandboxes
+        it uses, and dies, leaves them behind for at most one lease. The new expiry replaces
+        the old one, sooner or later, rounded up to a whole second.
+
+        Args:
+            seconds: How long from now the lease lasts: a positive, finite number.
+
+        Returns:
+            The new expiry, as Unix time (also `expiry` from now on).
+
+        Raises:
+            ConfigError: ``seconds`` is not a positive finite number, or the provider
+                cannot renew leases.
+            SandboxClosedError: The sandbox was closed.
+            SandboxNotFoundError: The sandbox vanished (its lease already ran out?).
+        """
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not math.isfinite(seconds)
+            or seconds <= 0
+        ):
+            raise ConfigError(f"extend needs a positive, finite number of seconds, got {seconds!r}")
+        self._check_open()
+        expiry = float(math.ceil(time.time() + seconds))
+        await self._extend(expiry)
+        self._expiry = expiry
+        return expiry
 
     async def __aenter__(self) -> Self:
         return self

@@ -2428,3 +2428,46 @@ async def check_connect_unknown_id_not_found(target: Target) -> None:
             continue
         await sb.aclose()
         raise CheckFailed(f"connect({unknown!r}) returned a sandbox instead of raising")
+
+
+# --- leases (Sandbox.extend) -------------------------------------------------------------
+
+
+@_check
+async def check_extend_lease(target: Target) -> None:
+    """Sandbox.extend renews the lease: `expiry` and Provider.list show the later expiry, the
+    sandbox still works; a non-positive or non-finite lease raises ConfigError; extend after
+    close raises SandboxClosedError."""
+    marker = uuid.uuid4().hex
+    provider = target.get_provider()
+    async with target.sandbox(labels={LABEL: marker}, lifetime_s=60) as sb:
+        first = sb.expiry
+        expect(first is not None, "a new sandbox has no expiry")
+        assert first is not None
+        before = time.time()
+        renewed = await sb.extend(3600)
+        expect(
+            before + 3600 <= renewed <= time.time() + 3601,
+            f"extend(3600) returned {renewed}, not about an hour from now",
+        )
+        expect(sb.expiry == renewed, f"Sandbox.expiry is {sb.expiry}, extend returned {renewed}")
+        listed = {info.id: info for info in await provider.list(labels={LABEL: marker})}
+        expect(sb.id in listed, "the extended sandbox is not listed")
+        seen = listed[sb.id].expiry
+        expect(
+            seen is not None and abs(seen - renewed) <= 1,
+            f"Provider.list shows expiry {seen}, not the renewed {renewed} (was {first})",
+        )
+        expect((await sb.exec(["true"])).ok, "the sandbox does not run commands after extend")
+        for bad in (0, -5, math.inf, math.nan):
+            try:
+                await sb.extend(bad)
+            except ConfigError:
+                continue
+            raise CheckFailed(f"extend({bad!r}) was accepted")
+    try:
+        await sb.extend(60)
+    except SandboxClosedError:
+        pass
+    else:
+        raise CheckFailed("extend after aclose did not raise SandboxClosedError")

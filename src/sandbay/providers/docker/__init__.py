@@ -1,7 +1,9 @@
 """Docker provider: each sandbox is a container on a Docker engine, driven by the ``docker`` SDK.
 
-A container runs ``sleep <lifetime_s>`` under Docker's init, so it stops by itself when its
-lifetime ends even if nobody removes it (``sandbay gc`` then removes it). Processes are
+A container's main process (under Docker's init) holds its lease: it exits once the expiry in
+a root-owned file (`LEASE_FILE`, rewritten by `Sandbox.extend`) has passed, so a container
+stops by itself one lease after its owner last renewed it, even if nobody removes it
+(``sandbay gc`` then removes it). Processes are
 ``docker exec`` sessions whose hijacked socket carries stdin one way and multiplexed
 stdout/stderr frames the other; the frames are demultiplexed here, on demand, by whichever
 stream is being read. Files move through the archive endpoints as in-memory tar streams.

@@ -96,7 +96,7 @@ def map_docker_error(
             return SandboxNotFoundError(f"the container no longer exists ({explanation})", **ctx)
         if "is not running" in lowered or "is paused" in lowered or "is restarting" in lowered:
             return SandboxNotFoundError(
-                "the container is not running any more (its lifetime_s passed, or it was "
+                "the container is not running any more (its lease ran out, or it was "
                 f"stopped); open a new sandbox ({explanation})",
                 **ctx,
             )

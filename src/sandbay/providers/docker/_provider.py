@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
-import math
+import tarfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -17,16 +19,20 @@ from typing_extensions import override
 
 from ..._config import DockerConfig
 from ..._errors import SandboxError, SandboxNotFoundError
-from ..._provider import MANAGED, Provider, ProviderStatus, SandboxInfo
+from ..._provider import EXPIRY, MANAGED, Provider, ProviderStatus, SandboxInfo
 from ..._sandbox import Sandbox, SandboxSpec
 from ._errors import NAME, _address, _explain, docker_client, docker_errors
 from ._image import ensure_agent_image
-from ._sandbox import ROOT, DockerSandbox, _is_numeric
+from ._sandbox import LEASE_FILE, ROOT, DockerSandbox, _is_numeric, lease_command
 
 AGENT_WORKDIR = "/workspace"
 #: Label holding what `connect` needs to rebuild a sandbox's spec (no env values: those are
 #: read back from the container's own environment).
 SPEC_LABEL = "sandbay.spec"
+
+# Lease files read at once by `list`, and the most of an archive read for one.
+_LEASE_READERS = 8
+_LEASE_ARCHIVE_MAX = 64 * 1024
 
 # Root in the sandbox keeps what package installs and sandbay's own root execs need.
 _CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID"]
@@ -105,14 +111,17 @@ class DockerProvider(Provider):
             host_config["network_mode"] = spec.network
         if self.config.runtime:
             host_config["runtime"] = self.config.runtime
-        lifetime = str(max(1, math.ceil(spec.lifetime_s)))
+        try:
+            expiry = float(spec.labels[EXPIRY])
+        except (KeyError, ValueError):
+            expiry = time.time() + spec.lifetime_s
 
         def run() -> str:
             api = self._api()
             created = api.create_container(
                 image,
-                command=["sleep", lifetime],
-                # Root here only holds `sleep`; processes run as `user`, given to each exec.
+                command=lease_command(expiry),
+                # Root here only holds the lease; processes run as `user`, given to each exec.
                 # A non-root container user would leave root execs without capabilities.
                 user=ROOT,
                 environment=dict(spec.env),
@@ -203,15 +212,53 @@ class DockerProvider(Provider):
         found = await self._call(
             lambda: self._api().containers(all=True, filters={"label": wanted})
         )
+        # The labels hold the first expiry only (a running container's labels cannot
+        # change): each container's lease file holds the current one.
+        leases: dict[str, float | None] = {}
+        limiter = anyio.CapacityLimiter(_LEASE_READERS)
+
+        async def read(container_id: str) -> None:
+            leases[container_id] = await anyio.to_thread.run_sync(
+                self._read_lease, container_id, limiter=limiter
+            )
+
+        async with anyio.create_task_group() as tg:
+            for item in found:
+                tg.start_soon(read, str(item["Id"]))
         return [
             SandboxInfo(
                 id=str(item["Id"]),
                 provider=NAME,
                 labels={k: v for k, v in (item.get("Labels") or {}).items() if k != SPEC_LABEL},
                 status=str(item.get("State") or "unknown"),
+                lease=leases.get(str(item["Id"])),
             )
             for item in found
         ]
+
+    def _read_lease(self, container_id: str) -> float | None:
+        """The expiry in a container's lease file, or ``None`` (no file: its label rules).
+
+        Read through the archive endpoint, which starts no process in the container (one
+        that spent its pids limit still answers) and works on a stopped one. Blocking.
+        """
+        try:
+            with self._errors(sandbox_id=container_id):
+                stream, _ = self._api().get_archive(container_id, LEASE_FILE)
+                data = bytearray()
+                for chunk in stream:
+                    data += chunk
+                    if len(data) > _LEASE_ARCHIVE_MAX:
+                        return None
+        except SandboxError:
+            return None
+        try:
+            with tarfile.open(fileobj=io.BytesIO(bytes(data))) as archive:
+                member = archive.next()
+                handle = archive.extractfile(member) if member and member.isfile() else None
+                return float(int(handle.read(64))) if handle else None
+        except (tarfile.TarError, ValueError, OSError):
+            return None
 
     @override
     async def destroy(self, sandbox_id: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, ClassVar
@@ -26,6 +27,63 @@ if TYPE_CHECKING:
     from ._provider import DockerProvider
 
 ROOT = "0:0"
+
+#: The container's lease: the Unix time (whole seconds, one line) after which its main process
+#: exits and the container stops. Root's, in a directory only root may write: the sandbox's
+#: user can read its lease but neither extend it nor replace the file.
+LEASE_FILE = "/run/sandbay/expiry"
+
+# The container's main process, run as root under Docker's init with the first expiry as $1:
+# it writes the lease file (unless an extend came first) and exits once the time in it has
+# passed, reading it again every few seconds, so a renewed lease keeps the container and a
+# shortened one ends it. Python where the image has it: it forks nothing, so a sandbox that
+# spent every pid of its limit keeps its lease. Otherwise a shell, which needs two forks per
+# look (a look that cannot fork ends the lease early).
+_LEASE_PY = """
+import os, sys, time
+try:
+    with open("/proc/self/comm", "w") as h:
+        h.write("sandbay-lease")  # in ps, not one of the sandbox's own python3 processes
+except OSError:
+    pass
+path = sys.argv[1]
+os.makedirs(os.path.dirname(path), exist_ok=True)
+os.chmod(os.path.dirname(path), 0o755)
+try:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+except FileExistsError:
+    pass
+else:
+    os.write(fd, sys.argv[2].encode() + b"\\n")
+    os.close(fd)
+while True:
+    try:
+        with open(path, "rb") as h:
+            left = int(h.read(64)) - time.time()
+    except (OSError, ValueError):
+        break
+    if left <= 0:
+        break
+    time.sleep(min(left, 2.0))
+"""
+_LEASE_SH = (
+    'f=$1; command -v python3 >/dev/null 2>&1 && exec python3 -S -I -c "$3" "$f" "$2"; '
+    'd=${f%/*}; mkdir -p "$d" && chmod 755 "$d"; { set -C; echo "$2" >"$f"; } 2>/dev/null; set +C; '
+    'while read -r e <"$f" && n=$(date +%s) && [ "$n" -lt "$e" ]; do '
+    's=$((e - n)); [ "$s" -le 10 ] || s=10; sleep "$s"; done'
+)
+# extend, as root: the new expiry ($1) replaces the lease file whole (renamed over it), so the
+# main process never reads half of it.
+_EXTEND_SCRIPT = (
+    f'f={LEASE_FILE}; d=${{f%/*}}; mkdir -p "$d" && t="$d/.expiry.$$" && '
+    'echo "$1" >"$t" && chmod 644 "$t" && mv -f -- "$t" "$f"'
+)
+
+
+def lease_command(expiry: float) -> list[str]:
+    """The container's main process: a lease that ends at ``expiry`` unless extended."""
+    return ["sh", "-c", _LEASE_SH, "sandbay-lease", LEASE_FILE, str(math.ceil(expiry)), _LEASE_PY]
+
 
 #: Environment variable marking every process of one exec, so `kill` finds what it started.
 EXEC_TOKEN = "SANDBAY_EXEC_ID"
@@ -308,6 +366,19 @@ class DockerSandbox(Sandbox):
         )
 
     # --- lifecycle ---
+
+    @override
+    async def _extend(self, expiry: float) -> None:
+        code, out, err = await self._run(
+            ["sh", "-c", _EXTEND_SCRIPT, "sh", str(math.ceil(expiry))], user=ROOT
+        )
+        if code != 0:
+            raise SandboxError(
+                f"could not extend the lease (exit code {code}): "
+                f"{(err or out).decode(errors='replace').strip()}",
+                provider=NAME,
+                sandbox_id=self._id,
+            )
 
     @override
     async def _aclose(self) -> None:

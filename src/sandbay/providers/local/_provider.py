@@ -17,6 +17,15 @@ from ._bwrap import _BWRAP_HELP, _check_spec, _find_bwrap
 from ._registry import NAME, _kill_recorded, _make_folder, _read_entries, _read_entry, _remove
 from ._sandbox import LocalSandbox, _live
 
+
+def _lease(entry: Mapping[str, object]) -> float | None:
+    """The expiry `Sandbox.extend` last wrote to a registry entry (none in older entries)."""
+    expiry = entry.get("expiry")
+    if isinstance(expiry, (int, float)) and not isinstance(expiry, bool):
+        return float(expiry)
+    return None
+
+
 # bwrap path -> whether it could create a sandbox here, once tried in this process.
 _BWRAP_WORKS: dict[str, bool] = {}
 
@@ -47,8 +56,9 @@ class LocalProvider(Provider):
     - ``spec.image`` cannot be honoured (there are no images); ``spec.network == "none"``
       needs isolation; ``spec.user`` can only be the current user. Each raises
       `ConfigError` naming the field.
-    - A sandbox does not expire by itself: ``spec.lifetime_s`` becomes its expiry label and
-      `gc` removes it after that.
+    - A sandbox does not expire by itself: its lease (``spec.lifetime_s`` from creation,
+      renewed by `Sandbox.extend`) is kept in its registry entry, and `gc`, from any
+      process, removes it once that passed.
     - `connect` works from any process of the same user on this machine (the registry is
       per user). The whole spec, env included, is kept in the registry entry (mode 0600),
       so a reattached sandbox has it all. An isolated sandbox needs ``bwrap`` where it is
@@ -117,6 +127,11 @@ class LocalProvider(Provider):
         if entry.get("isolated"):
             bwrap = _find_bwrap()  # raises ConfigError saying how to install it
         sandbox = LocalSandbox(spec, folder=folder, config=self.config, bwrap=bwrap)
+        # The entry holds the lease as last renewed (the label only its first value), and
+        # the entry is rewritten from this object: never put an older expiry back.
+        lease = _lease(entry)
+        if lease is not None:
+            sandbox._expiry = lease
         # What it started before (also what it left running) is stopped when it closes.
         sandbox._groups.update(_recorded_groups(entry.get("processes")))
         _live[sandbox.id] = sandbox
@@ -132,6 +147,7 @@ class LocalProvider(Provider):
                 provider=NAME,
                 labels=entry["labels"],
                 status=entry["status"],
+                lease=_lease(entry),
             )
             for entry in entries
             if all(entry["labels"].get(key) == value for key, value in wanted.items())

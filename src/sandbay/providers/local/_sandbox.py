@@ -264,10 +264,13 @@ class LocalSandbox(Sandbox):
             for pid in [pid for pid in self._groups if pid not in live]:
                 if not _group_exists(pid):
                     del self._groups[pid]
-            groups = [[pid, lo, hi] for pid, (lo, hi) in self._groups.items()]
-            await anyio.to_thread.run_sync(self._save_entry, groups)
+            await anyio.to_thread.run_sync(self._save_entry, self._recorded_groups())
+
+    def _recorded_groups(self) -> list[list[int]]:
+        return [[pid, lo, hi] for pid, (lo, hi) in self._groups.items()]
 
     def _save_entry(self, groups: list[list[int]]) -> None:
+        # The entry is the lease: `list` and `gc` (in any process) read "expiry" from it.
         entry = {
             "id": self.id,
             "folder": str(self._folder),
@@ -276,6 +279,7 @@ class LocalSandbox(Sandbox):
             "spec": self.spec.model_dump(mode="json", exclude={"labels"}),
             "isolated": bool(self._bwrap),
             "processes": groups,
+            "expiry": self.expiry,
         }
         _atomic_write(_registry() / f"{self.id}.json", json.dumps(entry).encode(), 0o600)
 
@@ -283,8 +287,7 @@ class LocalSandbox(Sandbox):
         processes = list(self._processes)
         for process in processes:
             await process.kill()
-        groups = [[pid, lo, hi] for pid, (lo, hi) in self._groups.items()]
-        await anyio.to_thread.run_sync(_kill_recorded, groups)
+        await anyio.to_thread.run_sync(_kill_recorded, self._recorded_groups())
         for process in processes:
             with anyio.move_on_after(_REAP_TIMEOUT):
                 await process.aclose()
@@ -383,6 +386,19 @@ class LocalSandbox(Sandbox):
         return self._mounts
 
     # --- lifecycle ----------------------------------------------------------------------
+
+    @override
+    async def _extend(self, expiry: float) -> None:
+        # Only the host writes the registry: a process in the sandbox cannot reach it
+        # isolated; unisolated it runs as you and could, as it could do anything you can.
+        self._check_exists()
+        async with self._registry_lock:
+            previous, self._expiry = self._expiry, expiry
+            try:
+                await anyio.to_thread.run_sync(self._save_entry, self._recorded_groups())
+            except BaseException:
+                self._expiry = previous
+                raise
 
     @override
     async def _aclose(self) -> None:
