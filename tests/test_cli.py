@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -324,6 +325,8 @@ def test_ls_and_gc_find_and_remove_an_orphan(tmp_path: Path) -> None:
     ).stdout.strip()
     listed = run_cli("ls", "--provider", "local", cwd=tmp_path)
     assert orphan in listed.stdout and "t=orphan" in listed.stdout
+    (line,) = [line for line in listed.stdout.splitlines() if orphan in line]
+    assert re.search(r" lease=-?[0-9]+s ", line), f"ls shows the lease left: {line!r}"
     infos = anyio.run(sandbay.get_provider("local").list)
     (expiry,) = [info.expiry for info in infos if info.id == orphan]
     assert expiry is not None

@@ -458,13 +458,31 @@ async def _providers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _until(expiry: float) -> str:
+    """How long a lease has left (``12m``), or how long ago it ran out (``-3s``)."""
+    import time
+
+    left = expiry - time.time()
+    size = abs(left)
+    text = (
+        f"{size:.0f}s"
+        if size < 120
+        else f"{size / 60:.0f}m"
+        if size < 7200
+        else f"{size / 3600:.0f}h"
+    )
+    return text if left >= 0 else f"-{text}"
+
+
 async def _ls(args: argparse.Namespace) -> int:
     for name, provider in _chosen_providers(args):
         for info in await provider.list():
             labels = ",".join(
                 f"{k}={v}" for k, v in sorted(info.labels.items()) if not k.startswith("sandbay.")
             )
-            print(f"{name:<8} {info.id:<24} {info.status:<10} owner={info.owner} {labels}")
+            expiry = info.expiry
+            lease = "lease=?" if expiry is None else f"lease={_until(expiry)}"
+            print(f"{name:<8} {info.id:<24} {info.status:<10} {lease} {labels}")
     return 0
 
 
