@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import sandbay
 import sandbay._agent
 from sandbay import ByteStream, Process, Sandbox, SandboxSpec
 from sandbay.testing import ScriptedModel, Turn
+from wrapping import WrappedSandbox
 
 pytestmark = pytest.mark.anyio
 
@@ -303,46 +303,15 @@ class _CutProcess(Process):
         return None  # as a broken connection looks: no exit code known
 
 
-class _FlakySandbox(Sandbox):
+class _FlakySandbox(WrappedSandbox):
     """Wraps a real sandbox; the first agent entrypoint's stream breaks after ``keep`` lines."""
 
     provider = "flaky"
 
     def __init__(self, inner: Sandbox, keep: int) -> None:
-        super().__init__(inner.spec)
-        self.inner = inner
+        super().__init__(inner)
         self.keep = keep
         self.cuts = 0
-
-    @property
-    @override
-    def id(self) -> str:
-        return self.inner.id
-
-    @property
-    @override
-    def workdir(self) -> str:
-        return self.inner.workdir
-
-    @property
-    @override
-    def python(self) -> str:
-        return self.inner.python
-
-    @property
-    @override
-    def agent_dir(self) -> str:
-        return self.inner.agent_dir
-
-    @property
-    @override
-    def isolated(self) -> bool:
-        return self.inner.isolated
-
-    @property
-    @override
-    def reaches_host_loopback(self) -> bool:
-        return self.inner.reaches_host_loopback
 
     @override
     async def _start(
@@ -353,19 +322,6 @@ class _FlakySandbox(Sandbox):
             self.cuts += 1
             return _CutProcess(proc, self.keep)
         return proc
-
-    @override
-    async def _write_file(self, path: str, data: bytes, *, mode: int) -> None:
-        await self.inner.write_file(path, data, mode=mode)
-
-    @override
-    async def _read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
-        async for chunk in self.inner.read_file_stream(path):
-            yield chunk
-
-    @override
-    async def _aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_broken_stream_is_resumed_from_the_last_sequence_number() -> None:

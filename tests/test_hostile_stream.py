@@ -12,7 +12,6 @@ import json
 import shlex
 import time
 import tracemalloc
-from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
@@ -21,9 +20,10 @@ from typing_extensions import override
 
 import sandbay
 import sandbay._agent
-from sandbay import Process, Sandbox
+from sandbay import Sandbox
 from sandbay._agent import _EnvelopeReader
 from sandbay.testing import ScriptedModel, Turn
+from wrapping import WrappedSandbox
 
 pytestmark = pytest.mark.anyio
 
@@ -33,66 +33,20 @@ FLOOD = 64 * MiB
 KEY = {"ANTHROPIC_API_KEY": "unused"}
 
 
-class HostileEntrypoint(Sandbox):
+class HostileEntrypoint(WrappedSandbox):
     """A real sandbox in which the uploaded agent entrypoint is replaced by ``script``."""
 
     provider = "hostile"
 
     def __init__(self, inner: Sandbox, script: str) -> None:
-        super().__init__(inner.spec)
-        self.inner = inner
+        super().__init__(inner)
         self.script = script
-
-    @property
-    @override
-    def id(self) -> str:
-        return self.inner.id
-
-    @property
-    @override
-    def workdir(self) -> str:
-        return self.inner.workdir
-
-    @property
-    @override
-    def python(self) -> str:
-        return self.inner.python
-
-    @property
-    @override
-    def agent_dir(self) -> str:
-        return self.inner.agent_dir
-
-    @property
-    @override
-    def isolated(self) -> bool:
-        return self.inner.isolated
-
-    @property
-    @override
-    def reaches_host_loopback(self) -> bool:
-        return self.inner.reaches_host_loopback
-
-    @override
-    async def _start(
-        self, argv: list[str], *, env: dict[str, str], cwd: str, user: str | None
-    ) -> Process:
-        return await self.inner.start(argv, env=env, cwd=cwd, user=user)
 
     @override
     async def _write_file(self, path: str, data: bytes, *, mode: int) -> None:
         if path.endswith("/entrypoint.py"):
             data = self.script.encode()
         await self.inner.write_file(path, data, mode=mode)
-
-    @override
-    async def _read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
-        async for chunk in self.inner.read_file_stream(path):
-            yield chunk
-
-    @override
-    async def _aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def printing(*lines: bytes | str, then: str = "time.sleep(60)") -> str:
