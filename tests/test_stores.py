@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -94,16 +95,26 @@ def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    for thread in _drains.pop(proc.pid, []):
+        thread.join(timeout=5)  # EOF once the server (and its children) are gone
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
 
 
-def _drain(stream: IO[str]) -> None:
-    """Keep reading a server's output in a thread so a full pipe never blocks it."""
-    import threading
+_drains: dict[int, list[threading.Thread]] = {}
 
-    threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
+
+def _drain(proc: subprocess.Popen[str], stream: IO[str]) -> None:
+    """Keep reading a server's output in a thread so a full pipe never blocks it."""
+
+    def read() -> None:
+        for _ in stream:
+            pass
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    _drains.setdefault(proc.pid, []).append(thread)
 
 
 # -- the servers ---------------------------------------------------------------------------
@@ -121,7 +132,7 @@ def redis_url() -> Iterator[str]:
     try:
         assert proc.stdout is not None
         _wait_for_line(proc.stdout, "Ready to accept connections", proc)
-        _drain(proc.stdout)
+        _drain(proc, proc.stdout)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         _stop(proc)
@@ -177,7 +188,7 @@ def postgres_dsn() -> Iterator[str]:
         try:
             assert proc.stderr is not None
             _wait_for_line(proc.stderr, "ready to accept connections", proc)
-            _drain(proc.stderr)
+            _drain(proc, proc.stderr)
             yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
         finally:
             _stop(proc, signal.SIGINT)  # SIGINT: fast shutdown
@@ -203,7 +214,7 @@ def s3_endpoint() -> Iterator[str]:
     try:
         assert proc.stderr is not None
         _wait_for_line(proc.stderr, "Running on", proc)
-        _drain(proc.stderr)
+        _drain(proc, proc.stderr)
         url = f"http://127.0.0.1:{port}"
         import boto3
 
@@ -235,9 +246,11 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     made: list[Any] = []
     base = _server_for(request, kind)
 
-    def make(tag: str | None = None, **options: Any) -> Any:
-        """A store of its own, or the same data as an earlier one made with the same tag."""
-        tag = tag or uuid.uuid4().hex[:12]
+    shared_tag = uuid.uuid4().hex[:12]
+
+    def make(*, shared: bool = False, **options: Any) -> Any:
+        """A store with data of its own, or (`shared`) the data of the test's shared store."""
+        tag = shared_tag if shared else uuid.uuid4().hex[:12]
         store: Any
         if kind == "sqlite":
             store = SQLiteSessionStore(tmp_path / f"{tag}.sqlite3", **options)
@@ -381,13 +394,36 @@ async def test_aclose_is_idempotent_and_final(make_store: Factory) -> None:
 
 async def test_two_stores_share_the_data(make_store: Factory) -> None:
     """What one store object wrote, another one (another process, another sandbox) reads."""
-    first = make_store(tag="shared")
+    first = make_store(shared=True)
     await first.append(KEY, [{"type": "x", "uuid": "1"}])
-    second = make_store(tag="shared")
+    second = make_store(shared=True)
     assert await second.load(KEY) == [{"type": "x", "uuid": "1"}]
     await second.append(KEY, [{"type": "x", "uuid": "2"}])
     assert await second.list_sessions("proj") == await first.list_sessions("proj")
     assert await first.load(KEY) == [{"type": "x", "uuid": "1"}, {"type": "x", "uuid": "2"}]
+
+
+async def test_concurrent_appends_from_two_stores_lose_nothing(make_store: Factory) -> None:
+    """Two writers (two sandboxes' mirrors) on one session: every line lands, each writer's in
+    its own order, and the summary stays readable."""
+    import anyio
+
+    stores = [make_store(shared=True), make_store(shared=True)]
+
+    async def writer(w: int) -> None:
+        for i in range(15):
+            await stores[w].append(KEY, [{"type": "x", "uuid": f"{w}-{i}", "w": w, "i": i}])
+
+    async with anyio.create_task_group() as tg:
+        for w in (0, 1):
+            tg.start_soon(writer, w)
+    loaded = await stores[0].load(KEY)
+    assert len(loaded) == 30
+    for w in (0, 1):
+        assert [e["i"] for e in loaded if e["w"] == w] == list(range(15))
+    if not isinstance(stores[0], S3SessionStore):
+        summaries = await stores[1].list_session_summaries("proj")
+        assert [s["session_id"] for s in summaries] == ["sess"]
 
 
 # -- errors --------------------------------------------------------------------------------
