@@ -356,12 +356,13 @@ class SandboxTransport(Transport):
             if self._closing:
                 return
             # The stream ended before the run did: the relay died, or the provider dropped
-            # the connection while it kept running.
+            # the connection while it kept running (or it finished meanwhile: exit code 0;
+            # its log has the rest either way).
             code = await _exit_code(proc)
-            if code is not None or reconnects >= self._reconnects:
+            if code not in (None, 0) or reconnects >= self._reconnects:
                 raise AgentError(
                     "the relay's stream ended before the claude CLI did"
-                    + ("" if code is not None else f" {reconnects + 1} times"),
+                    + ("" if code else f" {reconnects + 1} times"),
                     exit_code=code,
                     stderr_tail=await stderr_tail(self.sandbox, self.run_dir),
                     provider=self.sandbox.provider,
