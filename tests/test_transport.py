@@ -477,3 +477,51 @@ async def test_cut_stream_without_reattach_is_an_agent_error() -> None:
                 async for _ in query(prompt="go", options=options, transport=transport):
                     pass
             assert cut.replays == 0
+
+
+class _FakeRelaySandbox(WrappedSandbox):
+    """The relay is replaced by a script that prints ``lines`` (as hostile code could)."""
+
+    provider = "fake-relay"
+
+    def __init__(self, inner: Sandbox, lines: list[str]) -> None:
+        super().__init__(inner)
+        self.lines = lines
+
+    @override
+    async def _start(
+        self, argv: list[str], *, env: dict[str, str], cwd: str, user: str | None
+    ) -> Process:
+        if " serve " in " ".join(argv):
+            script = (
+                f"import sys; sys.stdout.write({''.join(line + chr(10) for line in self.lines)!r})"
+            )
+            argv = [self.inner.python, "-c", script]
+        return await self.inner.start(argv, env=env, cwd=cwd, user=user)
+
+
+def _line(seq: int, data: dict[str, Any], kind: str = "line") -> str:
+    return json.dumps({"sandbay": wire.VERSION, "seq": seq, "kind": kind, "data": data})
+
+
+@pytest.mark.parametrize(
+    ("lines", "error"),
+    [
+        ([_line(1, {"type": "system"}), _line(3, {"type": "system"})], "lost some"),
+        ([_line(1, {"type": 5})], "text type"),
+        (['{"sandbay": 1, "seq": 1, "kind": "message", "data": {}}'], "wire version"),
+        (["x" * 100], "not JSON"),
+    ],
+)
+async def test_a_hostile_relay_is_a_protocol_error(lines: list[str], error: str) -> None:
+    async with sandbay.open_sandbox(UNISOLATED) as inner:
+        fake = _FakeRelaySandbox(inner, lines)
+        options = ClaudeAgentOptions(env={"ANTHROPIC_API_KEY": "k"})
+        transport = sandbay.SandboxTransport(fake, options)
+        await transport.connect()
+        try:
+            with pytest.raises(sandbay.ProtocolError, match=error), anyio.fail_after(30):
+                async for _ in transport.read_messages():
+                    pass
+        finally:
+            await transport.close()
