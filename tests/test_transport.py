@@ -306,7 +306,7 @@ async def test_hook_permission_callback_and_sdk_mcp_tool_run_on_the_host(
         return PermissionResultAllow()
 
     script = [
-        Turn.tool_use("Bash", {"command": "echo from-$(hostname)-bash"}),
+        Turn.tool_use("Bash", {"command": "echo from-$(hostname)-bash-${IS_SANDBOX:-none}"}),
         Turn.tool_use("Write", {"file_path": f"{sandbox.workdir}/nope.txt", "content": "x"}),
         Turn.tool_use("mcp__host__add", {"a": 2, "b": 40}),
         Turn.text("done"),
@@ -327,7 +327,9 @@ async def test_hook_permission_callback_and_sdk_mcp_tool_run_on_the_host(
     assert hooked == ["Bash", "Write", "mcp__host__add"]
     assert asked == ["Bash", "Write", "mcp__host__add"]
     by_turn = [str(r.get("content")) for r in results]
-    assert "from-" in by_turn[0] and "-bash" in by_turn[0]
+    assert "from-" in by_turn[0] and "-bash-" in by_turn[0]
+    # IS_SANDBOX only where a real boundary exists.
+    assert by_turn[0].count("-bash-1" if sandbox.isolated else "-bash-none") == 1
     assert "denied-by-the-host" in by_turn[1] and results[1].get("is_error") is True
     assert "sum=42" in by_turn[2]
     assert not await sandbox.exists("nope.txt")
@@ -375,6 +377,10 @@ def run_pids(sandbox: Sandbox, run_id: str) -> set[int]:
     return found
 
 
+def cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 async def test_close_mid_turn_leaves_no_process() -> None:
     async with (
         ScriptedModel([Turn.text("slow", delay_s=30)]) as model,
@@ -384,7 +390,11 @@ async def test_close_mid_turn_leaves_no_process() -> None:
         transport = sandbay.SandboxTransport(sb, options)
         async with ClaudeSDKClient(options, transport=transport) as client:
             await client.query("go")
-            assert len(run_pids(sb, transport.run_id)) >= 2  # the relay and the CLI
+            pids = run_pids(sb, transport.run_id)
+            assert len(pids) >= 2  # the relay and the CLI
+            # The key went on the relay's stdin: no process's argv holds it.
+            key = model.env()["ANTHROPIC_API_KEY"].encode()
+            assert not any(key in cmdline(pid) for pid in pids)
         # The client disconnected while the model was still "thinking".
         assert run_pids(sb, transport.run_id) == set()
         await transport.close()  # idempotent
@@ -414,6 +424,18 @@ async def test_missing_cli_is_an_agent_error(sandbox: Sandbox) -> None:
         async for _ in query(prompt="go", options=options, transport=transport):
             pass
     assert info.value.exit_code == 127
+
+
+async def test_relay_that_cannot_start_reports_exit_code_and_stderr() -> None:
+    config = sandbay.LocalConfig(isolate=False, python="/nonexistent/python3")
+    async with sandbay.open_sandbox(config) as sb:
+        options = ClaudeAgentOptions(env={"ANTHROPIC_API_KEY": "k"})
+        transport = sandbay.SandboxTransport(sb, options)
+        with pytest.raises(sandbay.AgentError) as info, anyio.fail_after(60):
+            async for _ in query(prompt="go", options=options, transport=transport):
+                pass
+    assert info.value.exit_code == 127
+    assert "/nonexistent/python3" in info.value.stderr_tail
 
 
 class _CutRelaySandbox(WrappedSandbox):
@@ -525,3 +547,31 @@ async def test_a_hostile_relay_is_a_protocol_error(lines: list[str], error: str)
                     pass
         finally:
             await transport.close()
+
+
+class _NoEofProcess(_CutProcess):
+    """A real process whose provider cannot send end of file on stdin."""
+
+    @override
+    async def close_stdin(self) -> None:
+        pass
+
+
+class _NoEofSandbox(WrappedSandbox):
+    provider = "no-eof"
+
+    @override
+    async def _start(
+        self, argv: list[str], *, env: dict[str, str], cwd: str, user: str | None
+    ) -> Process:
+        return _NoEofProcess(await self.inner.start(argv, env=env, cwd=cwd, user=user), 10**9)
+
+
+async def test_input_ends_without_end_of_file_through_the_relay() -> None:
+    async with ScriptedModel(["hi"]) as model, sandbay.open_sandbox(UNISOLATED) as inner:
+        options = ClaudeAgentOptions(max_turns=1, env=model.env())
+        transport = sandbay.SandboxTransport(_NoEofSandbox(inner), options)
+        with anyio.fail_after(60):
+            messages = [m async for m in query(prompt="go", options=options, transport=transport)]
+        # The CLI saw the end of its input (the relay's end-input line) and exited by itself.
+        assert isinstance(messages[-1], ResultMessage) and transport.exit_code == 0

@@ -212,6 +212,8 @@ class SandboxTransport(Transport):
             ConfigError: No credentials for the model, options the sandbox refuses
                 (``bypassPermissions`` where it is not isolated, a loopback model URL it
                 cannot reach), or options with no command line.
+            AgentError: The relay exited at once (no Python in the sandbox, say), with its
+                exit code and stderr.
             SandboxError: The sandbox could not start the relay.
         """
         if self._proc is not None:
@@ -249,8 +251,14 @@ class SandboxTransport(Transport):
             f"{shlex.quote(self._relay_path('relay.py'))} serve --run-dir {directory} "
             f"2>>{shlex.quote(self.run_dir + '/stderr.log')}"
         )
-        self._proc = await self.sandbox.start(["sh", "-c", command])
-        await self._proc.write(json.dumps(start).encode() + b"\n")
+        proc = await self.sandbox.start(["sh", "-c", command])
+        try:
+            await proc.write(json.dumps(start).encode() + b"\n")
+        except BrokenPipeError:
+            error = await self._gone(proc)
+            await _kill(proc)
+            raise error from None
+        self._proc = proc
         self._ready = True
 
     @override
@@ -271,12 +279,17 @@ class SandboxTransport(Transport):
             try:
                 await self._proc.write(data.encode())
             except BrokenPipeError:
-                raise AgentError(
-                    "the relay in the sandbox is gone; cannot write to the claude CLI",
-                    exit_code=self.exit_code,
-                    provider=self.sandbox.provider,
-                    sandbox_id=self.sandbox.id,
-                ) from None
+                raise await self._gone(self._proc) from None
+
+    async def _gone(self, proc: Process) -> AgentError:
+        """The error for a relay that exited under a write: its exit code and stderr."""
+        return AgentError(
+            "the relay in the sandbox is gone; cannot write to the claude CLI",
+            exit_code=await _exit_code(proc),
+            stderr_tail=await stderr_tail(self.sandbox, self.run_dir),
+            provider=self.sandbox.provider,
+            sandbox_id=self.sandbox.id,
+        )
 
     @override
     async def end_input(self) -> None:
