@@ -335,6 +335,7 @@ async def test_hook_permission_callback_and_sdk_mcp_tool_run_on_the_host(
     assert not await sandbox.exists("nope.txt")
 
 
+@pytest.mark.parametrize("sandbox", PROVIDERS, indirect=True)
 async def test_two_turns_over_one_transport_with_the_client(sandbox: Sandbox) -> None:
     script = [Turn.text("first answer"), Turn.text("second answer")]
     async with ScriptedModel(script) as model:
@@ -399,6 +400,31 @@ async def test_close_mid_turn_leaves_no_process() -> None:
         assert run_pids(sb, transport.run_id) == set()
         await transport.close()  # idempotent
         assert not sb.closed
+
+
+@pytest.mark.parametrize("sandbox", PROVIDERS, indirect=True)
+async def test_close_mid_turn_stops_the_cli_in_the_sandbox(sandbox: Sandbox) -> None:
+    async with ScriptedModel([Turn.text("slow", delay_s=30)]) as model:
+        options = ClaudeAgentOptions(max_turns=2, env=model.env())
+        transport = sandbay.SandboxTransport(sandbox, options)
+        with anyio.fail_after(60):
+            async with ClaudeSDKClient(options, transport=transport) as client:
+                await client.query("go")
+                async for message in client.receive_messages():
+                    assert isinstance(message, SystemMessage)  # init: the turn has begun
+                    break
+    pid = transport.cli_pid
+    assert pid is not None
+    # Its state inside the sandbox: gone, or a zombie (dead, waiting for its reaper).
+    probe = (
+        "try:\n"
+        f" print(open('/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0])\n"
+        "except OSError:\n"
+        " print('gone')"
+    )
+    result = await sandbox.exec([sandbox.python, "-c", probe])
+    assert result.stdout.strip() in (b"gone", b"Z"), "the CLI outlived close()"
+    assert not sandbox.closed
 
 
 async def test_cli_crash_is_an_agent_error_with_exit_code_and_stderr(sandbox: Sandbox) -> None:

@@ -166,6 +166,7 @@ class SandboxTransport(Transport):
         run_id: The run's id in the sandbox.
         last_seq: Sequence number of the last logged envelope received.
         exit_code: The CLI's exit code once it ended, else ``None``.
+        cli_pid: The CLI's process id inside the sandbox, once the relay started it.
     """
 
     def __init__(
@@ -182,6 +183,7 @@ class SandboxTransport(Transport):
         self.run_id = run_id or uuid.uuid4().hex[:16]
         self.last_seq = 0
         self.exit_code: int | None = None
+        self.cli_pid: int | None = None
         self._env = dict(env or {})
         self._reconnects = reconnects
         self._proc: Process | None = None
@@ -333,6 +335,7 @@ class SandboxTransport(Transport):
             async with aclosing(self._frames(proc)) as frames:
                 async for frame in frames:
                     if frame.kind == "ready":
+                        self.cli_pid = frame.data.get("cli_pid")
                         continue
                     if frame.kind == "stderr":
                         self._on_stderr(str(frame.data["line"]))
