@@ -262,6 +262,7 @@ def test_well_formed_frames_parse() -> None:
 # -- end to end -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sandbox", PROVIDERS, indirect=True)
 async def test_messages_match_a_local_query(sandbox: Sandbox) -> None:
     script = bash_then_done("echo sandbay-$((6*7)); pwd")
     async with ScriptedModel(script) as model:
