@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from ._pool import SandboxPool
     from ._provider import Provider, ProviderStatus, SandboxInfo
     from ._sandbox import ByteStream, ExecResult, FileInfo, FileType, Process, Sandbox, SandboxSpec
+    from ._transport import SandboxTransport
 
 __version__ = "0.1.0"
 
@@ -86,6 +87,7 @@ _LAZY = {
     "SandboxSpec": "._sandbox",
     "FileInfo": "._sandbox",
     "FileType": "._sandbox",
+    "SandboxTransport": "._transport",
 }
 
 __all__ = [
@@ -126,6 +128,7 @@ __all__ = [
     "SandboxPool",
     "SandboxSpec",
     "SandboxTimeoutError",
+    "SandboxTransport",
     "connect_sandbox",
     "create_sandbox",
     "get_provider",

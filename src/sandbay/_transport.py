@@ -1,0 +1,551 @@
+"""`SandboxTransport`: the Agent SDK runs on the host, the ``claude`` CLI inside a sandbox.
+
+The SDK's public seam for this is a custom `claude_agent_sdk.Transport`: it writes the CLI's
+stdin lines and reads its stdout messages. This one runs the CLI through sandbay's relay
+(``_relay/relay.py``, standard library only), uploaded into the sandbox: the relay starts
+the CLI, passes stdin on in order, and returns each stdout line in a checked envelope
+(``_relay/wire.py``) that it also logs with a sequence number. Everything else (the control
+protocol, hooks, ``can_use_tool``, SDK MCP servers, message parsing) is the SDK's own code,
+running here, unchanged::
+
+    async with sandbay.open_sandbox("docker") as sb:
+        transport = sandbay.SandboxTransport(sb, options)
+        async for message in query(prompt="...", options=options, transport=transport):
+            ...
+
+If the stream from the relay breaks while the CLI runs on, the transport reattaches with
+the relay's ``replay`` from the last sequence number it saw, without loss or duplication.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import json
+import shlex
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import aclosing
+from typing import Any
+
+import anyio
+from claude_agent_sdk import ClaudeAgentOptions, Transport
+from claude_agent_sdk import __version__ as sdk_version
+from claude_agent_sdk._internal.transport.subprocess_cli import SubprocessCLITransport
+from typing_extensions import override
+
+from ._agent import (
+    MAX_DEPTH,
+    MAX_SEQ,
+    RECONNECTS,
+    _exit_code,
+    _is_finite_number,
+    _kill,
+    _nests_deeper,
+    _show_value,
+    _tail,
+    agent_env,
+    check_credentials,
+    check_sandbox,
+    sandbox_agent_env,
+    stderr_tail,
+)
+from ._errors import AgentError, ConfigError, ProtocolError
+from ._relay import wire
+from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox
+
+__all__ = ["CHECKED_SDK_VERSIONS", "Frame", "SandboxTransport", "cli_argv", "cli_env"]
+
+#: claude-agent-sdk releases whose CLI argv builder `cli_argv` was checked against (the
+#: test of `cli_argv` pins its output for representative options).
+CHECKED_SDK_VERSIONS = ("0.2.186", "0.2.187", "0.2.188", "0.2.189")
+#: Longest envelope line accepted: a CLI line at the relay's bound plus the envelope around it.
+MAX_FRAME_BYTES = wire.MAX_LINE + 1024
+#: Seconds `SandboxTransport.close` lets the CLI finish after its input ended (it flushes
+#: its transcript), as the SDK's own transport does, before it is killed.
+CLOSE_GRACE_S = 5.0
+_RELAY_FILES = ("relay.py", "wire.py")
+#: argv[0] placeholder when the relay is to find the CLI itself.
+_FIND_CLI = "claude"
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """One checked envelope from the relay.
+
+    Attributes:
+        seq: Sequence number (``line``, ``end``, ``error``); 0 for the unlogged kinds.
+        kind: One of `wire.KINDS`.
+        data: The payload; for ``line``, the CLI's stream-json message as a dict.
+    """
+
+    seq: int
+    kind: str
+    data: dict[str, Any]
+
+
+def cli_argv(options: ClaudeAgentOptions, *, cli: str = _FIND_CLI) -> list[str]:
+    """The ``claude`` command line the Agent SDK would run for ``options``, with ``cli`` first.
+
+    The SDK applies none of its CLI-flag options to a custom transport, so the transport
+    must: this is the one place that does, with the SDK's own builder (constructing its
+    subprocess transport spawns nothing). A ``can_use_tool`` callback routes permission
+    prompts over the control protocol (``--permission-prompt-tool stdio``), as the SDK does
+    before it builds its own transport. Checked against `CHECKED_SDK_VERSIONS`.
+
+    Raises:
+        ConfigError: The options cannot be turned into a command line (the SDK's own
+            checks), or the installed SDK no longer has the builder.
+    """
+    if options.can_use_tool is not None:
+        if options.permission_prompt_tool_name:
+            raise ConfigError(
+                "ClaudeAgentOptions: give can_use_tool or permission_prompt_tool_name, not both"
+            )
+        options = dataclasses.replace(options, permission_prompt_tool_name="stdio")
+    try:
+        builder = SubprocessCLITransport("", dataclasses.replace(options, cli_path=cli))
+        return list(builder._build_command())
+    except AttributeError as exc:  # pragma: no cover - only on an unchecked SDK
+        raise ConfigError(
+            f"claude-agent-sdk {sdk_version} has no CLI argv builder sandbay knows "
+            f"(checked: {', '.join(CHECKED_SDK_VERSIONS)}): {exc}"
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(f"ClaudeAgentOptions cannot start the claude CLI: {exc}") from None
+
+
+def cli_env(
+    sandbox: Sandbox, options: ClaudeAgentOptions, env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The variables the CLI gets in ``sandbox``, on top of the sandbox's own environment.
+
+    What the SDK's own transport sets (never the host's whole environment), ``options.env``,
+    then the forwarded auth/endpoint variables and ``env`` (`agent_env`), and ``IS_SANDBOX``
+    only where the sandbox is isolated (`sandbox_agent_env`). They travel to the relay on its
+    stdin, never in argv or the sandbox's environment.
+    """
+    out = {"CLAUDE_CODE_ENTRYPOINT": "sdk-py", **options.env, **agent_env(env)}
+    out["CLAUDE_AGENT_SDK_VERSION"] = sdk_version
+    if options.client_app is not None:
+        out["CLAUDE_AGENT_SDK_CLIENT_APP"] = options.client_app
+    if not any(key.upper() == "CLAUDE_CODE_SDK_READS_SESSION_STATE" for key in out):
+        out["CLAUDE_CODE_SDK_READS_SESSION_STATE"] = "1"
+    if options.enable_file_checkpointing:
+        out["CLAUDE_CODE_ENABLE_SDK_FILE_CHECKPOINTING"] = "true"
+    return sandbox_agent_env(sandbox, out)
+
+
+@functools.cache
+def relay_source(name: str) -> bytes:
+    """One of the relay's files, as uploaded into sandboxes (read once per process)."""
+    return importlib.resources.files("sandbay._relay").joinpath(name).read_bytes()
+
+
+class SandboxTransport(Transport):
+    """A `claude_agent_sdk.Transport` whose ``claude`` CLI runs inside a sandbox.
+
+    Give it to ``query(prompt=..., options=options, transport=...)`` or
+    ``ClaudeSDKClient(options, transport=...)`` with the same ``options``: the SDK runs
+    here, hooks, ``can_use_tool`` and SDK MCP servers included, and the CLI (with its tools)
+    runs in ``sandbox``. One transport runs one CLI; the sandbox stays open after it.
+
+    Args:
+        sandbox: An open sandbox whose Python has claude-agent-sdk installed (its bundled
+            ``claude`` is used) or that has ``claude`` on ``PATH``.
+        options: The options the SDK is given; their CLI flags are applied here
+            (`cli_argv`). ``cwd`` is a path in the sandbox (default its workdir);
+            ``cli_path``, if set, is the CLI's path in the sandbox.
+        env: Variables for the CLI on top of ``options.env`` and the forwarded auth and
+            endpoint variables (``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``, …).
+        run_id: Names the run's directory under ``sandbox.agent_dir`` (default random).
+        reconnects: How often a broken stream is reattached before `AgentError`.
+
+    Attributes:
+        run_id: The run's id in the sandbox.
+        last_seq: Sequence number of the last logged envelope received.
+        exit_code: The CLI's exit code once it ended, else ``None``.
+        cli_pid: The CLI's process id inside the sandbox, once the relay started it.
+    """
+
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        options: ClaudeAgentOptions | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        run_id: str | None = None,
+        reconnects: int = RECONNECTS,
+    ) -> None:
+        self.sandbox = sandbox
+        self.options = options if options is not None else ClaudeAgentOptions()
+        self.run_id = run_id or uuid.uuid4().hex[:16]
+        self.last_seq = 0
+        self.exit_code: int | None = None
+        self.cli_pid: int | None = None
+        self._env = dict(env or {})
+        self._reconnects = reconnects
+        self._proc: Process | None = None
+        self._replays: list[Process] = []
+        self._ready = False
+        self._closing = False
+        self._ended = False
+        self._input_ended = False
+        self._write_lock = anyio.Lock()
+        self._stderr_tail: list[str] = []
+
+    @property
+    def run_dir(self) -> str:
+        """The run's directory in the sandbox: the relay's log and stderr."""
+        return f"{self.sandbox.agent_dir}/runs/{self.run_id}"
+
+    def _relay_path(self, name: str) -> str:
+        return f"{self.sandbox.agent_dir}/relay/{name}"
+
+    @override
+    async def connect(self) -> None:
+        """Upload the relay, start it and send it the CLI's argv and environment.
+
+        Returns once the relay is started; the CLI's start-up overlaps the SDK's first
+        writes (they queue on the relay's stdin).
+
+        Raises:
+            ConfigError: No credentials for the model, options the sandbox refuses
+                (``bypassPermissions`` where it is not isolated, a loopback model URL it
+                cannot reach), or options with no command line.
+            AgentError: The relay exited at once (no Python in the sandbox, say), with its
+                exit code and stderr.
+            SandboxError: The sandbox could not start the relay.
+        """
+        if self._proc is not None:
+            return
+        options = self.options
+        env = cli_env(self.sandbox, options, self._env)
+        check_credentials(env, self.sandbox.spec.env)
+        check_sandbox(
+            self.sandbox,
+            wire_options={
+                "permission_mode": options.permission_mode,
+                "extra_args": options.extra_args,
+                "env": dict(options.env),
+            },
+            env=env,
+        )
+        cli = str(options.cli_path) if options.cli_path is not None else _FIND_CLI
+        argv = cli_argv(options, cli=cli)
+        cwd = self.sandbox.resolve(str(options.cwd)) if options.cwd else self.sandbox.workdir
+        env["PWD"] = cwd
+        start = {
+            "sandbay": wire.VERSION,
+            "kind": "start",
+            "argv": argv,
+            "env": env,
+            "cwd": cwd,
+            "find_cli": options.cli_path is None,
+        }
+        async with anyio.create_task_group() as tg:
+            for name in _RELAY_FILES:
+                tg.start_soon(self.sandbox.write_file, self._relay_path(name), relay_source(name))
+        directory = shlex.quote(self.run_dir)
+        command = (
+            f"mkdir -p {directory} && exec {shlex.quote(self.sandbox.python)} "
+            f"{shlex.quote(self._relay_path('relay.py'))} serve --run-dir {directory} "
+            f"2>>{shlex.quote(self.run_dir + '/stderr.log')}"
+        )
+        proc = await self.sandbox.start(["sh", "-c", command])
+        try:
+            await proc.write(json.dumps(start).encode() + b"\n")
+        except BrokenPipeError:
+            error = await self._gone(proc)
+            await _kill(proc)
+            raise error from None
+        self._proc = proc
+        self._ready = True
+
+    @override
+    async def write(self, data: str) -> None:
+        """Write one or more lines to the CLI's stdin, in order.
+
+        Raises:
+            AgentError: The transport is not connected, its input ended, or the relay is gone.
+        """
+        async with self._write_lock:
+            if not self._ready or self._proc is None or self._input_ended:
+                raise AgentError(
+                    "the transport is not ready for writing (not connected, closed, or its "
+                    "input ended)",
+                    provider=self.sandbox.provider,
+                    sandbox_id=self.sandbox.id,
+                )
+            try:
+                await self._proc.write(data.encode())
+            except BrokenPipeError:
+                raise await self._gone(self._proc) from None
+
+    async def _gone(self, proc: Process) -> AgentError:
+        """The error for a relay that exited under a write: its exit code and stderr."""
+        return AgentError(
+            "the relay in the sandbox is gone; cannot write to the claude CLI",
+            exit_code=await _exit_code(proc),
+            stderr_tail=await stderr_tail(self.sandbox, self.run_dir),
+            provider=self.sandbox.provider,
+            sandbox_id=self.sandbox.id,
+        )
+
+    @override
+    async def end_input(self) -> None:
+        """End the CLI's input: the relay's end-of-input line, then end of file. Idempotent."""
+        async with self._write_lock:
+            if self._proc is None or self._input_ended:
+                return
+            self._input_ended = True
+            try:
+                await self._proc.write(wire.END_INPUT_LINE.encode() + b"\n")
+                await self._proc.close_stdin()
+            except BrokenPipeError:
+                pass  # the relay already exited: its stream says why
+
+    @override
+    def is_ready(self) -> bool:
+        return self._ready
+
+    @override
+    def read_messages(self) -> AsyncIterator[dict[str, Any]]:
+        """The CLI's stdout messages, as dicts, in order, once each, until it ends.
+
+        Raises:
+            AgentError: The CLI exited non-zero or could not start (with its exit code and
+                the tail of its stderr), or the relay died or the stream broke more than
+                ``reconnects`` times.
+            ProtocolError: The relay sent something malformed, out of order, or missing.
+        """
+        return self._messages()
+
+    async def _messages(self) -> AsyncGenerator[dict[str, Any], None]:
+        if self._proc is None:
+            raise AgentError(
+                "the transport is not connected: call connect() first",
+                provider=self.sandbox.provider,
+                sandbox_id=self.sandbox.id,
+            )
+        proc = self._proc
+        reconnects = 0
+        while True:
+            async with aclosing(self._frames(proc)) as frames:
+                async for frame in frames:
+                    if frame.kind == "ready":
+                        self.cli_pid = frame.data.get("cli_pid")
+                        continue
+                    if frame.kind == "stderr":
+                        self._on_stderr(str(frame.data["line"]))
+                        continue
+                    if frame.seq == 0:  # an unlogged error: a replay that could not follow
+                        raise self._error(frame.data)
+                    if frame.seq <= self.last_seq:
+                        continue  # seen before the stream was reattached
+                    if frame.seq != self.last_seq + 1:
+                        raise self._malformed(
+                            f"envelope {frame.seq} follows {self.last_seq}: the stream lost some"
+                        )
+                    self.last_seq = frame.seq
+                    if frame.kind == "line":
+                        yield frame.data
+                    elif frame.kind == "end":
+                        self._ended = True
+                        self.exit_code = frame.data["exit_code"]
+                        if self.exit_code != 0 and not self._closing:
+                            tail = str(frame.data.get("stderr") or "") or "\n".join(
+                                self._stderr_tail
+                            )
+                            raise AgentError(
+                                "the claude CLI exited with an error",
+                                exit_code=self.exit_code,
+                                stderr_tail=_tail(tail),
+                                provider=self.sandbox.provider,
+                                sandbox_id=self.sandbox.id,
+                            )
+                        return
+                    else:  # error
+                        self._ended = True
+                        raise self._error(frame.data)
+            if self._closing:
+                return
+            # The stream ended before the run did: the relay died, or the provider dropped
+            # the connection while it kept running (or it finished meanwhile: exit code 0;
+            # its log has the rest either way).
+            code = await _exit_code(proc)
+            if code not in (None, 0) or reconnects >= self._reconnects:
+                raise AgentError(
+                    "the relay's stream ended before the claude CLI did"
+                    + ("" if code else f" {reconnects + 1} times"),
+                    exit_code=code,
+                    stderr_tail=await stderr_tail(self.sandbox, self.run_dir),
+                    provider=self.sandbox.provider,
+                    sandbox_id=self.sandbox.id,
+                )
+            reconnects += 1
+            proc = await self._replay(self.last_seq)
+
+    async def _replay(self, after: int) -> Process:
+        """Start the relay's ``replay`` of the logged envelopes numbered above ``after``."""
+        argv = [
+            self.sandbox.python,
+            self._relay_path("relay.py"),
+            "replay",
+            "--run-dir",
+            self.run_dir,
+            "--after",
+            str(after),
+        ]
+        proc = await self.sandbox.start(argv)
+        self._replays.append(proc)
+        return proc
+
+    async def _frames(self, proc: Process) -> AsyncGenerator[Frame, None]:
+        try:
+            async for line in proc.stdout.lines(max_line=MAX_FRAME_BYTES):
+                if line.strip():
+                    yield parse_frame(line, self.sandbox)
+        finally:
+            if proc is not self._proc:  # a replay: done with it
+                with anyio.CancelScope(shield=True):
+                    await _kill(proc)
+
+    def _on_stderr(self, line: str) -> None:
+        self._stderr_tail = [*self._stderr_tail[-39:], line]
+        callback: Callable[[str], None] | None = self.options.stderr
+        if callback is not None:
+            callback(line)
+
+    def _error(self, data: Mapping[str, Any]) -> AgentError:
+        return AgentError(
+            f"the relay could not run the claude CLI: {data.get('type')}: {data.get('message')}",
+            exit_code=data.get("exit_code"),
+            stderr_tail=_tail(str(data.get("stderr") or "")),
+            provider=self.sandbox.provider,
+            sandbox_id=self.sandbox.id,
+        )
+
+    def _malformed(self, what: str) -> ProtocolError:
+        return ProtocolError(
+            f"the relay sent {what}; the run was stopped",
+            provider=self.sandbox.provider,
+            sandbox_id=self.sandbox.id,
+        )
+
+    @override
+    async def close(self) -> None:
+        """Stop the CLI and the relay; nothing of the run keeps running. Idempotent, bounded.
+
+        The CLI gets `CLOSE_GRACE_S` after its input ends to finish (it flushes its
+        transcript), as with the SDK's own transport; then the relay and the CLI are killed.
+        The sandbox stays open.
+        """
+        self._closing = True
+        self._ready = False
+        proc, self._proc = self._proc, None
+        replays, self._replays = self._replays, []
+        with anyio.CancelScope(shield=True):
+            if proc is not None:
+                if not self._input_ended:
+                    with anyio.move_on_after(CLOSE_TIMEOUT):
+                        await self._end_input_of(proc)
+                if proc.returncode is None and not self._ended:
+                    with anyio.move_on_after(CLOSE_GRACE_S):
+                        await proc.wait()
+                await _kill(proc)
+            for replay in replays:
+                await _kill(replay)
+
+    async def _end_input_of(self, proc: Process) -> None:
+        async with self._write_lock:
+            self._input_ended = True
+            try:
+                await proc.write(wire.END_INPUT_LINE.encode() + b"\n")
+                await proc.close_stdin()
+            except BrokenPipeError:
+                pass
+
+
+def parse_frame(line: bytes, sandbox: Sandbox | None = None) -> Frame:
+    """Check every field of one envelope line from the relay; anything off is a `ProtocolError`.
+
+    The line comes from the sandbox, whose code may be hostile: no value in it may raise
+    anything but `ProtocolError` on the host, now or when the SDK uses the message.
+    """
+
+    def malformed(what: str) -> ProtocolError:
+        return ProtocolError(
+            f"the relay sent a malformed envelope: {what}; the run was stopped",
+            provider=sandbox.provider if sandbox else None,
+            sandbox_id=sandbox.id if sandbox else None,
+        )
+
+    try:
+        raw = json.loads(line)
+    except RecursionError:
+        raise malformed("it nests too deep to parse") from None
+    except ValueError:
+        raise malformed(f"a line that is not JSON: {line[:200]!r}") from None
+    if not isinstance(raw, dict):
+        raise malformed(f"a JSON {type(raw).__name__} instead of an object")
+    version = raw.get("sandbay")
+    if type(version) is not int or version != wire.VERSION:
+        raise ProtocolError(
+            f"the relay speaks wire version {_show_value(version)}, this sandbay speaks "
+            f"{wire.VERSION}: use the same sandbay on both sides",
+            provider=sandbox.provider if sandbox else None,
+            sandbox_id=sandbox.id if sandbox else None,
+        )
+    unknown = set(raw) - {"sandbay", "seq", "kind", "data"}
+    if unknown:
+        raise malformed(f"unknown fields {sorted(unknown)[:5]}")
+    kind = raw.get("kind")
+    if not isinstance(kind, str) or kind not in wire.KINDS:
+        raise malformed(f"kind must be one of {sorted(wire.KINDS)}, got {_show_value(kind)}")
+    seq = raw.get("seq")
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise malformed(f"seq must be a whole number from 0 to {MAX_SEQ}, got {_show_value(seq)}")
+    if seq == 0 and kind in wire.LOGGED_KINDS - {"error"}:
+        raise malformed(f"a {kind!r} envelope must carry a sequence number")
+    if seq != 0 and kind not in wire.LOGGED_KINDS:
+        raise malformed(f"a {kind!r} envelope carries no sequence number, got {seq}")
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        raise malformed(f"data of a {kind!r} envelope must be an object, got {_show_value(data)}")
+    if _nests_deeper(data, MAX_DEPTH):
+        raise malformed(f"data of a {kind!r} envelope nests deeper than {MAX_DEPTH} levels")
+
+    def text(name: str, *, optional: bool = True) -> None:
+        value = data.get(name)
+        if not isinstance(value, str) and not (optional and value is None):
+            raise malformed(f"{name} of {kind!r} must be text, got {_show_value(value)}")
+
+    def integer(name: str, *, optional: bool = True) -> None:
+        value = data.get(name)
+        if value is None and optional:
+            return
+        if type(value) is not int or abs(value) > 2**31:
+            raise malformed(f"{name} of {kind!r} must be an integer, got {_show_value(value)}")
+
+    if kind == "line":
+        if not isinstance(data.get("type"), str):
+            raise malformed(f"a CLI message needs a text type, got {_show_value(data.get('type'))}")
+    elif kind == "stderr":
+        text("line", optional=False)
+    elif kind == "ready":
+        integer("pid")
+        integer("cli_pid")
+        text("cli")
+    elif kind == "end":
+        integer("exit_code", optional=False)
+        text("stderr")
+    else:  # error
+        integer("exit_code")
+        for name in ("type", "message", "stderr"):
+            text(name)
+    for value in data.values() if kind != "line" else ():
+        if isinstance(value, float) and not _is_finite_number(value):
+            raise malformed(f"a number in {kind!r} that is not finite")
+    return Frame(seq, kind, data)
