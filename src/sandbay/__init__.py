@@ -52,12 +52,14 @@ if TYPE_CHECKING:
     from ._pool import SandboxPool
     from ._provider import Provider, ProviderStatus, SandboxInfo
     from ._sandbox import ByteStream, ExecResult, FileInfo, FileType, Process, Sandbox, SandboxSpec
+    from ._session import AgentSession
     from ._transport import SandboxTransport
 
 __version__ = "0.1.0"
 
 # Public name -> the private module that defines it, imported on first access.
 _LAZY = {
+    "AgentSession": "._session",
     "AgentRun": "._agent",
     "ResumedRun": "._agent",
     "RunHandle": "._agent",
@@ -93,6 +95,7 @@ _LAZY = {
 __all__ = [
     "AgentError",
     "AgentRun",
+    "AgentSession",
     "BaseProviderConfig",
     "ByteStream",
     "ConfigError",
