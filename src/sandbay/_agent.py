@@ -584,9 +584,11 @@ class AgentRun:
             if scope.cancelled_caught or transport is None:
                 raise self._timed_out("while provisioning the sandbox")
             self._transport = transport
-            # aclosing: closing this generator closes the query, whose ``finally`` closes
-            # the transport; otherwise that waits for the garbage collector.
-            async with aclosing(raw_query(self.prompt, transport.options, transport)) as stream:
+            # Closed explicitly: closing this generator must close the query (whose
+            # ``finally`` closes the transport) at once, not when the garbage collector runs;
+            # a run that stops early kills the CLI first, so closing does not wait for it.
+            stream = raw_query(self.prompt, transport.options, transport, abort=transport.kill)
+            try:
                 while True:
                     with _deadline(deadline) as scope:
                         try:
@@ -605,7 +607,12 @@ class AgentRun:
                         yield data
                     elif message is not None:
                         yield message
-            finished = True
+                finished = True
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if not finished:
+                        await transport.kill()
+                    await stream.aclose()
         finally:
             with anyio.CancelScope(shield=True):
                 if transport is not None and not finished:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
+import anyio
 from claude_agent_sdk import ClaudeAgentOptions, SessionStoreEntry, Transport
 from claude_agent_sdk._internal.query import Query, run_end_ceiling_ms, stamp_user_message
 from claude_agent_sdk._internal.session_resume import build_mirror_batcher
@@ -51,12 +52,18 @@ class _SandboxMirrorBatcher(TranscriptMirrorBatcher):
 
 
 async def raw_query(
-    prompt: str, options: ClaudeAgentOptions, transport: Transport
+    prompt: str,
+    options: ClaudeAgentOptions,
+    transport: Transport,
+    *,
+    abort: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncGenerator[dict[str, Any], None]:
     """Run ``prompt`` over ``transport`` as ``query()`` would; yield the raw messages.
 
     The transport is connected here (a connected one is used as it is) and closed when the
-    generator ends or is closed.
+    generator ends or is closed. ``abort``, if given, is awaited first when the generator is
+    left by an exception (a cancellation, a deadline): it stops the CLI at once, where
+    closing the transport would give it time to finish.
 
     Raises:
         Whatever the transport raises reading (its `AgentError` / `ProtocolError` as they
@@ -139,6 +146,11 @@ async def raw_query(
         query.spawn_task(query.wait_for_result_and_end_input())
         async for data in query.receive_messages():
             yield data
+    except BaseException:
+        if abort is not None:
+            with anyio.CancelScope(shield=True):
+                await abort()
+        raise
     finally:
         await query.close()
         query.close_receive_stream()
