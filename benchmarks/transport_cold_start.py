@@ -3,9 +3,9 @@
     python benchmarks/transport_cold_start.py --providers local,docker --runs 5
 
 Each run creates a sandbox and stops the clock at the first agent message (``system/init``),
-against ScriptedModel. ``run_agent`` starts its entrypoint as part of provisioning; the
-transport uploads and starts its relay once the sandbox is open. The two alternate, so both
-see the same machine. Prints the medians in milliseconds; informational, nothing committed.
+against ScriptedModel. Both run the SDK on the host and the CLI through the relay
+(``run_agent`` adds its checks, deadline and keep-alive around it). The two alternate, so
+both see the same machine. Prints the medians in milliseconds; informational, nothing committed.
 """
 
 from __future__ import annotations

@@ -16,12 +16,24 @@ import pytest
 from claude_agent_sdk import (
     AssistantMessage,
     ClaudeAgentOptions,
+    HookContext,
+    HookInput,
+    HookJSONOutput,
+    HookMatcher,
+    InMemorySessionStore,
+    PermissionResultAllow,
+    PermissionResultDeny,
     ResultMessage,
+    SessionKey,
+    SessionStoreEntry,
     SystemMessage,
+    ToolPermissionContext,
     ToolResultBlock,
     ToolUseBlock,
     UserMessage,
+    create_sdk_mcp_server,
     query,
+    tool,
 )
 from typing_extensions import override
 
@@ -248,13 +260,85 @@ async def test_entrypoint_that_cannot_start_reports_exit_code_and_stderr() -> No
     assert "/nonexistent/python3" in info.value.stderr_tail
 
 
-async def test_options_with_callbacks_are_refused_before_anything_starts() -> None:
-    async def allow(*_: Any) -> Any:
-        return None
+@tool("add", "Add two numbers", {"a": int, "b": int})
+async def add(args: dict[str, Any]) -> dict[str, Any]:
+    return {"content": [{"type": "text", "text": f"sum={args['a'] + args['b']}"}]}
 
-    options = ClaudeAgentOptions(can_use_tool=allow)
-    with pytest.raises(sandbay.ConfigError, match="can_use_tool"):
-        sandbay.run_agent("go", provider="local", options=options)
+
+class _RecordingStore(InMemorySessionStore):
+    """The SDK's in-memory store, noting which sessions it was sent transcript entries of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.appended: set[str] = set()
+
+    @override
+    async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
+        self.appended.add(key["session_id"])
+        await super().append(key, entries)
+
+
+@pytest.mark.parametrize("via", ["sandbox", "pool"])
+async def test_callbacks_and_a_session_store_work_through_run_agent(via: str) -> None:
+    # Once refused with a ConfigError: now the SDK runs here and the CLI in the sandbox
+    # calls back into this process for each of them.
+    hooked: list[str] = []
+    asked: list[str] = []
+    stderr_lines: list[str] = []
+
+    async def pre_tool_use(
+        data: HookInput, tool_use_id: str | None, context: HookContext
+    ) -> HookJSONOutput:
+        hooked.append(str(data.get("tool_name")))
+        return {}
+
+    async def decide(
+        name: str, arguments: dict[str, Any], context: ToolPermissionContext
+    ) -> PermissionResultAllow | PermissionResultDeny:
+        asked.append(name)
+        if name == "Write":
+            return PermissionResultDeny(message="denied-by-the-host")
+        return PermissionResultAllow()
+
+    store = _RecordingStore()
+    script = [
+        Turn.tool_use("Bash", {"command": "echo hello-from-bash"}),
+        Turn.tool_use("Write", {"file_path": "nope.txt", "content": "x"}),
+        Turn.tool_use("mcp__host__add", {"a": 2, "b": 40}),
+        Turn.text("done"),
+    ]
+    options = ClaudeAgentOptions(
+        max_turns=6,
+        hooks={"PreToolUse": [HookMatcher(matcher=None, hooks=[pre_tool_use])]},
+        can_use_tool=decide,
+        mcp_servers={"host": create_sdk_mcp_server("host", tools=[add])},
+        stderr=stderr_lines.append,
+        session_store=store,
+        extra_args={"debug-to-stderr": None},
+    )
+    async with ScriptedModel(script) as model:
+        if via == "pool":
+            async with sandbay.SandboxPool(
+                "local", size=1, options=options, env=model.env()
+            ) as pool:
+                run = sandbay.run_agent("go", pool=pool, timeout=120)
+                messages = await collect(run)
+        else:
+            async with sandbay.open_sandbox("local") as sb:
+                run = sandbay.run_agent("go", sandbox=sb, options=options, env=model.env())
+                messages = await collect(run)
+                assert not await sb.exists("nope.txt")
+        results = model.tool_results()
+    assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
+    assert hooked == ["Bash", "Write", "mcp__host__add"]
+    assert asked[-2:] == ["Write", "mcp__host__add"]  # a plain echo needs no asking
+    by_turn = [str(r.get("content")) for r in results]
+    assert "hello-from-bash" in by_turn[0]
+    assert "denied-by-the-host" in by_turn[1]
+    assert "sum=42" in by_turn[2]
+    assert stderr_lines, "the CLI's stderr reaches the stderr callback"
+    session_ids = {m.session_id for m in messages if isinstance(m, ResultMessage)}
+    assert session_ids and session_ids <= store.appended, "the transcript reached the store"
 
 
 class _CutProcess(Process):
@@ -330,15 +414,22 @@ async def test_broken_stream_is_resumed_from_the_last_sequence_number() -> None:
     async with ScriptedModel(script) as model, sandbay.open_sandbox("local") as inner:
         flaky = _FlakySandbox(inner, keep=2)  # "ready" + the first message get through
         run = sandbay.run_agent("go", sandbox=flaky, options=OPTIONS, env=model.env(), timeout=60)
-        messages = await collect(run)
+        messages: list[Any] = []
+        seqs: list[int] = []
+        async with run:
+            async for message in run:
+                messages.append(message)
+                seqs.append(run.last_seq)
         assert flaky.cuts == 1
         assert isinstance(messages[0], SystemMessage)
         assert isinstance(messages[-1], ResultMessage)
         assert "resumed-ok" in str(messages)
         kinds = [type(m).__name__ for m in messages]
         assert kinds.count("ResultMessage") == 1 and kinds.count("SystemMessage") == 1
-        # Replay of the finished run from its log: everything after message 2.
-        replayed = [m async for m in sandbay.replay_agent(inner, run.run_id, after=2)]
+        # Replay of the finished run from its log: everything after message 2 (the log
+        # numbers the CLI's control lines too, so message 2 has a sequence number of its own).
+        assert seqs == sorted(set(seqs))
+        replayed = [m async for m in sandbay.replay_agent(inner, run.run_id, after=seqs[1])]
         assert shape(replayed) == shape(messages[2:])
         assert run.last_seq >= len(messages)
 
@@ -496,13 +587,13 @@ async def test_pool_replaces_a_sandbox_near_its_expiry() -> None:
     async with sandbay.SandboxPool("local", spec, size=1) as pool:
         await pool.wait_ready(timeout=60)
         assert pool.ready == 1
-        await anyio.sleep(6.5)  # now within 2 s of its expiry
+        await anyio.sleep(7.0)  # now within 2 s of its expiry
         lease = await pool.acquire(timeout=60)
         try:
             expiry = float(lease.sandbox.labels["sandbay.expiry"])
             assert expiry - time.time() > 4, "handed out a sandbox about to expire"
         finally:
-            await lease.process.kill()
+            await lease.kill()
             await lease.sandbox.aclose()
 
 

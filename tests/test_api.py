@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import time
 from typing import Any
 
@@ -124,22 +123,20 @@ def test_options_data_fields_cross() -> None:
     assert options_to_wire(ClaudeAgentOptions()) == {}
 
 
-@pytest.mark.parametrize(
-    ("change", "field"),
-    [
-        ({"can_use_tool": lambda *a: None}, "can_use_tool"),
-        ({"hooks": {"PreToolUse": []}}, "hooks"),
-        ({"stderr": print}, "stderr"),
-        (
-            {"mcp_servers": {"mine": {"type": "sdk", "name": "mine", "instance": object()}}},
-            "mcp_servers",
-        ),
-    ],
-)
-def test_callables_are_refused_with_the_field_named(change: dict[str, Any], field: str) -> None:
-    options = dataclasses.replace(ClaudeAgentOptions(), **change)
-    with pytest.raises(sandbay.ConfigError, match=field):
-        options_to_wire(options)
+def test_code_in_options_stays_out_of_their_data() -> None:
+    # Callbacks, a store and SDK MCP server instances run on the host, in the Agent SDK:
+    # the data a pool compares options by holds none of them (an SDK server by its name).
+    options = ClaudeAgentOptions(
+        max_turns=2,
+        can_use_tool=lambda *a: None,  # type: ignore[arg-type]
+        hooks={"PreToolUse": []},
+        stderr=print,
+        mcp_servers={"mine": {"type": "sdk", "name": "mine", "instance": object()}},  # type: ignore[typeddict-item]
+    )
+    assert options_to_wire(options) == {
+        "max_turns": 2,
+        "mcp_servers": {"mine": {"type": "sdk", "name": "mine"}},
+    }
 
 
 @pytest.mark.anyio

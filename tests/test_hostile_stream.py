@@ -1,7 +1,7 @@
 """What a sandbox writes back cannot exhaust or crash the host.
 
 Code in the sandbox may be hostile (a poisoned repository, a prompt injection). It can write
-to the agent entrypoint's stdout, flood the stderr log, or replace the entrypoint outright.
+to the relay's stdout, flood its stderr log, or replace the relay outright.
 Each test here has a real process in a real local sandbox do that, and checks the host stops
 it with a typed error, holding bounded memory.
 """
@@ -19,9 +19,9 @@ from claude_agent_sdk import ClaudeAgentOptions
 from typing_extensions import override
 
 import sandbay
-import sandbay._agent
+import sandbay._transport
 from sandbay import Sandbox
-from sandbay._agent import _EnvelopeReader
+from sandbay._relay import wire
 from sandbay.testing import ScriptedModel, Turn
 from wrapping import WrappedSandbox
 
@@ -33,8 +33,8 @@ FLOOD = 64 * MiB
 KEY = {"ANTHROPIC_API_KEY": "unused"}
 
 
-class HostileEntrypoint(WrappedSandbox):
-    """A real sandbox in which the uploaded agent entrypoint is replaced by ``script``."""
+class HostileRelay(WrappedSandbox):
+    """A real sandbox in which the uploaded relay is replaced by ``script``."""
 
     provider = "hostile"
 
@@ -44,20 +44,28 @@ class HostileEntrypoint(WrappedSandbox):
 
     @override
     async def _write_file(self, path: str, data: bytes, *, mode: int) -> None:
-        if path.endswith("/entrypoint.py"):
+        if path.endswith("/relay/relay.py"):
             data = self.script.encode()
         await self.inner.write_file(path, data, mode=mode)
 
 
 def printing(*lines: bytes | str, then: str = "time.sleep(60)") -> str:
-    """A fake entrypoint: says ready, reads the request, prints ``lines``, then ``then``."""
+    """A fake relay: reads its start line, says ready, answers the SDK's ``initialize``
+    (so the host is past its handshake), prints ``lines``, then runs ``then``."""
     raw = [line.encode() if isinstance(line, str) else line for line in lines]
     return (
-        "import sys, time\n"
+        "import json, sys, time\n"
         "out = sys.stdout.buffer\n"
-        'out.write(b\'{"sandbay": 1, "seq": 0, "kind": "ready", "data": {}}\\n\')\n'
-        "out.flush()\n"
         "sys.stdin.readline()\n"
+        f'out.write(b\'{{"sandbay": {wire.VERSION}, "seq": 0, "kind": "ready", '
+        '"data": {}}\\n\')\n'
+        "out.flush()\n"
+        "request = json.loads(sys.stdin.readline())\n"
+        "reply = {'type': 'control_response', 'response': {'subtype': 'success', "
+        "'request_id': request['request_id'], 'response': {}}}\n"
+        f"envelope = {{'sandbay': {wire.VERSION}, 'seq': 1, 'kind': 'line', 'data': reply}}\n"
+        "out.write(json.dumps(envelope).encode() + b'\\n')\n"
+        "out.flush()\n"
         f"for line in {raw!r}:\n"
         "    out.write(line + b'\\n')\n"
         "    out.flush()\n"
@@ -67,32 +75,12 @@ def printing(*lines: bytes | str, then: str = "time.sleep(60)") -> str:
 
 async def run_with(script: str) -> list[Any]:
     async with sandbay.open_sandbox("local") as inner:
-        hostile = HostileEntrypoint(inner, script)
+        hostile = HostileRelay(inner, script)
         async with sandbay.run_agent("go", sandbox=hostile, env=KEY, timeout=20) as run:
             return [message async for message in run]
 
 
 # -- line length and memory ----------------------------------------------------------------
-
-
-async def test_envelope_reader_stops_at_the_cap_having_read_little_of_the_flood(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(sandbay._agent, "MAX_ENVELOPE_BYTES", CAP)
-    flood = f"import sys; sys.stdout.buffer.write(b'x' * {FLOOD}); sys.stdout.flush()"
-    async with sandbay.open_sandbox("local") as sb:
-        proc = await sb.start(["python3", "-c", flood])
-        reader = _EnvelopeReader(proc, sandbox=sb)
-        started = time.monotonic()
-        with pytest.raises(sandbay.ProtocolError, match=f"longer than {CAP} bytes") as info:
-            await reader.next()
-        assert time.monotonic() - started < 5
-        assert info.value.sandbox_id == sb.id
-        # The rest of the flood is still in the pipe: the reader took only about its cap.
-        rest = 0
-        async for chunk in proc.stdout:
-            rest += len(chunk)
-        assert FLOOD - rest <= CAP + 2 * 65536
 
 
 async def test_byte_stream_lines_refuse_a_line_past_max_line() -> None:
@@ -121,12 +109,12 @@ async def test_byte_stream_lines_without_a_limit_still_frame_lines() -> None:
                 pass
 
 
-async def test_a_tool_flooding_the_entrypoints_stdout_stops_the_run_and_removes_the_sandbox(
+async def test_a_tool_flooding_the_relays_stdout_stops_the_run_and_removes_the_sandbox(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sandbay._agent, "MAX_ENVELOPE_BYTES", CAP)
+    monkeypatch.setattr(sandbay._transport, "MAX_FRAME_BYTES", CAP)
     run_id = f"flood{time.time_ns()}"
-    # Code the agent runs finds the entrypoint (whose argv names the run) and writes a line
+    # Code the agent runs finds the relay (whose argv names the run) and writes a line
     # without end straight into its stdout, which the host reads.
     flood = (
         "import os\n"
@@ -146,7 +134,7 @@ async def test_a_tool_flooding_the_entrypoints_stdout_stops_the_run_and_removes_
             "go", provider="local", options=options, env=model.env(), run_id=run_id, timeout=120
         )
         started = time.monotonic()
-        with pytest.raises(sandbay.ProtocolError, match="longer than"):
+        with pytest.raises(sandbay.ProtocolError, match=f"longer than max_line={CAP}"):
             async with run:
                 async for _ in run:
                     pass
@@ -156,7 +144,7 @@ async def test_a_tool_flooding_the_entrypoints_stdout_stops_the_run_and_removes_
 
 
 async def test_a_huge_stderr_log_is_tailed_in_bounded_memory() -> None:
-    # The entrypoint dies after writing 64 MiB to its stderr log: the AgentError carries the
+    # The relay dies after writing 64 MiB to its stderr log: the AgentError carries the
     # last lines without the host holding the whole log.
     script = printing(
         then=(
@@ -183,52 +171,43 @@ async def test_a_huge_stderr_log_is_tailed_in_bounded_memory() -> None:
 
 
 def envelope(**fields: Any) -> str:
-    return json.dumps({"sandbay": 1, "seq": 1, "kind": "message", **fields})
+    return json.dumps({"sandbay": wire.VERSION, "seq": 2, "kind": "line", **fields})
 
 
 NESTED = "[" * 200 + "]" * 200
 DEEP_MESSAGE = (
-    '{"sandbay": 1, "seq": 1, "kind": "message", "data": {"type": "assistant", "message": '
+    '{"sandbay": 2, "seq": 2, "kind": "line", "data": {"type": "assistant", "message": '
     '{"model": "m", "content": [{"type": "tool_use", "id": "t", "name": "Bash", "input": '
     '{"x": ' + NESTED + "}}]}}}"
 )
 
-# Each line, and (in the comment) what the host raised for it before envelopes were checked.
+# Each line a hostile relay may send, and what the host must say of it.
 HOSTILE_LINES = [
-    pytest.param(envelope(seq="abc", data={}), "seq must be", id="seq-text"),  # ValueError
+    pytest.param(envelope(seq="abc", data={}), "seq must be", id="seq-text"),
     pytest.param(
-        '{"sandbay": 1, "seq": 1e999, "kind": "message", "data": {}}',
+        '{"sandbay": 2, "seq": 1e999, "kind": "line", "data": {}}',
         "seq must be",
-        id="seq-infinite",  # OverflowError
+        id="seq-infinite",
     ),
-    pytest.param(envelope(seq=[1], data={}), "seq must be", id="seq-list"),  # TypeError
-    pytest.param(envelope(seq=-3, data={}), "seq must be", id="seq-negative"),  # ignored
-    pytest.param(envelope(seq=2**70, data={}), "seq must be", id="seq-huge"),  # accepted
+    pytest.param(envelope(seq=[1], data={}), "seq must be", id="seq-list"),
+    pytest.param(envelope(seq=-3, data={}), "seq must be", id="seq-negative"),
+    pytest.param(envelope(seq=2**70, data={}), "seq must be", id="seq-huge"),
+    pytest.param(envelope(seq=5, data={"type": "system"}), "lost some", id="seq-gap"),
     pytest.param(
-        json.dumps({"sandbay": True, "seq": 1, "kind": "end", "data": {}}),
+        json.dumps({"sandbay": True, "seq": 2, "kind": "end", "data": {}}),
         "wire version True",
-        id="version-bool",  # accepted as version 1
+        id="version-bool",
     ),
     pytest.param(envelope(kind=7, data={}), "kind must be one of", id="kind-number"),
-    pytest.param(envelope(data="text"), "data of a 'message'", id="data-text"),  # AttributeError
-    pytest.param(envelope(data=[]), "data of a 'message'", id="data-list"),  # MessageParseError
-    pytest.param(
-        envelope(data={"type": "assistant"}), "cannot parse", id="message-incomplete"
-    ),  # MessageParseError
-    pytest.param(
-        envelope(data={"type": "user", "message": "x"}), "cannot parse", id="message-odd"
-    ),  # TypeError
-    pytest.param("[" * 100_000 + "]" * 100_000, "nests too deep", id="json-deep"),  # RecursionError
-    pytest.param(DEEP_MESSAGE, "deeper than 100", id="data-deep"),  # accepted
-    pytest.param(
-        envelope(kind="end", data={"timings": "ab"}), "timings", id="timings-text"
-    ),  # ValueError
-    pytest.param(
-        envelope(kind="end", data={"timings": [1]}), "timings", id="timings-list"
-    ),  # TypeError
-    pytest.param(
-        envelope(kind="error", data={"exit_code": "x"}), "exit_code", id="exit-code-text"
-    ),  # AgentError saying "exit code x"
+    pytest.param(envelope(data="text"), "data of a 'line'", id="data-text"),
+    pytest.param(envelope(data=[]), "data of a 'line'", id="data-list"),
+    pytest.param(envelope(data={"type": 5}), "text type", id="type-number"),
+    pytest.param(envelope(data={"type": "assistant"}), "cannot parse", id="message-incomplete"),
+    pytest.param(envelope(data={"type": "user", "message": "x"}), "cannot parse", id="message-odd"),
+    pytest.param("[" * 100_000 + "]" * 100_000, "nests too deep", id="json-deep"),
+    pytest.param(DEEP_MESSAGE, "deeper than 100", id="data-deep"),
+    pytest.param(envelope(kind="end", data={"exit_code": "x"}), "exit_code", id="end-code-text"),
+    pytest.param(envelope(kind="error", data={"exit_code": "x"}), "exit_code", id="exit-code-text"),
     pytest.param(b"\xff\xfe not utf-8", "not JSON", id="not-utf8"),
 ]
 

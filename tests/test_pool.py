@@ -166,7 +166,7 @@ async def test_a_starlette_lifespan_opens_the_pool_and_requests_use_it() -> None
     async def handler(request: Request) -> PlainTextResponse:
         lease = await pool.acquire(timeout=60)
         async with lease.sandbox:
-            await lease.process.kill()
+            await lease.kill()
             result = await lease.sandbox.exec(["echo", "served"])
         return PlainTextResponse(result.stdout.decode().strip() + f" {lease.sandbox.id}")
 
@@ -217,7 +217,7 @@ async def test_waiters_wake_as_soon_as_a_sandbox_is_ready(call: str) -> None:
             if call == "acquire":
                 lease = await pool.acquire(timeout=60)
                 woke.append(time.monotonic())
-                await lease.process.kill()
+                await lease.kill()
                 await lease.sandbox.aclose()
             else:
                 await pool.wait_ready(timeout=60)

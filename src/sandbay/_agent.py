@@ -1,35 +1,33 @@
 """Running an agent inside a sandbox and streaming its messages back as typed SDK objects.
 
-sandbay uploads its entrypoint (``_entrypoint/entrypoint.py``) into the sandbox, starts it,
-sends one request line (prompt, options, the few environment variables the agent needs) on
-its stdin, and reads envelopes from its stdout. Each envelope carries one raw stream-json
-message, which is parsed here by the same function the Agent SDK's own ``query()`` uses.
+The Agent SDK runs here, the ``claude`` CLI in the sandbox: a run drives the SDK's own control
+protocol (`sandbay._query.raw_query`) over a `SandboxTransport`, whose relay starts the CLI in
+the sandbox and logs each of its lines with a sequence number. Each message is parsed here by
+the same function the SDK's own ``query()`` uses, so hooks, ``can_use_tool``, SDK MCP servers
+and session stores work as they do locally.
 
-If the stream breaks while the entrypoint keeps running, sandbay reattaches with the
-entrypoint's ``replay`` command from the last sequence number it saw.
+If the stream breaks while the relay keeps running, the transport reattaches with the
+relay's ``replay`` from the last sequence number it saw; `resume_run` does the same from
+another process.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.resources
 import ipaddress
 import json
 import logging
 import math
 import os
-import shlex
-import sys
 import time
 import urllib.parse
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from contextlib import aclosing
 from pathlib import PurePath
 from types import TracebackType
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import anyio
 from claude_agent_sdk import ClaudeAgentOptions, Message
@@ -47,8 +45,11 @@ from ._config import (
     provider_config,
 )
 from ._errors import AgentError, ConfigError, ProtocolError, SandboxError, SandboxTimeoutError
-from ._provider import Launch, Provider, managed_labels
+from ._provider import Provider, managed_labels
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
+
+if TYPE_CHECKING:
+    from ._transport import SandboxTransport
 
 __all__ = [
     "AgentRun",
@@ -89,23 +90,14 @@ CREDENTIALS = (
     "CLAUDE_CODE_USE_BEDROCK",
     "CLAUDE_CODE_USE_VERTEX",
 )
-#: Options that are code, not data: they cannot cross into the sandbox.
-REFUSED_OPTIONS = {
-    "can_use_tool": "permission callbacks run in your process; use allowed_tools / "
-    "disallowed_tools / permission_mode instead",
-    "hooks": "hook callbacks run in your process; configure shell hooks in settings instead",
-    "stderr": "stderr callbacks run in your process; AgentError carries the CLI's stderr",
-    "session_store": "a SessionStore object lives in your process",
-}
+#: Options that are code, not data: they run on the host, in the Agent SDK.
+CODE_OPTIONS = frozenset({"can_use_tool", "hooks", "stderr", "session_store", "debug_stderr"})
 RECONNECTS = 3
 #: Longest envelope line the host accepts, in bytes: the cap on what one line from the
 #: sandbox may make the host hold (stream-json messages with images run to a few MiB).
 MAX_ENVELOPE_BYTES = 32 * 1024 * 1024
-#: How much of the end of the entrypoint's stderr log an `AgentError` reports from.
+#: How much of the end of the relay's stderr log an `AgentError` reports from.
 STDERR_TAIL_BYTES = 64 * 1024
-_ENTRYPOINT = "entrypoint.py"
-#: Envelope kinds the entrypoint sends.
-KINDS = frozenset({"ready", "prepared", "message", "error", "end"})
 #: Largest sequence number accepted (a run never comes near it).
 MAX_SEQ = 2**53
 #: Deepest nesting of lists and objects accepted in an envelope's data; the CLI's own
@@ -115,11 +107,11 @@ MAX_DEPTH = 100
 
 @dataclasses.dataclass(frozen=True)
 class Envelope:
-    """One line from the entrypoint.
+    """One message of a run, from its log.
 
     Attributes:
         seq: Sequence number of the run's logged envelopes (0 for unlogged ones).
-        kind: ``ready``, ``prepared``, ``message``, ``error`` or ``end``.
+        kind: ``message``.
         data: The payload; for ``message``, the raw stream-json dict.
     """
 
@@ -138,7 +130,8 @@ class RunTimings:
     Attributes:
         start: Iteration began.
         sandbox: The sandbox was provisioned, or taken from the pool.
-        request: The entrypoint was started and the request sent.
+        request: The relay was started, and with it the CLI (or, from a pool, taken
+            started).
         first_message: The first agent message arrived (``system/init``).
         first_assistant: The first assistant message arrived.
         result: The result message arrived.
@@ -206,19 +199,24 @@ class Lease:
 
     Attributes:
         sandbox: The sandbox.
-        process: Its entrypoint, waiting for a request on stdin.
-        run_dir: The run's directory inside the sandbox.
+        transport: The run's transport, its relay uploaded; connected (the ``claude`` CLI
+            started with the pool's options) if ``prepared``.
         run_id: The run's id.
         prepared: Whether the ``claude`` CLI is already started with the pool's options.
-        reader: Frames the entrypoint's stdout; holds anything read past the warm-up.
     """
 
     sandbox: Sandbox
-    process: Process
-    run_dir: str
+    transport: SandboxTransport | None
     run_id: str
     prepared: bool
-    reader: _EnvelopeReader
+
+    async def kill(self) -> None:
+        """Kill what the pool started in the sandbox (the relay and the CLI, if prepared).
+
+        The sandbox stays open: close it too, unless a run takes it over.
+        """
+        if self.transport is not None:
+            await self.transport.kill()
 
 
 class LeaseSource(Protocol):
@@ -247,23 +245,22 @@ class LeaseSource(Protocol):
         ...
 
 
-@functools.cache
-def entrypoint_source() -> bytes:
-    """The entrypoint script's bytes, as uploaded into sandboxes (read once per process)."""
-    return importlib.resources.files("sandbay._entrypoint").joinpath(_ENTRYPOINT).read_bytes()
-
-
 def options_to_wire(options: ClaudeAgentOptions | None) -> dict[str, Any]:
     """The data fields of options that differ from their defaults, as JSON-ready values.
 
+    Code (callbacks, a session store, SDK MCP server instances) stays out: it runs on the
+    host, in the Agent SDK, and is not data. An SDK MCP server is named by its name. This is
+    what a pool compares a run's options by, and what the checks before a run read.
+
     Raises:
-        ConfigError: A field holds code (a callback, an SDK MCP server, a store) that cannot
-            run inside the sandbox; the message names the field and what to use instead.
+        ConfigError: A data field holds something that is not plain data.
     """
     if options is None:
         return {}
     wire: dict[str, Any] = {}
     for field in dataclasses.fields(options):
+        if field.name in CODE_OPTIONS:
+            continue
         value = getattr(options, field.name)
         if field.default is not dataclasses.MISSING:
             default = field.default
@@ -271,27 +268,15 @@ def options_to_wire(options: ClaudeAgentOptions | None) -> dict[str, Any]:
             default = field.default_factory()
         else:  # pragma: no cover - every option has a default today
             default = dataclasses.MISSING
-        if field.name == "debug_stderr":
-            if value is not sys.stderr:
-                raise ConfigError(
-                    "ClaudeAgentOptions.debug_stderr is a file in your process and cannot "
-                    "cross into the sandbox; leave it unset"
-                )
-            continue
         if value is None or value == default:
             continue
-        if field.name in REFUSED_OPTIONS:
-            raise ConfigError(
-                f"ClaudeAgentOptions.{field.name} cannot cross into the sandbox: "
-                f"{REFUSED_OPTIONS[field.name]}"
-            )
         if field.name == "mcp_servers" and isinstance(value, dict):
-            sdk_servers = sorted(n for n, c in value.items() if c.get("type") == "sdk")
-            if sdk_servers:
-                raise ConfigError(
-                    f"ClaudeAgentOptions.mcp_servers {sdk_servers} are in-process SDK servers "
-                    "and cannot cross into the sandbox; run them as stdio or http MCP servers"
-                )
+            value = {
+                name: {"type": "sdk", "name": config.get("name", name)}
+                if isinstance(config, dict) and config.get("type") == "sdk"
+                else config
+                for name, config in value.items()
+            }
         wire[field.name] = _jsonable(value, f"ClaudeAgentOptions.{field.name}")
     return wire
 
@@ -450,9 +435,9 @@ class AgentRun:
         timings: When the run reached each milestone, a `RunTimings` record (``start``,
             ``sandbox``, ``request``, ``first_message``, ``first_assistant``, ``result``,
             ``closed``).
-        sandbox_timings: Measured inside the sandbox, reported when the run ends:
-            ``prompt_to_first_message_ms`` is the agent's own time from the prompt to its
-            first message, so the rest of ``request → first_message`` is transport.
+        sandbox_timings: Milestones measured inside the sandbox. Empty: the relay the run
+            uses measures none (the entrypoint before it reported
+            ``prompt_to_first_message_ms``); kept for callers that read it.
     """
 
     def __init__(
@@ -479,6 +464,7 @@ class AgentRun:
         self.last_seq = 0
         self.sandbox: Sandbox | None = sandbox
         self._provider = provider
+        self._options = options if options is not None else ClaudeAgentOptions()
         self._wire_options = options_to_wire(options)
         if pool is not None:
             pool.check_options(self._wire_options)
@@ -494,7 +480,7 @@ class AgentRun:
             (sandbox.spec if sandbox is not None else spec or SandboxSpec()).env,
         )
         self._owns_sandbox = sandbox is None
-        self._serve: Process | None = None
+        self._transport: SandboxTransport | None = None
         self._run_dir = ""
         self.timings = RunTimings()
         self.sandbox_timings: dict[str, float] = {}
@@ -539,7 +525,7 @@ class AgentRun:
     async def aclose(self) -> None:
         """Stop the run: kill the agent and remove the sandbox the run created. Idempotent.
 
-        When it returns, the agent's entrypoint has been killed and a sandbox the run
+        When it returns, the relay and the CLI have been killed and a sandbox the run
         provisioned (or took from a pool) is removed.
         """
         if self._gen is not None:
@@ -586,73 +572,51 @@ class AgentRun:
         )
 
     async def _messages(self) -> AsyncGenerator[Any, None]:
-        # aclosing: closing this generator must close the one below, whose ``finally``
-        # kills the agent and removes the sandbox; otherwise that waits for the garbage
-        # collector.
-        async with aclosing(self._envelopes()) as envelopes:
-            async for envelope in envelopes:
-                # Parsed in raw mode too: what the caller gets was checked either way.
-                message = _parse_message(envelope, self.sandbox)
-                if self._raw:
-                    yield envelope.data
-                elif message is not None:
-                    yield message
+        from ._query import raw_query
 
-    async def _envelopes(self) -> AsyncGenerator[Envelope, None]:
         self._reached("start")
         deadline = math.inf if self._timeout is None else anyio.current_time() + self._timeout
-        proc: Process | None = None
+        transport: SandboxTransport | None = None
         finished = False
         try:
             with _deadline(deadline) as scope:
-                stream = await self._launch()
-            if scope.cancelled_caught:
+                transport = await self._launch()
+            if scope.cancelled_caught or transport is None:
                 raise self._timed_out("while provisioning the sandbox")
-            proc = self._serve
-            reconnects = 0
-            while True:
-                with _deadline(deadline) as scope:
-                    envelope = await stream.next()
-                if scope.cancelled_caught:
-                    raise self._timed_out(f"after {self.last_seq} messages")
-                if envelope is None:
-                    # The stream ended before the run did: the entrypoint died, or the
-                    # provider dropped the connection while it kept running.
-                    assert proc is not None
-                    code = await _exit_code(proc)
-                    if code not in (None, 0) or reconnects >= RECONNECTS:
-                        raise await self._died(code)
-                    # Leave the entrypoint running: only its stream to us broke.
-                    reconnects += 1
-                    proc = await self._replay_process(self.last_seq)
-                    stream = _EnvelopeReader(proc, sandbox=self.sandbox)
-                    continue
-                if envelope.kind in ("ready", "prepared"):
-                    continue
-                if envelope.seq and envelope.seq <= self.last_seq:
-                    continue  # already seen before a reconnect
-                if envelope.kind == "message":
-                    self.last_seq = envelope.seq
-                    self._mark(envelope.data.get("type"))
-                    yield envelope
-                elif envelope.kind == "end":
-                    finished = True
-                    self.sandbox_timings = dict(envelope.data.get("timings") or {})
-                    if not self._owns_sandbox and proc is not None:
-                        # The sandbox stays: let the entrypoint exit and release its process.
-                        await _exit_code(proc)
-                    return
-                elif envelope.kind == "error":
-                    finished = True
-                    raise self._agent_error(envelope.data)
-                else:
-                    raise ProtocolError(f"unknown envelope kind {envelope.kind!r}")
+            self._transport = transport
+            # Closed explicitly: closing this generator must close the query (whose
+            # ``finally`` closes the transport) at once, not when the garbage collector runs;
+            # a run that stops early kills the CLI first, so closing does not wait for it.
+            stream = raw_query(self.prompt, transport.options, transport, abort=transport.kill)
+            try:
+                while True:
+                    with _deadline(deadline) as scope:
+                        try:
+                            data = await stream.__anext__()
+                        except StopAsyncIteration:
+                            break
+                    if scope.cancelled_caught:
+                        raise self._timed_out(f"after {self.last_seq} messages")
+                    # Parsed in raw mode too: what the caller gets was checked either way.
+                    message = _parse_message(Envelope(self.last_seq, "message", data), self.sandbox)
+                    seq = transport.seq_of(data)
+                    if seq is not None:
+                        self.last_seq = seq
+                    self._mark(data.get("type"))
+                    if self._raw:
+                        yield data
+                    elif message is not None:
+                        yield message
+                finished = True
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if not finished:
+                        await transport.kill()
+                    await stream.aclose()
         finally:
             with anyio.CancelScope(shield=True):
-                if not finished:
-                    started = (proc, self._serve)
-                    for process in {id(p): p for p in started if p is not None}.values():
-                        await _kill(process)
+                if transport is not None and not finished:
+                    await transport.kill()
                 if self._owns_sandbox and self.sandbox is not None:
                     await self.sandbox.aclose()
                 self._reached("closed")
@@ -671,53 +635,43 @@ class AgentRun:
         at = time.perf_counter() if at is None else at
         self.timings = dataclasses.replace(self.timings, **{milestone: at})
 
-    async def _launch(self) -> _EnvelopeReader:
-        """Provision (or take) the sandbox, start the entrypoint and send the request."""
-        options = dict(self._wire_options)
+    async def _launch(self) -> SandboxTransport:
+        """Provision (or take) the sandbox and start the relay (with it the CLI)."""
+        from ._transport import SandboxTransport
+
         if self._pool is not None:
             lease = await self._pool.acquire()
             # A pooled sandbox is used once: this run owns it and destroys it.
-            self.sandbox, self._serve, self._run_dir = lease.sandbox, lease.process, lease.run_dir
-            self.run_id = lease.run_id
+            self.sandbox, self.run_id = lease.sandbox, lease.run_id
             self._reached("sandbox")
-            if not lease.prepared:  # a prepared CLI was checked, with its options, by the pool
-                check_sandbox(self.sandbox, wire_options=options, env=self._env)
-            reader = lease.reader
-        elif self.sandbox is None:
-            # Cold: the entrypoint starts as part of provisioning (it only imports the SDK
-            # and waits for its request), so the checks below still come before the agent.
-            provider = self._provider if self._provider is not None else load_config()
-            spec = self._spec
-            if spec is None:
-                spec = provider.spec if isinstance(provider, SandbayConfig) else SandboxSpec()
-            keep_alive = self._keep_alive
-            if keep_alive is not None:
-                spec = keep_alive.shorten(spec)
-            self.sandbox, self._serve, self._run_dir = await provision_entrypoint(
-                provider, spec, self.run_id
-            )
-            if keep_alive is not None:
-                keep_alive.renew(self.sandbox)
-            self._reached("sandbox")
-            check_sandbox(self.sandbox, wire_options=options, env=self._env)
-            reader = _EnvelopeReader(self._serve, sandbox=self.sandbox)
+            transport = lease.transport
+            if transport is None or not lease.prepared:
+                # Only the sandbox is warm: the CLI starts with this run's options.
+                transport = SandboxTransport(
+                    self.sandbox, self._options, env=self._env, run_id=self.run_id
+                )
         else:
+            if self.sandbox is None:
+                provider = self._provider if self._provider is not None else load_config()
+                spec = self._spec
+                if spec is None:
+                    spec = provider.spec if isinstance(provider, SandbayConfig) else SandboxSpec()
+                keep_alive = self._keep_alive
+                if keep_alive is not None:
+                    spec = keep_alive.shorten(spec)
+                self.sandbox = await provision_sandbox(provider, spec)
+                if keep_alive is not None:
+                    keep_alive.renew(self.sandbox)
             self._reached("sandbox")
-            check_sandbox(self.sandbox, wire_options=options, env=self._env)
-            self._serve, self._run_dir = await start_entrypoint(self.sandbox, self.run_id)
-            reader = _EnvelopeReader(self._serve, sandbox=self.sandbox)
-        options.setdefault("cwd", self.sandbox.workdir)
-        env = sandbox_agent_env(self.sandbox, self._env)
-        await _send(
-            self._serve,
-            {"kind": "request", "prompt": self.prompt, "options": options, "env": env},
-        )
+            transport = SandboxTransport(
+                self.sandbox, self._options, env=self._env, run_id=self.run_id
+            )
+        # Checks the credentials, bypassPermissions and a loopback model URL before the
+        # CLI starts; a prepared (pooled) transport was checked when it was started.
+        await transport.connect()
+        self._run_dir = transport.run_dir
         self._reached("request")
-        return reader
-
-    async def _replay_process(self, after: int) -> Process:
-        assert self.sandbox is not None
-        return await self.sandbox.start(_replay_argv(self.sandbox, self._run_dir, after))
+        return transport
 
     def _timed_out(self, when: str) -> SandboxTimeoutError:
         return SandboxTimeoutError(
@@ -735,17 +689,6 @@ class AgentRun:
             stderr_tail=_tail(str(data.get("stderr") or "")),
             provider=sb.provider if sb else None,
             sandbox_id=sb.id if sb else None,
-        )
-
-    async def _died(self, code: int | None) -> AgentError:
-        sb = self.sandbox
-        assert sb is not None
-        return AgentError(
-            "the agent entrypoint exited before the run ended",
-            exit_code=code,
-            stderr_tail=await stderr_tail(sb, self._run_dir),
-            provider=sb.provider,
-            sandbox_id=sb.id,
         )
 
 
@@ -831,8 +774,10 @@ def run_agent(
     Args:
         prompt: What the agent should do.
         provider: Provider name or config; ``None`` reads ``sandbay.toml`` / the environment.
-        options: Agent options. Data fields cross into the sandbox; callbacks are refused.
-            ``cwd`` defaults to the sandbox's working directory.
+        options: Agent options, everything `ClaudeAgentOptions` holds: the CLI in the
+            sandbox gets the flags, and callbacks (hooks, ``can_use_tool``, SDK MCP servers,
+            ``stderr``, a ``session_store``) run here, in this process. ``cwd`` is a path in
+            the sandbox, default its working directory.
         timeout: Wall-clock deadline in seconds for the whole run, provisioning included.
         spec: What to provision; ignored with ``sandbox`` or ``pool``.
         sandbox: Run in this open sandbox instead of provisioning one; it is left open.
@@ -844,7 +789,8 @@ def run_agent(
         An `AgentRun`: enter it with ``async with``, then iterate it with ``async for``.
 
     Raises:
-        ConfigError: Empty prompt, bad timeout, options that cannot cross, or no model
+        ConfigError: Empty prompt, bad timeout, options holding something other than data
+            where data belongs, or no model
             credentials (none of `CREDENTIALS` in the host's environment, ``env``,
             ``options.env`` or the spec's env): raised by ``run_agent`` itself. Once the
             sandbox exists, before the agent starts: ``bypassPermissions`` on a sandbox that
@@ -878,7 +824,7 @@ async def replay_agent(sandbox: Sandbox, run_id: str, *, after: int = 0) -> Asyn
         after: Skip messages up to this sequence number (`AgentRun.last_seq`).
 
     Raises:
-        AgentError: The run failed, or its entrypoint died before it ended.
+        AgentError: The run failed, or its relay died before it ended.
     """
     async with aclosing(_replay_envelopes(sandbox, run_id, after)) as envelopes:
         async for envelope in envelopes:
@@ -1067,7 +1013,7 @@ def resume_run(handle: RunHandle | str, *, providers: Providers | None = None) -
     Raises:
         ConfigError: Not a valid handle, or an unknown provider: raised by ``resume_run``.
         SandboxNotFoundError: The sandbox is gone (raised on iteration).
-        AgentError: The run failed, or its entrypoint died before it ended.
+        AgentError: The run failed, or its relay died before it ended.
     """
     if not isinstance(handle, RunHandle):
         handle = RunHandle.from_json(handle)
@@ -1077,30 +1023,63 @@ def resume_run(handle: RunHandle | str, *, providers: Providers | None = None) -
 async def _replay_envelopes(
     sandbox: Sandbox, run_id: str, after: int
 ) -> AsyncGenerator[Envelope, None]:
-    """The run's ``message`` envelopes after ``after``, from its log, until it ends.
+    """The run's messages after ``after``, from the relay's log, until the run ends.
 
     Raises:
-        AgentError: The run failed, or its entrypoint died before it ended.
+        AgentError: The run failed, or its relay died before it ended.
+        ProtocolError: The log holds something malformed.
     """
-    proc = await sandbox.start(_replay_argv(sandbox, run_dir(sandbox, run_id), after))
-    reader = _EnvelopeReader(proc, sandbox=sandbox)
+    from ._transport import _CONTROL_TYPES, MAX_FRAME_BYTES, parse_frame
+
+    directory = run_dir(sandbox, run_id)
+    script = f"{sandbox.agent_dir}/relay/relay.py"
+    argv = [sandbox.python, script, "replay", "--run-dir", directory, "--after", str(after)]
+    proc = await sandbox.start(argv)
     try:
-        while (envelope := await reader.next()) is not None:
-            if envelope.kind == "message":
-                yield envelope
-            elif envelope.kind == "error":
+        async for line in proc.stdout.lines(max_line=MAX_FRAME_BYTES):
+            if not line.strip():
+                continue
+            frame = parse_frame(line, sandbox)
+            if frame.kind == "line":
+                if frame.data.get("type") not in _CONTROL_TYPES and not _host_only(frame.data):
+                    yield Envelope(frame.seq, "message", frame.data)
+            elif frame.kind == "end":
+                code = frame.data.get("exit_code")
+                if code:
+                    raise AgentError(
+                        "the run failed: the claude CLI exited with an error",
+                        exit_code=code,
+                        stderr_tail=_tail(str(frame.data.get("stderr") or "")),
+                        provider=sandbox.provider,
+                        sandbox_id=sandbox.id,
+                    )
+                return
+            elif frame.kind == "error":
                 raise AgentError(
-                    f"the run failed: {envelope.data.get('type')}: {envelope.data.get('message')}",
-                    exit_code=envelope.data.get("exit_code"),
-                    stderr_tail=_tail(str(envelope.data.get("stderr") or "")),
+                    f"the run failed: {frame.data.get('type')}: {frame.data.get('message')}",
+                    exit_code=frame.data.get("exit_code"),
+                    stderr_tail=_tail(str(frame.data.get("stderr") or "")),
                     provider=sandbox.provider,
                     sandbox_id=sandbox.id,
                 )
-            elif envelope.kind == "end":
-                return
+        raise AgentError(
+            "the run's log ended before the run did",
+            exit_code=await _exit_code(proc),
+            provider=sandbox.provider,
+            sandbox_id=sandbox.id,
+        )
     finally:
         with anyio.CancelScope(shield=True):
             await _kill(proc)
+
+
+def _host_only(data: Mapping[str, Any]) -> bool:
+    """A message the CLI sent only for the SDK, which ``query()`` never passes on."""
+    return (
+        data.get("type") == "system"
+        and data.get("subtype") == "session_state_changed"
+        and data.get("sdk_host_only") is True
+    )
 
 
 def run_dir(sandbox: Sandbox, run_id: str) -> str:
@@ -1108,47 +1087,16 @@ def run_dir(sandbox: Sandbox, run_id: str) -> str:
     return f"{sandbox.agent_dir}/runs/{run_id}"
 
 
-def entrypoint_launch(run_id: str) -> Callable[[Sandbox], Launch]:
-    """What starts the entrypoint of run ``run_id``, waiting for its request, in a sandbox."""
-
-    def launch(sandbox: Sandbox) -> Launch:
-        directory = run_dir(sandbox, run_id)
-        script = f"{sandbox.agent_dir}/{_ENTRYPOINT}"
-        command = (
-            f"mkdir -p {shlex.quote(directory)} && exec {shlex.quote(sandbox.python)} "
-            f"{shlex.quote(script)} serve --run-dir {shlex.quote(directory)} "
-            f"2>>{shlex.quote(directory + '/stderr.log')}"
-        )
-        return Launch(argv=["sh", "-c", command], files={script: entrypoint_source()})
-
-    return launch
-
-
-async def start_entrypoint(sandbox: Sandbox, run_id: str) -> tuple[Process, str]:
-    """Upload the entrypoint into an open sandbox and start it waiting for its request.
-
-    Returns:
-        The entrypoint process and its run directory.
-    """
-    plan = entrypoint_launch(run_id)(sandbox)
-    for path, data in plan.files.items():
-        await sandbox.write_file(path, data)
-    return await sandbox.start(plan.argv), run_dir(sandbox, run_id)
-
-
-async def provision_entrypoint(
+async def provision_sandbox(
     provider: str | ProviderConfig | SandbayConfig | Provider | None,
     spec: SandboxSpec | None,
-    run_id: str,
-) -> tuple[Sandbox, Process, str]:
-    """Provision a sandbox with the entrypoint starting as part of it.
+) -> Sandbox:
+    """Provision a sandbox labelled as sandbay's, for a run or a pool.
 
-    The provider overlaps the entrypoint's start-up with its own
-    (`Provider.create_with_process`). Arguments are those of `create_sandbox`; a
-    `Provider` instance is used as it is.
+    Arguments are those of `create_sandbox`; a `Provider` instance is used as it is.
 
     Returns:
-        The sandbox (the caller must close it), the entrypoint process and its run directory.
+        The sandbox; the caller must close it.
     """
     if isinstance(provider, Provider):
         chosen = provider
@@ -1159,13 +1107,11 @@ async def provision_entrypoint(
         if spec is None:
             spec = provider.spec if isinstance(provider, SandbayConfig) else SandboxSpec()
         chosen = get_provider(provider)
-    labelled = spec.model_copy(update={"labels": managed_labels(spec)})
-    sandbox, proc = await chosen.create_with_process(labelled, entrypoint_launch(run_id))
-    return sandbox, proc, run_dir(sandbox, run_id)
+    return await chosen.create(spec.model_copy(update={"labels": managed_labels(spec)}))
 
 
 async def stderr_tail(sandbox: Sandbox, directory: str) -> str:
-    """The last lines the entrypoint in ``directory`` wrote to stderr ("" if unreadable).
+    """The last lines the relay in ``directory`` wrote to stderr ("" if unreadable).
 
     The sandbox decides how large that log is: ``tail`` inside the sandbox cuts it to its
     last `STDERR_TAIL_BYTES` (a sandbox without ``tail`` streams it past, keeping as much),
@@ -1193,138 +1139,13 @@ async def stderr_tail(sandbox: Sandbox, directory: str) -> str:
     return _tail(kept.decode("utf-8", "replace"))
 
 
-def _replay_argv(sandbox: Sandbox, directory: str, after: int) -> list[str]:
-    script = f"{sandbox.agent_dir}/{_ENTRYPOINT}"
-    return [sandbox.python, script, "replay", "--run-dir", directory, "--after", str(after)]
-
-
-async def _send(proc: Process, request: dict[str, Any]) -> None:
-    try:
-        await proc.write(json.dumps(request).encode() + b"\n")
-    except BrokenPipeError:
-        pass  # the entrypoint already exited: its stdout ends and the reader reports why
-
-
-class _EnvelopeReader:
-    """Frames a process's stdout into envelopes; keeps partial lines across reads.
-
-    The sandbox decides what it writes: each byte is scanned once, and a line longer than
-    `MAX_ENVELOPE_BYTES` is a `ProtocolError` once that much of it has arrived, so the host
-    holds at most about that much plus one chunk.
-    """
-
-    def __init__(self, proc: Process, *, sandbox: Sandbox | None = None) -> None:
-        self._stdout = proc.stdout
-        self._sandbox = sandbox
-        self._max_line = MAX_ENVELOPE_BYTES
-        self._buffer = bytearray()
-        self._begin = 0  # where the next line starts
-        self._scanned = 0  # the buffer up to here holds no newline after _begin
-        self._eof = False
-
-    async def next(self) -> Envelope | None:
-        while True:
-            newline = self._buffer.find(b"\n", self._scanned)
-            if newline != -1:
-                line = bytes(self._buffer[self._begin : newline])
-                self._begin = self._scanned = newline + 1
-                if len(line) > self._max_line:
-                    raise self._too_long()
-                if not line.strip():
-                    continue
-                return _parse_envelope(line, self._sandbox)
-            del self._buffer[: self._begin]
-            self._begin = 0
-            self._scanned = len(self._buffer)
-            if self._scanned > self._max_line:
-                raise self._too_long()
-            if self._eof:
-                return None
-            try:
-                self._buffer += await self._stdout.__anext__()
-            except StopAsyncIteration:
-                self._eof = True
-                if self._buffer.strip():
-                    self._buffer += b"\n"  # a last line without its newline
-
-    def _too_long(self) -> ProtocolError:
-        sb = self._sandbox
-        return ProtocolError(
-            f"the entrypoint wrote a line longer than {self._max_line} bytes without a "
-            "newline (something in the sandbox wrote to its stdout); the run was stopped",
-            provider=sb.provider if sb else None,
-            sandbox_id=sb.id if sb else None,
-        )
-
-
-def _parse_envelope(line: bytes, sandbox: Sandbox | None = None) -> Envelope:
-    """Check every field of one envelope line; anything off is a `ProtocolError`.
-
-    The line comes from the sandbox, whose code may be hostile: no value in it may raise
-    anything but `ProtocolError` on the host, now or when the caller uses the message.
-    """
-
-    def malformed(what: str) -> ProtocolError:
-        return ProtocolError(
-            f"the entrypoint sent a malformed envelope: {what}; the run was stopped",
-            provider=sandbox.provider if sandbox else None,
-            sandbox_id=sandbox.id if sandbox else None,
-        )
-
-    try:
-        raw = json.loads(line)
-    except RecursionError:
-        raise malformed("it nests too deep to parse") from None
-    except ValueError:
-        raise malformed(f"a line that is not JSON: {line[:200]!r}") from None
-    if not isinstance(raw, dict):
-        raise malformed(f"a JSON {type(raw).__name__} instead of an object")
-    version = raw.get("sandbay")
-    if type(version) is not int or version != WIRE_VERSION:
-        raise ProtocolError(
-            f"the entrypoint speaks wire version {_show_value(version)}, this sandbay speaks "
-            f"{WIRE_VERSION}: use the same sandbay on both sides",
-            provider=sandbox.provider if sandbox else None,
-            sandbox_id=sandbox.id if sandbox else None,
-        )
-    seq = raw.get("seq", 0)
-    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
-        raise malformed(f"seq must be a whole number from 0 to {MAX_SEQ}, got {_show_value(seq)}")
-    kind = raw.get("kind")
-    if not isinstance(kind, str) or kind not in KINDS:
-        raise malformed(f"kind must be one of {sorted(KINDS)}, got {_show_value(kind)}")
-    data = raw.get("data", {})
-    if not isinstance(data, dict):
-        raise malformed(f"data of a {kind!r} envelope must be an object, got {_show_value(data)}")
-    if _nests_deeper(data, MAX_DEPTH):
-        raise malformed(f"data of a {kind!r} envelope nests deeper than {MAX_DEPTH} levels")
-    if kind == "end":
-        timings = data.get("timings", {})
-        if not isinstance(timings, dict) or not all(
-            isinstance(k, str) and _is_finite_number(v) for k, v in timings.items()
-        ):
-            raise malformed(
-                f"timings of 'end' must map names to numbers, got {_show_value(timings)}"
-            )
-    elif kind == "error":
-        exit_code = data.get("exit_code")
-        if exit_code is not None and (type(exit_code) is not int or abs(exit_code) > 2**31):
-            raise malformed(
-                f"exit_code of 'error' must be an integer, got {_show_value(exit_code)}"
-            )
-        for name in ("type", "message", "stderr"):
-            if not isinstance(data.get(name, ""), (str, type(None))):
-                raise malformed(f"{name} of 'error' must be text, got {_show_value(data[name])}")
-    return Envelope(seq, kind, data)
-
-
 def _parse_message(envelope: Envelope, sandbox: Sandbox | None) -> Message | None:
     """The typed SDK message of a ``message`` envelope; a `ProtocolError` if it has none."""
     try:
         return parse_message(envelope.data)
     except Exception as exc:  # the SDK's parser raises KeyError, TypeError, … on odd input
         raise ProtocolError(
-            f"the entrypoint sent message {envelope.seq}, which the Agent SDK cannot parse "
+            f"the sandbox sent a message the Agent SDK cannot parse "
             f"({type(exc).__name__}: {str(exc)[:200]}); the run was stopped",
             provider=sandbox.provider if sandbox else None,
             sandbox_id=sandbox.id if sandbox else None,

@@ -24,7 +24,7 @@ meaning, the subclass inherits it too, so ``except TimeoutError`` keeps working:
     ├── SandboxFileTooLargeError              a file is larger than the caller's max_bytes
     ├── ImageError                            the agent image could not be built or found
     ├── AgentError                            the agent inside the sandbox failed
-    └── ProtocolError                         the host and the entrypoint disagree on the wire
+    └── ProtocolError                         the host and the relay disagree on the wire
 
 Each error carries ``provider`` and ``sandbox_id`` (``None`` where they do not apply), and its
 message says what the user can do about it.
@@ -135,7 +135,7 @@ class AgentError(SandboxError):
     """The agent inside the sandbox failed.
 
     Attributes:
-        exit_code: Exit code of the entrypoint process, if it exited.
+        exit_code: Exit code of the CLI (or the relay), if it exited.
         stderr_tail: The last lines it wrote to stderr.
     """
 
@@ -158,4 +158,4 @@ class AgentError(SandboxError):
 
 
 class ProtocolError(SandboxError):
-    """The host and the in-sandbox entrypoint disagree about the wire format."""
+    """The host and the in-sandbox relay disagree about the wire format."""

@@ -1,9 +1,10 @@
-"""A warm pool: sandboxes provisioned ahead of time, the agent entrypoint already waiting.
+"""A warm pool: sandboxes provisioned ahead of time, the relay and the CLI already started.
 
-`SandboxPool` keeps ``size`` sandboxes ready. Each holds a started entrypoint that has
-imported the Agent SDK and, when the pool was given agent ``options``, has also started the
-``claude`` CLI and finished its handshake. `run_agent(..., pool=pool)` takes one, sends the
-prompt and so skips provisioning, upload and CLI start-up. A sandbox is used once: the run
+`SandboxPool` keeps ``size`` sandboxes ready, sandbay's relay uploaded into each. When the
+pool was given agent ``options``, each also has the relay and the ``claude`` CLI started
+with them, the CLI waiting for its first input. `run_agent(..., pool=pool)` takes one and
+so skips provisioning, upload and (with options) the CLI's start-up; the SDK's initialize
+handshake, which registers the run's callbacks, happens in the run. A sandbox is used once: the run
 destroys it, and the pool provisions a replacement in the background.
 
 The pool's background work (provisioning, discarding) runs in a task group owned by one
@@ -19,6 +20,7 @@ import asyncio
 import collections
 import logging
 import math
+import shlex
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -32,15 +34,10 @@ from typing_extensions import Self
 
 from ._agent import (
     Lease,
-    _EnvelopeReader,
     _exit_code,
-    _send,
     agent_env,
-    check_sandbox,
     options_to_wire,
-    provision_entrypoint,
-    sandbox_agent_env,
-    stderr_tail,
+    provision_sandbox,
 )
 from ._config import BaseProviderConfig, ProviderConfig, SandbayConfig
 from ._errors import (
@@ -51,7 +48,7 @@ from ._errors import (
     SandboxTimeoutError,
 )
 from ._provider import Provider
-from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
+from ._sandbox import CLOSE_TIMEOUT, Sandbox, SandboxSpec
 
 __all__ = ["Lease", "SandboxPool"]
 
@@ -68,7 +65,7 @@ CLOSE_TIMEOUT_S = 10.0
 
 
 class SandboxPool:
-    """Keeps ``size`` sandboxes provisioned with the entrypoint started, for instant runs.
+    """Keeps ``size`` sandboxes provisioned with the relay (and CLI) started, for instant runs.
 
     Use it as an async context manager; closing drains it (every pooled sandbox is
     destroyed, provisioning in flight is cancelled and what it made destroyed)::
@@ -98,8 +95,9 @@ class SandboxPool:
         spec: What to provision.
         size: How many ready sandboxes to keep.
         concurrency: Most sandboxes provisioned at once.
-        options: Agent options to start the ``claude`` CLI with ahead of time. Runs taking
-            from this pool then use these options (``run_agent`` refuses different ones).
+        options: Agent options to start the ``claude`` CLI with ahead of time, callbacks
+            included (they run in this process). Runs taking from this pool then use these
+            options (``run_agent`` refuses different data; its callbacks are not compared).
         env: Agent environment (model endpoint, keys) for the pre-started CLI.
         close_timeout: Longest `aclose` waits for the pool's background work, in seconds.
             What is still running then (a provider that does not answer) is left to finish
@@ -408,19 +406,21 @@ class SandboxPool:
             self._notify()
 
     async def _warm(self) -> Lease:
+        from ._transport import SandboxTransport
+
         run_id = uuid.uuid4().hex[:16]
-        sandbox, proc, run_dir = await provision_entrypoint(self._provider, self._spec, run_id)
+        sandbox = await provision_sandbox(self._provider, self._spec)
         try:
-            if self._wire_options is not None:
-                check_sandbox(sandbox, wire_options=self._wire_options, env=self._env)
-            reader = _EnvelopeReader(proc, sandbox=sandbox)
-            await _expect(reader, "ready", sandbox, proc, run_dir)
-            if self._wire_options is not None:
-                options = {"cwd": sandbox.workdir, **self._wire_options}
-                env = sandbox_agent_env(sandbox, self._env)
-                await _send(proc, {"kind": "prepare", "options": options, "env": env})
-                await _expect(reader, "prepared", sandbox, proc, run_dir)
-            return Lease(sandbox, proc, run_dir, run_id, self._wire_options is not None, reader)
+            transport = SandboxTransport(sandbox, self._options, env=self._env, run_id=run_id)
+            if self._options is not None:
+                # The relay and the CLI start now; the CLI waits for its first input. The
+                # checks (credentials, bypassPermissions, a loopback model URL) run first.
+                await transport.connect()
+                await transport.wait_started()
+            else:
+                await transport.upload()
+                await _check_python(sandbox)
+            return Lease(sandbox, transport, run_id, self._options is not None)
         except BaseException:
             await sandbox.aclose()
             raise
@@ -458,17 +458,16 @@ def _spawn_runner(serve: Callable[[], Awaitable[None]]) -> object:
     return loop.create_task(run(), name="sandbay-pool")
 
 
-async def _expect(
-    reader: _EnvelopeReader, kind: str, sandbox: Sandbox, proc: Process, run_dir: str
-) -> None:
-    envelope = await reader.next()
-    if envelope is None or envelope.kind != kind:
-        detail = envelope.data if envelope is not None else "end of stream"
-        exit_code = await _exit_code(proc) if envelope is None else None
+async def _check_python(sandbox: Sandbox) -> None:
+    """Raise `AgentError` if the sandbox's Python cannot run the relay."""
+    proc = await sandbox.start(["sh", "-c", f"exec {shlex.quote(sandbox.python)} -c pass 2>&1"])
+    output = (await proc.stdout.read()).decode("utf-8", "replace")
+    code = await _exit_code(proc)
+    if code != 0:
         raise AgentError(
-            f"the entrypoint did not report {kind!r} while warming: {detail}",
-            exit_code=exit_code,
-            stderr_tail=await stderr_tail(sandbox, run_dir),
+            f"the relay could not report 'ready' while warming: {sandbox.python} failed",
+            exit_code=code,
+            stderr_tail=output[-4000:],
             provider=sandbox.provider,
             sandbox_id=sandbox.id,
         )
@@ -485,7 +484,7 @@ def _expires_soon(lease: Lease) -> bool:
 async def _discard(lease: Lease) -> None:
     with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
         try:
-            await lease.process.kill()
+            await lease.kill()
         except (SandboxError, OSError):
             pass
         await lease.sandbox.aclose()

@@ -66,6 +66,10 @@ MAX_FRAME_BYTES = wire.MAX_LINE + 1024
 #: its transcript), as the SDK's own transport does, before it is killed.
 CLOSE_GRACE_S = 5.0
 _RELAY_FILES = ("relay.py", "wire.py")
+#: CLI message types the SDK consumes itself and never passes on.
+_CONTROL_TYPES = frozenset(
+    {"control_request", "control_response", "control_cancel_request", "transcript_mirror"}
+)
 #: argv[0] placeholder when the relay is to find the CLI itself.
 _FIND_CLI = "claude"
 
@@ -194,6 +198,10 @@ class SandboxTransport(Transport):
         self._input_ended = False
         self._write_lock = anyio.Lock()
         self._stderr_tail: list[str] = []
+        self._uploaded = False
+        # Messages handed to the SDK that it may pass on to its reader, by identity: seq.
+        self._seqs: dict[int, tuple[int, dict[str, Any]]] = {}
+        self._lines: AsyncIterator[bytes] | None = None
 
     @property
     def run_dir(self) -> str:
@@ -202,6 +210,15 @@ class SandboxTransport(Transport):
 
     def _relay_path(self, name: str) -> str:
         return f"{self.sandbox.agent_dir}/relay/{name}"
+
+    async def upload(self) -> None:
+        """Upload the relay's files into the sandbox (once; `connect` does it if not done)."""
+        if self._uploaded:
+            return
+        async with anyio.create_task_group() as tg:
+            for name in _RELAY_FILES:
+                tg.start_soon(self.sandbox.write_file, self._relay_path(name), relay_source(name))
+        self._uploaded = True
 
     @override
     async def connect(self) -> None:
@@ -244,9 +261,7 @@ class SandboxTransport(Transport):
             "cwd": cwd,
             "find_cli": options.cli_path is None,
         }
-        async with anyio.create_task_group() as tg:
-            for name in _RELAY_FILES:
-                tg.start_soon(self.sandbox.write_file, self._relay_path(name), relay_source(name))
+        await self.upload()
         directory = shlex.quote(self.run_dir)
         command = (
             f"mkdir -p {directory} && exec {shlex.quote(self.sandbox.python)} "
@@ -261,7 +276,58 @@ class SandboxTransport(Transport):
             await _kill(proc)
             raise error from None
         self._proc = proc
+        self._lines = proc.stdout.lines(max_line=MAX_FRAME_BYTES)
         self._ready = True
+
+    async def wait_started(self) -> None:
+        """Wait until the relay reports the CLI started (its ``ready``); after `connect`.
+
+        For a warm pool: the CLI then runs, waiting for its first input. What arrives
+        before ``ready`` (lines of the CLI's stderr) is handled as `read_messages` would.
+
+        Raises:
+            AgentError: The relay ended, or could not start the CLI, before ``ready``
+                (with its exit code and the tail of its stderr).
+            ProtocolError: The relay sent something malformed.
+        """
+        if self._proc is None or self._lines is None:
+            raise AgentError(
+                "the transport is not connected: call connect() first",
+                provider=self.sandbox.provider,
+                sandbox_id=self.sandbox.id,
+            )
+        async for line in self._lines:
+            if not line.strip():
+                continue
+            frame = parse_frame(line, self.sandbox)
+            if frame.kind == "ready":
+                self.cli_pid = frame.data.get("cli_pid")
+                return
+            if frame.kind == "stderr":
+                self._on_stderr(str(frame.data["line"]))
+                continue
+            raise (
+                self._error(frame.data)
+                if frame.kind == "error"
+                else self._malformed(f"a {frame.kind!r} envelope before 'ready'")
+            )
+        raise AgentError(
+            "the relay ended before it reported 'ready'",
+            exit_code=await _exit_code(self._proc),
+            stderr_tail=await stderr_tail(self.sandbox, self.run_dir),
+            provider=self.sandbox.provider,
+            sandbox_id=self.sandbox.id,
+        )
+
+    async def kill(self) -> None:
+        """Kill the relay and the CLI at once, without `close`'s grace. Idempotent."""
+        self._closing = True
+        self._ready = False
+        with anyio.CancelScope(shield=True):
+            if self._proc is not None:
+                await _kill(self._proc)
+            for replay in self._replays:
+                await _kill(replay)
 
     @override
     async def write(self, data: str) -> None:
@@ -350,6 +416,8 @@ class SandboxTransport(Transport):
                         )
                     self.last_seq = frame.seq
                     if frame.kind == "line":
+                        if frame.data.get("type") not in _CONTROL_TYPES:
+                            self._seqs[id(frame.data)] = (frame.seq, frame.data)
                         yield frame.data
                     elif frame.kind == "end":
                         self._ended = True
@@ -403,14 +471,29 @@ class SandboxTransport(Transport):
         return proc
 
     async def _frames(self, proc: Process) -> AsyncGenerator[Frame, None]:
+        lines = self._lines if proc is self._proc and self._lines is not None else None
+        if lines is None:
+            lines = proc.stdout.lines(max_line=MAX_FRAME_BYTES)
         try:
-            async for line in proc.stdout.lines(max_line=MAX_FRAME_BYTES):
+            async for line in lines:
                 if line.strip():
                     yield parse_frame(line, self.sandbox)
         finally:
             if proc is not self._proc:  # a replay: done with it
                 with anyio.CancelScope(shield=True):
                     await _kill(proc)
+
+    def seq_of(self, message: dict[str, Any]) -> int | None:
+        """The sequence number of a message this transport read, as the SDK passed it on.
+
+        ``None`` for a message the SDK made itself. Forgets it and every earlier message.
+        """
+        entry = self._seqs.pop(id(message), None)
+        if entry is None or entry[1] is not message:
+            return None
+        for key in [k for k, (seq, _) in self._seqs.items() if seq < entry[0]]:
+            del self._seqs[key]
+        return entry[0]
 
     def _on_stderr(self, line: str) -> None:
         self._stderr_tail = [*self._stderr_tail[-39:], line]

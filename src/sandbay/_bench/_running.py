@@ -5,7 +5,7 @@ Each run times phases with a monotonic clock (`time.perf_counter`):
 ========== =================================================================================
 provision  create requested → the provider accepted it and returned a sandbox
 ready      → the first exec returned (it writes the run's nonce: the fresh-sandbox check)
-inject     → sandbay's entrypoint uploaded and started, the request sent
+inject     → sandbay's relay uploaded and started, and with it the CLI
 first_msg  → the first agent message arrived (``system/init``)
 first_asst → the first assistant message arrived (includes the model's first answer)
 result     → the result message arrived

@@ -1,0 +1,156 @@
+"""One prompt through the Agent SDK's own control protocol, over a given transport.
+
+This is what ``claude_agent_sdk.query(prompt=..., options=..., transport=...)`` does, step for
+step (``InternalClient.process_query`` of the SDK releases in
+`sandbay._transport.CHECKED_SDK_VERSIONS`), except that it yields each message as the raw
+stream-json dict the CLI wrote, before parsing: `run_agent` needs the dict (for ``--json``)
+and the relay's sequence number of each message (for run handles), and parses the dict
+itself with the SDK's own parser. Hooks, ``can_use_tool``, SDK MCP servers and the session
+store mirror are the SDK's own code, set up as ``query()`` sets them up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+import anyio
+from claude_agent_sdk import ClaudeAgentOptions, SessionStoreEntry, Transport
+from claude_agent_sdk._internal.query import Query, run_end_ceiling_ms, stamp_user_message
+from claude_agent_sdk._internal.session_resume import build_mirror_batcher
+from claude_agent_sdk._internal.session_store_validation import validate_session_store_options
+from claude_agent_sdk._internal.transcript_mirror_batcher import TranscriptMirrorBatcher
+from claude_agent_sdk.types import _configure_can_use_tool, _hooks_to_internal_format
+from typing_extensions import override
+
+__all__ = ["raw_query"]
+
+
+@dataclasses.dataclass
+class _SandboxMirrorBatcher(TranscriptMirrorBatcher):
+    """The SDK's transcript mirror, for a CLI whose config directory is in a sandbox.
+
+    The SDK keys each transcript file by its path under the host's config directory; the
+    CLI in a sandbox writes under its own (its ``$HOME/.claude`` there, or its
+    ``CLAUDE_CONFIG_DIR``). The first mirrored path names that directory: keys are taken
+    relative to it from then on.
+    """
+
+    _located: bool = False
+
+    @override
+    def enqueue(self, file_path: str, entries: list[SessionStoreEntry]) -> None:
+        if not self._located:
+            self._located = True
+            cut = file_path.rfind("/projects/")
+            if cut != -1:
+                self.projects_dir = file_path[: cut + len("/projects")]
+        super().enqueue(file_path, entries)
+
+
+async def raw_query(
+    prompt: str,
+    options: ClaudeAgentOptions,
+    transport: Transport,
+    *,
+    abort: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Run ``prompt`` over ``transport`` as ``query()`` would; yield the raw messages.
+
+    The transport is connected here (a connected one is used as it is) and closed when the
+    generator ends or is closed. ``abort``, if given, is awaited first when the generator is
+    left by an exception (a cancellation, a deadline): it stops the CLI at once, where
+    closing the transport would give it time to finish.
+
+    Raises:
+        Whatever the transport raises reading (its `AgentError` / `ProtocolError` as they
+        are), and the SDK's own errors (a control request that failed or timed out).
+    """
+    validate_session_store_options(options)
+    configured = _configure_can_use_tool(options)
+    await transport.connect()
+    servers = configured.mcp_servers if isinstance(configured.mcp_servers, dict) else {}
+    sdk_mcp_servers = {
+        name: config["instance"]  # type: ignore[typeddict-item]
+        for name, config in servers.items()
+        if isinstance(config, dict) and config.get("type") == "sdk"
+    }
+    exclude_dynamic_sections: bool | None = None
+    system_prompt_snapshot: bool | None = None
+    sp = configured.system_prompt
+    if isinstance(sp, dict) and sp.get("type") == "preset":
+        eds = sp.get("exclude_dynamic_sections")
+        if isinstance(eds, bool):
+            exclude_dynamic_sections = eds
+    if isinstance(sp, dict) and sp.get("type") in ("preset", "custom"):
+        snapshot = sp.get("snapshot")
+        if isinstance(snapshot, bool):
+            system_prompt_snapshot = snapshot
+    agents = None
+    if configured.agents:
+        agents = {
+            name: {k: v for k, v in dataclasses.asdict(agent).items() if v is not None}
+            for name, agent in configured.agents.items()
+        }
+    timeout_ms = int(os.environ.get("CLAUDE_CODE_STREAM_CLOSE_TIMEOUT", "60000"))
+    query = Query(
+        transport=transport,
+        is_streaming_mode=True,
+        can_use_tool=configured.can_use_tool,
+        hooks=_hooks_to_internal_format(configured.hooks) if configured.hooks else None,
+        sdk_mcp_servers=sdk_mcp_servers,
+        initialize_timeout=max(timeout_ms / 1000.0, 60.0),
+        agents=agents,
+        exclude_dynamic_sections=exclude_dynamic_sections,
+        system_prompt_snapshot=system_prompt_snapshot,
+        skills=configured.skills,
+        forward_subagent_text=configured.forward_subagent_text,
+        verbatim_prompts=configured.verbatim_prompts,
+        run_end_ceiling_ms=run_end_ceiling_ms(configured.env),
+    )
+    if configured.session_store is not None:
+
+        async def on_mirror_error(key: Any, error: str) -> None:
+            query.report_mirror_error(key, error)
+
+        built = build_mirror_batcher(
+            store=configured.session_store,
+            materialized=None,
+            env=configured.env,
+            on_error=on_mirror_error,
+            flush_mode=configured.session_store_flush,
+        )
+        query.set_transcript_mirror_batcher(
+            _SandboxMirrorBatcher(
+                store=built.store,
+                projects_dir=built.projects_dir,
+                on_error=built.on_error,
+                max_pending_entries=built.max_pending_entries,
+                max_pending_bytes=built.max_pending_bytes,
+            )
+        )
+    try:
+        await query.start()
+        await query.initialize()
+        user_message = {
+            "type": "user",
+            "session_id": "",
+            "message": {"role": "user", "content": prompt},
+            "parent_tool_use_id": None,
+        }
+        line = json.dumps(stamp_user_message(user_message, configured.verbatim_prompts))
+        await transport.write(line + "\n")
+        query.spawn_task(query.wait_for_result_and_end_input())
+        async for data in query.receive_messages():
+            yield data
+    except BaseException:
+        if abort is not None:
+            with anyio.CancelScope(shield=True):
+                await abort()
+        raise
+    finally:
+        await query.close()
+        query.close_receive_stream()
