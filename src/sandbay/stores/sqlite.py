@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -185,9 +186,23 @@ class SQLiteSessionStore(SessionStore):
             check_same_thread=False,  # one thread at a time, under self._lock
         )
         try:
-            if self._path != ":memory:":
-                conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+            # Two stores opening one new file at once race to switch it to WAL and create the
+            # tables; SQLite may answer "locked" at once there instead of waiting out
+            # busy_timeout, so the set-up is retried until that much time has passed.
+            deadline = time.monotonic() + self._busy_timeout
+            while True:
+                try:
+                    if self._path != ":memory:":
+                        mode = conn.execute("PRAGMA journal_mode").fetchone()
+                        if not mode or str(mode[0]).lower() != "wal":
+                            conn.execute("PRAGMA journal_mode=WAL")
+                    conn.executescript(_SCHEMA)
+                    break
+                except sqlite3.OperationalError as exc:
+                    text = str(exc).lower()
+                    if not ("locked" in text or "busy" in text) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
         except BaseException:
             conn.close()
             raise
