@@ -288,13 +288,15 @@ async def test_hybrid_session_resumes_in_a_fresh_isolated_sandbox(
 
 
 def test_store_keys_do_not_depend_on_the_hosts_workspace_path() -> None:
+    host = "/tmp/sandbay-abc123/" + "work"  # an unisolated sandbox's workdir on the host
+
     class Unisolated:  # what store_project_key reads of a sandbox
-        workdir = "/tmp/sandbay-abc123/work"
+        workdir = host
         spec = SandboxSpec()
 
     sb: Any = Unisolated()
-    assert store_project_key(sb, "/tmp/sandbay-abc123/work") == "-workspace"
-    assert store_project_key(sb, "/tmp/sandbay-abc123/work/a") == "-workspace-a"
+    assert store_project_key(sb, host) == "-workspace"
+    assert store_project_key(sb, f"{host}/a") == "-workspace-a"
     assert store_project_key(sb, "/srv/other") == "-srv-other"
 
 
