@@ -1,14 +1,19 @@
 """Cold-start benchmark for scripted runs: every mode the report commits, in one go.
 
-    python benchmarks/cold_start.py --providers docker,local --runs 20
+    python benchmarks/cold_start.py --providers docker,local --runs 10
 
-writes benchmarks/results/{cold,warm,burst}-<providers>.{json,md,png}. The same measurement
-is `sandbay bench` (one mode at a time); the method is in docs/benchmarks.md.
+writes benchmarks/results/{cold,warm,burst}-<providers>.{json,md,png}, each naming the command
+that produced it. In ``cold`` mode each round also times the floor side by side: raw create →
+first exec and the bare ``claude`` CLI's start → first message in a running sandbox; the report
+gives create → first agent message over that floor. The same measurement is `sandbay bench`
+(one mode at a time); the method is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
 import anyio
@@ -21,7 +26,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--providers", default="docker,local")
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--burst-runs", type=int, default=3, help="bursts per provider")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--modes", default="cold,warm,burst")
@@ -35,6 +40,7 @@ async def main() -> None:
             concurrency=args.concurrency,
         )
         report = await run_bench(config)
+        report.config["command"] = shlex.join(["python", "benchmarks/cold_start.py", *sys.argv[1:]])
         print(report.to_markdown())
         for path in write_results(report, RESULTS):
             print(f"wrote {path.relative_to(RESULTS.parent.parent)}")

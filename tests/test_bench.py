@@ -59,11 +59,17 @@ async def test_a_small_run_reports_every_phase(mode: str, tmp_path: Path) -> Non
     summary = report.summary()["local"]
     assert summary["failures"] == 0 and summary["total"]["p50"] > 0
     assert len(report.raw["local"]) == 2 * per_round  # raw baseline: same rounds, same load
+    if mode == "cold":  # the bare CLI too: the floor is measured in the same rounds
+        assert len(report.cli["local"]) == 2 and summary["ratio_vs_floor"] > 0
+        assert summary["floor_to_first_msg"] > max(report.cli["local"]) / 2
+    else:
+        assert report.cli["local"] == [] and "ratio_vs_floor" not in summary
     paths = write_results(report, tmp_path)
     data = json.loads(paths[0].read_text())
     assert data["machine"]["cpus"] and data["config"]["mode"] == mode
     markdown = paths[1].read_text()
     assert "| local |" in markdown and "cores" in markdown
+    assert ("over its floor" in markdown) == (mode == "cold")
     assert any(p.suffix == ".png" and p.stat().st_size > 1000 for p in paths)
 
 
@@ -91,10 +97,50 @@ def test_a_report_renders_the_same_after_a_json_round_trip() -> None:
         report.samples.append(RunSample("p", dict.fromkeys(COLD_PHASES, total / 7)))
     report.samples.append(RunSample("p", error="AgentError: boom"))
     report.raw["p"] = [0.1, 0.2]
+    report.cli["p"] = [0.4, 0.5]
     again = BenchReport.from_json(report.to_json())
+    assert "p 857 / 600 ms = 1.43×" in again.to_markdown()
     assert again.to_markdown() == report.to_markdown()
     assert again.summary()["p"]["failures"] == 1
     assert again.summary()["p"]["create_to_first_msg"]["p50"] > 0
+
+
+def test_floor_is_raw_create_plus_the_bare_cli_and_the_ratio_divides_by_it() -> None:
+    def run(to_first_msg: float) -> RunSample:
+        phases = dict.fromkeys(COLD_PHASES, 0.01)
+        phases.update(provision=0.1, ready=0.1, inject=0.1, first_msg=to_first_msg - 0.3)
+        return RunSample("p", phases)
+
+    samples = [run(1.0), run(1.2), run(1.4)]
+    entry = summarize(
+        samples,
+        mode="cold",
+        raw={"p": [0.1, 0.3, 0.2]},
+        raw_errors={},
+        labels={},
+        cli={"p": [0.9, 0.6, 0.7]},
+    )["p"]
+    assert entry["create_to_first_msg"]["p50"] == pytest.approx(1.2)
+    assert entry["floor_to_first_msg"] == pytest.approx(0.2 + 0.7)  # medians, summed
+    assert entry["ratio_vs_floor"] == pytest.approx(1.2 / 0.9)
+    assert entry["cli_start_to_first_msg"]["p50"] == pytest.approx(0.7)
+    # Without the CLI's half there is no floor to divide by.
+    bare = summarize(samples, mode="cold", raw={"p": [0.2]}, raw_errors={}, labels={})["p"]
+    assert "ratio_vs_floor" not in bare and bare["cli_start_to_first_msg"] == {}
+
+
+async def test_bare_cli_baseline_runs_the_cli_the_relay_would_to_its_first_message() -> None:
+    from claude_agent_sdk import ClaudeAgentOptions
+
+    from sandbay._bench._baselines import cli_start, sandbox_cli
+    from sandbay._image import host_cli
+    from sandbay.testing import ScriptedModel, Turn
+
+    async with ScriptedModel([Turn.text("hi")] * 2) as model, sandbay.open_sandbox("local") as sb:
+        cli = await sandbox_cli(sb)
+        assert cli == str(host_cli().path)  # local: the host SDK's own bundled CLI
+        seconds = await cli_start(sb, ClaudeAgentOptions(max_turns=1), model.env(), cli=cli)
+    assert 0.05 < seconds < 60
 
 
 def test_percentiles_are_nearest_rank() -> None:

@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -16,7 +17,13 @@ from typing_extensions import override
 
 import sandbay
 from sandbay import ConfigError, LocalConfig, SandboxSpec
-from sandbay._image import AgentImageRecipe, ImageUser, agent_image_recipe, sdk_version
+from sandbay._image import (
+    AgentImageRecipe,
+    ImageUser,
+    agent_image_recipe,
+    host_cli,
+    sdk_version,
+)
 from sandbay._provider import Provider, ProviderStatus, SandboxInfo
 from sandbay._sandbox import Sandbox
 from sandbay.providers.local import LocalProvider
@@ -40,21 +47,40 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
 # --- the recipe ----------------------------------------------------------------------------
 
 
-def test_recipe_pins_the_hosts_sdk_and_hashes_its_content() -> None:
+def test_recipe_pins_the_hosts_cli_and_hashes_its_content() -> None:
     recipe = agent_image_recipe()
+    cli = host_cli()
     assert recipe.sdk_version == sdk_version()
-    assert recipe.requirement == f"claude-agent-sdk=={sdk_version()}"
+    assert (recipe.cli_version, recipe.cli_sha256) == (cli.version, cli.sha256)
+    assert recipe.cli_version[0].isdigit() and " " not in recipe.cli_version
+    assert recipe.cli_path == "/opt/sandbay/bin/claude"
     assert agent_image_recipe().digest == recipe.digest  # same content, same digest
     assert recipe.tag == f"sandbay-agent:{recipe.digest}" and len(recipe.digest) == 12
     changed = [
         dataclasses.replace(recipe, sdk_version="0.0.1"),
+        dataclasses.replace(recipe, cli_version="0.0.1"),
+        dataclasses.replace(recipe, cli_sha256="0" * 64),
         dataclasses.replace(recipe, user=ImageUser(uid=1001)),
         dataclasses.replace(recipe, workdir="/work"),
-        dataclasses.replace(recipe, revision="2"),
+        dataclasses.replace(recipe, revision="3"),
     ]
     assert len({recipe.digest, *(r.digest for r in changed)}) == 1 + len(changed)
     with pytest.raises(dataclasses.FrozenInstanceError):
         recipe.workdir = "/elsewhere"  # type: ignore[misc]
+
+
+def test_host_cli_is_the_sdks_bundled_binary_with_its_recorded_hash() -> None:
+    cli = host_cli()
+    assert cli.path.name == "claude" and cli.path.parent.name == "_bundled"
+    assert os.access(cli.path, os.X_OK) and cli.path.stat().st_size == cli.size
+    digest = hashlib.sha256()
+    with cli.path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    assert digest.hexdigest() == cli.sha256
+    with cli.path.open("rb") as fh:
+        assert fh.read(4) == b"\x7fELF"
+    assert cli.machine == platform.machine() and cli.glibc >= (2, 17)
 
 
 def test_is_sandbox_only_behind_a_real_boundary() -> None:
@@ -62,41 +88,56 @@ def test_is_sandbox_only_behind_a_real_boundary() -> None:
     assert recipe.environment()["IS_SANDBOX"] == "1"
     unbounded = recipe.environment(isolated=False)
     assert "IS_SANDBOX" not in unbounded
-    assert unbounded["VIRTUAL_ENV"] == "/opt/sandbay/venv" and unbounded["LANG"] == "C.UTF-8"
+    assert unbounded == {"SHELL": "/bin/bash", "LANG": "C.UTF-8"}
     assert "IS_SANDBOX" not in recipe.render_shell_script(isolated=False)
     assert "export IS_SANDBOX=1" in recipe.render_shell_script()
 
 
 def test_shell_rendering_is_a_posix_script_of_the_same_recipe() -> None:
     recipe = AgentImageRecipe(sdk_version="0.1.0", user=ImageUser(uid=1234, gid=1235))
-    script = recipe.render_shell_script(find_links="/wheels dir")
-    parsed = subprocess.run(["sh", "-n"], input=script, text=True, capture_output=True)
-    assert parsed.returncode == 0, parsed.stderr
-    lines = script.splitlines()
-    assert lines[0] == "#!/bin/sh" and "set -eu" in lines
-    install = next(line for line in lines if " -m pip install " in line)
-    assert install.startswith("/opt/sandbay/venv/bin/python -m pip install")
-    assert install.endswith("--no-index --find-links '/wheels dir' claude-agent-sdk==0.1.0")
-    assert "useradd --uid 1234 --gid 1235" in script
-    assert "mkdir -p /workspace && chown 1234:1235 /workspace" in script
-    assert 'ln -sf "$bundled" /opt/sandbay/venv/bin/claude' in script
-    assert "export PATH=/opt/sandbay/venv/bin:" in script
-    # Without wheels at hand it installs from the index.
+    for script in (
+        recipe.render_shell_script(cli_source="/upload dir/claude"),
+        recipe.render_shell_script(find_links="/wheels dir"),
+    ):
+        parsed = subprocess.run(["sh", "-n"], input=script, text=True, capture_output=True)
+        assert parsed.returncode == 0, parsed.stderr
+        lines = script.splitlines()
+        assert lines[0] == "#!/bin/sh" and "set -eu" in lines
+        assert "useradd --uid 1234 --gid 1235" in script
+        assert "mkdir -p /workspace && chown 1234:1235 /workspace" in script
+        assert "export PATH=/opt/sandbay/bin:" in script
+        assert "/opt/sandbay/bin/claude --version" in script
+        # Nothing is installed into the image's Python: no venv or pip survives the script.
+        assert "VIRTUAL_ENV" not in script and "/opt/sandbay/venv" not in script
+    uploaded = recipe.render_shell_script(cli_source="/upload dir/claude")
+    assert "install -m 0755 '/upload dir/claude' /opt/sandbay/bin/claude" in uploaded
+    assert "pip" not in uploaded and "apt-get install -y -qq python3\n" in uploaded
+    fetched = recipe.render_shell_script(find_links="/wheels dir")
+    install = next(line for line in fetched.splitlines() if " -m pip install " in line)
+    wheels = "--no-deps --no-index --find-links '/wheels dir' claude-agent-sdk==0.1.0"
+    assert install.endswith(wheels)
+    assert fetched.rstrip().count("rm -rf /tmp/sandbay-cli-fetch") == 2
+    # Without wheels at hand it fetches from the index.
     assert "--no-index" not in recipe.render_shell_script()
 
 
-def test_docker_rendering_of_the_default_recipe_is_unchanged() -> None:
-    # Tags hash the Dockerfile: a different text would miss every cached image (CI's too).
+def test_docker_rendering_holds_only_the_cli_and_is_pinned() -> None:
+    # Tags hash the Dockerfile: any change to its text makes every engine build again.
     pytest.importorskip("docker")
     from sandbay.providers.docker._image import render_dockerfile
 
-    text = render_dockerfile(AgentImageRecipe(sdk_version="0.1.0"), base="sandbay-base:bookworm")
+    recipe = AgentImageRecipe(sdk_version="0.1.0", cli_version="2.0.0", cli_sha256="ab" * 32)
+    text = render_dockerfile(recipe, base="sandbay-base:bookworm")
     assert hashlib.sha256(text.encode()).hexdigest() == (
-        "40d9b7a21e34737b7b9522453b29a6d85a2602952aebc3a7b146aa7403ecc042"
-    )
+        "3e9559af645543853c05cfbc4a115c4cb0f50d225db714a0e843aa483cea48f4"
+    ), text
+    assert "COPY claude /opt/sandbay/bin/claude" in text
+    assert "claude CLI 2.0.0 (sha256 " + "ab" * 32 + ")" in text
+    for absent in ("pip", "venv", "wheels", "AS install"):
+        assert absent not in text
     other = AgentImageRecipe(sdk_version="0.1.0", user=ImageUser(uid=2000, gid=2000))
     rendered = render_dockerfile(other, base="debian:12")
-    assert "USER 2000:2000" in rendered and "FROM debian:12 AS install" in rendered
+    assert "USER 2000:2000" in rendered and "FROM debian:12\n" in rendered
 
 
 # --- no import cycle through the image code ------------------------------------------------
@@ -263,21 +304,18 @@ def test_cli_run_shows_the_first_use_build(tmp_path: Path) -> None:
 
 @pytest.mark.docker
 def test_shell_rendering_builds_a_working_agent_image_in_the_base() -> None:
-    # The script's steps, run in the plain base without network, from the wheels the Docker
-    # build left in the cache, give what the Dockerfile does: the SDK, the CLI, the user.
+    # The script's steps, run in the plain base without network, with the host's CLI
+    # uploaded: what the Dockerfile gives (the CLI on PATH, the user, no SDK in its Python).
     import docker
 
-    from sandbay.providers.docker._image import (
-        DEFAULT_BASE_IMAGE,
-        build_agent_image,
-        wheel_cache_dir,
-    )
+    from sandbay.providers.docker._image import DEFAULT_BASE_IMAGE
 
-    build_agent_image()  # the wheel cache now holds a complete set for the base
-    script = agent_image_recipe().render_shell_script(find_links="/wheels")
+    cli = host_cli()
+    script = agent_image_recipe().render_shell_script(cli_source="/upload/claude")
     check = (
         "sh /recipe.sh >/tmp/log 2>&1 || { tail -20 /tmp/log; exit 1; }; "
-        ". /etc/profile.d/sandbay-agent.sh; command -v python3; claude --version; "
+        ". /etc/profile.d/sandbay-agent.sh; command -v claude; claude --version; "
+        "python3 -c 'import claude_agent_sdk' 2>/dev/null && echo sdk-importable; "
         'id -u sandbay; stat -c %U /workspace; echo "IS_SANDBOX=$IS_SANDBOX"; '
         "sh /recipe.sh >/dev/null 2>&1 && echo again"
     )
@@ -288,10 +326,76 @@ def test_shell_rendering_builds_a_working_agent_image_in_the_base() -> None:
             ["sh", "-c", f"cat > /recipe.sh <<'EOF'\n{script}EOF\n{check}"],
             remove=True,
             network_mode="none",
-            volumes={str(wheel_cache_dir()): {"bind": "/wheels", "mode": "ro"}},
+            volumes={str(cli.path.parent): {"bind": "/upload", "mode": "ro"}},
         ).decode()
     finally:
         client.close()
-    assert out.splitlines()[0] == "/opt/sandbay/venv/bin/python3", out
-    assert "(Claude Code)" in out
-    assert out.splitlines()[2:] == ["1000", "sandbay", "IS_SANDBOX=1", "again"], out
+    lines = out.splitlines()
+    assert lines[0] == "/opt/sandbay/bin/claude", out
+    assert lines[1] == f"{cli.version} (Claude Code)", out
+    assert lines[2:] == ["1000", "sandbay", "IS_SANDBOX=1", "again"], out
+
+
+@pytest.mark.docker
+def test_docker_image_holds_the_cli_and_no_sdk() -> None:
+    import docker
+
+    from sandbay.providers.docker._image import AGENT_IMAGE, build_agent_image
+
+    tag = build_agent_image()
+    cli = host_cli()
+    script = (
+        "import importlib.util, shutil, subprocess, sys\n"
+        "print(sys.executable)\n"
+        "print(importlib.util.find_spec('claude_agent_sdk'))\n"
+        "print(shutil.which('claude'))\n"
+        "print(subprocess.run(['claude', '--version'], capture_output=True, text=True).stdout)\n"
+    )
+    client = docker.from_env()
+    try:
+        for name in (tag, AGENT_IMAGE):
+            out = client.containers.run(
+                name, ["python3", "-c", script], remove=True, network_mode="none"
+            ).decode()
+            assert out.splitlines()[:4] == [
+                "/usr/bin/python3",
+                "None",  # the SDK runs on the host: its Python cannot import it
+                "/opt/sandbay/bin/claude",
+                f"{cli.version} (Claude Code)",
+            ], out
+        image = client.images.get(tag)
+        base = client.images.get(image.labels["sandbay.agent.base-id"])
+        # The CLI is all it adds to the base (a few KB for the user and workdir).
+        added = image.attrs["Size"] - base.attrs["Size"]
+        assert cli.size <= added < cli.size + (1 << 20), added
+        assert image.labels["sandbay.agent.cli"] == cli.version
+    finally:
+        client.close()
+
+
+@pytest.mark.docker
+@pytest.mark.anyio
+async def test_run_agent_without_a_cli_in_the_sandbox_says_where_it_looked() -> None:
+    # The base image has Python but no claude: the relay says so, and how to fix it.
+    from claude_agent_sdk import ClaudeAgentOptions
+
+    from sandbay.providers.docker._image import DEFAULT_BASE_IMAGE
+    from sandbay.testing import ScriptedModel, Turn
+
+    async with ScriptedModel([Turn.text("hi")]) as model:
+        run = sandbay.run_agent(
+            "hello",
+            provider="docker",
+            options=ClaudeAgentOptions(max_turns=1),
+            env=model.env(),
+            spec=SandboxSpec(image=DEFAULT_BASE_IMAGE, network="host"),
+            timeout=120,
+        )
+        with pytest.raises(sandbay.AgentError) as caught:
+            async with run:
+                async for _ in run:
+                    pass
+    message = str(caught.value)
+    assert "CLINotFoundError: no claude CLI in this sandbox" in message
+    assert "nor claude on PATH (" in message and "sandbay image build" in message
+    assert "ClaudeAgentOptions.cli_path" in message

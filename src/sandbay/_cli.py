@@ -219,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     image_sub = image.add_subparsers(title="image commands", metavar="COMMAND")
     build = image_sub.add_parser(
         "build",
-        help="build the agent image for a provider (docker: from local wheels)",
+        help="build the agent image for a provider (docker: the host's bundled claude CLI)",
         description="Build the agent image the way the provider builds images, or find it "
         "built, and print its reference. The provider is --provider, else the configured one "
         "(as for `run`); docker when that one has no images (local).",

@@ -156,8 +156,9 @@ class SandboxTransport(Transport):
     runs in ``sandbox``. One transport runs one CLI; the sandbox stays open after it.
 
     Args:
-        sandbox: An open sandbox whose Python has claude-agent-sdk installed (its bundled
-            ``claude`` is used) or that has ``claude`` on ``PATH``.
+        sandbox: An open sandbox with Python 3.10+ and a ``claude`` CLI: bundled with a
+            claude-agent-sdk its Python can import (the local providers: the host's), else
+            on ``PATH`` (the agent image: ``/opt/sandbay/bin/claude``).
         options: The options the SDK is given; their CLI flags are applied here
             (`cli_argv`). ``cwd`` is a path in the sandbox (default its workdir);
             ``cli_path``, if set, is the CLI's path in the sandbox.

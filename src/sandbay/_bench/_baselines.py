@@ -1,4 +1,9 @@
-"""Raw baselines: create → first exec done directly with each provider's own SDK.
+"""The floor a cold run is held to: raw create → first exec, and the bare CLI's own start.
+
+Raw baselines: create → first exec done directly with each provider's own SDK. With
+`cli_start` (the bare ``claude`` CLI started in an already running sandbox, to its first
+message) they make the floor of a cold run: nothing can start an agent faster than creating
+the sandbox and starting the CLI in it.
 
 The benchmark times these in the same rounds as sandbay's runs, so a report shows sandbay's
 overhead as a ratio measured side by side. They are benchmark code, written as a user of the
@@ -12,20 +17,25 @@ measure sandbay's client overhead only.
 
 from __future__ import annotations
 
+import inspect
+import json
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from .._config import DockerConfig, SandbayConfig
+from .._errors import SandboxError
 
 if TYPE_CHECKING:
-    from .._sandbox import SandboxSpec
+    from claude_agent_sdk import ClaudeAgentOptions
 
-__all__ = ["LABELS", "RAW_BASELINES", "RawBaseline"]
+    from .._sandbox import Sandbox, SandboxSpec
+
+__all__ = ["LABELS", "RAW_BASELINES", "RawBaseline", "cli_start", "sandbox_cli"]
 
 #: Seconds for create → first exec of a fresh sandbox made with the provider's SDK; the
 #: sandbox is removed afterwards (not timed). Raises `SandboxError` or `OSError` on failure.
@@ -97,3 +107,54 @@ def _docker_run_options(docker: DockerConfig, spec: SandboxSpec) -> dict[str, An
 RAW_BASELINES: dict[str, RawBaseline] = {"local": _local, "docker": _docker}
 #: Shown beside a provider's name in reports, by provider name (none today).
 LABELS: dict[str, str] = {}
+
+
+#: The lines the Agent SDK writes first: its ``initialize`` request, then the prompt.
+_CLI_INPUT = (
+    b'{"type":"control_request","request_id":"req_1_bench",'
+    b'"request":{"subtype":"initialize","hooks":null}}\n'
+    b'{"type":"user","message":{"role":"user","content":"benchmark"},'
+    b'"parent_tool_use_id":null,"session_id":"default"}\n'
+)
+
+
+async def sandbox_cli(sandbox: Sandbox) -> str:
+    """The CLI the relay would run in ``sandbox``, found by the relay's own rule (not timed)."""
+    from .._relay import relay
+
+    code = f"import importlib.util, os, shutil\n{inspect.getsource(relay.find_cli)}\n"
+    result = await sandbox.exec([sandbox.python, "-c", code + "print(find_cli() or '')"])
+    path = result.stdout.decode().strip()
+    if not result.ok or not path:
+        raise SandboxError(f"no claude CLI in the sandbox: {result.stderr[-300:]!r}")
+    return path
+
+
+async def cli_start(
+    sandbox: Sandbox, options: ClaudeAgentOptions, env: Mapping[str, str], *, cli: str
+) -> float:
+    """Seconds from starting the bare CLI in a running sandbox to its first agent message.
+
+    The CLI gets the argv and environment `SandboxTransport` gives it (`cli_argv`,
+    `cli_env`) and the lines the SDK writes first; the clock stops at its first ``system``
+    message (``init``), where a run's ``first_msg`` stops. No relay, no SDK: this is the
+    CLI's own share of the floor.
+
+    Raises:
+        SandboxError: The CLI ended or wrote something else than JSON before that message.
+    """
+    from .._transport import MAX_FRAME_BYTES, cli_argv, cli_env
+
+    argv = cli_argv(options, cli=cli)
+    cli_environment = cli_env(sandbox, options, env)
+    started = time.perf_counter()
+    proc = await sandbox.start(argv, env=cli_environment, cwd=sandbox.workdir)
+    try:
+        await proc.write(_CLI_INPUT)
+        async for line in proc.stdout.lines(max_line=MAX_FRAME_BYTES):
+            # As the SDK does: only JSON objects are messages (the rest is debug output).
+            if line.lstrip().startswith(b"{") and json.loads(line).get("type") == "system":
+                return time.perf_counter() - started
+        raise SandboxError(f"the CLI ended before its first message (exit {await proc.wait()})")
+    finally:
+        await proc.kill()

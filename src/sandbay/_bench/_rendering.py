@@ -26,6 +26,7 @@ def render_markdown(report: BenchReport) -> str:
         f"{report.machine['platform']}, Python {report.machine['python']}. "
         f"Model: {report.config['model']}. Times in ms; p50 (p95).",
         "",
+        *([f"Produced by `{report.config['command']}`.", ""] if "command" in report.config else []),
         "| provider | runs | failed | " + " | ".join(phases) + " | total p50 | total p95 |",
         "|---|---:|---:|" + "---:|" * len(phases) + "---:|---:|",
     ]
@@ -59,6 +60,9 @@ def render_markdown(report: BenchReport) -> str:
             rows.append(("create → first agent message", entry["create_to_first_msg"]))
             rows.append(("create → first exec (sandbay)", entry["create_to_first_exec"]))
         rows.append(("create → first exec (raw SDK)", entry["raw_create_to_first_exec"]))
+        rows.append(
+            ("bare CLI start → first message (running sandbox)", entry["cli_start_to_first_msg"])
+        )
         rows.append(("model's own time (duration_api_ms)", entry["model"]))
         rows.append(("agent's own prompt → first message (in sandbox)", entry["agent_first_msg"]))
         for title, st in rows:
@@ -73,6 +77,18 @@ def render_markdown(report: BenchReport) -> str:
             "",
             "sandbay create → first exec over the raw SDK (median ratio, same run): "
             + ", ".join(f"{n} {r:.2f}×" for n, r in ratios.items()),
+        ]
+    floors = {n: e for n, e in summary.items() if "ratio_vs_floor" in e}
+    if floors:
+        lines += [
+            "",
+            "Cold create → first agent message over its floor (raw create → first exec + bare "
+            "CLI start → first message; medians, same run): "
+            + ", ".join(
+                f"{n} {_ms(e['create_to_first_msg']['p50'])} / {_ms(e['floor_to_first_msg'])} ms "
+                f"= {e['ratio_vs_floor']:.2f}×"
+                for n, e in floors.items()
+            ),
         ]
     failures = {n: e["errors"] for n, e in summary.items() if e["errors"]}
     for name, errors in failures.items():

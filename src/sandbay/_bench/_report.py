@@ -26,7 +26,8 @@ class BenchReport:
         machine: Where (`machine_info`).
         samples: Every measured run, failures included; warm-up runs are not.
         raw: Raw-SDK create → first exec seconds per provider.
-        raw_errors: Failed raw baselines per provider.
+        raw_errors: Failed raw (and bare CLI) baselines per provider.
+        cli: The bare CLI's start → first message seconds per provider (``cold`` mode).
         labels: Shown beside a provider's name (e.g. a fake control plane).
     """
 
@@ -35,6 +36,7 @@ class BenchReport:
     samples: list[RunSample] = field(default_factory=list)
     raw: dict[str, list[float]] = field(default_factory=dict)
     raw_errors: dict[str, int] = field(default_factory=dict)
+    cli: dict[str, list[float]] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -45,20 +47,26 @@ class BenchReport:
             raw=self.raw,
             raw_errors=self.raw_errors,
             labels=self.labels,
+            cli=self.cli,
         )
 
     @classmethod
     def from_json(cls, text: str) -> BenchReport:
         """Read a report `to_json` wrote, e.g. to render committed results again."""
         data = json.loads(text)
-        report = cls(config=data["config"], machine=data["machine"], raw=data.get("raw", {}))
+        report = cls(
+            config=data["config"],
+            machine=data["machine"],
+            raw=data.get("raw", {}),
+            cli=data.get("cli", {}),
+        )
         report.samples = [RunSample(**sample) for sample in data["samples"]]
         report.labels = {name: e.get("label", "") for name, e in data["summary"].items()}
         report.raw_errors = {name: e.get("raw_failures", 0) for name, e in data["summary"].items()}
         return report
 
     def to_json(self) -> str:
-        """The config, machine, summary, every sample and the raw baselines, as JSON."""
+        """The config, machine, summary, every sample and the baselines, as JSON."""
         return json.dumps(
             {
                 "config": self.config,
@@ -66,6 +74,7 @@ class BenchReport:
                 "summary": self.summary(),
                 "samples": [s.__dict__ for s in self.samples],
                 "raw": self.raw,
+                "cli": self.cli,
             },
             indent=2,
         )

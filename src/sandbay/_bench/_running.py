@@ -19,7 +19,9 @@ check runs after the result, off the critical path. ``burst`` starts K cold runs
 Providers are interleaved run by run (their order rotating), one warm-up run each is
 excluded, and failures are counted, not dropped. A raw baseline (create → first exec with
 the provider's own SDK, `RAW_BASELINES`) runs in the same rounds, so the report shows
-sandbay's overhead as a ratio measured side by side.
+sandbay's overhead as a ratio measured side by side. In ``cold`` mode so does the bare CLI's
+start → first message in an already running sandbox (`cli_start`): raw create → first exec
+plus that is the floor a cold create → first agent message is held to (``ratio_vs_floor``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from .._config import SandbayConfig, parse_config
 from .._errors import SandboxError
 from .._pool import SandboxPool
 from .._sandbox import SandboxSpec
-from ._baselines import LABELS, RAW_BASELINES
+from ._baselines import LABELS, RAW_BASELINES, cli_start, sandbox_cli
 from ._report import BenchReport, machine_info
 from ._samples import RunSample
 
@@ -67,6 +69,8 @@ class BenchConfig:
         spec: Spec for every sandbox (``network`` is forced to ``host`` with the scripted
             model, which listens on the host's loopback).
         raw_baseline: Also time create → first exec with each provider's own SDK.
+        cli_baseline: In ``cold`` mode, also time the bare CLI's start → first message in a
+            running sandbox (the second half of the floor).
     """
 
     providers: Sequence[str | SandbayConfig]
@@ -76,6 +80,7 @@ class BenchConfig:
     model: Literal["scripted", "real"] = "scripted"
     spec: SandboxSpec = field(default_factory=SandboxSpec)
     raw_baseline: bool = True
+    cli_baseline: bool = True
 
 
 class _Progress:
@@ -133,21 +138,23 @@ async def run_bench(
         report.labels[name] = LABELS.get(cfg.provider.type, "")
         report.raw[name] = []
         report.raw_errors[name] = 0
+        report.cli[name] = []
 
     per_round = config.concurrency if config.mode == "burst" else 1
     model = None
     env: dict[str, str] = {}
     spec = config.spec
     if config.model == "scripted":
-        model = ScriptedModel(_bench_script(len(names) * (config.runs + 1) * per_round + 16))
+        model = ScriptedModel(_bench_script(2 * len(names) * (config.runs + 1) * per_round + 16))
         model.start()
         env = model.env()
         spec = spec.model_copy(update={"network": "host"})
     # The benchmark's script answers in text only; allowed_tools is all a run needs, on every
     # provider (bypassPermissions is for isolated sandboxes only).
     options = ClaudeAgentOptions(max_turns=3, allowed_tools=["Bash"])
+    with_cli = config.cli_baseline and config.mode == "cold"
     bar = (progress or _Progress)(
-        len(names) * (config.runs + 1) * per_round * (2 if config.raw_baseline else 1),
+        len(names) * (config.runs + 1) * per_round * (1 + int(config.raw_baseline) + int(with_cli)),
         f"bench {config.mode}",
     )
     seen_nonces: set[str] = set()
@@ -183,6 +190,15 @@ async def run_bench(
                                 report.raw_errors[name] += 1
                             elif raw >= 0:
                                 report.raw[name].append(raw)
+                    if with_cli:
+                        cli = await _cli_round(cfg, spec, options, env)
+                        bar.step(f"{name} cli")
+                        if warmup:
+                            continue
+                        if cli is None:
+                            report.raw_errors[name] += 1
+                        else:
+                            report.cli[name].append(cli)
     finally:
         if model is not None:
             model.stop()
@@ -328,6 +344,18 @@ class _Reached:
 def _agent_first_msg(timings: dict[str, float]) -> float | None:
     value = timings.get("prompt_to_first_message_ms")
     return None if value is None else value / 1000
+
+
+async def _cli_round(
+    cfg: SandbayConfig, spec: SandboxSpec, options: ClaudeAgentOptions, env: dict[str, str]
+) -> float | None:
+    """The bare CLI's start → first message in a fresh sandbox, created and warmed untimed."""
+    try:
+        async with await create_sandbox(cfg, spec) as sandbox:
+            cli = await sandbox_cli(sandbox)  # also the sandbox's first exec
+            return await cli_start(sandbox, options, env, cli=cli)
+    except (SandboxError, OSError, ValueError):
+        return None
 
 
 async def _raw_round(cfg: SandbayConfig, spec: SandboxSpec, count: int) -> list[float | None]:

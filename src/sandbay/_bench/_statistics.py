@@ -48,6 +48,7 @@ def summarize(
     raw: Mapping[str, Sequence[float]],
     raw_errors: Mapping[str, int],
     labels: Mapping[str, str],
+    cli: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Per provider, in the order first sampled: runs, failures, stats, the raw ratio.
 
@@ -60,6 +61,8 @@ def summarize(
         raw: Raw-SDK create → first exec seconds per provider.
         raw_errors: Failed raw baselines per provider.
         labels: Shown beside a provider's name.
+        cli: The bare CLI's start → first message seconds per provider; with ``raw``, the
+            floor (the sum of the two medians) that ``ratio_vs_floor`` divides by.
     """
     out: dict[str, Any] = {}
     phases = WARM_PHASES if mode == "warm" else COLD_PHASES
@@ -110,5 +113,12 @@ def summarize(
         ours = entry.get("create_to_first_exec", {}).get("p50")
         if raw_values and ours:
             entry["ratio_vs_raw"] = ours / statistics.median(raw_values)
+        cli_values = (cli or {}).get(name, [])
+        entry["cli_start_to_first_msg"] = stats(cli_values)
+        to_first_msg = entry.get("create_to_first_msg", {}).get("p50")
+        if raw_values and cli_values and to_first_msg:
+            floor = statistics.median(raw_values) + statistics.median(cli_values)
+            entry["floor_to_first_msg"] = floor
+            entry["ratio_vs_floor"] = to_first_msg / floor
         out[name] = entry
     return out

@@ -74,9 +74,13 @@ class Emitter:
 
 
 def find_cli() -> str | None:
-    """The ``claude`` bundled with the claude-agent-sdk of this Python, else the one on PATH.
+    """The ``claude`` to run when the host named none (``ClaudeAgentOptions.cli_path``).
 
-    ``find_spec`` of a top-level package locates it without importing it.
+    One rule on every provider: the ``claude`` bundled with a claude-agent-sdk that this
+    Python can import, else ``claude`` on ``PATH``. The local providers run the relay with
+    the host's Python, so they get the CLI the host's SDK was released with; an agent image
+    has no SDK and holds that same binary at ``/opt/sandbay/bin/claude``, first on its
+    ``PATH``. ``find_spec`` of a top-level package locates it without importing it.
     """
     try:
         spec = importlib.util.find_spec("claude_agent_sdk")
@@ -217,8 +221,12 @@ def serve(run_dir: str) -> int:
         if cli_path is None:
             return fail(
                 "CLINotFoundError",
-                f"no claude CLI in this sandbox: install claude-agent-sdk into {sys.executable} "
-                "(its bundled CLI is used) or put claude on PATH",
+                "no claude CLI in this sandbox: neither a claude-agent-sdk importable by "
+                f"{sys.executable} (its bundled CLI) nor claude on PATH "
+                f"({os.environ.get('PATH', '')}). Run agents in sandbay's agent image "
+                "(`sandbay image build`; it holds /opt/sandbay/bin/claude), install "
+                "claude-agent-sdk for that Python, put claude on PATH, or set "
+                "ClaudeAgentOptions.cli_path",
                 127,
             )
         argv[0] = cli_path

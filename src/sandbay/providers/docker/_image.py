@@ -1,22 +1,21 @@
 """The agent image on Docker: the recipe rendered as a Dockerfile, built without network.
 
-`sandbay._image.AgentImageRecipe` says what the image holds; this module builds it in three
-steps, none of which needs a registry or network inside Docker:
+`sandbay._image.AgentImageRecipe` says what the image holds: the base's own Python and the
+``claude`` CLI the host's claude-agent-sdk bundles, nothing installed into that Python. This
+module builds it in two steps, neither of which needs a registry or network inside Docker:
 
-1. The base image is run once to learn its Python version, C library and CPU.
-2. The HOST's pip fetches wheels for exactly that interpreter and platform into a cache
-   (``~/.cache/sandbay/wheels``; ``$XDG_CACHE_HOME`` is honoured). A cache that already holds
-   a complete set is used without asking the index.
-3. ``docker build`` receives a build context streamed straight from the cache (the 166 MB
-   claude-agent-sdk wheel is read once, never copied to a temporary file), installs the
-   wheels with ``pip install --no-index`` in a first stage, and copies only the finished venv
-   into the final image, so the wheels do not stay in a layer.
+1. The base image is run once to check its Python (3.10+, CPython), its C library (glibc, new
+   enough for the CLI) and its CPU (the CLI's).
+2. ``docker build`` receives a build context streamed straight from the host's installed SDK
+   (the ~400 MB binary is read once, hashed on the way and checked against the SDK's record,
+   never copied to a temporary file), copies it to ``/opt/sandbay/bin/claude``, checks that it
+   runs, and adds the user, the workdir and the environment. One stage, no package manager.
 
-The image is tagged ``sandbay-agent:<hash of inputs>`` (the rendered Dockerfile, the base
-image's id, the wheel files) and ``sandbay-agent:latest``. Its labels record a recipe key (a
-hash of the Dockerfile, which names the base and the SDK version) so `ensure_agent_image`
-finds a fitting image with one API call and builds only when none exists. Progress is logged
-on ``sandbay.image``.
+The image is tagged ``sandbay-agent:<hash of inputs>`` (the rendered Dockerfile, which names
+the CLI's version and SHA-256, and the base image's id) and ``sandbay-agent:latest``. Its
+labels record a recipe key (a hash of the Dockerfile) so `ensure_agent_image` finds a fitting
+image with one API call and builds only when none exists. Progress is logged on
+``sandbay.image``.
 """
 
 from __future__ import annotations
@@ -24,24 +23,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import tarfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
 
 import anyio
 
 from ..._errors import ImageError
 from ..._image import IMAGE_LOG as LOG
-from ..._image import SYSTEM_PATH, AgentImageRecipe, agent_image_recipe, content_hash
+from ..._image import (
+    SYSTEM_PATH,
+    AgentImageRecipe,
+    HostCLI,
+    agent_image_recipe,
+    content_hash,
+    host_cli,
+)
 from ._errors import docker_client, docker_errors
 
 if TYPE_CHECKING:
@@ -54,7 +55,6 @@ __all__ = [
     "build_agent_image",
     "ensure_agent_image",
     "render_dockerfile",
-    "wheel_cache_dir",
 ]
 
 AGENT_REPOSITORY = "sandbay-agent"
@@ -65,34 +65,29 @@ LABEL_KEY = "sandbay.agent.key"
 LABEL_BASE = "sandbay.agent.base"
 LABEL_BASE_ID = "sandbay.agent.base-id"
 LABEL_SDK = "sandbay.agent.sdk"
+LABEL_CLI = "sandbay.agent.cli"
+#: Label of the first stage of images built before the CLI-only recipe; removed if found.
 LABEL_STAGE = "sandbay.agent.stage"
+#: The CLI's name in the build context.
+_CONTEXT_CLI = "claude"
 
 _ENSURE_LOCK = threading.Lock()
 
-# Changing this text changes every tag, so CI's cached image is rebuilt: the default recipe
-# renders byte for byte what it did before the recipe existed (a test pins it).
+# Changing this text changes every tag (the tag hashes it).
 _DOCKERFILE = """\
 # sandbay agent image (recipe {revision}); built by `sandbay image build`.
-FROM {base} AS install
-LABEL {stage_label}=install
-COPY wheels/ /tmp/sandbay-wheels/
-RUN python3 -m venv {venv} \\
- && {venv}/bin/python -m pip install --no-index --no-cache-dir --disable-pip-version-check \\
-      --find-links /tmp/sandbay-wheels '{requirement}' \\
- && {venv}/bin/python -c "import claude_agent_sdk" \\
- && sdk="$({venv}/bin/python -c \\
-      'import claude_agent_sdk, os; print(os.path.dirname(claude_agent_sdk.__file__))')" \\
- && bundled="$sdk/_bundled/claude" \\
- && if [ -x "$bundled" ]; then ln -s "$bundled" {venv}/bin/claude && "$bundled" --version; fi
-
+# The base's Python and the claude CLI {cli_version} (sha256 {cli_sha256}) bundled with
+# claude-agent-sdk {sdk_version}; the SDK itself runs on the host.
 FROM {base}
-RUN (getent group {gid} >/dev/null || groupadd --gid {gid} {user}) \\
+COPY {context_cli} {cli_path}
+RUN HOME=/tmp/sandbay-cli-check {cli_path} --version \\
+ && rm -rf /tmp/sandbay-cli-check \\
+ && (getent group {gid} >/dev/null || groupadd --gid {gid} {user}) \\
  && (getent passwd {uid} >/dev/null \\
       || useradd --uid {uid} --gid {gid} --create-home --home-dir {home} \\
            --shell {shell} {user}) \\
  && mkdir -p {workdir} && chown {ids} {workdir}
-COPY --from=install {venv} {venv}
-ENV PATH={venv}/bin:${{PATH:-{system_path}}}{env}
+ENV PATH={cli_dir}:${{PATH:-{system_path}}}{env}
 USER {ids}
 WORKDIR {workdir}
 CMD ["/bin/sh"]
@@ -100,10 +95,8 @@ CMD ["/bin/sh"]
 
 
 def render_dockerfile(recipe: AgentImageRecipe, *, base: str) -> str:
-    """The recipe as a two-stage Dockerfile on ``base``, whose context holds ``wheels/``.
+    """The recipe as a Dockerfile on ``base``, whose context holds the CLI as ``claude``.
 
-    The first stage installs the wheels into the venv without an index; the second copies
-    only the venv onto a fresh ``base`` with the user, the workdir and the environment.
     Docker sandboxes are behind a real boundary, so the environment has ``IS_SANDBOX``.
     """
     user = recipe.user
@@ -113,10 +106,13 @@ def render_dockerfile(recipe: AgentImageRecipe, *, base: str) -> str:
     )
     return _DOCKERFILE.format(
         revision=recipe.revision,
-        stage_label=LABEL_STAGE,
+        cli_version=recipe.cli_version or "(unknown)",
+        cli_sha256=recipe.cli_sha256 or "(unknown)",
+        sdk_version=recipe.sdk_version,
         base=base,
-        venv=recipe.venv,
-        requirement=recipe.requirement,
+        context_cli=_CONTEXT_CLI,
+        cli_path=recipe.cli_path,
+        cli_dir=recipe.cli_dir,
         uid=user.uid,
         gid=user.gid,
         user=user.name,
@@ -134,14 +130,9 @@ def _env_value(value: str) -> str:
     return value if plain else json.dumps(value)
 
 
-# Run in the base image to learn what the wheels must fit.
+# Run in the base image to learn what the CLI must fit.
 _PROBE = """\
 import json, os, platform, sys
-try:
-    import ensurepip, venv
-    has_venv = True
-except ImportError:
-    has_venv = False
 try:
     libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
 except (ValueError, OSError):
@@ -151,35 +142,18 @@ print(json.dumps({
     "version": list(sys.version_info[:2]),
     "libc": libc,
     "machine": platform.machine(),
-    "venv": has_venv,
 }))
 """
 
 
 @dataclass(frozen=True)
 class _BaseInfo:
-    """What the base image's Python is: the wheels must match it."""
+    """What the base image's Python and C library are."""
 
     image_id: str
     python: tuple[int, int]
     glibc: tuple[int, int]
     machine: str
-
-    @property
-    def platforms(self) -> list[str]:
-        """Platform tags the base can run, most specific first (pip does not expand them)."""
-        major, minor = self.glibc
-        tags = [f"manylinux_{major}_{m}_{self.machine}" for m in range(minor, 16, -1)]
-        tags.append(f"manylinux2014_{self.machine}")
-        if self.machine in ("x86_64", "i686"):
-            tags += [f"manylinux2010_{self.machine}", f"manylinux1_{self.machine}"]
-        return tags
-
-
-def wheel_cache_dir() -> Path:
-    """Where downloaded wheels are kept between builds."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "sandbay" / "wheels"
 
 
 def build_agent_image(
@@ -197,16 +171,16 @@ def build_agent_image(
     Args:
         config: Which engine (``base_url``) and default base image; default `DockerConfig()`.
         base: Base image to build on; default ``config.base_image``.
-        refresh: Ask the package index for the newest dependencies even when the wheel cache
-            already holds a complete set.
-        recipe: What to build; default `agent_image_recipe()` (the host's SDK version).
+        refresh: Accepted for other providers' builds; a docker build downloads nothing
+            (the CLI comes from the host's installed claude-agent-sdk).
+        recipe: What to build; default `agent_image_recipe()` (the host's bundled CLI).
 
     Returns:
         The tag ``sandbay-agent:<hash>``.
 
     Raises:
-        ImageError: The base image is missing or unsuitable, wheels could not be fetched, or
-            the build failed; the message says which and what to do.
+        ImageError: The base image is missing or unsuitable, the host's SDK has no bundled
+            CLI, or the build failed; the message says which and what to do.
         ProviderUnavailableError: The Docker daemon cannot be reached.
     """
     from ..._config import DockerConfig
@@ -236,15 +210,16 @@ async def ensure_agent_image(
 ) -> str:
     """Return an agent image fitting ``base`` and the recipe, building it if none exists.
 
-    Finding an existing image costs two API calls; building takes a minute or two the first
-    time. Concurrent first uses in one process build once.
+    Finding an existing image costs two API calls; building the first time takes under a
+    minute (mostly sending the ~400 MB CLI to the engine). Concurrent first uses in one
+    process build once.
 
     Args:
         client_factory: Returns a ``docker.DockerClient`` (blocking; called in a worker thread).
         base: Base image to build on when needed.
         build: Go through the build's steps even when a fitting image exists (they skip the
             ``docker build`` itself when the inputs are built), as ``sandbay image build``.
-        refresh: With ``build``, ask the package index for the newest dependencies.
+        refresh: Accepted for other providers' builds; a docker build downloads nothing.
         recipe: What the image must hold; default `agent_image_recipe()`.
 
     Returns:
@@ -309,6 +284,7 @@ def _reference(image: dict[str, Any]) -> str:
 
 
 def _build(client: Any, recipe: AgentImageRecipe, *, base: str, refresh: bool) -> str:
+    del refresh  # nothing is downloaded: the CLI comes from the host's installed SDK
     base_id = _image_id(client, base)
     if base_id is None:
         hint = (
@@ -318,25 +294,40 @@ def _build(client: Any, recipe: AgentImageRecipe, *, base: str, refresh: bool) -
         )
         raise ImageError(
             f"base image {base!r} is not present on the Docker engine (sandbay never pulls): "
-            f"{hint}, or give another base with Python 3.10+ and venv "
+            f"{hint}, or give another base with Python 3.10+ on glibc "
             "(`sandbay image build --base IMAGE`, or base_image in the docker config)"
         )
+    cli = host_cli()
+    if recipe.cli_sha256 and recipe.cli_sha256 != cli.sha256:
+        raise ImageError(
+            f"the recipe wants the claude CLI with SHA-256 {recipe.cli_sha256}, but the host's "
+            f"claude-agent-sdk bundles {cli.sha256} ({cli.version}): build with "
+            "agent_image_recipe(), which takes the host's"
+        )
     LOG.info("probing base image %s", base)
-    info = _probe(client, recipe, base, base_id)
-    wheels = _wheels(info, recipe.requirement, refresh=refresh)
+    info = _probe(client, recipe, base, base_id, cli)
     dockerfile = render_dockerfile(recipe, base=base)
-    tag = f"{AGENT_REPOSITORY}:{content_hash(dockerfile, base_id, *sorted(w.name for w in wheels))}"
+    tag = f"{AGENT_REPOSITORY}:{content_hash(dockerfile, base_id)}"
 
     if _image_id(client, tag) is None:
-        LOG.info("building %s on %s (Python %d.%d)", tag, base, *info.python)
+        LOG.info(
+            "building %s on %s (Python %d.%d) with the claude CLI %s (%d MB) from %s",
+            tag,
+            base,
+            *info.python,
+            cli.version,
+            cli.size // 2**20,
+            cli.path.parent,
+        )
         labels = {
             LABEL_KEY: _recipe_key(recipe, base),
             LABEL_BASE: base,
             LABEL_BASE_ID: base_id,
             LABEL_SDK: recipe.sdk_version,
+            LABEL_CLI: cli.version,
         }
         try:
-            _docker_build(client, tag, _context(dockerfile, wheels), labels=labels)
+            _docker_build(client, tag, _context(dockerfile, cli), labels=labels)
         finally:
             _remove_install_stage(client)
     else:
@@ -346,12 +337,14 @@ def _build(client: Any, recipe: AgentImageRecipe, *, base: str, refresh: bool) -
     return tag
 
 
-def _probe(client: Any, recipe: AgentImageRecipe, base: str, base_id: str) -> _BaseInfo:
+def _probe(
+    client: Any, recipe: AgentImageRecipe, base: str, base_id: str, cli: HostCLI
+) -> _BaseInfo:
     import docker.errors
 
     advice = (
-        f"use a base with Python {recipe.min_python[0]}.{recipe.min_python[1]}+ and its venv "
-        f"module (Debian: {' '.join(recipe.os_packages)})"
+        f"use a glibc base with Python {recipe.min_python[0]}.{recipe.min_python[1]}+ "
+        f"(Debian: {' '.join(recipe.os_packages)})"
     )
     api = client.api
     container = api.create_container(
@@ -389,173 +382,64 @@ def _probe(client: Any, recipe: AgentImageRecipe, base: str, base_id: str) -> _B
     if python < recipe.min_python:
         want = ".".join(map(str, recipe.min_python))
         problems.append(f"its Python is {python[0]}.{python[1]}, older than {want}")
-    if not found["venv"]:
-        problems.append("its Python lacks venv/ensurepip (Debian: apt-get install python3-venv)")
     libc_name, _, libc_version = str(found["libc"]).partition(" ")
+    glibc = (0, 0)
     if libc_name != "glibc":
-        problems.append("it is not glibc-based (musl images cannot run the bundled claude CLI)")
+        problems.append("it is not glibc-based (musl images cannot run the claude CLI)")
+    else:
+        major, minor = (int(part) for part in libc_version.split(".")[:2])
+        glibc = (major, minor)
+        if glibc < cli.glibc:
+            problems.append(
+                f"its glibc is {major}.{minor}; the claude CLI {cli.version} needs "
+                f"{cli.glibc[0]}.{cli.glibc[1]} or newer"
+            )
+    machine = str(found["machine"])
+    if machine != cli.machine:
+        problems.append(
+            f"it runs on {machine}, and the host's claude CLI (which the image gets) is "
+            f"built for {cli.machine}"
+        )
     if problems:
         raise ImageError(f"base image {base!r} is unsuitable: {'; '.join(problems)}")
-    major, minor = (int(part) for part in libc_version.split(".")[:2])
-    return _BaseInfo(base_id, python, (major, minor), str(found["machine"]))
+    return _BaseInfo(base_id, python, glibc, machine)
 
 
-def _pip_target(info: _BaseInfo) -> list[str]:
-    major, minor = info.python
-    args = [
-        "--only-binary=:all:",
-        "--python-version",
-        f"{major}.{minor}",
-        "--implementation",
-        "cp",
-        "--abi",
-        f"cp{major}{minor}",
-    ]
-    for platform in info.platforms:
-        args += ["--platform", platform]
-    return args
+def _context(dockerfile: str, cli: HostCLI) -> Iterator[bytes]:
+    """A build context as a tar stream: the Dockerfile, and the CLI read straight from the SDK.
 
-
-def _wheels(info: _BaseInfo, requirement: str, *, refresh: bool) -> list[Path]:
-    """The wheel files, one per distribution, that install ``requirement`` on the base."""
-    cache = wheel_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    if not refresh:
-        cached = _resolve_offline(cache, info, requirement)
-        if cached is not None:
-            LOG.info("using %d cached wheels from %s", len(cached), cache)
-            return cached
-    LOG.info("downloading wheels for %s into %s", requirement, cache)
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--disable-pip-version-check",
-        "--progress-bar",
-        "off",
-        *_pip_target(info),
-        "--dest",
-        str(cache),
-        requirement,
-    ]
-    code, tail = _stream_command(command)
-    if code != 0:
-        raise ImageError(
-            f"pip could not download wheels for {requirement} "
-            f"(Python {info.python[0]}.{info.python[1]}, {info.machine}); it needs access to "
-            f"the package index. Last lines:\n{tail}"
-        )
-    resolved = _resolve_offline(cache, info, requirement)
-    if resolved is None:
-        raise ImageError(
-            f"pip downloaded wheels into {cache} but they do not resolve {requirement}"
-        )
-    return resolved
-
-
-def _resolve_offline(cache: Path, info: _BaseInfo, requirement: str) -> list[Path] | None:
-    """Ask pip which cached files install ``requirement``; ``None`` if the cache falls short."""
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--isolated",  # only our cache counts, whatever the user's pip config says
-        "--disable-pip-version-check",
-        "--quiet",
-        "--dry-run",
-        "--ignore-installed",
-        "--no-index",
-        "--find-links",
-        str(cache),
-        "--report",
-        "-",
-        # pip insists on --target with platform options, even for a dry run; nothing is written.
-        "--target",
-        str(cache / ".dry-run-target"),
-        *_pip_target(info),
-        requirement,
-    ]
-    result = subprocess.run(command, capture_output=True, check=False)
-    if result.returncode != 0:
-        if b"No module named pip" in result.stderr:
-            raise ImageError(
-                f"the host's Python ({sys.executable}) has no pip, which downloads the agent "
-                "image's wheels: python -m ensurepip"
-            )
-        if b"no such option" in result.stderr:
-            raise ImageError(_OLD_PIP)
-        return None
-    try:
-        report = json.loads(result.stdout)
-        urls = [item["download_info"]["url"] for item in report["install"]]
-    except (ValueError, KeyError, TypeError):
-        raise ImageError(_OLD_PIP) from None
-    files = []
-    for url in urls:
-        parsed = urlparse(url)
-        path = Path(unquote(parsed.path))
-        if parsed.scheme != "file" or path.suffix != ".whl" or not path.is_file():
-            return None
-        files.append(path)
-    return files
-
-
-_OLD_PIP = (
-    "could not read pip's installation report: the host needs pip 22.2 or newer "
-    "(python -m pip install -U pip)"
-)
-
-
-def _stream_command(command: Sequence[str]) -> tuple[int, str]:
-    """Run a command, logging each output line at DEBUG; return its code and tail."""
-    tail: deque[str] = deque(maxlen=20)
-    try:
-        proc = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            errors="replace",
-        )
-    except OSError as exc:
-        raise ImageError(f"could not run {command[0]}: {exc}") from exc
-    with proc:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip()
-            if line:
-                tail.append(line)
-                LOG.debug("%s", line)
-    return proc.returncode, "\n".join(tail)
-
-
-def _context(dockerfile: str, wheels: Sequence[Path]) -> Iterator[bytes]:
-    """A build context as a tar stream, reading each wheel straight from the cache."""
+    The CLI is hashed as it streams; a binary that is not the one the SDK's record names
+    ends the stream with `ImageError` before the archive is complete, so nothing is built.
+    """
     now = int(time.time())
-    entries: list[tuple[str, bytes | Path]] = [("Dockerfile", dockerfile.encode())]
-    entries += [(f"wheels/{wheel.name}", wheel) for wheel in wheels]
-    for name, source in entries:
+    for name, size, mode in (
+        ("Dockerfile", len(dockerfile.encode()), 0o644),
+        (_CONTEXT_CLI, cli.size, 0o755),
+    ):
         info = tarfile.TarInfo(name)
-        info.size = len(source) if isinstance(source, bytes) else source.stat().st_size
-        info.mode = 0o644
-        info.mtime = now
+        info.size, info.mode, info.mtime = size, mode, now
         yield info.tobuf(format=tarfile.PAX_FORMAT)
-        if isinstance(source, bytes):
-            yield source
+        if name == "Dockerfile":
+            yield dockerfile.encode()
         else:
-            with source.open("rb") as fh:
-                while chunk := fh.read(1 << 20):
+            digest, read = hashlib.sha256(), 0
+            with cli.path.open("rb") as fh:
+                while read < size and (chunk := fh.read(min(1 << 20, size - read))):
+                    digest.update(chunk)
+                    read += len(chunk)
                     yield chunk
-        if info.size % tarfile.BLOCKSIZE:
-            yield tarfile.NUL * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE)
+            if read != size or digest.hexdigest() != cli.sha256:
+                raise ImageError(
+                    f"{cli.path} changed or is not the CLI claude-agent-sdk's record names "
+                    "(size or SHA-256 differ): reinstall claude-agent-sdk"
+                )
+        if size % tarfile.BLOCKSIZE:
+            yield tarfile.NUL * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE)
     yield tarfile.NUL * (2 * tarfile.BLOCKSIZE)  # end of archive
 
 
 def _remove_install_stage(client: Any) -> None:
-    """Drop the first stage (wheels and a venv copy, ~600 MB): the agent image does not use it.
+    """Drop a leftover first stage of an older recipe's build (wheels and a venv, ~600 MB).
 
     A concurrent build still using it keeps it (removal fails and is ignored).
     """
