@@ -1032,9 +1032,9 @@ async def _replay_envelopes(
     from ._transport import _CONTROL_TYPES, MAX_FRAME_BYTES, parse_frame
 
     directory = run_dir(sandbox, run_id)
-    script = f"{sandbox.agent_dir}/relay/relay.py"
-    argv = [sandbox.python, script, "replay", "--run-dir", directory, "--after", str(after)]
-    proc = await sandbox.start(argv)
+    script = f"{sandbox.relay_dir}/relay/relay.py"
+    argv = [sandbox.python, "-E", "-s", "-S", script, "replay", "--run-dir", directory]
+    proc = await sandbox.start_relay([*argv, "--after", str(after)])
     try:
         async for line in proc.stdout.lines(max_line=MAX_FRAME_BYTES):
             if not line.strip():
@@ -1083,8 +1083,8 @@ def _host_only(data: Mapping[str, Any]) -> bool:
 
 
 def run_dir(sandbox: Sandbox, run_id: str) -> str:
-    """Directory in the sandbox that holds one run's log."""
-    return f"{sandbox.agent_dir}/runs/{run_id}"
+    """Directory in the sandbox that holds one run's log (the relay's alone)."""
+    return f"{sandbox.relay_dir}/runs/{run_id}"
 
 
 async def provision_sandbox(
@@ -1121,7 +1121,8 @@ async def stderr_tail(sandbox: Sandbox, directory: str) -> str:
     kept = bytearray()
     try:
         with anyio.move_on_after(CLOSE_TIMEOUT):
-            proc = await sandbox.start(["tail", "-c", str(STDERR_TAIL_BYTES), path])
+            # On the relay's side: where it is separated, its run directory is its alone.
+            proc = await sandbox.start_relay(["tail", "-c", str(STDERR_TAIL_BYTES), path])
             try:
                 async for chunk in proc.stdout:
                     kept += chunk
