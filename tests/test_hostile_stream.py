@@ -12,6 +12,7 @@ import json
 import shlex
 import time
 import tracemalloc
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from typing_extensions import override
 
 import sandbay
 import sandbay._transport
-from sandbay import Sandbox
+from sandbay import Process, Sandbox
 from sandbay._relay import wire
 from sandbay.testing import ScriptedModel, Turn
 from wrapping import WrappedSandbox
@@ -43,10 +44,14 @@ class HostileRelay(WrappedSandbox):
         self.script = script
 
     @override
-    async def _write_file(self, path: str, data: bytes, *, mode: int) -> None:
-        if path.endswith("/relay/relay.py"):
-            data = self.script.encode()
-        await self.inner.write_file(path, data, mode=mode)
+    async def start_relay(
+        self, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+    ) -> Process:
+        # The relay's code is installed on the relay's side: ``sh -c INSTALL sh PATH``.
+        if list(argv[:2]) == ["sh", "-c"] and str(argv[-1]).endswith("/relay/relay.py"):
+            await self.inner.write_file(str(argv[-1]), self.script.encode())
+            return await self.inner.start_relay(["sh", "-c", "cat >/dev/null"], env=env)
+        return await super().start_relay(argv, env=env)
 
 
 def printing(*lines: bytes | str, then: str = "time.sleep(60)") -> str:
@@ -115,7 +120,9 @@ async def test_a_tool_flooding_the_relays_stdout_stops_the_run_and_removes_the_s
     monkeypatch.setattr(sandbay._transport, "MAX_FRAME_BYTES", CAP)
     run_id = f"flood{time.time_ns()}"
     # Code the agent runs finds the relay (whose argv names the run) and writes a line
-    # without end straight into its stdout, which the host reads.
+    # without end straight into its stdout, which the host reads. Only the unisolated local
+    # provider lets a tool reach the relay (test_authentic_stream.py): the host's bound
+    # is what stops it there.
     flood = (
         "import os\n"
         "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
@@ -131,7 +138,12 @@ async def test_a_tool_flooding_the_relays_stdout_stops_the_run_and_removes_the_s
     options = ClaudeAgentOptions(max_turns=4, allowed_tools=["Bash"])
     async with ScriptedModel(script) as model:
         run = sandbay.run_agent(
-            "go", provider="local", options=options, env=model.env(), run_id=run_id, timeout=120
+            "go",
+            provider=sandbay.LocalConfig(isolate=False),
+            options=options,
+            env=model.env(),
+            run_id=run_id,
+            timeout=120,
         )
         started = time.monotonic()
         with pytest.raises(sandbay.ProtocolError, match=f"longer than max_line={CAP}"):
@@ -140,7 +152,8 @@ async def test_a_tool_flooding_the_relays_stdout_stops_the_run_and_removes_the_s
                     pass
         assert time.monotonic() - started < 30
     assert run.sandbox is not None and run.sandbox.closed
-    assert run.sandbox.id not in {s.id for s in await sandbay.get_provider("local").list()}
+    listed = await sandbay.get_provider(sandbay.LocalConfig(isolate=False)).list()
+    assert run.sandbox.id not in {s.id for s in listed}
 
 
 async def test_a_huge_stderr_log_is_tailed_in_bounded_memory() -> None:

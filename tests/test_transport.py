@@ -279,7 +279,10 @@ async def test_messages_match_a_local_query(sandbox: Sandbox) -> None:
     assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
     assert transport.exit_code == 0
     # Every CLI line was logged in the sandbox, numbered, and ended with "end".
-    log = await sandbox.read_file(f"{transport.run_dir}/{wire.LOG_NAME}")
+    # (Read on the relay's side: the run directory is the relay's alone.)
+    reader = await sandbox.start_relay(["cat", f"{transport.run_dir}/{wire.LOG_NAME}"])
+    log = await reader.stdout.read()
+    assert await reader.wait() == 0
     logged = [json.loads(line) for line in log.splitlines()]
     assert [e["seq"] for e in logged] == list(range(1, len(logged) + 1))
     assert logged[-1]["kind"] == "end" and transport.last_seq == len(logged)

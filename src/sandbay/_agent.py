@@ -452,7 +452,17 @@ class AgentRun:
         pool: LeaseSource | None,
         env: Mapping[str, str] | None,
         run_id: str | None,
+        tenant: str | None = None,
     ) -> None:
+        from ._transport import check_tenant
+
+        check_tenant(tenant)
+        if tenant is not None and pool is not None:
+            raise ConfigError(
+                "tenant= cannot be combined with pool=: a pooled sandbox's CLI was started "
+                "for no tenant; give sandbox= or provider= with a tenant"
+            )
+        self.tenant = tenant
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError("empty prompt: give the agent something to do")
         if timeout is not None and timeout <= 0:
@@ -664,7 +674,7 @@ class AgentRun:
                     keep_alive.renew(self.sandbox)
             self._reached("sandbox")
             transport = SandboxTransport(
-                self.sandbox, self._options, env=self._env, run_id=self.run_id
+                self.sandbox, self._options, env=self._env, run_id=self.run_id, tenant=self.tenant
             )
         # Checks the credentials, bypassPermissions and a loopback model URL before the
         # CLI starts; a prepared (pooled) transport was checked when it was started.
@@ -758,6 +768,7 @@ def run_agent(
     pool: LeaseSource | None = None,
     env: Mapping[str, str] | None = None,
     run_id: str | None = None,
+    tenant: str | None = None,
 ) -> AgentRun:
     """Run a Claude agent inside a sandbox and stream its messages as they are produced.
 
@@ -784,6 +795,13 @@ def run_agent(
         pool: Take a ready sandbox from this `SandboxPool`; it is destroyed afterwards.
         env: Extra environment for the agent (on top of the forwarded ``ANTHROPIC_*``).
         run_id: Name of the run inside the sandbox; default random.
+        tenant: Isolate the run as this tenant's (1 to 64 letters, digits, ``_``, ``.``,
+            ``-``): its own working directory, ``HOME``, ``CLAUDE_CONFIG_DIR`` and
+            ``TMPDIR`` (`Sandbox.tenant_dirs`), ``setting_sources=[]``,
+            ``CLAUDE_CODE_DISABLE_AUTO_MEMORY=1``, its run log private to the relay; on
+            docker its CLI runs as a uid of its own, under bubblewrap in a namespace that
+            holds only its directories (see docs/security.md for what each provider keeps
+            apart). Not with ``pool``.
 
     Returns:
         An `AgentRun`: enter it with ``async with``, then iterate it with ``async for``.
@@ -812,6 +830,7 @@ def run_agent(
         pool=pool,
         env=env,
         run_id=run_id,
+        tenant=tenant,
     )
 
 
@@ -1032,9 +1051,9 @@ async def _replay_envelopes(
     from ._transport import _CONTROL_TYPES, MAX_FRAME_BYTES, parse_frame
 
     directory = run_dir(sandbox, run_id)
-    script = f"{sandbox.agent_dir}/relay/relay.py"
-    argv = [sandbox.python, script, "replay", "--run-dir", directory, "--after", str(after)]
-    proc = await sandbox.start(argv)
+    script = f"{sandbox.relay_dir}/relay/relay.py"
+    argv = [sandbox.python, "-E", "-s", "-S", script, "replay", "--run-dir", directory]
+    proc = await sandbox.start_relay([*argv, "--after", str(after)])
     try:
         async for line in proc.stdout.lines(max_line=MAX_FRAME_BYTES):
             if not line.strip():
@@ -1083,8 +1102,8 @@ def _host_only(data: Mapping[str, Any]) -> bool:
 
 
 def run_dir(sandbox: Sandbox, run_id: str) -> str:
-    """Directory in the sandbox that holds one run's log."""
-    return f"{sandbox.agent_dir}/runs/{run_id}"
+    """Directory in the sandbox that holds one run's log (the relay's alone)."""
+    return f"{sandbox.relay_dir}/runs/{run_id}"
 
 
 async def provision_sandbox(
@@ -1121,7 +1140,8 @@ async def stderr_tail(sandbox: Sandbox, directory: str) -> str:
     kept = bytearray()
     try:
         with anyio.move_on_after(CLOSE_TIMEOUT):
-            proc = await sandbox.start(["tail", "-c", str(STDERR_TAIL_BYTES), path])
+            # On the relay's side: where it is separated, its run directory is its alone.
+            proc = await sandbox.start_relay(["tail", "-c", str(STDERR_TAIL_BYTES), path])
             try:
                 async for chunk in proc.stdout:
                     kept += chunk

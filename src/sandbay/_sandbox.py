@@ -39,7 +39,18 @@ from ._errors import (
     SandboxTimeoutError,
 )
 
-__all__ = ["ByteStream", "ExecResult", "FileInfo", "FileType", "Process", "Sandbox", "SandboxSpec"]
+__all__ = [
+    "ByteStream",
+    "CliLaunch",
+    "ExecResult",
+    "FileInfo",
+    "FileType",
+    "Process",
+    "RelaySeparation",
+    "Sandbox",
+    "SandboxSpec",
+    "TenantDirs",
+]
 
 _R = TypeVar("_R")
 
@@ -199,6 +210,58 @@ class FileInfo:
     def is_symlink(self) -> bool:
         """Whether it is a symbolic link."""
         return self.type == "symlink"
+
+
+RelaySeparation = Literal["user", "namespace", "none"]
+"""How a sandbox keeps sandbay's relay apart from the ``claude`` CLI and its tools.
+
+``user``: the relay runs as another user (root) than the CLI, which it starts as the
+sandbox's user; the relay's process and its private directory are out of the tools' reach.
+``namespace``: the CLI runs in a PID and mount namespace of its own (a fresh ``/proc``)
+that holds neither the relay's process nor its directory. ``none``: the relay and the CLI
+run as one user with one view of the system, so the CLI's tools can write to the relay's
+stream, read its log and signal it (the unisolated local provider says so plainly).
+"""
+
+
+@dataclass(frozen=True)
+class TenantDirs:
+    """Where one tenant's files live in a sandbox, as the tenant's CLI sees them.
+
+    Attributes:
+        work: The tenant's working directory (the CLI's cwd by default).
+        home: The tenant's ``HOME``; its ``CLAUDE_CONFIG_DIR`` is ``home/.claude``.
+        tmp: The tenant's ``TMPDIR``.
+    """
+
+    work: str
+    home: str
+    tmp: str
+
+    @property
+    def config_dir(self) -> str:
+        """The tenant's ``CLAUDE_CONFIG_DIR``: transcripts, settings, memory."""
+        return f"{self.home}/.claude"
+
+
+@dataclass(frozen=True)
+class CliLaunch:
+    """How the relay starts the ``claude`` CLI in a sandbox (`Sandbox.cli_launch`).
+
+    Attributes:
+        user: The relay switches to this user (``uid[:gid]`` or a name), supplementary
+            groups cleared, before it runs the CLI; it must run as root for that.
+        tenant_root: With a tenant whose CLI gets a uid of its own: the root-owned directory
+            the relay (as root) keeps each tenant's directories in, owned by that uid, mode
+            0700. ``None``: the tenant's directories exist already (`Sandbox.cli_launch`
+            made them) and the CLI runs as `user`.
+        wrapper: The CLI's argv is appended to this (a namespace it runs in); it ends with
+            whatever separates the wrapper's options from the command.
+    """
+
+    user: str | None = None
+    tenant_root: str | None = None
+    wrapper: tuple[str, ...] = ()
 
 
 class ByteStream:
@@ -435,6 +498,83 @@ class Sandbox(abc.ABC):
     def agent_dir(self) -> str:
         """Directory sandbay keeps its entrypoint and run logs in, outside the workspace."""
         return "/tmp/sandbay"
+
+    @property
+    def relay_separation(self) -> RelaySeparation:
+        """How sandbay's relay is kept apart from the CLI and its tools (`RelaySeparation`).
+
+        The contract a provider signs by returning ``user`` or ``namespace``: nothing the
+        CLI's tools run can write to the relay's stream to the host, read or change the
+        relay's log and run directory (`relay_dir`), or signal the relay; `start_relay`
+        starts processes on the relay's side of that line and `cli_launch` says how the
+        relay starts the CLI on the other. The default, ``none``, promises nothing.
+        """
+        return "none"
+
+    @property
+    def relay_dir(self) -> str:
+        """Directory the relay keeps its code and run directories in.
+
+        Where `relay_separation` is not ``none``, the CLI and its tools can neither read
+        nor change it (nor plant anything in it beforehand). Default: `agent_dir`.
+        """
+        return self.agent_dir
+
+    async def start_relay(
+        self, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+    ) -> Process:
+        """Start a process on the relay's side of `relay_separation` (the relay, its replay).
+
+        The default starts it as any other process (`start`); a provider that separates the
+        relay starts it as the relay's user, or outside the CLI's namespace.
+
+        Raises:
+            SandboxClosedError: The sandbox was closed.
+        """
+        return await self.start(argv, env=env, cwd="/")
+
+    def tenant_dirs(self, tenant: str) -> TenantDirs:
+        """Where ``tenant``'s working directory, home and temporary files are in this sandbox.
+
+        Default: under `agent_dir`/tenants/<tenant>.
+        """
+        root = f"{self.agent_dir}/tenants/{tenant}"
+        return TenantDirs(work=f"{root}/work", home=f"{root}/home", tmp=f"{root}/tmp")
+
+    async def cli_launch(self, *, cwd: str, tenant: str | None = None) -> CliLaunch:
+        """How the relay is to start the CLI working in ``cwd``, for ``tenant`` if given.
+
+        A provider that separates the relay (`relay_separation`) returns the user or the
+        namespace wrapper that keeps the CLI on its side of the line; with a tenant, one that
+        keeps the tenant's tools out of other tenants' files (its own uid, or a namespace
+        that holds only its `tenant_dirs`). The default makes the tenant's directories
+        (mode 0700) as the sandbox's user and returns a plain launch.
+
+        Raises:
+            SandboxError: The tenant's directories could not be made.
+        """
+        if tenant is not None:
+            dirs = self.tenant_dirs(tenant)
+            made = await self.exec(
+                [
+                    "sh",
+                    "-c",
+                    'umask 077 && mkdir -p -- "$@" && chmod 700 -- "$@"',
+                    "sh",
+                    dirs.work,
+                    dirs.home,
+                    dirs.tmp,
+                    posixpath.dirname(dirs.work),
+                ]
+            )
+            if not made.ok:
+                raise SandboxError(
+                    f"could not make the directories of tenant {tenant!r}: "
+                    f"{made.stderr.decode(errors='replace').strip()}",
+                    provider=self.provider,
+                    sandbox_id=self.id,
+                )
+        return CliLaunch()
 
     @property
     def isolated(self) -> bool:

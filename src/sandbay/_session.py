@@ -49,7 +49,7 @@ from typing_extensions import Self, override
 from ._api import ProviderArg, create_sandbox
 from ._errors import ConfigError, SandboxError, SandboxTimeoutError
 from ._sandbox import CLOSE_TIMEOUT, Sandbox, SandboxSpec
-from ._transport import CLOSE_GRACE_S, SandboxTransport
+from ._transport import CLOSE_GRACE_S, SandboxTransport, check_tenant, tenant_options
 
 __all__ = ["AgentSession"]
 
@@ -85,6 +85,9 @@ class AgentSession:
             endpoint variables (see `SandboxTransport`).
         name: Names the session's directory in the sandbox (default random): letters,
             digits, ``_``, ``.``, ``-``.
+        tenant: Isolate the session as this tenant's, as ``run_agent(tenant=...)`` does:
+            ``cwd`` and ``CLAUDE_CONFIG_DIR`` are the tenant's own (a relative ``cwd`` is
+            taken inside its working directory). Not with a resume from ``session_store``.
         turn_timeout: Wall-clock seconds from `query` to the turn's result. When it
             passes, `receive_response` interrupts the turn, lets it end, and raises
             `SandboxTimeoutError`; the session stays usable. ``None``: no deadline.
@@ -109,7 +112,10 @@ class AgentSession:
         env: Mapping[str, str] | None = None,
         name: str | None = None,
         turn_timeout: float | None = None,
+        tenant: str | None = None,
     ) -> None:
+        check_tenant(tenant)
+        self.tenant = tenant
         if sandbox is not None and (provider is not None or spec is not None):
             raise ConfigError("AgentSession: give sandbox, or provider and spec, not both")
         if name is not None and not _NAME.match(name):
@@ -173,18 +179,34 @@ class AgentSession:
                 "session_store cannot be combined with enable_file_checkpointing "
                 "(checkpoints stay on the sandbox's disk)"
             )
-        cwd = sandbox.resolve(str(options.cwd)) if options.cwd else sandbox.workdir
-        cwd = posixpath.normpath(cwd)
-        configured = options.env.get("CLAUDE_CONFIG_DIR")
-        config_dir = posixpath.normpath(
-            sandbox.resolve(configured)
-            if configured
-            else f"{sandbox.agent_dir}/sessions/{self.name}/claude"
-        )
+        if self.tenant is not None:
+            # The tenant's own directories, made where the sandbox keeps them apart (by the
+            # relay, as the tenant's user, where it has one).
+            if options.session_store is not None and (
+                options.resume is not None or options.continue_conversation
+            ):
+                raise ConfigError(
+                    "AgentSession: resuming from a session_store is not supported with a "
+                    "tenant yet; resume the tenant's session in its sandbox instead"
+                )
+            tenant_env = dict(options.env)
+            options, cwd = tenant_options(sandbox, options, self.tenant, tenant_env)
+            options = dataclasses.replace(options, env=tenant_env)
+            config_dir = tenant_env["CLAUDE_CONFIG_DIR"]
+        else:
+            cwd = sandbox.resolve(str(options.cwd)) if options.cwd else sandbox.workdir
+            cwd = posixpath.normpath(cwd)
+            configured = options.env.get("CLAUDE_CONFIG_DIR")
+            config_dir = posixpath.normpath(
+                sandbox.resolve(configured)
+                if configured
+                else f"{sandbox.agent_dir}/sessions/{self.name}/claude"
+            )
         self.cwd, self.config_dir = cwd, config_dir
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(sandbox.make_dir, cwd)
-            tg.start_soon(sandbox.make_dir, config_dir)
+        if self.tenant is None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sandbox.make_dir, cwd)
+                tg.start_soon(sandbox.make_dir, config_dir)
         # The CLI names its project folder after its cwd; the store gets a name that does
         # not depend on where this sandbox keeps its workspace (see `store_project_key`).
         cli_key = project_key_for_directory(cwd)
@@ -214,7 +236,12 @@ class AgentSession:
         if store is not None and store_key != cli_key:
             rename = (f"{config_dir}/projects/{cli_key}/", f"{config_dir}/projects/{store_key}/")
         self.transport = _SessionTransport(
-            sandbox, options, env=self._env, run_id=f"session-{self.name}", rename=rename
+            sandbox,
+            options,
+            env=self._env,
+            run_id=f"session-{self.name}",
+            rename=rename,
+            tenant=self.tenant,
         )
         self.client = ClaudeSDKClient(options, transport=self.transport)
         await self.client.connect()
@@ -351,8 +378,9 @@ class _SessionTransport(SandboxTransport):
         env: Mapping[str, str],
         run_id: str,
         rename: tuple[str, str] | None,
+        tenant: str | None = None,
     ) -> None:
-        super().__init__(sandbox, options, env=env, run_id=run_id)
+        super().__init__(sandbox, options, env=env, run_id=run_id, tenant=tenant)
         self._rename = rename
 
     @override

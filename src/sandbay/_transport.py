@@ -23,6 +23,8 @@ import dataclasses
 import functools
 import importlib.resources
 import json
+import posixpath
+import re
 import shlex
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
@@ -55,7 +57,15 @@ from ._errors import AgentError, ConfigError, ProtocolError
 from ._relay import wire
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox
 
-__all__ = ["CHECKED_SDK_VERSIONS", "Frame", "SandboxTransport", "cli_argv", "cli_env"]
+__all__ = [
+    "CHECKED_SDK_VERSIONS",
+    "Frame",
+    "SandboxTransport",
+    "check_tenant",
+    "cli_argv",
+    "cli_env",
+    "tenant_options",
+]
 
 #: claude-agent-sdk releases whose CLI argv builder `cli_argv` was checked against (the
 #: test of `cli_argv` pins its output for representative options).
@@ -72,6 +82,12 @@ _CONTROL_TYPES = frozenset(
 )
 #: argv[0] placeholder when the relay is to find the CLI itself.
 _FIND_CLI = "claude"
+#: Writes stdin to $1 whole (a new file renamed over it), readable by all, writable by the
+#: relay's user only.
+_INSTALL = 'umask 022 && mkdir -p -- "${1%/*}" && cat >"$1.$$" && mv -f -- "$1.$$" "$1"'
+#: Python flags of the relay: no PYTHON* variables, no user or site directories (no .pth
+#: file anyone planted runs in it), only the standard library and the relay's own files.
+_RELAY_PYTHON_FLAGS = ("-E", "-s", "-S")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +157,63 @@ def cli_env(
     return sandbox_agent_env(sandbox, out)
 
 
+_TENANT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+
+
+def check_tenant(tenant: str | None) -> None:
+    """Refuse a tenant name that cannot name a directory of its own.
+
+    Raises:
+        ConfigError: Not 1 to 64 letters, digits, ``_``, ``.`` or ``-`` (not starting with
+            ``.``).
+    """
+    if tenant is not None and not (isinstance(tenant, str) and _TENANT_NAME.fullmatch(tenant)):
+        raise ConfigError(
+            f"tenant {tenant!r}: use 1 to 64 letters, digits, '_', '.' or '-', not starting "
+            "with '.'"
+        )
+
+
+def tenant_options(
+    sandbox: Sandbox, options: ClaudeAgentOptions, tenant: str, env: dict[str, str]
+) -> tuple[ClaudeAgentOptions, str]:
+    """The options and working directory of ``tenant``'s CLI; its variables go into ``env``.
+
+    Its own working directory, ``HOME``, ``CLAUDE_CONFIG_DIR`` and ``TMPDIR``, no setting
+    sources (no settings file, hook or CLAUDE.md that anyone planted is loaded) and no auto
+    memory.
+
+    Raises:
+        ConfigError: ``options.cwd`` leads outside the tenant's working directory, or
+            ``CLAUDE_CONFIG_DIR`` is set to another directory than the tenant's.
+    """
+    dirs = sandbox.tenant_dirs(tenant)
+    cwd = dirs.work
+    if options.cwd:
+        given = str(options.cwd)
+        cwd = posixpath.normpath(given if given.startswith("/") else f"{dirs.work}/{given}")
+        if cwd != dirs.work and not cwd.startswith(dirs.work + "/"):
+            raise ConfigError(
+                f"options.cwd={given!r} is outside tenant {tenant!r}'s working directory "
+                f"{dirs.work}; give a path inside it (relative paths are taken inside it)"
+            )
+    configured = env.get("CLAUDE_CONFIG_DIR")
+    if configured and posixpath.normpath(configured) != dirs.config_dir:
+        raise ConfigError(
+            f"CLAUDE_CONFIG_DIR={configured!r} is not tenant {tenant!r}'s own "
+            f"({dirs.config_dir}); leave it unset with a tenant"
+        )
+    env.update(
+        {
+            "CLAUDE_CONFIG_DIR": dirs.config_dir,
+            "HOME": dirs.home,
+            "TMPDIR": dirs.tmp,
+            "CLAUDE_CODE_DISABLE_AUTO_MEMORY": "1",
+        }
+    )
+    return dataclasses.replace(options, setting_sources=[], cwd=cwd), cwd
+
+
 @functools.cache
 def relay_source(name: str) -> bytes:
     """One of the relay's files, as uploaded into sandboxes (read once per process)."""
@@ -164,8 +237,14 @@ class SandboxTransport(Transport):
             ``cli_path``, if set, is the CLI's path in the sandbox.
         env: Variables for the CLI on top of ``options.env`` and the forwarded auth and
             endpoint variables (``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``, …).
-        run_id: Names the run's directory under ``sandbox.agent_dir`` (default random).
+        run_id: Names the run's directory under ``sandbox.relay_dir`` (default random).
         reconnects: How often a broken stream is reattached before `AgentError`.
+        tenant: Run for this tenant (letters, digits, ``_``, ``.``, ``-``): the CLI gets the
+            tenant's own working directory, ``HOME``, ``CLAUDE_CONFIG_DIR`` and ``TMPDIR``
+            (`Sandbox.tenant_dirs`), ``setting_sources=[]`` and
+            ``CLAUDE_CODE_DISABLE_AUTO_MEMORY=1``, and runs where the sandbox keeps it from
+            other tenants' files (`Sandbox.cli_launch`). A relative ``options.cwd`` is
+            taken inside the tenant's working directory.
 
     Attributes:
         run_id: The run's id in the sandbox.
@@ -182,7 +261,10 @@ class SandboxTransport(Transport):
         env: Mapping[str, str] | None = None,
         run_id: str | None = None,
         reconnects: int = RECONNECTS,
+        tenant: str | None = None,
     ) -> None:
+        check_tenant(tenant)
+        self.tenant = tenant
         self.sandbox = sandbox
         self.options = options if options is not None else ClaudeAgentOptions()
         self.run_id = run_id or uuid.uuid4().hex[:16]
@@ -206,20 +288,46 @@ class SandboxTransport(Transport):
 
     @property
     def run_dir(self) -> str:
-        """The run's directory in the sandbox: the relay's log and stderr."""
-        return f"{self.sandbox.agent_dir}/runs/{self.run_id}"
+        """The run's directory in the sandbox: the relay's log and stderr (the relay's alone)."""
+        return f"{self.sandbox.relay_dir}/runs/{self.run_id}"
 
     def _relay_path(self, name: str) -> str:
-        return f"{self.sandbox.agent_dir}/relay/{name}"
+        return f"{self.sandbox.relay_dir}/relay/{name}"
 
     async def upload(self) -> None:
-        """Upload the relay's files into the sandbox (once; `connect` does it if not done)."""
+        """Upload the relay's files into the sandbox (once; `connect` does it if not done).
+
+        Written by a process on the relay's side (`Sandbox.start_relay`), so where the relay
+        is separated from the CLI, the CLI's tools cannot change the code the relay runs.
+        """
         if self._uploaded:
             return
         async with anyio.create_task_group() as tg:
             for name in _RELAY_FILES:
-                tg.start_soon(self.sandbox.write_file, self._relay_path(name), relay_source(name))
+                tg.start_soon(self._install, self._relay_path(name), relay_source(name))
         self._uploaded = True
+
+    async def _install(self, path: str, data: bytes) -> None:
+        proc = await self.sandbox.start_relay(["sh", "-c", _INSTALL, "sh", path])
+        try:
+            with anyio.fail_after(CLOSE_TIMEOUT):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(proc.stderr.read)
+                    try:
+                        await proc.write(data)
+                    except BrokenPipeError:
+                        pass  # it failed: its exit code says so
+                    await proc.close_stdin()
+                code = await proc.wait()
+        finally:
+            await _kill(proc)
+        if code != 0:
+            raise AgentError(
+                f"could not install sandbay's relay at {path} in the sandbox (exit code {code})",
+                exit_code=code,
+                provider=self.sandbox.provider,
+                sandbox_id=self.sandbox.id,
+            )
 
     @override
     async def connect(self) -> None:
@@ -250,10 +358,20 @@ class SandboxTransport(Transport):
             },
             env=env,
         )
+        cwd = self.sandbox.resolve(str(options.cwd)) if options.cwd else self.sandbox.workdir
+        if self.tenant is not None:
+            options, cwd = tenant_options(self.sandbox, options, self.tenant, env)
         cli = str(options.cli_path) if options.cli_path is not None else _FIND_CLI
         argv = cli_argv(options, cli=cli)
-        cwd = self.sandbox.resolve(str(options.cwd)) if options.cwd else self.sandbox.workdir
         env["PWD"] = cwd
+        launch = await self.sandbox.cli_launch(cwd=cwd, tenant=self.tenant)
+        flags: list[str] = []
+        if launch.user is not None:
+            flags += ["--cli-user", launch.user]
+        if self.tenant is not None and launch.tenant_root is not None:
+            flags += ["--tenant", self.tenant, "--tenant-root", launch.tenant_root]
+        if launch.wrapper:
+            flags += ["--cli-wrapper", json.dumps(list(launch.wrapper))]
         start = {
             "sandbay": wire.VERSION,
             "kind": "start",
@@ -264,12 +382,14 @@ class SandboxTransport(Transport):
         }
         await self.upload()
         directory = shlex.quote(self.run_dir)
+        # umask 077: the run's directory and its log are the relay's user's alone.
         command = (
-            f"mkdir -p {directory} && exec {shlex.quote(self.sandbox.python)} "
-            f"{shlex.quote(self._relay_path('relay.py'))} serve --run-dir {directory} "
+            f"umask 077 && mkdir -p {directory} && exec {shlex.quote(self.sandbox.python)} "
+            f"{' '.join(_RELAY_PYTHON_FLAGS)} {shlex.quote(self._relay_path('relay.py'))} "
+            f"serve --run-dir {directory} {shlex.join(flags)} "
             f"2>>{shlex.quote(self.run_dir + '/stderr.log')}"
         )
-        proc = await self.sandbox.start(["sh", "-c", command])
+        proc = await self.sandbox.start_relay(["sh", "-c", command])
         try:
             await proc.write(json.dumps(start).encode() + b"\n")
         except BrokenPipeError:
@@ -460,6 +580,7 @@ class SandboxTransport(Transport):
         """Start the relay's ``replay`` of the logged envelopes numbered above ``after``."""
         argv = [
             self.sandbox.python,
+            *_RELAY_PYTHON_FLAGS,
             self._relay_path("relay.py"),
             "replay",
             "--run-dir",
@@ -467,7 +588,7 @@ class SandboxTransport(Transport):
             "--after",
             str(after),
         ]
-        proc = await self.sandbox.start(argv)
+        proc = await self.sandbox.start_relay(argv)
         self._replays.append(proc)
         return proc
 

@@ -4,11 +4,16 @@ sandbay uploads this file and ``wire.py`` beside it into a sandbox and runs it w
 sandbox's Python. Standard library only (Python 3.10+); it never imports claude_agent_sdk.
 The wire is described in ``wire.py``. Two commands:
 
-``serve --run-dir DIR``
+``serve --run-dir DIR [--cli-user USER] [--tenant NAME --tenant-root ROOT] [--cli-wrapper JSON]``
     Reads one ``start`` line from stdin (argv, environment with the secrets, working
     directory), starts the CLI, then passes stdin on to the CLI in order and each CLI stdout
     line back as a ``line`` envelope, logged to ``DIR`` with its sequence number. If the host's
     stream breaks it carries on logging, so nothing is lost. It exits when the CLI has.
+    ``DIR`` is the relay's alone (mode 0700). Run as root, it starts the CLI as ``USER``
+    (``uid[:gid]`` or a name, supplementary groups cleared), or with ``--tenant`` as that
+    tenant's own uid, its directories under ``ROOT`` made 0700 and owned by it; so neither
+    the CLI nor its tools can reach the relay's process or files. ``--cli-wrapper`` (a JSON
+    list) is put before the CLI's argv: a namespace the CLI runs in, without the relay.
 
 ``replay --run-dir DIR --after N``
     Prints the logged envelopes numbered above N and follows the log until the run ends,
@@ -19,11 +24,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import fcntl
+import grp
 import importlib.util
 import json
 import os
+import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -40,7 +49,7 @@ class Emitter:
     """Writes envelopes to the log (logged kinds) and to stdout while it lasts."""
 
     def __init__(self, run_dir: str) -> None:
-        os.makedirs(run_dir, exist_ok=True)
+        _private_dir(run_dir)
         self.log = open(os.path.join(run_dir, wire.LOG_NAME), "ab")
         self.seq = 0
         self.stdout_ok = True
@@ -86,11 +95,97 @@ def find_cli() -> str | None:
         spec = importlib.util.find_spec("claude_agent_sdk")
     except (ImportError, ValueError):
         spec = None
-    for location in (spec.submodule_search_locations or []) if spec else []:
+    locations = list((spec.submodule_search_locations or []) if spec else [])
+    if sys.flags.no_site:
+        # Run with -S (as root the relay reads no .pth file a tool could have planted): look
+        # where site would have, the venv of this interpreter included.
+        prefix = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
+        version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+        for base in (prefix, sys.prefix):
+            for lib in ("lib", "lib64"):
+                for sub in ("site-packages", "dist-packages"):
+                    locations.append(os.path.join(base, lib, version, sub, "claude_agent_sdk"))
+    for location in locations:
         bundled = os.path.join(location, "_bundled", "claude")
         if os.path.isfile(bundled) and os.access(bundled, os.X_OK):
             return bundled
     return shutil.which("claude")
+
+
+#: The first uid the relay gives a tenant of its own (as root, `--tenant`).
+TENANT_UID_BASE = 200000
+
+
+def _private_dir(path: str, *, uid: int | None = None) -> None:
+    """Make ``path`` (and missing parents) a directory of ``uid`` (default: this process's
+    user), mode 0700, or refuse one that is a link or someone else's."""
+    owner = os.geteuid() if uid is None else uid
+    old = os.umask(0o077)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    finally:
+        os.umask(old)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(f"{path} is not a directory")
+    if info.st_uid != owner:
+        if info.st_uid != os.geteuid():
+            raise OSError(f"{path} belongs to uid {info.st_uid}, not to {owner}")
+        os.chown(path, owner, owner, follow_symlinks=False)
+    os.chmod(path, 0o700)  # a directory, checked above: no link to follow
+
+
+def _resolve_user(text: str) -> tuple[int, int, str]:
+    """``uid[:gid]`` or ``name[:group]``: the uid, gid and home directory."""
+    name, _, group = text.partition(":")
+    entry: pwd.struct_passwd | None
+    if name.isdigit():
+        uid = int(name)
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            entry = None
+    else:
+        entry = pwd.getpwnam(name)
+        uid = entry.pw_uid
+    if group:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    else:
+        gid = entry.pw_gid if entry else uid
+    return uid, gid, entry.pw_dir if entry else "/"
+
+
+def _tenant_uid(root: str, name: str) -> int:
+    """The uid of tenant ``name`` (given once, kept in ``root``), its directories made.
+
+    As root: ``root`` is root's (mode 0711: a tenant reaches its own directory but lists no
+    other), ``root/name`` and its ``work``, ``home`` and ``tmp`` the tenant's, mode 0700.
+    """
+    if not name or name.startswith(".") or "/" in name:
+        raise ValueError(f"bad tenant name {name!r}")
+    os.makedirs(root, mode=0o711, exist_ok=True)
+    info = os.lstat(root)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0:
+        raise OSError(f"{root} is not root's directory")
+    os.chmod(root, 0o711)
+    fd = os.open(os.path.join(root, ".uids"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with os.fdopen(os.dup(fd), "r+", encoding="utf-8") as registry:
+            text = registry.read()
+            uids: dict[str, int] = json.loads(text) if text.strip() else {}
+            uid = uids.get(name)
+            if uid is None:
+                uid = TENANT_UID_BASE + len(uids)
+                uids[name] = uid
+                registry.seek(0)
+                registry.truncate()
+                registry.write(json.dumps(uids))
+    finally:
+        os.close(fd)
+    for sub in ("", "work", "home", "tmp"):
+        _private_dir(os.path.join(root, name, sub) if sub else os.path.join(root, name), uid=uid)
+    return uid
 
 
 def _die_with_parent() -> None:
@@ -187,7 +282,14 @@ def _pump_stdin(stdin: IO[bytes], cli: subprocess.Popen[bytes]) -> None:
             pass
 
 
-def serve(run_dir: str) -> int:
+def serve(
+    run_dir: str,
+    *,
+    cli_user: str | None = None,
+    tenant: str | None = None,
+    tenant_root: str | None = None,
+    wrapper: list[str] | None = None,
+) -> int:
     emitter = Emitter(run_dir)
     with open(os.path.join(run_dir, wire.PID_NAME), "w", encoding="ascii") as fh:
         fh.write(str(os.getpid()))
@@ -230,6 +332,22 @@ def serve(run_dir: str) -> int:
                 127,
             )
         argv[0] = cli_path
+    identity: dict[str, Any] = {}
+    try:
+        if tenant is not None and tenant_root is not None:
+            uid = _tenant_uid(tenant_root, tenant)
+            identity = {"user": uid, "group": uid, "extra_groups": []}
+        elif cli_user is not None:
+            uid, gid, home = _resolve_user(cli_user)
+            identity = {"user": uid, "group": gid, "extra_groups": []}
+            env.setdefault("HOME", home)
+        if identity and os.geteuid() != 0:
+            raise PermissionError("the relay must run as root to start the CLI as another user")
+    except (OSError, KeyError, ValueError) as exc:
+        return fail(type(exc).__name__, f"cannot prepare the CLI's user: {exc}", 126)
+    if wrapper:
+        argv = [*wrapper, *argv]
+        cwd = None  # the wrapper enters it, inside its namespace
     try:
         cli = subprocess.Popen(
             argv,
@@ -238,7 +356,8 @@ def serve(run_dir: str) -> int:
             stderr=subprocess.PIPE,
             env={**os.environ, **env},
             cwd=cwd,
-            preexec_fn=_die_with_parent,  # only prctl: takes no locks
+            preexec_fn=_die_with_parent,  # only prctl (after the user switch): takes no locks
+            **identity,
         )
     except OSError as exc:
         return fail(type(exc).__name__, f"cannot start {argv[0]}: {exc}", 127)
@@ -330,13 +449,23 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_cmd = sub.add_parser("serve")
     serve_cmd.add_argument("--run-dir", required=True)
+    serve_cmd.add_argument("--cli-user")
+    serve_cmd.add_argument("--tenant")
+    serve_cmd.add_argument("--tenant-root")
+    serve_cmd.add_argument("--cli-wrapper", type=json.loads)
     replay_cmd = sub.add_parser("replay")
     replay_cmd.add_argument("--run-dir", required=True)
     replay_cmd.add_argument("--after", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "replay":
         return replay(args.run_dir, args.after)
-    code = serve(args.run_dir)
+    code = serve(
+        args.run_dir,
+        cli_user=args.cli_user,
+        tenant=args.tenant,
+        tenant_root=args.tenant_root,
+        wrapper=args.cli_wrapper,
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     # The stdin thread may still be blocked on a read: leave without joining it.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import secrets
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import anyio
@@ -19,7 +19,16 @@ from ..._errors import (
     SandboxNotADirectoryError,
     SandboxPermissionError,
 )
-from ..._sandbox import CLOSE_TIMEOUT, ByteStream, Process, Sandbox, SandboxSpec
+from ..._sandbox import (
+    CLOSE_TIMEOUT,
+    ByteStream,
+    CliLaunch,
+    Process,
+    RelaySeparation,
+    Sandbox,
+    SandboxSpec,
+    TenantDirs,
+)
 from ._errors import NAME
 from ._process import _LAUNCH_ERROR, Connection, _DockerProcess, start_exec
 
@@ -27,6 +36,12 @@ if TYPE_CHECKING:
     from ._provider import DockerProvider
 
 ROOT = "0:0"
+
+#: Where the relay keeps its code and run directories: root's, in /run, which only root may
+#: write (the lease process makes /run/sandbay), so nothing can be planted there beforehand.
+RELAY_DIR = "/run/sandbay"
+#: Where tenants' directories live: root's (mode 0711), each tenant's own below it (0700).
+TENANT_ROOT = "/home/tenants"
 
 #: The container's lease: the Unix time (whole seconds, one line) after which its main process
 #: exits and the container stops. Root's, in a directory only root may write: the sandbox's
@@ -197,6 +212,45 @@ class DockerSandbox(Sandbox):
     @override
     def reaches_host_loopback(self) -> bool:
         return self.spec.network == "host"
+
+    # --- the relay, apart from the CLI ---
+    #
+    # The relay runs as root; it starts the CLI as the sandbox's user (or a tenant's own
+    # uid) with no supplementary groups. The container keeps CAP_SETUID and CAP_SETGID for
+    # that, and no-new-privileges: the CLI's tools can neither regain root nor reach a
+    # root process's /proc entries, signal it, or read its 0700 run directory.
+
+    def _runs_as_root(self) -> bool:
+        name, _, _ = self._user.partition(":")
+        return name in ("0", "root")
+
+    @property
+    @override
+    def relay_separation(self) -> RelaySeparation:
+        return "none" if self._runs_as_root() else "user"
+
+    @property
+    @override
+    def relay_dir(self) -> str:
+        return RELAY_DIR
+
+    @override
+    async def start_relay(
+        self, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+    ) -> Process:
+        return await self.start(argv, env=env, cwd="/", user=ROOT)
+
+    @override
+    def tenant_dirs(self, tenant: str) -> TenantDirs:
+        root = f"{TENANT_ROOT}/{tenant}"
+        return TenantDirs(work=f"{root}/work", home=f"{root}/home", tmp=f"{root}/tmp")
+
+    @override
+    async def cli_launch(self, *, cwd: str, tenant: str | None = None) -> CliLaunch:
+        if tenant is not None:
+            # The relay (root) gives the tenant a uid of its own and makes its directories.
+            return CliLaunch(tenant_root=TENANT_ROOT)
+        return CliLaunch(user=None if self._runs_as_root() else self._user)
 
     # --- processes ---
 

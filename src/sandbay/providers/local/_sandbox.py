@@ -9,7 +9,7 @@ import posixpath
 import socket
 import sys
 import weakref
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from ..._errors import (
     SandboxNotFoundError,
     SandboxPermissionError,
 )
-from ..._sandbox import Process, Sandbox, SandboxSpec
+from ..._sandbox import CliLaunch, Process, RelaySeparation, Sandbox, SandboxSpec, TenantDirs
 from . import _files
 from ._bwrap import _BWRAP_HELP, _ETC_FILES, _SYSTEM_DIRS, _is_current_user, _python_dirs
 from ._process import FailedProcess, LocalProcess
@@ -128,6 +128,58 @@ class LocalSandbox(Sandbox):
         # share the host's network.
         return not self._bwrap or self.spec.network != "none"
 
+    # --- the relay, apart from the CLI ----------------------------------------------------
+    #
+    # Under bubblewrap the relay runs on this host, outside the sandbox, with its code and
+    # runs in the sandbox's folder but not mounted into it; it starts the CLI in a bwrap of
+    # its own (its PID namespace, a fresh /proc), so the CLI's tools see neither the relay's
+    # process nor its files. (A bwrap inside a bwrap cannot map its user when this host's
+    # user is root; one level of it, started from outside, always can.) Unisolated, the
+    # relay and the CLI are processes of one user on one system: nothing stops a tool.
+
+    @property
+    @override
+    def relay_separation(self) -> RelaySeparation:
+        return "namespace" if self._bwrap else "none"
+
+    @property
+    @override
+    def relay_dir(self) -> str:
+        if self._bwrap:
+            return str(self._folder / "relay")
+        return self.agent_dir
+
+    @override
+    async def start_relay(
+        self, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+    ) -> Process:
+        self._check_open()
+        full = {**self.spec.env, **(env or {})}
+        return await self._launch(list(argv), env=full, cwd="/", outside=True)
+
+    def _tenant_folder(self, tenant: str) -> Path:
+        return self._folder / "tenants" / tenant
+
+    @override
+    def tenant_dirs(self, tenant: str) -> TenantDirs:
+        root = f"/tenants/{tenant}" if self._bwrap else str(self._tenant_folder(tenant))
+        return TenantDirs(work=f"{root}/work", home=f"{root}/home", tmp=f"{root}/tmp")
+
+    @override
+    async def cli_launch(self, *, cwd: str, tenant: str | None = None) -> CliLaunch:
+        self._check_exists()
+        if tenant is not None:
+            await anyio.to_thread.run_sync(self._make_tenant_folder, tenant)
+        if not self._bwrap:
+            return CliLaunch()
+        return CliLaunch(wrapper=(*self._bwrap_args(cwd, tenant=tenant), "--"))
+
+    def _make_tenant_folder(self, tenant: str) -> None:
+        folder = self._tenant_folder(tenant)
+        for path in (folder.parent, folder, folder / "work", folder / "home", folder / "tmp"):
+            path.mkdir(mode=0o700, exist_ok=True)
+            path.chmod(0o700)
+
     # --- processes ----------------------------------------------------------------------
 
     @override
@@ -142,9 +194,16 @@ class LocalSandbox(Sandbox):
                 provider=NAME,
                 sandbox_id=self.id,
             )
+        return await self._launch(argv, env=env, cwd=cwd, outside=False)
+
+    async def _launch(
+        self, argv: list[str], *, env: dict[str, str], cwd: str, outside: bool
+    ) -> Process:
+        """Start argv in the sandbox, or (``outside``) as a host process of the sandbox."""
+        self._check_exists()
         full_env = {**self._base_env(), **env}
         status = report = None
-        if self._bwrap:
+        if self._bwrap and not outside:
             command = [*self._bwrap_args(cwd), "--", "/bin/sh", "-c", 'exec "$@"', "sh", *argv]
             host_cwd = str(self._folder)
         else:
@@ -213,7 +272,7 @@ class LocalSandbox(Sandbox):
         lang = os.environ.get("LANG") or "C.UTF-8"
         return {"PATH": path, "HOME": home, "TMPDIR": tmp, "LANG": lang}
 
-    def _bwrap_args(self, cwd: str) -> list[str]:
+    def _bwrap_args(self, cwd: str, *, tenant: str | None = None) -> list[str]:
         assert self._bwrap is not None
         args = [self._bwrap, "--unshare-all", "--die-with-parent", "--new-session"]
         if self.spec.network != "none":
@@ -230,8 +289,15 @@ class LocalSandbox(Sandbox):
             if os.path.exists(f"/etc/{name}"):
                 args += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
         args += ["--proc", "/proc", "--dev", "/dev"]
-        args += ["--bind", str(self._folder / "tmp"), "/tmp"]
-        args += ["--bind", str(self._folder / "work"), self._inner_workdir]
+        if tenant is None:
+            args += ["--bind", str(self._folder / "tmp"), "/tmp"]
+            args += ["--bind", str(self._folder / "work"), self._inner_workdir]
+        else:
+            # The tenant's own directories and nothing else of the sandbox's.
+            inner, folder = self.tenant_dirs(tenant), self._tenant_folder(tenant)
+            args += ["--bind", str(folder / "tmp"), "/tmp"]
+            for name, path in (("work", inner.work), ("home", inner.home), ("tmp", inner.tmp)):
+                args += ["--bind", str(folder / name), path]
         # Last, so a Python installed under /tmp (a venv in a checkout there) stays visible.
         for path in self._binds:
             args += ["--ro-bind", path, path]
