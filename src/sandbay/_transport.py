@@ -84,7 +84,12 @@ _CONTROL_TYPES = frozenset(
 _FIND_CLI = "claude"
 #: Writes stdin to $1 whole (a new file renamed over it), readable by all, writable by the
 #: relay's user only.
-_INSTALL = 'umask 022 && mkdir -p -- "${1%/*}" && cat >"$1.$$" && mv -f -- "$1.$$" "$1"'
+#: Installs one relay file from stdin: exactly $2 bytes, so providers without end of file on
+#: stdin (where close_stdin cannot end the input) install it too.
+_INSTALL = (
+    'umask 022 && mkdir -p -- "${1%/*}" && head -c "$2" >"$1.$$" '
+    '&& [ "$(wc -c <"$1.$$")" -eq "$2" ] && mv -f -- "$1.$$" "$1"'
+)
 #: Python flags of the relay: no PYTHON* variables, no user or site directories (no .pth
 #: file anyone planted runs in it), only the standard library and the relay's own files.
 _RELAY_PYTHON_FLAGS = ("-E", "-s", "-S")
@@ -308,7 +313,7 @@ class SandboxTransport(Transport):
         self._uploaded = True
 
     async def _install(self, path: str, data: bytes) -> None:
-        proc = await self.sandbox.start_relay(["sh", "-c", _INSTALL, "sh", path])
+        proc = await self.sandbox.start_relay(["sh", "-c", _INSTALL, "sh", path, str(len(data))])
         try:
             with anyio.fail_after(CLOSE_TIMEOUT):
                 async with anyio.create_task_group() as tg:
