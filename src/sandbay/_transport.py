@@ -82,10 +82,9 @@ _CONTROL_TYPES = frozenset(
 )
 #: argv[0] placeholder when the relay is to find the CLI itself.
 _FIND_CLI = "claude"
-#: Writes stdin to $1 whole (a new file renamed over it), readable by all, writable by the
-#: relay's user only.
-#: Installs one relay file from stdin: exactly $2 bytes, so providers without end of file on
-#: stdin (where close_stdin cannot end the input) install it too.
+#: Writes $2 bytes of stdin to $1 whole (a new file renamed over it), readable by all,
+#: writable by the relay's user only. It reads exactly that many, so it needs no end of file
+#: on stdin (which some providers cannot send).
 _INSTALL = (
     'umask 022 && mkdir -p -- "${1%/*}" && head -c "$2" >"$1.$$" '
     '&& [ "$(wc -c <"$1.$$")" -eq "$2" ] && mv -f -- "$1.$$" "$1"'
