@@ -20,12 +20,17 @@ import pytest
 from claude_agent_sdk import (
     AssistantMessage,
     ClaudeAgentOptions,
+    ClaudeSDKClient,
     HookMatcher,
     Message,
     ResultMessage,
     SessionStore,
+    SystemMessage,
     ToolUseBlock,
+    UserMessage,
+    create_sdk_mcp_server,
     project_key_for_directory,
+    tool,
 )
 
 import sandbay
@@ -476,3 +481,87 @@ async def test_a_session_from_a_pool_refuses_other_data_and_a_store_resume() -> 
             sandbay.AgentSession(pool=pool, options=ClaudeAgentOptions(max_turns=9))
         with pytest.raises(sandbay.ConfigError, match="give pool, or sandbox"):
             sandbay.AgentSession(pool=pool, provider="local")
+
+
+# -- what ClaudeSDKClient offers ----------------------------------------------------------------
+
+
+def test_every_public_method_of_the_sdk_client_has_its_session_counterpart() -> None:
+    # Entering and leaving the session's block are the client's connect and disconnect.
+    methods = {
+        name
+        for name, value in vars(ClaudeSDKClient).items()
+        if not name.startswith("_") and callable(value)
+    }
+    missing = methods - {"connect", "disconnect"} - set(dir(sandbay.AgentSession))
+    assert not missing, f"AgentSession lacks {sorted(missing)}: forward them, with a test"
+
+
+@tool("add", "Add two numbers", {"a": int, "b": int})
+async def add(args: dict[str, Any]) -> dict[str, Any]:
+    return {"content": [{"type": "text", "text": f"sum={args['a'] + args['b']}"}]}
+
+
+@pytest.mark.parametrize("sandbox", PROVIDERS[:2], indirect=True)
+async def test_the_sdk_clients_controls_reach_the_cli_in_the_sandbox(sandbox: Sandbox) -> None:
+    background = {"command": SLOW_BASH.replace("30", "120"), "run_in_background": True}
+    script = [
+        Turn.tool_use("Write", {"file_path": "made.txt", "content": "x"}),
+        Turn.text("written"),
+        Turn.tool_use("Bash", background),
+        Turn.text("started"),
+    ]
+    async with ScriptedModel(script) as model:
+        options = ClaudeAgentOptions(
+            max_turns=4,
+            allowed_tools=["Write", "Bash"],
+            env=model.env(),
+            mcp_servers={"host": create_sdk_mcp_server("host", tools=[add])},
+            enable_file_checkpointing=True,
+            extra_args={"replay-user-messages": None},
+        )
+        with anyio.fail_after(180):
+            async with sandbay.AgentSession(sandbox=sandbox, options=options) as session:
+                info = await session.get_server_info()
+                assert info is not None and info["commands"]
+
+                await session.toggle_mcp_server("host", False)
+                [host] = (await session.get_mcp_status())["mcpServers"]
+                assert host["name"] == "host" and host["status"] == "disabled"
+                await session.toggle_mcp_server("host", True)
+                [host] = (await session.get_mcp_status())["mcpServers"]
+                assert host["status"] == "connected"
+                # The CLI reconnects only servers it runs itself; its refusal comes back.
+                with pytest.raises(Exception) as refused:
+                    await session.reconnect_mcp_server("host")
+                assert not isinstance(refused.value, sandbay.SandboxError)
+
+                await session.query("write")
+                replayed = [
+                    m.uuid
+                    async for m in session.receive_response()
+                    if isinstance(m, UserMessage) and m.uuid
+                ]
+                assert await sandbox.exists("made.txt")
+                await session.rewind_files(replayed[0])  # the prompt, before the write
+                assert not await sandbox.exists("made.txt")
+
+                usage = await session.get_context_usage()
+                assert usage["categories"]
+
+                await session.query("background")
+                started = [
+                    m
+                    async for m in session.receive_response()
+                    if isinstance(m, SystemMessage) and m.subtype == "task_started"
+                ]
+                task_id = started[0].data["task_id"]
+                await session.stop_task(task_id)
+                async for message in session.receive_messages():
+                    if (
+                        isinstance(message, SystemMessage)
+                        and message.subtype == "task_updated"
+                        and message.data.get("task_id") == task_id
+                        and message.data.get("patch", {}).get("status") == "killed"
+                    ):
+                        break

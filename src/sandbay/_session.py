@@ -44,7 +44,12 @@ from claude_agent_sdk import (
     project_key_for_directory,
 )
 from claude_agent_sdk._internal.query import Query
-from claude_agent_sdk.types import PermissionMode, _configure_can_use_tool
+from claude_agent_sdk.types import (
+    ContextUsageResponse,
+    McpStatusResponse,
+    PermissionMode,
+    _configure_can_use_tool,
+)
 from typing_extensions import Self, override
 
 from ._agent import Lease, LeaseSource, options_to_wire
@@ -67,10 +72,12 @@ class AgentSession:
 
     Use it as an async context manager. Inside, it offers what `ClaudeSDKClient` offers
     locally (`query`, `receive_response`, `receive_messages`, `interrupt`, `set_model`,
-    `set_permission_mode`), with the SDK (hooks, ``can_use_tool``, SDK MCP servers, the
-    session-store mirror) on the host and the CLI with its tools in the sandbox. On exit
-    the CLI is stopped, and a sandbox the session created is removed; a sandbox it was
-    given stays open, with the session's files in it.
+    `set_permission_mode`, `get_server_info`, `get_mcp_status`, `get_context_usage`,
+    `reconnect_mcp_server`, `toggle_mcp_server`, `rewind_files`, `stop_task`; entering and
+    leaving the block are its ``connect`` and ``disconnect``), with the SDK (hooks,
+    ``can_use_tool``, SDK MCP servers, the session-store mirror) on the host and the CLI
+    with its tools in the sandbox. On exit the CLI is stopped, and a sandbox the session
+    created is removed; a sandbox it was given stays open, with the session's files in it.
 
     Args:
         sandbox: An open sandbox to run in. Several sessions may share one.
@@ -386,6 +393,38 @@ class AgentSession:
     async def set_permission_mode(self, mode: PermissionMode) -> None:
         """Change the permission mode for what follows (see `ClaudeSDKClient`)."""
         await self._live().set_permission_mode(mode)
+
+    async def get_server_info(self) -> dict[str, Any] | None:
+        """What the CLI answered the SDK's initialize handshake with (commands, models, …)."""
+        return await self._live().get_server_info()
+
+    async def get_mcp_status(self) -> McpStatusResponse:
+        """The MCP servers the CLI knows and how each is (SDK MCP servers run on the host)."""
+        return await self._live().get_mcp_status()
+
+    async def get_context_usage(self) -> ContextUsageResponse:
+        """How the conversation's context window is used, by category."""
+        return await self._live().get_context_usage()
+
+    async def reconnect_mcp_server(self, server_name: str) -> None:
+        """Reconnect the MCP server ``server_name`` (one that failed, say)."""
+        await self._live().reconnect_mcp_server(server_name)
+
+    async def toggle_mcp_server(self, server_name: str, enabled: bool) -> None:
+        """Enable or disable the MCP server ``server_name`` for what follows."""
+        await self._live().toggle_mcp_server(server_name, enabled)
+
+    async def rewind_files(self, user_message_id: str) -> None:
+        """Put the sandbox's files the agent changed back as they were at that user message.
+
+        Needs ``options.enable_file_checkpointing`` (the checkpoints stay in the sandbox) and,
+        to see user messages' ids, ``extra_args={"replay-user-messages": None}``.
+        """
+        await self._live().rewind_files(user_message_id)
+
+    async def stop_task(self, task_id: str) -> None:
+        """Stop a background task (its id from the ``task_started`` system message)."""
+        await self._live().stop_task(task_id)
 
 
 def store_project_key(sandbox: Sandbox, cwd: str) -> str:
