@@ -437,7 +437,7 @@ class _Store(InMemorySessionStore):
         await super().append(key, entries)
 
 
-@pytest.mark.parametrize("shape", ["same", "other", "store", "pool's"])
+@pytest.mark.parametrize("shape", ["same", "other", "other, at take", "store", "pool's"])
 async def test_a_run_from_a_pool_runs_its_own_callbacks_never_the_pools(shape: str) -> None:
     # The pool's CLI once ran every run with the pool's callbacks: the run's own hooks and
     # session store were dropped without a word.
@@ -454,7 +454,7 @@ async def test_a_run_from_a_pool_runs_its_own_callbacks_never_the_pools(shape: s
             options = ClaudeAgentOptions(
                 **data, hooks={"PreToolUse": [HookMatcher(hooks=[_hook(seen, "mine")])]}
             )
-        elif shape == "other":  # two hooks where the pool registered one: a new CLI
+        elif shape.startswith("other"):  # two hooks where the pool registered one
             hooks = [_hook(seen, "mine"), _hook(seen, "mine-too")]
             options = ClaudeAgentOptions(**data, hooks={"PreToolUse": [HookMatcher(hooks=hooks)]})
         elif shape == "store":  # the CLI must mirror its transcript: a new CLI
@@ -465,7 +465,11 @@ async def test_a_run_from_a_pool_runs_its_own_callbacks_never_the_pools(shape: s
             )
         with anyio.fail_after(180):
             async with RecordingPool(
-                "local", size=1, options=pool_options, env=model.env()
+                "local",
+                size=1,
+                options=pool_options,
+                env=model.env(),
+                initialize=shape != "other, at take",
             ) as pool:
                 await pool.wait_ready(timeout=120)
                 run = sandbay.run_agent("go", pool=pool, options=options)
@@ -475,11 +479,13 @@ async def test_a_run_from_a_pool_runs_its_own_callbacks_never_the_pools(shape: s
         restarted = run.run_id != taken.lease.transport.run_id if taken.lease.transport else True
     assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
     assert "from-bash" in str(model.tool_results()[0].get("content"))
-    assert taken.initialized
+    assert taken.initialized is (shape != "other, at take")
     if shape == "same":
         assert seen == ["mine:Bash"] and not restarted
-    elif shape == "other":
+    elif shape == "other":  # the pool's handshake cannot take them: a new CLI
         assert seen == ["mine:Bash", "mine-too:Bash"] and restarted
+    elif shape == "other, at take":  # the pool's warm CLI, the handshake in the run
+        assert seen == ["mine:Bash", "mine-too:Bash"] and not restarted
     elif shape == "store":
         assert seen == ["mine:Bash"] and restarted and store.appended > 0
     else:

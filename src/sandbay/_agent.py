@@ -243,7 +243,7 @@ class Lease:
         for them in the same sandbox, and the handshake happens in the run. The returned
         transport may still need ``connect()``.
         """
-        from ._query import handshake_shape
+        from ._query import command_line_shape, handshake_shape
         from ._transport import SandboxTransport
 
         run_env = {**self.env, **(env or {})}
@@ -251,8 +251,8 @@ class Lease:
         if pooled is None or not self.prepared:
             return SandboxTransport(self.sandbox, options, env=run_env, run_id=self.run_id), None
         effective = options_for_lease(pooled.options, options)
-        want, have = handshake_shape(effective), handshake_shape(pooled.options)
-        if want == have if self.query is not None else want[1:3] == have[1:3]:
+        shape = handshake_shape if self.query is not None else command_line_shape
+        if shape(effective) == shape(pooled.options):
             pooled.options = effective  # its stderr callback is the run's too
             return pooled, self.query
         _logger.info(

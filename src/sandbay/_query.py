@@ -29,7 +29,7 @@ from typing_extensions import override
 
 from ._errors import ConfigError
 
-__all__ = ["handshake_shape", "make_query", "raw_query", "rebind"]
+__all__ = ["command_line_shape", "handshake_shape", "make_query", "raw_query", "rebind"]
 
 
 @dataclasses.dataclass
@@ -206,14 +206,22 @@ def _hook_matchers(options: ClaudeAgentOptions) -> list[tuple[str, dict[str, Any
     return [(event, m) for event, matchers in internal.items() if matchers for m in matchers]
 
 
+def command_line_shape(options: ClaudeAgentOptions) -> tuple[bool, bool]:
+    """What of ``options``' callbacks shows in the CLI's command line.
+
+    ``--permission-prompt-tool stdio`` for a ``can_use_tool``, ``--session-mirror`` for a
+    session store: a started CLI serves callbacks only with these the same.
+    """
+    return options.can_use_tool is not None, options.session_store is not None
+
+
 def handshake_shape(options: ClaudeAgentOptions) -> tuple[object, ...]:
     """What of ``options``, beyond their data, the CLI's command line and handshake fix.
 
     The initialize handshake registers each hook callback by an id (``hook_0``, … in order)
     with its event, matcher, timeout and ``on_failure``; the callable itself is looked up by
-    id when the CLI calls it. The command line carries ``--permission-prompt-tool stdio``
-    for a ``can_use_tool`` and ``--session-mirror`` for a session store; the CLI lists an
-    SDK MCP server's tools from the instance it was started with. So a CLI started and
+    id when the CLI calls it. The command line has `command_line_shape`. The CLI lists an SDK
+    MCP server's tools from the instance it talked to first. So a CLI started and
     initialized for options of one shape serves options of the same shape (and the same
     data) with their own callbacks (`rebind`); for any other shape it must be started anew.
     """
@@ -229,12 +237,7 @@ def handshake_shape(options: ClaudeAgentOptions) -> tuple[object, ...]:
             if isinstance(config, dict) and config.get("type") == "sdk"
         )
     )
-    return (
-        hooks,
-        options.can_use_tool is not None,
-        options.session_store is not None,
-        sdk_servers,
-    )
+    return hooks, command_line_shape(options), sdk_servers
 
 
 def rebind(
