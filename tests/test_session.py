@@ -22,6 +22,7 @@ from claude_agent_sdk import (
     ClaudeAgentOptions,
     ClaudeSDKClient,
     HookMatcher,
+    InMemorySessionStore,
     Message,
     ResultMessage,
     SessionStore,
@@ -565,3 +566,34 @@ async def test_the_sdk_clients_controls_reach_the_cli_in_the_sandbox(sandbox: Sa
                         and message.data.get("patch", {}).get("status") == "killed"
                     ):
                         break
+
+
+@pytest.mark.parametrize("kind", ["local", pytest.param("bwrap", marks=pytest.mark.bwrap)])
+async def test_a_session_from_a_pool_mirrors_to_its_own_store_under_the_specs_project(
+    kind: str,
+) -> None:
+    pools_store, mine = InMemorySessionStore(), InMemorySessionStore()
+    async with ScriptedModel([Turn.text("kept in my store")]) as model:
+        data: dict[str, Any] = {"max_turns": 2, "env": model.env()}
+        provider: Any = config(kind)
+        with anyio.fail_after(180):
+            async with RecordingPool(
+                provider,
+                HOST_NET,
+                size=1,
+                options=ClaudeAgentOptions(**data, session_store=pools_store),
+                env=model.env(),
+            ) as pool:
+                await pool.wait_ready(timeout=120)
+                options = ClaudeAgentOptions(**data, session_store=mine)
+                async with sandbay.AgentSession(pool=pool, options=options) as session:
+                    await turn(session, "remember")
+                    [taken] = pool.taken
+                    assert session.transport is taken.lease.transport  # no CLI started anew
+                    session_id = session.session_id
+    assert session_id is not None
+    # Under the working directory as the spec names it, whichever folder the sandbox uses.
+    assert [s["session_id"] for s in await mine.list_sessions("-workspace")] == [session_id]
+    entries = await mine.load({"project_key": "-workspace", "session_id": session_id})
+    assert entries and "kept in my store" in json.dumps(entries)
+    assert await pools_store.list_sessions("-workspace") == []
