@@ -411,8 +411,9 @@ def _hook(seen: list[str], tag: str) -> Any:
     return hook
 
 
+@pytest.mark.parametrize("kind", PROVIDERS)
 @pytest.mark.parametrize("shape", ["same", "other", "pool's"])
-async def test_a_session_from_a_pool_runs_its_own_callbacks(shape: str) -> None:
+async def test_a_session_from_a_pool_runs_its_own_callbacks(kind: str, shape: str) -> None:
     seen: list[str] = []
     script = [Turn.tool_use("Bash", {"command": "echo from-bash"}), Turn.text("done")]
     async with ScriptedModel(script) as model:
@@ -430,15 +431,16 @@ async def test_a_session_from_a_pool_runs_its_own_callbacks(shape: str) -> None:
         else:
             options = None
         with anyio.fail_after(180):
+            provider: Any = config(kind)
             async with RecordingPool(
-                UNISOLATED, size=1, options=pool_options, env=model.env()
+                provider, HOST_NET, size=1, options=pool_options, env=model.env()
             ) as pool:
                 await pool.wait_ready(timeout=120)
                 async with sandbay.AgentSession(pool=pool, options=options) as session:
                     [taken] = pool.taken
                     messages = await turn(session, "go")
                     assert session.transport is not None
-                    restarted = session.transport.cli_pid != taken.cli_pid
+                    restarted = session.transport is not taken.lease.transport
         assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
     assert "from-bash" in tool_output(model, 0)
     if shape == "same":
