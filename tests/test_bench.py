@@ -49,7 +49,8 @@ async def test_a_small_run_reports_every_phase(mode: str, tmp_path: Path) -> Non
     config = BenchConfig(providers=["local"], runs=2, mode=mode, concurrency=2)  # type: ignore[arg-type]
     report = await run_bench(config)
     per_round = 2 if mode == "burst" else 1
-    assert len(report.samples) == 2 * per_round  # the warm-up round is excluded
+    rows = 2 if mode == "warm" else 1  # warm: the handshake done by the pool, or in the run
+    assert len(report.samples) == 2 * per_round * rows  # the warm-up round is excluded
     assert all(s.error is None for s in report.samples), [s.error for s in report.samples]
     phases = WARM_PHASES if mode == "warm" else COLD_PHASES
     for sample in report.samples:
@@ -70,6 +71,8 @@ async def test_a_small_run_reports_every_phase(mode: str, tmp_path: Path) -> Non
     markdown = paths[1].read_text()
     assert "| local |" in markdown and "cores" in markdown
     assert ("over its floor" in markdown) == (mode == "cold")
+    if mode == "warm":
+        assert "| local (handshake at take) |" in markdown
     assert any(p.suffix == ".png" and p.stat().st_size > 1000 for p in paths)
 
 

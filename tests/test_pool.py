@@ -5,13 +5,24 @@ the hanging provider is a real `LocalProvider` whose create waits on the test's 
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from claude_agent_sdk import (
+    ClaudeAgentOptions,
+    HookMatcher,
+    InMemorySessionStore,
+    ResultMessage,
+    SessionKey,
+    SessionStoreEntry,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -20,8 +31,10 @@ from typing_extensions import override
 
 import sandbay
 from sandbay import Sandbox, SandboxSpec
+from sandbay._agent import Lease
 from sandbay._provider import Launch, managed_labels
 from sandbay.providers.local import LocalProvider
+from sandbay.testing import ScriptedModel, Turn
 
 pytestmark = pytest.mark.anyio
 
@@ -57,6 +70,18 @@ class HangingProvider(LocalProvider):
                 return sandbox
         sandbox = await super().create(spec)
         self.made.append(sandbox.id)
+        return sandbox
+
+
+class RecordingProvider(LocalProvider):
+    """Local sandboxes, the ids of those made noted (other tests may run beside these)."""
+
+    made: list[str]
+
+    @override
+    async def create(self, spec: SandboxSpec) -> Sandbox:
+        sandbox = await super().create(spec)
+        self.made = [*getattr(self, "made", []), sandbox.id]
         return sandbox
 
 
@@ -360,3 +385,182 @@ async def test_a_cold_docker_run_starts_its_entrypoint_with_the_sandbox() -> Non
             messages = [m async for m in run]
     assert type(messages[-1]).__name__ == "ResultMessage"
     assert run.sandbox is not None and run.sandbox.closed
+
+
+# -- the SDK's handshake done ahead of time ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Taken:
+    """What was already done in a lease when the pool handed it out."""
+
+    lease: Lease
+    cli_pid: int | None
+    initialized: bool
+
+
+class RecordingPool(sandbay.SandboxPool):
+    """A real pool that notes, as it hands each lease out, what was done in it already."""
+
+    taken: list[Taken]
+
+    @override
+    async def acquire(self, *, timeout: float | None = None) -> Lease:
+        lease = await super().acquire(timeout=timeout)
+        self.taken = [
+            *getattr(self, "taken", []),
+            Taken(
+                lease,
+                lease.transport.cli_pid if lease.transport is not None else None,
+                lease.query is not None and lease.query._initialization_result is not None,
+            ),
+        ]
+        return lease
+
+
+def _hook(seen: list[str], tag: str) -> Any:
+    async def hook(data: Any, tool_use_id: str | None, context: Any) -> Any:
+        seen.append(f"{tag}:{data.get('tool_name')}")
+        return {}
+
+    return hook
+
+
+class _Store(InMemorySessionStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.appended = 0
+
+    @override
+    async def append(self, key: SessionKey, entries: list[SessionStoreEntry]) -> None:
+        self.appended += len(entries)
+        await super().append(key, entries)
+
+
+@pytest.mark.parametrize("shape", ["same", "other", "other, at take", "store", "pool's"])
+async def test_a_run_from_a_pool_runs_its_own_callbacks_never_the_pools(shape: str) -> None:
+    # The pool's CLI once ran every run with the pool's callbacks: the run's own hooks and
+    # session store were dropped without a word.
+    seen: list[str] = []
+    store = _Store()
+    script = [Turn.tool_use("Bash", {"command": "echo from-bash"}), Turn.text("done")]
+    async with ScriptedModel(script) as model:
+        data: dict[str, Any] = {"max_turns": 3, "allowed_tools": ["Bash"]}
+        pool_options = ClaudeAgentOptions(
+            **data, hooks={"PreToolUse": [HookMatcher(hooks=[_hook(seen, "pool")])]}
+        )
+        options: ClaudeAgentOptions | None = None
+        if shape == "same":  # the pool's handshake, the run's callable in its place
+            options = ClaudeAgentOptions(
+                **data, hooks={"PreToolUse": [HookMatcher(hooks=[_hook(seen, "mine")])]}
+            )
+        elif shape.startswith("other"):  # two hooks where the pool registered one
+            hooks = [_hook(seen, "mine"), _hook(seen, "mine-too")]
+            options = ClaudeAgentOptions(**data, hooks={"PreToolUse": [HookMatcher(hooks=hooks)]})
+        elif shape == "store":  # the CLI must mirror its transcript: a new CLI
+            options = ClaudeAgentOptions(
+                **data,
+                hooks={"PreToolUse": [HookMatcher(hooks=[_hook(seen, "mine")])]},
+                session_store=store,
+            )
+        with anyio.fail_after(180):
+            async with RecordingPool(
+                "local",
+                size=1,
+                options=pool_options,
+                env=model.env(),
+                initialize=shape != "other, at take",
+            ) as pool:
+                await pool.wait_ready(timeout=120)
+                run = sandbay.run_agent("go", pool=pool, options=options)
+                async with run:
+                    messages = [m async for m in run]
+                [taken] = pool.taken
+        restarted = run.run_id != taken.lease.transport.run_id if taken.lease.transport else True
+    assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
+    assert "from-bash" in str(model.tool_results()[0].get("content"))
+    assert taken.initialized is (shape != "other, at take")
+    if shape == "same":
+        assert seen == ["mine:Bash"] and not restarted
+    elif shape == "other":  # the pool's handshake cannot take them: a new CLI
+        assert seen == ["mine:Bash", "mine-too:Bash"] and restarted
+    elif shape == "other, at take":  # the pool's warm CLI, the handshake in the run
+        assert seen == ["mine:Bash", "mine-too:Bash"] and not restarted
+    elif shape == "store":
+        assert seen == ["mine:Bash"] and restarted and store.appended > 0
+    else:
+        assert seen == ["pool:Bash"] and not restarted
+
+
+async def test_a_pooled_run_starts_no_cli_and_does_no_handshake() -> None:
+    async with ScriptedModel([Turn.text("warm")] * 2) as model:
+        options = ClaudeAgentOptions(max_turns=2)
+        for initialize in (True, False):
+            async with RecordingPool(
+                "local", size=1, options=options, env=model.env(), initialize=initialize
+            ) as pool:
+                await pool.wait_ready(timeout=120)
+                run = sandbay.run_agent("go", pool=pool)
+                async with run:
+                    messages = [m async for m in run]
+                [taken] = pool.taken
+            assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
+            # The relay had reported the CLI started before the run took the sandbox; the
+            # run went on over that CLI (its run), with the handshake done or not.
+            assert taken.cli_pid is not None
+            assert taken.lease.transport is not None
+            assert run.run_id == taken.lease.transport.run_id
+            assert taken.initialized is initialize
+            assert (taken.lease.query is not None) is initialize
+
+
+FAKE_CLI = """\
+import os, sys
+sys.stderr.write(f"fake-cli pid={os.getpid()}\\n")
+sys.stderr.flush()
+for line in sys.stdin:
+    if '"initialize"' in line:
+        sys.stderr.write("fake-cli got initialize\\n")
+        sys.stderr.flush()
+        # and never answers it
+sys.stdin.read()
+"""
+
+
+async def test_closing_a_pool_in_the_middle_of_a_handshake_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    cli = tmp_path / "fake-claude"
+    cli.write_text(f"#!{sys.executable}\n{FAKE_CLI}")
+    cli.chmod(0o755)
+    lines: list[str] = []
+    asked = anyio.Event()
+
+    def on_stderr(line: str) -> None:
+        lines.append(line)
+        if "got initialize" in line:
+            asked.set()
+
+    options = ClaudeAgentOptions(cli_path=str(cli), stderr=on_stderr)
+    provider = RecordingProvider(sandbay.LocalConfig(isolate=False))  # the CLI is the host's
+    with anyio.fail_after(60):
+        async with sandbay.SandboxPool(
+            provider,
+            size=1,
+            options=options,
+            env={"ANTHROPIC_API_KEY": "unused"},
+        ) as pool:
+            await asked.wait()  # the pool waits for the CLI's answer to its initialize
+            assert pool.ready == 0
+    pids = [int(line.split("pid=")[1]) for line in lines if "pid=" in line]
+    assert pids
+    assert all(_gone(pid) for pid in pids)
+    assert provider.made and not set(provider.made) & await live_ids()
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

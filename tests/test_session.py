@@ -20,11 +20,18 @@ import pytest
 from claude_agent_sdk import (
     AssistantMessage,
     ClaudeAgentOptions,
+    ClaudeSDKClient,
+    HookMatcher,
+    InMemorySessionStore,
     Message,
     ResultMessage,
     SessionStore,
+    SystemMessage,
     ToolUseBlock,
+    UserMessage,
+    create_sdk_mcp_server,
     project_key_for_directory,
+    tool,
 )
 
 import sandbay
@@ -37,6 +44,7 @@ from sandbay.stores import (
     SQLiteSessionStore,
 )
 from sandbay.testing import ScriptedModel, Turn
+from test_pool import RecordingPool
 
 # pytest finds fixtures by name: the store servers are those of the store tests.
 from test_stores import BUCKET, postgres_dsn, redis_url, s3_endpoint  # noqa: F401
@@ -355,3 +363,239 @@ async def test_arguments_are_checked() -> None:
         sandbay.AgentSession(provider="local", turn_timeout=0)
     with pytest.raises(sandbay.SandboxError, match="not running"):
         await sandbay.AgentSession(provider="local").query("x")
+
+
+# -- sessions from a warm pool ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", PROVIDERS)
+async def test_a_session_from_a_pool_starts_with_its_cli_running(kind: str) -> None:
+    async with ScriptedModel([Turn.text("warm answer"), Turn.text("second answer")]) as model:
+        options = ClaudeAgentOptions(max_turns=3, env=model.env())
+        with anyio.fail_after(240):
+            provider: Any = config(kind)
+            async with RecordingPool(
+                provider, HOST_NET, size=1, options=options, env=model.env()
+            ) as pool:
+                await pool.wait_ready(timeout=180)
+                async with sandbay.AgentSession(pool=pool) as session:
+                    [taken] = pool.taken
+                    # Before the session took it, the relay had reported the CLI started
+                    # and the CLI had answered the SDK's initialize handshake.
+                    assert taken.cli_pid is not None and taken.initialized
+                    assert "warm answer" in str(await turn(session, "one"))
+                    # The turn ran on that CLI, over that handshake: none in the take.
+                    transport = session.transport
+                    assert transport is not None and transport is taken.lease.transport
+                    assert transport.cli_pid == taken.cli_pid
+                    assert session.client is not None
+                    assert session.client._query is taken.lease.query
+                    info = await session.client.get_server_info()
+                    assert info is not None and "commands" in info
+                    second = await turn(session, "two")
+                    assert "second answer" in str(second)
+                    assert isinstance(second[-1], ResultMessage) and not second[-1].is_error
+                    # The pool refills behind the session it handed out.
+                    await pool.wait_ready(timeout=180)
+                    assert pool.stats["provisioned"] == 2
+                sandbox = session.sandbox
+                assert sandbox is not None and sandbox.closed  # the session owned it
+        assert "warm answer" in json.dumps(model.turn_requests[-1].messages)
+
+
+def _hook(seen: list[str], tag: str) -> Any:
+    async def hook(data: Any, tool_use_id: str | None, context: Any) -> Any:
+        seen.append(f"{tag}:{data.get('tool_name')}")
+        return {}
+
+    return hook
+
+
+@pytest.mark.parametrize("kind", PROVIDERS)
+@pytest.mark.parametrize("shape", ["same", "other", "pool's"])
+async def test_a_session_from_a_pool_runs_its_own_callbacks(kind: str, shape: str) -> None:
+    seen: list[str] = []
+    script = [Turn.tool_use("Bash", {"command": "echo from-bash"}), Turn.text("done")]
+    async with ScriptedModel(script) as model:
+        data: dict[str, Any] = {"max_turns": 3, "allowed_tools": ["Bash"], "env": model.env()}
+        pool_options = ClaudeAgentOptions(
+            **data, hooks={"PreToolUse": [HookMatcher(hooks=[_hook(seen, "pool")])]}
+        )
+        if shape == "same":  # the pool's handshake, the session's callable in its place
+            options: ClaudeAgentOptions | None = ClaudeAgentOptions(
+                **data, hooks={"PreToolUse": [HookMatcher(hooks=[_hook(seen, "mine")])]}
+            )
+        elif shape == "other":  # a second hook: the CLI is started anew for it
+            hooks = [_hook(seen, "mine"), _hook(seen, "mine-too")]
+            options = ClaudeAgentOptions(**data, hooks={"PreToolUse": [HookMatcher(hooks=hooks)]})
+        else:
+            options = None
+        with anyio.fail_after(180):
+            provider: Any = config(kind)
+            async with RecordingPool(
+                provider, HOST_NET, size=1, options=pool_options, env=model.env()
+            ) as pool:
+                await pool.wait_ready(timeout=120)
+                async with sandbay.AgentSession(pool=pool, options=options) as session:
+                    [taken] = pool.taken
+                    messages = await turn(session, "go")
+                    assert session.transport is not None
+                    restarted = session.transport is not taken.lease.transport
+        assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
+    assert "from-bash" in tool_output(model, 0)
+    if shape == "same":
+        assert seen == ["mine:Bash"] and not restarted
+    elif shape == "other":
+        assert seen == ["mine:Bash", "mine-too:Bash"] and restarted
+    else:
+        assert seen == ["pool:Bash"] and not restarted
+
+
+async def test_closing_the_pool_leaves_a_session_it_handed_out_working() -> None:
+    script = [Turn.text("after the pool closed")]
+    async with ScriptedModel(script) as model:
+        options = ClaudeAgentOptions(max_turns=3, env=model.env())
+        with anyio.fail_after(180):
+            pool = sandbay.SandboxPool(UNISOLATED, size=2, options=options, env=model.env())
+            async with pool:
+                await pool.wait_ready(timeout=120)
+                session = sandbay.AgentSession(pool=pool)
+                await session.__aenter__()
+            try:
+                # Closing the pool removed what it held, not what it handed out.
+                assert pool.closed and session.sandbox is not None
+                assert not session.sandbox.closed
+                assert "after the pool closed" in str(await turn(session, "go on"))
+                transport = session.transport
+                assert transport is not None and run_pids(session.sandbox, transport.run_id)
+            finally:
+                await session.aclose()
+    assert session.sandbox.closed
+    assert run_pids(session.sandbox, transport.run_id) == set()
+    live = {s.id for s in await sandbay.get_provider("local").list()}
+    assert session.sandbox.id not in live
+
+
+async def test_a_session_from_a_pool_refuses_other_data_and_a_store_resume() -> None:
+    async with sandbay.SandboxPool(
+        UNISOLATED, size=1, options=ClaudeAgentOptions(max_turns=3), env={"ANTHROPIC_API_KEY": "x"}
+    ) as pool:
+        with pytest.raises(sandbay.ConfigError, match="other options"):
+            sandbay.AgentSession(pool=pool, options=ClaudeAgentOptions(max_turns=9))
+        with pytest.raises(sandbay.ConfigError, match="give pool, or sandbox"):
+            sandbay.AgentSession(pool=pool, provider="local")
+
+
+# -- what ClaudeSDKClient offers ----------------------------------------------------------------
+
+
+def test_every_public_method_of_the_sdk_client_has_its_session_counterpart() -> None:
+    # Entering and leaving the session's block are the client's connect and disconnect.
+    methods = {
+        name
+        for name, value in vars(ClaudeSDKClient).items()
+        if not name.startswith("_") and callable(value)
+    }
+    missing = methods - {"connect", "disconnect"} - set(dir(sandbay.AgentSession))
+    assert not missing, f"AgentSession lacks {sorted(missing)}: forward them, with a test"
+
+
+@tool("add", "Add two numbers", {"a": int, "b": int})
+async def add(args: dict[str, Any]) -> dict[str, Any]:
+    return {"content": [{"type": "text", "text": f"sum={args['a'] + args['b']}"}]}
+
+
+@pytest.mark.parametrize("sandbox", PROVIDERS[:2], indirect=True)
+async def test_the_sdk_clients_controls_reach_the_cli_in_the_sandbox(sandbox: Sandbox) -> None:
+    background = {"command": SLOW_BASH.replace("30", "120"), "run_in_background": True}
+    script = [
+        Turn.tool_use("Write", {"file_path": "made.txt", "content": "x"}),
+        Turn.text("written"),
+        Turn.tool_use("Bash", background),
+        Turn.text("started"),
+    ]
+    async with ScriptedModel(script) as model:
+        options = ClaudeAgentOptions(
+            max_turns=4,
+            allowed_tools=["Write", "Bash"],
+            env=model.env(),
+            mcp_servers={"host": create_sdk_mcp_server("host", tools=[add])},
+            enable_file_checkpointing=True,
+            extra_args={"replay-user-messages": None},
+        )
+        with anyio.fail_after(180):
+            async with sandbay.AgentSession(sandbox=sandbox, options=options) as session:
+                info = await session.get_server_info()
+                assert info is not None and info["commands"]
+
+                await session.toggle_mcp_server("host", False)
+                [host] = (await session.get_mcp_status())["mcpServers"]
+                assert host["name"] == "host" and host["status"] == "disabled"
+                await session.toggle_mcp_server("host", True)
+                [host] = (await session.get_mcp_status())["mcpServers"]
+                assert host["status"] == "connected"
+                # The CLI reconnects only servers it runs itself; its refusal comes back.
+                with pytest.raises(Exception) as refused:
+                    await session.reconnect_mcp_server("host")
+                assert not isinstance(refused.value, sandbay.SandboxError)
+
+                await session.query("write")
+                replayed = [
+                    m.uuid
+                    async for m in session.receive_response()
+                    if isinstance(m, UserMessage) and m.uuid
+                ]
+                assert await sandbox.exists("made.txt")
+                await session.rewind_files(replayed[0])  # the prompt, before the write
+                assert not await sandbox.exists("made.txt")
+
+                usage = await session.get_context_usage()
+                assert usage["categories"]
+
+                await session.query("background")
+                started = [
+                    m
+                    async for m in session.receive_response()
+                    if isinstance(m, SystemMessage) and m.subtype == "task_started"
+                ]
+                task_id = started[0].data["task_id"]
+                await session.stop_task(task_id)
+                async for message in session.receive_messages():
+                    if (
+                        isinstance(message, SystemMessage)
+                        and message.subtype == "task_updated"
+                        and message.data.get("task_id") == task_id
+                        and message.data.get("patch", {}).get("status") == "killed"
+                    ):
+                        break
+
+
+@pytest.mark.parametrize("kind", ["local", pytest.param("bwrap", marks=pytest.mark.bwrap)])
+async def test_a_session_from_a_pool_mirrors_to_its_own_store_under_the_specs_project(
+    kind: str,
+) -> None:
+    pools_store, mine = InMemorySessionStore(), InMemorySessionStore()
+    async with ScriptedModel([Turn.text("kept in my store")]) as model:
+        data: dict[str, Any] = {"max_turns": 2, "env": model.env()}
+        provider: Any = config(kind)
+        with anyio.fail_after(180):
+            async with RecordingPool(
+                provider,
+                HOST_NET,
+                size=1,
+                options=ClaudeAgentOptions(**data, session_store=pools_store),
+                env=model.env(),
+            ) as pool:
+                await pool.wait_ready(timeout=120)
+                options = ClaudeAgentOptions(**data, session_store=mine)
+                async with sandbay.AgentSession(pool=pool, options=options) as session:
+                    await turn(session, "remember")
+                    [taken] = pool.taken
+                    assert session.transport is taken.lease.transport  # no CLI started anew
+                    session_id = session.session_id
+    assert session_id is not None
+    # Under the working directory as the spec names it, whichever folder the sandbox uses.
+    assert [s["session_id"] for s in await mine.list_sessions("-workspace")] == [session_id]
+    entries = await mine.load({"project_key": "-workspace", "session_id": session_id})
+    assert entries and "kept in my store" in json.dumps(entries)
+    assert await pools_store.list_sessions("-workspace") == []

@@ -49,6 +49,8 @@ from ._provider import Provider, managed_labels
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
 
 if TYPE_CHECKING:
+    from claude_agent_sdk._internal.query import Query
+
     from ._transport import SandboxTransport
 
 __all__ = [
@@ -203,12 +205,18 @@ class Lease:
             started with the pool's options) if ``prepared``.
         run_id: The run's id.
         prepared: Whether the ``claude`` CLI is already started with the pool's options.
+        query: The Agent SDK's control-protocol session over ``transport``, its initialize
+            handshake done with the pool's options' callbacks; ``None`` if the pool did not
+            do it ahead of time.
+        env: The agent environment the pool started the CLI with.
     """
 
     sandbox: Sandbox
     transport: SandboxTransport | None
     run_id: str
     prepared: bool
+    query: Query | None = None
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     async def kill(self) -> None:
         """Kill what the pool started in the sandbox (the relay and the CLI, if prepared).
@@ -217,6 +225,58 @@ class Lease:
         """
         if self.transport is not None:
             await self.transport.kill()
+        if self.query is not None:
+            await self.query.close()  # its reader task; the transport is dead already
+            self.query.close_receive_stream()
+
+    async def adopt(
+        self, options: ClaudeAgentOptions | None, *, env: Mapping[str, str] | None = None
+    ) -> tuple[SandboxTransport, Query | None]:
+        """The transport (and handshake) a run or session taking this lease runs over.
+
+        ``options`` ``None`` takes the pool's, callbacks included. Otherwise their data are
+        the pool's (the pool's `check_options` passed) or all defaults (the pool's data
+        then), and their callbacks are the run's, always: never the pool's in their place.
+        A prepared CLI serves them when they have the pool's `handshake_shape` (with the
+        handshake done: the run's callbacks take the places the pool's were registered in;
+        without it: the run does the handshake); otherwise it is killed and a CLI started
+        for them in the same sandbox, and the handshake happens in the run. The returned
+        transport may still need ``connect()``.
+        """
+        from ._query import command_line_shape, handshake_shape
+        from ._transport import SandboxTransport
+
+        run_env = {**self.env, **(env or {})}
+        pooled = self.transport
+        if pooled is None or not self.prepared:
+            return SandboxTransport(self.sandbox, options, env=run_env, run_id=self.run_id), None
+        effective = options_for_lease(pooled.options, options)
+        shape = handshake_shape if self.query is not None else command_line_shape
+        if shape(effective) == shape(pooled.options):
+            pooled.options = effective  # its stderr callback is the run's too
+            return pooled, self.query
+        _logger.info(
+            "sandbox %s: the run's callbacks differ in shape from the pool's; its CLI is "
+            "started anew",
+            self.sandbox.id,
+        )
+        await self.kill()
+        self.query = None
+        self.run_id = uuid.uuid4().hex[:16]
+        return SandboxTransport(self.sandbox, effective, env=run_env, run_id=self.run_id), None
+
+
+def options_for_lease(
+    pool_options: ClaudeAgentOptions, options: ClaudeAgentOptions | None
+) -> ClaudeAgentOptions:
+    """The options a run taking a prepared pooled CLI runs with (see `Lease.adopt`)."""
+    if options is None:
+        return pool_options
+    if options_to_wire(options):
+        return options
+    return dataclasses.replace(
+        pool_options, **{name: getattr(options, name) for name in CODE_OPTIONS}
+    )
 
 
 class LeaseSource(Protocol):
@@ -475,6 +535,8 @@ class AgentRun:
         self.sandbox: Sandbox | None = sandbox
         self._provider = provider
         self._options = options if options is not None else ClaudeAgentOptions()
+        self._given_options = options
+        self._query: Query | None = None
         self._wire_options = options_to_wire(options)
         if pool is not None:
             pool.check_options(self._wire_options)
@@ -597,7 +659,9 @@ class AgentRun:
             # Closed explicitly: closing this generator must close the query (whose
             # ``finally`` closes the transport) at once, not when the garbage collector runs;
             # a run that stops early kills the CLI first, so closing does not wait for it.
-            stream = raw_query(self.prompt, transport.options, transport, abort=transport.kill)
+            stream = raw_query(
+                self.prompt, transport.options, transport, abort=transport.kill, query=self._query
+            )
             try:
                 while True:
                     with _deadline(deadline) as scope:
@@ -627,6 +691,9 @@ class AgentRun:
             with anyio.CancelScope(shield=True):
                 if transport is not None and not finished:
                     await transport.kill()
+                if self._query is not None:
+                    await self._query.close()  # a pool's, in case the stream never took it
+                    self._query.close_receive_stream()
                 if self._owns_sandbox and self.sandbox is not None:
                     await self.sandbox.aclose()
                 self._reached("closed")
@@ -652,14 +719,15 @@ class AgentRun:
         if self._pool is not None:
             lease = await self._pool.acquire()
             # A pooled sandbox is used once: this run owns it and destroys it.
-            self.sandbox, self.run_id = lease.sandbox, lease.run_id
+            self.sandbox = lease.sandbox
             self._reached("sandbox")
-            transport = lease.transport
-            if transport is None or not lease.prepared:
-                # Only the sandbox is warm: the CLI starts with this run's options.
-                transport = SandboxTransport(
-                    self.sandbox, self._options, env=self._env, run_id=self.run_id
-                )
+            try:
+                transport, self._query = await lease.adopt(self._given_options, env=self._env)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await lease.kill()
+                raise
+            self.run_id = transport.run_id
         else:
             if self.sandbox is None:
                 provider = self._provider if self._provider is not None else load_config()

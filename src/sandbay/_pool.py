@@ -2,10 +2,15 @@
 
 `SandboxPool` keeps ``size`` sandboxes ready, sandbay's relay uploaded into each. When the
 pool was given agent ``options``, each also has the relay and the ``claude`` CLI started
-with them, the CLI waiting for its first input. `run_agent(..., pool=pool)` takes one and
-so skips provisioning, upload and (with options) the CLI's start-up; the SDK's initialize
-handshake, which registers the run's callbacks, happens in the run. A sandbox is used once: the run
-destroys it, and the pool provisions a replacement in the background.
+with them and (unless ``initialize=False``) the Agent SDK's initialize handshake done, the
+CLI waiting for its first user message. `run_agent(..., pool=pool)` and
+`AgentSession(pool=pool)` take one and so skip provisioning, upload and (with options) the
+CLI's start-up and the handshake. The handshake registers hook callbacks by id; a run whose
+callbacks have the same shape as the pool's (`sandbay._query.handshake_shape`) gets its own
+callbacks put in their places, and one whose callbacks differ gets a CLI started anew in the
+warm sandbox (the handshake then happens in the run): a run's callbacks are never dropped
+for the pool's. A sandbox is used once: the run destroys it, and the pool provisions a
+replacement in the background.
 
 The pool's background work (provisioning, discarding) runs in a task group owned by one
 runner task, not by the caller's task, so a service may open the pool in its startup hook
@@ -30,6 +35,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from claude_agent_sdk import ClaudeAgentOptions
+from claude_agent_sdk.types import _configure_can_use_tool
 from typing_extensions import Self
 
 from ._agent import (
@@ -48,6 +54,7 @@ from ._errors import (
     SandboxTimeoutError,
 )
 from ._provider import Provider
+from ._query import make_query
 from ._sandbox import CLOSE_TIMEOUT, Sandbox, SandboxSpec
 
 __all__ = ["Lease", "SandboxPool"]
@@ -96,9 +103,13 @@ class SandboxPool:
         size: How many ready sandboxes to keep.
         concurrency: Most sandboxes provisioned at once.
         options: Agent options to start the ``claude`` CLI with ahead of time, callbacks
-            included (they run in this process). Runs taking from this pool then use these
-            options (``run_agent`` refuses different data; its callbacks are not compared).
+            included (they run in this process). Runs taking from this pool use these
+            options' data (``run_agent`` and ``AgentSession`` refuse different data); with
+            ``options=None`` they use the pool's callbacks too, otherwise their own.
         env: Agent environment (model endpoint, keys) for the pre-started CLI.
+        initialize: Do the Agent SDK's initialize handshake ahead of time too (with
+            ``options``). Turn it off when runs bring callbacks of another shape than the
+            pool's: each would otherwise get a CLI started anew.
         close_timeout: Longest `aclose` waits for the pool's background work, in seconds.
             What is still running then (a provider that does not answer) is left to finish
             on its own; a sandbox it leaves behind carries its expiry label, by which
@@ -118,6 +129,7 @@ class SandboxPool:
         concurrency: int = 2,
         options: ClaudeAgentOptions | None = None,
         env: Mapping[str, str] | None = None,
+        initialize: bool = True,
         close_timeout: float = CLOSE_TIMEOUT_S,
     ) -> None:
         if size < 1:
@@ -134,6 +146,7 @@ class SandboxPool:
         self._provider = provider
         self._spec = spec
         self._options = options
+        self._initialize = initialize
         self._wire_options = options_to_wire(options) if options is not None else None
         self._env = agent_env(env)
         self._concurrency = concurrency
@@ -410,19 +423,30 @@ class SandboxPool:
 
         run_id = uuid.uuid4().hex[:16]
         sandbox = await provision_sandbox(self._provider, self._spec)
+        lease = Lease(sandbox, None, run_id, False, env=self._env)
         try:
             transport = SandboxTransport(sandbox, self._options, env=self._env, run_id=run_id)
+            lease.transport = transport
             if self._options is not None:
                 # The relay and the CLI start now; the CLI waits for its first input. The
                 # checks (credentials, bypassPermissions, a loopback model URL) run first.
                 await transport.connect()
                 await transport.wait_started()
+                lease.prepared = True
+                if self._initialize:
+                    # The handshake, with the pool's callbacks: a run of the same shape
+                    # puts its own in their places (`Lease.adopt`).
+                    lease.query = make_query(_configure_can_use_tool(self._options), transport)
+                    await lease.query.start()
+                    await lease.query.initialize()
             else:
                 await transport.upload()
                 await _check_python(sandbox)
-            return Lease(sandbox, transport, run_id, self._options is not None)
+            return lease
         except BaseException:
-            await sandbox.aclose()
+            with anyio.CancelScope(shield=True):
+                await lease.kill()
+                await sandbox.aclose()
             raise
 
 

@@ -43,11 +43,19 @@ from claude_agent_sdk import (
     SystemMessage,
     project_key_for_directory,
 )
-from claude_agent_sdk.types import PermissionMode
+from claude_agent_sdk._internal.query import Query
+from claude_agent_sdk.types import (
+    ContextUsageResponse,
+    McpStatusResponse,
+    PermissionMode,
+    _configure_can_use_tool,
+)
 from typing_extensions import Self, override
 
+from ._agent import Lease, LeaseSource, options_to_wire
 from ._api import ProviderArg, create_sandbox
 from ._errors import ConfigError, SandboxError, SandboxTimeoutError
+from ._query import make_query, rebind
 from ._sandbox import CLOSE_TIMEOUT, Sandbox, SandboxSpec
 from ._transport import CLOSE_GRACE_S, SandboxTransport, check_tenant, tenant_options
 
@@ -64,16 +72,26 @@ class AgentSession:
 
     Use it as an async context manager. Inside, it offers what `ClaudeSDKClient` offers
     locally (`query`, `receive_response`, `receive_messages`, `interrupt`, `set_model`,
-    `set_permission_mode`), with the SDK (hooks, ``can_use_tool``, SDK MCP servers, the
-    session-store mirror) on the host and the CLI with its tools in the sandbox. On exit
-    the CLI is stopped, and a sandbox the session created is removed; a sandbox it was
-    given stays open, with the session's files in it.
+    `set_permission_mode`, `get_server_info`, `get_mcp_status`, `get_context_usage`,
+    `reconnect_mcp_server`, `toggle_mcp_server`, `rewind_files`, `stop_task`; entering and
+    leaving the block are its ``connect`` and ``disconnect``), with the SDK (hooks,
+    ``can_use_tool``, SDK MCP servers, the session-store mirror) on the host and the CLI
+    with its tools in the sandbox. On exit the CLI is stopped, and a sandbox the session
+    created is removed; a sandbox it was given stays open, with the session's files in it.
 
     Args:
         sandbox: An open sandbox to run in. Several sessions may share one.
         provider: Otherwise, where to create a sandbox for this session (a provider name,
             a config, or ``None`` for the config file / environment; see
-            `sandbay.create_sandbox`). Give ``sandbox`` or ``provider``, not both.
+            `sandbay.create_sandbox`). Give ``sandbox``, ``provider`` or ``pool``, one.
+        pool: Or take a warm sandbox from this `SandboxPool`; the session owns it and
+            removes it on exit. From a pool made with agent options, the session starts with
+            the pool's CLI already running (and, by default, its handshake done): it runs
+            in the pool's working directory with the pool's config directory, its options'
+            data must be the pool's (or all defaults), ``resume`` is not possible, and
+            callbacks of another shape than the pool's get a CLI started anew (see
+            `SandboxPool`). From a pool without options, only the sandbox is warm and the
+            session is what it is with ``sandbox``.
         spec: The spec of a sandbox the session creates.
         options: The SDK's options. ``cwd`` is the session's working directory in the
             sandbox (relative to its workdir; default the workdir), created if missing.
@@ -108,6 +126,7 @@ class AgentSession:
         sandbox: Sandbox | None = None,
         provider: ProviderArg = None,
         spec: SandboxSpec | None = None,
+        pool: LeaseSource | None = None,
         options: ClaudeAgentOptions | None = None,
         env: Mapping[str, str] | None = None,
         name: str | None = None,
@@ -118,6 +137,10 @@ class AgentSession:
         self.tenant = tenant
         if sandbox is not None and (provider is not None or spec is not None):
             raise ConfigError("AgentSession: give sandbox, or provider and spec, not both")
+        if pool is not None and (sandbox is not None or provider is not None or spec is not None):
+            raise ConfigError("AgentSession: give pool, or sandbox, or provider and spec; one")
+        if pool is not None:
+            pool.check_options(options_to_wire(options))
         if name is not None and not _NAME.match(name):
             raise ConfigError(
                 f"AgentSession name {name!r}: use 1 to 64 letters, digits, '_', '.' or '-'"
@@ -127,6 +150,8 @@ class AgentSession:
         self._given = sandbox
         self._provider = provider
         self._spec = spec
+        self._pool = pool
+        self._given_options = options
         self.options = options if options is not None else ClaudeAgentOptions()
         self._env = dict(env or {})
         self.name = name or uuid.uuid4().hex[:16]
@@ -168,7 +193,14 @@ class AgentSession:
         await self.aclose()
 
     async def _start(self) -> None:
-        if self._given is None:
+        if self._pool is not None:
+            lease = await self._pool.acquire()
+            self._owned = self.sandbox = lease.sandbox
+            if lease.prepared:
+                await self._start_pooled(lease)
+                return
+            await lease.kill()  # nothing runs in it yet; the session starts its own CLI
+        elif self._given is None:
             self._owned = await create_sandbox(self._provider, self._spec)
             self.sandbox = self._owned
         sandbox = self.sandbox
@@ -244,6 +276,44 @@ class AgentSession:
             tenant=self.tenant,
         )
         self.client = ClaudeSDKClient(options, transport=self.transport)
+        await self.client.connect()
+
+    async def _start_pooled(self, lease: Lease) -> None:
+        """Run over the CLI a warm pool started (and initialized) with its options."""
+        try:
+            transport, query = await lease.adopt(self._given_options, env=self._env)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await lease.kill()
+            raise
+        sandbox = lease.sandbox
+        options = transport.options
+        if options.session_store is not None and (
+            options.resume is not None or options.continue_conversation
+        ):
+            with anyio.CancelScope(shield=True):
+                await lease.kill()
+            raise ConfigError(
+                "a session from a warm pool cannot resume from a session store (the stored "
+                "transcript must be in the sandbox before its CLI starts): give sandbox= or "
+                "provider= instead"
+            )
+        self.options = options
+        self.cwd = posixpath.normpath(
+            sandbox.resolve(str(options.cwd)) if options.cwd else sandbox.workdir
+        )
+        configured = options.env.get("CLAUDE_CONFIG_DIR")
+        self.config_dir = posixpath.normpath(sandbox.resolve(configured)) if configured else None
+        self.session_id = options.resume
+        cli_key = project_key_for_directory(self.cwd)
+        store_key = store_project_key(sandbox, self.cwd)
+        self.transport = transport
+        self.client = _PooledClient(
+            options,
+            transport,
+            query=query,
+            rename=(cli_key, store_key) if store_key != cli_key else None,
+        )
         await self.client.connect()
 
     async def aclose(self) -> None:
@@ -351,6 +421,38 @@ class AgentSession:
         """Change the permission mode for what follows (see `ClaudeSDKClient`)."""
         await self._live().set_permission_mode(mode)
 
+    async def get_server_info(self) -> dict[str, Any] | None:
+        """What the CLI answered the SDK's initialize handshake with (commands, models, …)."""
+        return await self._live().get_server_info()
+
+    async def get_mcp_status(self) -> McpStatusResponse:
+        """The MCP servers the CLI knows and how each is (SDK MCP servers run on the host)."""
+        return await self._live().get_mcp_status()
+
+    async def get_context_usage(self) -> ContextUsageResponse:
+        """How the conversation's context window is used, by category."""
+        return await self._live().get_context_usage()
+
+    async def reconnect_mcp_server(self, server_name: str) -> None:
+        """Reconnect the MCP server ``server_name`` (one that failed, say)."""
+        await self._live().reconnect_mcp_server(server_name)
+
+    async def toggle_mcp_server(self, server_name: str, enabled: bool) -> None:
+        """Enable or disable the MCP server ``server_name`` for what follows."""
+        await self._live().toggle_mcp_server(server_name, enabled)
+
+    async def rewind_files(self, user_message_id: str) -> None:
+        """Put the sandbox's files the agent changed back as they were at that user message.
+
+        Needs ``options.enable_file_checkpointing`` (the checkpoints stay in the sandbox) and,
+        to see user messages' ids, ``extra_args={"replay-user-messages": None}``.
+        """
+        await self._live().rewind_files(user_message_id)
+
+    async def stop_task(self, task_id: str) -> None:
+        """Stop a background task (its id from the ``task_started`` system message)."""
+        await self._live().stop_task(task_id)
+
 
 def store_project_key(sandbox: Sandbox, cwd: str) -> str:
     """The ``project_key`` under which a session working in ``cwd`` is kept in a store.
@@ -365,6 +467,40 @@ def store_project_key(sandbox: Sandbox, cwd: str) -> str:
     if workdir != named and (cwd == workdir or cwd.startswith(workdir + "/")):
         cwd = named + cwd[len(workdir) :]
     return project_key_for_directory(cwd)
+
+
+class _PooledClient(ClaudeSDKClient):
+    """`ClaudeSDKClient` over a pooled CLI: its `Query` made by sandbay's `make_query` (whose
+    mirror finds the CLI's config directory in the sandbox by itself), or the pool's own
+    with its handshake done, given the session's callbacks (`rebind`)."""
+
+    def __init__(
+        self,
+        options: ClaudeAgentOptions,
+        transport: SandboxTransport,
+        *,
+        query: Query | None,
+        rename: tuple[str, str] | None,
+    ) -> None:
+        super().__init__(options, transport=transport)
+        self._sandbay_transport = transport
+        self._prepared = query
+        self._rename = rename
+
+    @override
+    async def _connect_inner(self, prompt: Any, actual_prompt: Any) -> None:
+        configured = _configure_can_use_tool(self.options)
+        self._verbatim_prompts = self.options.verbatim_prompts
+        self._transport = transport = self._sandbay_transport
+        await transport.connect()
+        query, self._prepared = self._prepared, None
+        if query is not None and query._initialized:
+            self._query = query  # closed by disconnect, however what follows ends
+            rebind(query, configured, rename_project=self._rename)
+            return
+        self._query = make_query(configured, transport, rename_project=self._rename)
+        await self._query.start()
+        await self._query.initialize()
 
 
 class _SessionTransport(SandboxTransport):
