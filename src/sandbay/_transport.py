@@ -91,7 +91,7 @@ _INSTALL = (
 )
 #: Python flags of the relay: no PYTHON* variables, no user or site directories (no .pth
 #: file anyone planted runs in it), only the standard library and the relay's own files.
-_RELAY_PYTHON_FLAGS = ("-E", "-s", "-S")
+RELAY_PYTHON_FLAGS = ("-E", "-s", "-S")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,7 +389,7 @@ class SandboxTransport(Transport):
         # umask 077: the run's directory and its log are the relay's user's alone.
         command = (
             f"umask 077 && mkdir -p {directory} && exec {shlex.quote(self.sandbox.python)} "
-            f"{' '.join(_RELAY_PYTHON_FLAGS)} {shlex.quote(self._relay_path('relay.py'))} "
+            f"{' '.join(RELAY_PYTHON_FLAGS)} {shlex.quote(self._relay_path('relay.py'))} "
             f"serve --run-dir {directory} {shlex.join(flags)} "
             f"2>>{shlex.quote(self.run_dir + '/stderr.log')}"
         )
@@ -584,7 +584,7 @@ class SandboxTransport(Transport):
         """Start the relay's ``replay`` of the logged envelopes numbered above ``after``."""
         argv = [
             self.sandbox.python,
-            *_RELAY_PYTHON_FLAGS,
+            *RELAY_PYTHON_FLAGS,
             self._relay_path("relay.py"),
             "replay",
             "--run-dir",

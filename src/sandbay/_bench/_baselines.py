@@ -121,9 +121,11 @@ _CLI_INPUT = (
 async def sandbox_cli(sandbox: Sandbox) -> str:
     """The CLI the relay would run in ``sandbox``, found by the relay's own rule (not timed)."""
     from .._relay import relay
+    from .._transport import RELAY_PYTHON_FLAGS
 
-    code = f"import importlib.util, os, shutil\n{inspect.getsource(relay.find_cli)}\n"
-    result = await sandbox.exec([sandbox.python, "-c", code + "print(find_cli() or '')"])
+    code = f"import importlib.util, os, shutil, sys\n{inspect.getsource(relay.find_cli)}\n"
+    argv = [sandbox.python, *RELAY_PYTHON_FLAGS, "-c", code + "print(find_cli() or '')"]
+    result = await sandbox.exec(argv)
     path = result.stdout.decode().strip()
     if not result.ok or not path:
         raise SandboxError(f"no claude CLI in the sandbox: {result.stderr[-300:]!r}")
