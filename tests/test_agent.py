@@ -454,11 +454,11 @@ async def test_pool_runs_are_warm_and_never_reuse_a_sandbox() -> None:
                 assert isinstance(messages[-1], ResultMessage)
                 assert run.sandbox is not None and run.sandbox.closed
                 ids.append(run.sandbox.id)
-                # The CLI was started ahead of time: the first message follows the request
-                # within the pool's warm path, not a cold CLI start.
+                # That the CLI was started ahead of time is shown by events, not by a time
+                # bound: tests/test_pool.py::test_a_pooled_run_starts_no_cli_and_does_no_handshake.
                 t = run.timings
-                assert t.first_message is not None and t.start is not None
-                assert t.first_message - t.start < 1.0
+                assert t.start is not None and t.first_message is not None
+                assert t.start <= t.first_message
             assert len(set(ids)) == 3
             with pytest.raises(sandbay.ConfigError, match="other options"):
                 sandbay.run_agent("go", pool=pool, options=ClaudeAgentOptions(max_turns=9))
