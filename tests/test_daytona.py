@@ -1,0 +1,216 @@
+"""The daytona provider on the real ``daytona`` SDK, against the fake control plane in
+tests/fakes/daytona (REST API and toolbox on 127.0.0.1, sandboxes as real process trees)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from pydantic import SecretStr
+
+pytest.importorskip("daytona")
+
+import sandbay
+from fakes.daytona import FakeDaytona
+from sandbay import (
+    ConfigError,
+    DaytonaConfig,
+    ProviderUnavailableError,
+    SandboxNotFoundError,
+    SandboxSpec,
+)
+from sandbay.testing.conformance import check_names, run_check
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(shutil.which("bwrap") is None, reason="the fake runs sandboxes in bwrap"),
+]
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeDaytona]:
+    with FakeDaytona() as running:
+        yield running
+
+
+@pytest.fixture
+def config(fake: FakeDaytona) -> DaytonaConfig:
+    fake.faults.__init__()  # type: ignore[misc]
+    return DaytonaConfig(api_key=SecretStr("test-key"), api_url=fake.api_url)
+
+
+@pytest.mark.parametrize("check", check_names())
+async def test_conformance(config: DaytonaConfig, check: str) -> None:
+    await run_check(check, config, spec=SandboxSpec())
+
+
+async def test_close_stdin_is_a_sentinel_the_command_never_sees(config: DaytonaConfig) -> None:
+    # Daytona has no stdin EOF; the shim's end-of-input record must end cat's input, and no
+    # line the user might send (not even the shim's own words) may end it early.
+    async with sandbay.open_sandbox(config) as sb:
+        proc = await sb.start(["cat"])
+        await proc.write(b"e\nk\nd AAAA\n\x00\xff")
+        await proc.close_stdin()
+        assert await proc.stdout.read() == b"e\nk\nd AAAA\n\x00\xff"
+        assert await proc.wait() == 0
+
+
+async def test_cut_logs_stream_loses_and_repeats_nothing(
+    config: DaytonaConfig, fake: FakeDaytona
+) -> None:
+    script = "for i in $(seq 1 400); do echo out$i; echo err$i >&2; done"
+    async with sandbay.open_sandbox(config) as sb:
+        for abrupt in (False, True):
+            fake.faults.cut_abruptly = abrupt
+            fake.faults.cut_after_bytes = 3000
+            fake.faults.cut_logs = 3
+            result = await sb.exec(["sh", "-c", script])
+            assert fake.faults.cut_logs == 0, "the logs stream was not cut three times"
+            assert result.ok
+            assert result.stdout == b"".join(b"out%d\n" % i for i in range(1, 401))
+            assert result.stderr == b"".join(b"err%d\n" % i for i in range(1, 401))
+
+
+async def test_create_5xx_is_provider_unavailable_and_leaves_nothing(
+    config: DaytonaConfig, fake: FakeDaytona
+) -> None:
+    before = set(fake.sandbox_ids())
+    fake.faults.create_errors = 1
+    with pytest.raises(ProviderUnavailableError, match="daytona"):
+        async with sandbay.open_sandbox(config):
+            pass
+    assert set(fake.sandbox_ids()) == before
+
+
+async def test_slow_starting_state_is_waited_for(config: DaytonaConfig, fake: FakeDaytona) -> None:
+    fake.faults.starting_s = 1.5
+    started = time.monotonic()
+    async with sandbay.open_sandbox(config) as sb:
+        assert time.monotonic() - started >= 1.5
+        assert (await sb.exec(["echo", "up"])).stdout == b"up\n"
+
+
+async def test_unknown_id_is_not_found(config: DaytonaConfig) -> None:
+    with pytest.raises(SandboxNotFoundError):
+        await sandbay.connect_sandbox(config, "no-such-sandbox")
+    provider = sandbay.get_provider(config)
+    await provider.destroy("no-such-sandbox")  # gone already: not an error
+
+
+async def test_extend_sets_label_and_ttl(config: DaytonaConfig, fake: FakeDaytona) -> None:
+    async with sandbay.open_sandbox(config, SandboxSpec(lifetime_s=120)) as sb:
+        expiry = await sb.extend(3600)
+        assert fake.sandbox_labels(sb.id)["sandbay.expiry"] == f"{int(expiry)}"
+        destroy_at = fake.destroy_at(sb.id)
+        assert destroy_at is not None and expiry <= destroy_at < expiry + 61
+        (info,) = [i for i in await sandbay.get_provider(config).list() if i.id == sb.id]
+        assert info.expiry == expiry
+
+
+async def test_gc_reaps_leftovers(config: DaytonaConfig, fake: FakeDaytona) -> None:
+    provider = sandbay.get_provider(config)
+    left = await provider.create(SandboxSpec(lifetime_s=1, labels={"test": "gc"}))
+    kept = await provider.create(SandboxSpec(lifetime_s=3600, labels={"test": "gc"}))
+    try:
+        removed = await provider.gc(now=time.time() + 5)
+        assert [info.id for info, _ in removed] == [left.id]
+        assert left.id not in fake.sandbox_ids() and kept.id in fake.sandbox_ids()
+    finally:
+        await left.aclose()
+        await kept.aclose()
+
+
+_REATTACH = """
+import sys, anyio, sandbay
+async def main():
+    cfg = sandbay.DaytonaConfig(api_key="test-key", api_url=sys.argv[1])
+    sb = await sandbay.connect_sandbox(cfg, sys.argv[2])
+    print((await sb.read_file("note.txt")).decode(), sb.labels["mark"], flush=True)
+    await sb.aclose()
+anyio.run(main)
+"""
+
+
+async def test_second_process_reattaches_by_id(config: DaytonaConfig, fake: FakeDaytona) -> None:
+    sb = await sandbay.create_sandbox(config, SandboxSpec(labels={"mark": "m1"}))
+    try:
+        await sb.write_file("note.txt", b"written by the first")
+        out = await anyio.run_process(
+            [sys.executable, "-c", _REATTACH, fake.api_url, sb.id], check=True
+        )
+        assert out.stdout.decode().split() == ["written", "by", "the", "first", "m1"]
+        assert sb.id not in fake.sandbox_ids(), "the second process's aclose removed it"
+    finally:
+        await sb.aclose()
+
+
+async def test_hostile_dotenv_in_cwd_changes_nothing(
+    config: DaytonaConfig, fake: FakeDaytona, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in (".env", ".env.local"):
+        (tmp_path / name).write_text(
+            "DAYTONA_API_URL=http://127.0.0.1:9/api\n"
+            "DAYTONA_SERVER_URL=http://127.0.0.1:9/api\n"
+            "DAYTONA_API_KEY=stolen-elsewhere\n"
+            "DAYTONA_ORGANIZATION_ID=org-attacker\n"
+            "DAYTONA_JWT_TOKEN=jwt-attacker\n"
+            "DAYTONA_TARGET=attacker-region\n"
+            "DAYTONA_OTEL_ENABLED=true\n"
+            "DAYTONA_USE_DEPRECATED_POLLING=true\n"
+        )
+    monkeypatch.chdir(tmp_path)
+    fake.requests.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any SDK warning fails the test
+        async with sandbay.open_sandbox(config) as sb:
+            assert (await sb.exec(["true"])).ok
+            sdk = sb._client  # type: ignore[attr-defined]
+            assert sdk._target is None and sdk._organization_id is None
+            assert sdk._api_url == config.api_url and sdk._tracer_provider is None
+            headers = sdk._api_client.default_headers
+            assert headers["Authorization"] == "Bearer test-key"
+            assert "X-Daytona-Organization-ID" not in headers
+    assert fake.requests, "nothing reached the configured endpoint"
+
+
+def test_missing_api_key_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DAYTONA_API_KEY", raising=False)
+    from sandbay.providers.daytona._client import make_client
+
+    with pytest.raises(ConfigError, match="DAYTONA_API_KEY"):
+        make_client(DaytonaConfig())
+
+
+def test_config_reads_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DAYTONA_API_KEY", "from-env")
+    cfg = sandbay._config.config_from_data({"type": "daytona"})
+    assert isinstance(cfg, DaytonaConfig)
+    assert cfg.api_key is not None and cfg.api_key.get_secret_value() == "from-env"
+    assert "api_key" not in json.dumps(cfg.public_data())
+
+
+async def test_spec_limits_need_an_image(config: DaytonaConfig) -> None:
+    with pytest.raises(ConfigError, match="per image"):
+        async with sandbay.open_sandbox(config, SandboxSpec(cpu=2)):
+            pass
+    with pytest.raises(ConfigError, match="host"):
+        async with sandbay.open_sandbox(config, SandboxSpec(network="host")):
+            pass
+
+
+def test_shim_runs_standalone() -> None:
+    # The shim is plain stdlib Python run with -I -S: it must not import sandbay.
+    from sandbay.providers.daytona._process import SHIM
+
+    assert "sandbay" not in "".join(
+        line for line in SHIM.splitlines() if line.startswith(("import", "from"))
+    )
+    assert os.path.basename(sys.executable)
