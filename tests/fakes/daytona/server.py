@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -443,8 +444,10 @@ class FakeDaytona:
         return cmd
 
     def _env(self, sb: _Sandbox) -> dict[str, str]:
+        # Python with the Agent SDK comes first on PATH, as in sandbay's agent image.
+        path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
         base = {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "PATH": os.path.dirname(sys.executable) + os.pathsep + path,
             "HOME": "/root",
             "LANG": "C.UTF-8",
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import math
 import time
 from collections.abc import Mapping
@@ -54,6 +55,23 @@ class DaytonaProvider(Provider):
             raise ConfigError(f"DaytonaProvider needs a DaytonaConfig, got {type(config).__name__}")
         super().__init__(config)
         self.dconfig = config
+        # Clients of sandboxes not closed yet: closing the provider closes those left.
+        self._clients: set[AsyncDaytona] = set()
+
+    def _client(self) -> AsyncDaytona:
+        client = make_client(self.dconfig)
+        self._clients.add(client)
+        return client
+
+    async def _release(self, client: AsyncDaytona) -> None:
+        self._clients.discard(client)
+        await close_client(client)
+
+    @override
+    async def aclose(self) -> None:
+        for client in list(self._clients):
+            with contextlib.suppress(Exception):  # one of another event loop, say
+                await self._release(client)
 
     def _params(self, spec: SandboxSpec, labels: dict[str, str]) -> Any:
         if spec.network == "host":
@@ -93,7 +111,7 @@ class DaytonaProvider(Provider):
             spec = spec.model_copy(update={"labels": managed_labels(spec)})
         labels = {**spec.labels, WORKDIR: spec.workdir, NETWORK: spec.network}
         params = self._params(spec, labels)
-        client = make_client(self.dconfig)
+        client = self._client()
         try:
             created: list[str] = []
             try:
@@ -104,15 +122,15 @@ class DaytonaProvider(Provider):
                 for ident in created:
                     await self._destroy_with(client, ident)
                 raise
-            sandbox = DaytonaSandbox(spec, client, sdk)
+            sandbox = DaytonaSandbox(spec, client, sdk, release=self._release)
         except BaseException:
-            await close_client(client)
+            await self._release(client)
             raise
         return sandbox
 
     @override
     async def connect(self, sandbox_id: str) -> Sandbox:
-        client = make_client(self.dconfig)
+        client = self._client()
         try:
             with daytona_errors("reattaching", sandbox_id=sandbox_id):
                 sdk = await client.get(sandbox_id)
@@ -128,14 +146,14 @@ class DaytonaProvider(Provider):
                 workdir=sdk.labels.get(WORKDIR, "/workspace"),
                 network="none" if sdk.labels.get(NETWORK) == "none" else "default",
             )
-            return DaytonaSandbox(spec, client, sdk)
+            return DaytonaSandbox(spec, client, sdk, release=self._release)
         except BaseException:
-            await close_client(client)
+            await self._release(client)
             raise
 
     @override
     async def list(self, *, labels: Mapping[str, str] | None = None) -> builtins.list[SandboxInfo]:
-        client = make_client(self.dconfig)
+        client = self._client()
         try:
             found = []
             with daytona_errors("listing sandboxes"):
@@ -148,15 +166,15 @@ class DaytonaProvider(Provider):
                     found.append(SandboxInfo(id=sdk.id, provider=NAME, labels=kept, status=state))
             return found
         finally:
-            await close_client(client)
+            await self._release(client)
 
     @override
     async def destroy(self, sandbox_id: str) -> None:
-        client = make_client(self.dconfig)
+        client = self._client()
         try:
             await self._destroy_with(client, sandbox_id)
         finally:
-            await close_client(client)
+            await self._release(client)
 
     async def _destroy_with(self, client: AsyncDaytona, sandbox_id: str) -> None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import anyio
@@ -35,7 +35,9 @@ _WRITE = (
     "p,m=sys.argv[1],int(sys.argv[2],8)\n"
     "try:\n"
     " d=os.path.dirname(p)\n"
-    " if d and not os.path.isdir(d): os.makedirs(d,exist_ok=True)\n"
+    " if d and not os.path.isdir(d):\n"
+    "  try: os.makedirs(d,exist_ok=True)\n"
+    "  except FileExistsError: raise NotADirectoryError(20,'Not a directory',d)\n"
     " f=os.open(p,os.O_WRONLY|os.O_CREAT|os.O_TRUNC,m)\n"
     "except OSError as e:\n"
     " sys.stderr.write(str(e)); sys.exit(e.errno or 1)\n"
@@ -79,9 +81,17 @@ class DaytonaSandbox(Sandbox):
 
     provider: ClassVar[str] = NAME
 
-    def __init__(self, spec: SandboxSpec, client: AsyncDaytona, sdk: AsyncSandbox) -> None:
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        client: AsyncDaytona,
+        sdk: AsyncSandbox,
+        *,
+        release: Callable[[AsyncDaytona], Awaitable[None]] | None = None,
+    ) -> None:
         super().__init__(spec)
         self._client = client
+        self._release = release
         self._sdk = sdk
         self._id = str(sdk.id)
 
@@ -176,7 +186,10 @@ class DaytonaSandbox(Sandbox):
         except SandboxError:
             pass  # gone already, or out of reach: its TTL removes it
         finally:
-            await close_client(self._client)
+            if self._release is not None:
+                await self._release(self._client)
+            else:
+                await close_client(self._client)
 
 
 def ttl_minutes(expiry: float) -> int:
