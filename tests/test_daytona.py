@@ -18,6 +18,8 @@ from pydantic import SecretStr
 
 pytest.importorskip("daytona")
 
+from typing_extensions import override
+
 import sandbay
 from fakes.daytona import FakeDaytona
 from sandbay import (
@@ -28,6 +30,7 @@ from sandbay import (
     SandboxSpec,
 )
 from sandbay.testing.conformance import check_names, run_check
+from wrapping import WrappedSandbox
 
 pytestmark = [
     pytest.mark.anyio,
@@ -214,3 +217,47 @@ def test_shim_runs_standalone() -> None:
         line for line in SHIM.splitlines() if line.startswith(("import", "from"))
     )
     assert os.path.basename(sys.executable)
+
+
+class _HostNetwork(WrappedSandbox):
+    """The fake's sandboxes share this machine's network (Daytona's do not): the model
+    server on 127.0.0.1 is in their reach. Everything else is the daytona sandbox's own."""
+
+    @property
+    @override
+    def reaches_host_loopback(self) -> bool:
+        return True
+
+
+async def test_run_agent_with_the_real_cli_end_to_end(config: DaytonaConfig) -> None:
+    from claude_agent_sdk import AssistantMessage, ClaudeAgentOptions, ResultMessage
+    from claude_agent_sdk.types import ToolResultBlock, UserMessage
+
+    from sandbay.testing import ScriptedModel, Turn
+
+    script = [
+        Turn.tool_use("Bash", {"command": "echo daytona-$((6*7)) > made.txt; cat made.txt"}),
+        Turn.text("done"),
+    ]
+    options = ClaudeAgentOptions(
+        max_turns=4, allowed_tools=["Bash"], permission_mode="bypassPermissions"
+    )
+    async with ScriptedModel(script) as model, sandbay.open_sandbox(config) as inner:
+        sb = _HostNetwork(inner)
+        messages = [
+            m
+            async for m in sandbay.run_agent(
+                "go", sandbox=sb, options=options, env=model.env(), timeout=180
+            )
+        ]
+        assert await inner.read_file("made.txt") == b"daytona-42\n"
+    results = [
+        b
+        for m in messages
+        if isinstance(m, UserMessage) and isinstance(m.content, list)
+        for b in m.content
+        if isinstance(b, ToolResultBlock)
+    ]
+    assert "daytona-42" in str(results[0].content)
+    assert any(isinstance(m, AssistantMessage) for m in messages)
+    assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
