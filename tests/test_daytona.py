@@ -261,3 +261,40 @@ async def test_run_agent_with_the_real_cli_end_to_end(config: DaytonaConfig) -> 
     assert "daytona-42" in str(results[0].content)
     assert any(isinstance(m, AssistantMessage) for m in messages)
     assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
+
+
+async def test_image_build_makes_the_agent_snapshot_once(
+    config: DaytonaConfig, fake: FakeDaytona
+) -> None:
+    from sandbay._image import agent_image_recipe
+    from sandbay.providers.daytona._provider import agent_snapshot
+
+    provider = sandbay.get_provider(config)
+    name = await provider.build_image()
+    assert name == agent_snapshot() and agent_image_recipe().digest[:12] in name
+    dockerfile = fake.snapshots[name]["buildInfo"]["dockerfileContent"]
+    assert dockerfile.startswith("FROM python:3.12-slim-bookworm")
+    assert agent_image_recipe().requirement in dockerfile
+    assert "/opt/sandbay/venv/bin:" in dockerfile
+    fake.requests.clear()
+    assert await provider.build_image() == name  # found: not built again
+    assert ("POST", "/api/snapshots") not in fake.requests
+    # A sandbox with no image starts from that snapshot.
+    async with sandbay.open_sandbox(config) as sb:
+        assert sb._sdk.snapshot == name  # type: ignore[attr-defined]
+
+
+async def test_cli_image_build_with_provider_daytona(fake: FakeDaytona, tmp_path: Path) -> None:
+    from sandbay.providers.daytona._provider import agent_snapshot
+
+    conf = tmp_path / "sandbay.toml"
+    conf.write_text(f'[provider]\ntype = "daytona"\napi_url = "{fake.api_url}"\n')
+    env = {**os.environ, "DAYTONA_API_KEY": "test-key"}
+    fake.snapshots.pop(agent_snapshot(), None)
+    out = await anyio.run_process(
+        [sys.executable, "-m", "sandbay", "image", "build", "--config", str(conf), "--refresh"],
+        env=env,
+        check=True,
+    )
+    assert out.stdout.decode().strip() == agent_snapshot()
+    assert agent_snapshot() in fake.snapshots

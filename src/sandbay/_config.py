@@ -178,6 +178,8 @@ class DaytonaConfig(BaseProviderConfig):
     snapshot: str | None = None
     """Snapshot sandboxes start from when the spec names no image. Default: sandbay's agent
     snapshot (``sandbay image build --provider daytona`` makes it)."""
+    base_image: str = "python:3.12-slim-bookworm"
+    """Image the agent snapshot is built on (``sandbay image build --provider daytona``)."""
     os_user: str | None = None
     """The sandbox's OS user. Default: the snapshot's (``daytona`` on Daytona's images)."""
     disk_gb: int | None = Field(default=None, gt=0)

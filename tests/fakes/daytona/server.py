@@ -44,6 +44,7 @@ from typing import Any
 from aiohttp import MultipartWriter, WSMsgType, web
 from daytona_api_client_async.models.sandbox import Sandbox as SandboxModel
 from daytona_api_client_async.models.sandbox_list_item import SandboxListItem
+from daytona_api_client_async.models.snapshot_dto import SnapshotDto
 
 STDOUT_PREFIX = b"\x01\x01\x01"
 STDERR_PREFIX = b"\x02\x02\x02"
@@ -127,6 +128,9 @@ class FakeDaytona:
         self.requests: list[tuple[str, str]] = []
         self._root = tempfile.mkdtemp(prefix="fake-daytona-", dir=root)
         self._sandboxes: dict[str, _Sandbox] = {}
+        self.snapshots: dict[str, dict[str, Any]] = {}
+        """Snapshots by name: the ``CreateSnapshot`` body each was made from (its Dockerfile in
+        ``buildInfo``). They build at once; sandboxes from them run as any other here."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -183,6 +187,8 @@ class FakeDaytona:
         app.router.add_post(api + "/sandbox/{id}/autostop/{minutes}", self._autostop)
         app.router.add_post(api + "/sandbox/{id}/autodelete/{minutes}", self._autodelete)
         app.router.add_get(api + "/sandbox/{id}/toolbox-proxy-url", self._proxy_url)
+        app.router.add_post(api + "/snapshots", self._create_snapshot)
+        app.router.add_get(api + "/snapshots/{id}", self._get_snapshot)
         app.router.add_post(box + "/process/session", self._create_session)
         app.router.add_delete(box + "/process/session/{session}", self._delete_session)
         app.router.add_post(box + "/process/session/{session}/exec", self._exec)
@@ -378,6 +384,46 @@ class FakeDaytona:
 
     async def _proxy_url(self, request: web.Request) -> web.Response:
         return web.json_response({"url": f"http://127.0.0.1:{self.port}/toolbox"})
+
+    def _snapshot(self, name: str) -> dict[str, Any]:
+        body = self.snapshots[name]
+        now = _iso(time.time())
+        data = {
+            "id": name,
+            "general": False,
+            "name": name,
+            "imageName": body.get("imageName"),
+            "state": "active",
+            "size": 1.0,
+            "entrypoint": None,
+            "cpu": body.get("cpu") or 1,
+            "gpu": 0,
+            "mem": body.get("memory") or 1,
+            "disk": body.get("disk") or 3,
+            "errorReason": None,
+            "createdAt": now,
+            "updatedAt": now,
+            "lastUsedAt": None,
+            "sourceSandboxId": None,
+        }
+        made = SnapshotDto.from_dict(data)
+        assert made is not None
+        result: dict[str, Any] = json.loads(made.to_json())
+        return result
+
+    async def _create_snapshot(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        name = body["name"]
+        if name in self.snapshots:
+            return _error(409, f"snapshot {name} already exists")
+        self.snapshots[name] = body
+        return web.json_response(self._snapshot(name))
+
+    async def _get_snapshot(self, request: web.Request) -> web.Response:
+        name = request.match_info["id"]
+        if name not in self.snapshots:
+            return _error(404, f"Snapshot {name} not found")
+        return web.json_response(self._snapshot(name))
 
     # --- toolbox -----------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import logging
 import math
+import shlex
 import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -14,14 +16,17 @@ from daytona import (
     AsyncSandbox,
     CreateSandboxFromImageParams,
     CreateSandboxFromSnapshotParams,
+    CreateSnapshotParams,
+    DaytonaNotFoundError,
+    Image,
     ListSandboxesQuery,
     Resources,
 )
 from typing_extensions import override
 
 from ..._config import BaseProviderConfig, DaytonaConfig
-from ..._errors import ConfigError, SandboxError, SandboxNotFoundError
-from ..._image import agent_image_recipe
+from ..._errors import ConfigError, ImageError, SandboxError, SandboxNotFoundError
+from ..._image import SYSTEM_PATH, agent_image_recipe
 from ..._provider import MANAGED, Provider, ProviderStatus, SandboxInfo, managed_labels
 from ..._sandbox import Sandbox, SandboxSpec
 from ._client import close_client, make_client
@@ -33,6 +38,8 @@ from ._sandbox import DaytonaSandbox, ttl_minutes
 WORKDIR = "sandbay.workdir"
 NETWORK = "sandbay.network"
 _INTERNAL = (WORKDIR, NETWORK, "code-toolbox-language")
+
+image_logger = logging.getLogger("sandbay.image")
 
 
 class DaytonaProvider(Provider):
@@ -183,6 +190,48 @@ class DaytonaProvider(Provider):
                 await client.delete(sdk)
         except SandboxNotFoundError:
             pass
+
+    @override
+    async def build_image(self, *, refresh: bool = False) -> str:
+        """Make the agent snapshot from sandbay's `AgentImageRecipe`, unless it exists.
+
+        The recipe's shell script becomes one ``RUN`` step of a Daytona ``Image`` on
+        `DaytonaConfig.base_image` (Daytona builds it, with network: the SDK comes from
+        PyPI), with the recipe's environment, the venv first on ``PATH`` and its workdir.
+        The snapshot is named by the recipe's hash, so a new recipe makes a new snapshot.
+        """
+        recipe = agent_image_recipe()
+        name = self.dconfig.snapshot or agent_snapshot()
+        image = (
+            Image.base(self.dconfig.base_image)
+            .run_commands(f"sh -c {shlex.quote(recipe.render_shell_script())}")
+            .env({**recipe.environment(), "PATH": f"{recipe.venv}/bin:{SYSTEM_PATH}"})
+            .workdir(recipe.workdir)
+        )
+        client = self._client()
+        try:
+            with daytona_errors(f"building the snapshot {name!r}"):
+                if not refresh:
+                    try:
+                        found = await client.snapshot.get(name)
+                        if str(getattr(found.state, "value", found.state)) == "active":
+                            image_logger.info("snapshot %s exists", name)
+                            return name
+                    except DaytonaNotFoundError:
+                        pass
+                made = await client.snapshot.create(
+                    CreateSnapshotParams(name=name, image=image), on_logs=image_logger.info
+                )
+            state = str(getattr(made.state, "value", made.state))
+            if state != "active":
+                raise ImageError(
+                    f"Daytona could not build the snapshot {name!r} ({state}): "
+                    f"{made.error_reason or 'no reason given'}",
+                    provider=NAME,
+                )
+            return name
+        finally:
+            await self._release(client)
 
     @override
     async def status(self) -> ProviderStatus:
