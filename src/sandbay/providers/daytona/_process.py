@@ -271,6 +271,10 @@ class DaytonaProcess(Process):
         self._eof = True
         await self._cleanup()
 
+    async def drop_stream(self) -> None:
+        """Close the logs WebSocket, if open (the sandbox is going away)."""
+        await self._drop_ws()
+
     async def _drop_ws(self) -> None:
         ws, self._ws = self._ws, None
         if ws is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, ClassVar
 
@@ -92,6 +93,7 @@ class DaytonaSandbox(Sandbox):
         super().__init__(spec)
         self._client = client
         self._release = release
+        self._procs: weakref.WeakSet[DaytonaProcess] = weakref.WeakSet()
         self._sdk = sdk
         self._id = str(sdk.id)
 
@@ -117,6 +119,7 @@ class DaytonaSandbox(Sandbox):
                     ),
                 )
                 proc = DaytonaProcess(self._sdk, session, str(response.cmd_id))
+                self._procs.add(proc)
                 await proc.send(spec_record(argv, env, cwd, user))
             except BaseException:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(10):
@@ -169,6 +172,7 @@ class DaytonaSandbox(Sandbox):
             if proc.returncode is None:
                 with anyio.CancelScope(shield=True):
                     await proc.kill()
+                    await proc.drop_stream()
 
     @override
     async def _extend(self, expiry: float) -> None:
@@ -180,6 +184,8 @@ class DaytonaSandbox(Sandbox):
 
     @override
     async def _aclose(self) -> None:
+        for proc in list(self._procs):
+            await proc.drop_stream()  # a logs WebSocket still open would outlive its client
         try:
             with daytona_errors("removing the sandbox", sandbox_id=self.id):
                 await self._client.delete(self._sdk)
