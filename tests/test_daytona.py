@@ -298,3 +298,13 @@ async def test_cli_image_build_with_provider_daytona(fake: FakeDaytona, tmp_path
     )
     assert out.stdout.decode().strip() == agent_snapshot()
     assert agent_snapshot() in fake.snapshots
+
+
+async def test_fake_bulk_files_speak_the_sdk_protocol(config: DaytonaConfig) -> None:
+    # The SDK's own bulk upload and download against the fake, checked through sandbay.
+    async with sandbay.open_sandbox(config) as sb:
+        sdk = sb._sdk  # type: ignore[attr-defined]
+        await sdk.fs.upload_file(b"\x00bulk\xff", "/workspace/d/bulk.bin")
+        assert await sb.read_file("d/bulk.bin") == b"\x00bulk\xff"
+        await sb.write_file("back.bin", b"\x01back")
+        assert await sdk.fs.download_file("/workspace/back.bin") == b"\x01back"
