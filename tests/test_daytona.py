@@ -308,3 +308,12 @@ async def test_fake_bulk_files_speak_the_sdk_protocol(config: DaytonaConfig) -> 
         assert await sb.read_file("d/bulk.bin") == b"\x00bulk\xff"
         await sb.write_file("back.bin", b"\x01back")
         assert await sdk.fs.download_file("/workspace/back.bin") == b"\x01back"
+
+
+async def test_ls_all_skips_daytona_without_a_key_and_says_so(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DAYTONA_API_KEY"}
+    out = await anyio.run_process(
+        [sys.executable, "-m", "sandbay", "ls", "--all"], cwd=tmp_path, env=env, check=False
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    assert "daytona: skipped" in out.stderr.decode() and "DAYTONA_API_KEY" in out.stderr.decode()
