@@ -317,3 +317,20 @@ async def test_ls_all_skips_daytona_without_a_key_and_says_so(tmp_path: Path) ->
     )
     assert out.returncode == 0, out.stderr.decode()
     assert "daytona: skipped" in out.stderr.decode() and "DAYTONA_API_KEY" in out.stderr.decode()
+
+
+async def test_reading_a_process_of_a_removed_sandbox_is_not_found(
+    config: DaytonaConfig,
+) -> None:
+    provider = sandbay.get_provider(config)
+    sb = await provider.create(SandboxSpec())
+    try:
+        proc = await sb.start(["sleep", "60"])
+        await provider.destroy(sb.id)
+        started = time.monotonic()
+        with pytest.raises(SandboxNotFoundError):
+            await proc.stdout.read()
+        assert time.monotonic() - started < 5, "it retried a stream that cannot come back"
+        await proc.kill()  # harmless: nothing left to kill
+    finally:
+        await sb.aclose()

@@ -25,7 +25,7 @@ import anyio
 from daytona import DaytonaError
 from typing_extensions import override
 
-from ..._errors import ProviderUnavailableError
+from ..._errors import ProviderUnavailableError, SandboxNotFoundError
 from ..._sandbox import CLOSE_TIMEOUT, ByteStream, Process
 from ._errors import NAME, convert
 
@@ -128,7 +128,11 @@ class DaytonaProcess(Process):
         try:
             await self.send("k\n")
         except (DaytonaError, aiohttp.ClientError):
-            await self._cleanup()  # the shim does not answer: end its session instead
+            # The shim does not answer: end its session instead, and with it the process.
+            await self._cleanup()
+            if self._returncode is None:
+                self._returncode = -9
+                self._eof = True
 
     async def _ended(self) -> bool:
         try:
@@ -165,6 +169,12 @@ class DaytonaProcess(Process):
                     failures = 0
                 except (DaytonaError, aiohttp.ClientError, OSError, _Cut) as exc:
                     await self._drop_ws()
+                    if isinstance(exc, aiohttp.WSServerHandshakeError) and exc.status == 404:
+                        raise SandboxNotFoundError(
+                            "the process's sandbox (or its session) is gone",
+                            provider=NAME,
+                            sandbox_id=self.sandbox_id,
+                        ) from exc
                     failures += 1
                     if failures > _RECONNECTS:
                         raise ProviderUnavailableError(
