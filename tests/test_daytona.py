@@ -334,3 +334,16 @@ async def test_reading_a_process_of_a_removed_sandbox_is_not_found(
         await proc.kill()  # harmless: nothing left to kill
     finally:
         await sb.aclose()
+
+
+async def test_create_cancelled_while_starting_leaves_nothing(
+    config: DaytonaConfig, fake: FakeDaytona
+) -> None:
+    before = set(fake.sandbox_ids())
+    fake.faults.starting_s = 30
+    provider = sandbay.get_provider(config)
+    with anyio.move_on_after(1.5) as scope:
+        await provider.create(SandboxSpec())
+    assert scope.cancelled_caught
+    assert set(fake.sandbox_ids()) == before
+    assert ("POST", "/api/sandbox") in fake.requests

@@ -8,9 +8,11 @@ import logging
 import math
 import shlex
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import anyio
 from daytona import (
     AsyncDaytona,
     AsyncSandbox,
@@ -28,7 +30,7 @@ from ..._config import BaseProviderConfig, DaytonaConfig
 from ..._errors import ConfigError, ImageError, SandboxError, SandboxNotFoundError
 from ..._image import SYSTEM_PATH, agent_image_recipe
 from ..._provider import MANAGED, Provider, ProviderStatus, SandboxInfo, managed_labels
-from ..._sandbox import Sandbox, SandboxSpec
+from ..._sandbox import CLOSE_TIMEOUT, Sandbox, SandboxSpec
 from ._client import close_client, make_client
 from ._errors import NAME, daytona_errors
 from ._sandbox import DaytonaSandbox, ttl_minutes
@@ -37,7 +39,8 @@ from ._sandbox import DaytonaSandbox, ttl_minutes
 #: with the SDK's own language label.
 WORKDIR = "sandbay.workdir"
 NETWORK = "sandbay.network"
-_INTERNAL = (WORKDIR, NETWORK, "code-toolbox-language")
+CREATE = "sandbay.create"
+_INTERNAL = (WORKDIR, NETWORK, CREATE, "code-toolbox-language")
 
 image_logger = logging.getLogger("sandbay.image")
 
@@ -116,24 +119,29 @@ class DaytonaProvider(Provider):
     async def create(self, spec: SandboxSpec) -> Sandbox:
         if MANAGED not in spec.labels:
             spec = spec.model_copy(update={"labels": managed_labels(spec)})
-        labels = {**spec.labels, WORKDIR: spec.workdir, NETWORK: spec.network}
+        # A token only this create knows: whatever stops it (a timeout, a cancel, an error
+        # after Daytona accepted), the sandbox it may have made is found and removed.
+        token = uuid.uuid4().hex
+        labels = {**spec.labels, WORKDIR: spec.workdir, NETWORK: spec.network, CREATE: token}
         params = self._params(spec, labels)
         client = self._client()
         try:
-            created: list[str] = []
-            try:
-                with daytona_errors("creating a sandbox"):
-                    sdk = await client.create(params, timeout=self.dconfig.create_timeout)
-            except BaseException:
-                # A create that timed out may have left one behind: remove it.
-                for ident in created:
-                    await self._destroy_with(client, ident)
-                raise
-            sandbox = DaytonaSandbox(spec, client, sdk, release=self._release)
+            with daytona_errors("creating a sandbox"):
+                sdk = await client.create(params, timeout=self.dconfig.create_timeout)
         except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+                await self._remove_made(client, token)
             await self._release(client)
             raise
-        return sandbox
+        return DaytonaSandbox(spec, client, sdk, release=self._release)
+
+    async def _remove_made(self, client: AsyncDaytona, token: str) -> None:
+        try:
+            with daytona_errors("removing a sandbox whose creation failed"):
+                async for sdk in client.list(ListSandboxesQuery(labels={CREATE: token})):
+                    await client.delete(sdk)
+        except SandboxError:
+            pass  # out of reach: its TTL removes it
 
     @override
     async def connect(self, sandbox_id: str) -> Sandbox:
