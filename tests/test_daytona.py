@@ -347,3 +347,57 @@ async def test_create_cancelled_while_starting_leaves_nothing(
     assert scope.cancelled_caught
     assert set(fake.sandbox_ids()) == before
     assert ("POST", "/api/sandbox") in fake.requests
+
+
+def _agent_image() -> str | None:
+    """sandbay's agent image as the docker provider built it here, if it did (never built
+    by this test: that takes minutes and the network)."""
+    import docker
+
+    from sandbay._image import agent_image_recipe
+    from sandbay.providers.docker._image import _find
+
+    client = docker.from_env()
+    try:
+        found: str | None = _find(
+            client, agent_image_recipe(), base=sandbay.DockerConfig().base_image
+        )
+        return found
+    finally:
+        client.close()
+
+
+@pytest.mark.docker
+async def test_run_agent_in_agent_image_containers_through_the_fake() -> None:
+    # The fake's other mode: each sandbox is a container of sandbay's agent image (host
+    # network), so the CLI, Python and the SDK are the image's own, as on Daytona.
+    from claude_agent_sdk import ClaudeAgentOptions, ResultMessage
+
+    from sandbay.testing import ScriptedModel, Turn
+
+    image = _agent_image()
+    if image is None:
+        pytest.skip("no agent image built here: run `sandbay image build --provider docker`")
+    script = [
+        Turn.tool_use("Bash", {"command": "cat /etc/os-release | head -1; id -un > who.txt"}),
+        Turn.text("done"),
+    ]
+    options = ClaudeAgentOptions(
+        max_turns=4, allowed_tools=["Bash"], permission_mode="bypassPermissions"
+    )
+    with FakeDaytona(docker_image=image) as fake:
+        config = DaytonaConfig(api_key=SecretStr("test-key"), api_url=fake.api_url)
+        async with ScriptedModel(script) as model, sandbay.open_sandbox(config) as inner:
+            messages = [
+                m
+                async for m in sandbay.run_agent(
+                    "go", sandbox=_HostNetwork(inner), options=options, env=model.env(),
+                    timeout=180,
+                )
+            ]  # fmt: skip
+            who = (await inner.read_file("who.txt")).decode().strip()
+            assert who == (await inner.exec(["id", "-un"])).text.strip()
+            cli = await inner.exec(["sh", "-c", "command -v claude"])
+            assert cli.text.startswith("/opt/sandbay/venv/"), cli
+        assert fake.sandbox_ids() == []
+    assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error

@@ -16,6 +16,8 @@ Its sandboxes really run: each is a private folder whose ``workspace``, ``tmp`` 
 are bind-mounted by bubblewrap over ``/workspace``, ``/tmp`` and ``/root`` of a read-only view
 of this machine; every command runs there as a real process tree in its own PID namespace
 (so deleting a session or a sandbox leaves nothing behind), sharing the host's network.
+With ``docker_image=``, each sandbox is instead a container of that image (sandbay's agent
+image) on the host's network, and commands run in it through ``docker exec``.
 
 Faults on demand (`Faults`): 5xx answers to create, a slow ``starting`` state, a logs
 WebSocket cut after some bytes, and a TTL that really destroys the sandbox. Unknown ids get
@@ -98,6 +100,7 @@ class _Sandbox:
     auto_delete: int
     destroy_at: float | None
     ready_at: float
+    container: str | None = None
     state: str = "starting"
     created: float = field(default_factory=time.time)
     sessions: dict[str, dict[str, _Command]] = field(default_factory=dict)
@@ -123,11 +126,13 @@ class FakeDaytona:
         requests: ``(method, path)`` of every request served, in order.
     """
 
-    def __init__(self, *, root: str | None = None) -> None:
+    def __init__(self, *, root: str | None = None, docker_image: str | None = None) -> None:
+        self.docker_image = docker_image
         self.faults = Faults()
         self.requests: list[tuple[str, str]] = []
         self._root = tempfile.mkdtemp(prefix="fake-daytona-", dir=root)
         self._sandboxes: dict[str, _Sandbox] = {}
+        self._container_user = "root"
         self.snapshots: dict[str, dict[str, Any]] = {}
         """Snapshots by name: the ``CreateSnapshot`` body each was made from (its Dockerfile in
         ``buildInfo``). They build at once; sandboxes from them run as any other here."""
@@ -297,6 +302,9 @@ class FakeDaytona:
             destroy_at=now + ttl * 60 if ttl else None,
             ready_at=now + self.faults.starting_s,
         )
+        if self.docker_image is not None:
+            sb.container = await self._run_container(sb)
+            sb.user = self._container_user
         if sb.ready_at <= now:
             sb.state = "started"
         self._sandboxes[ident] = sb
@@ -324,9 +332,27 @@ class FakeDaytona:
         await self._destroy(sb)
         return web.json_response(self._model(sb))
 
+    async def _run_container(self, sb: _Sandbox) -> str:
+        """A container of `docker_image` on the host's network, idle until told otherwise."""
+        assert self.docker_image is not None
+        env = [arg for k, v in sb.env.items() for arg in ("-e", f"{k}={v}")]
+        name = f"fake-daytona-{sb.id}"
+        code, out = await _docker(
+            "run", "-d", "--rm", "--network", "host", "--name", name,
+            "--label", "sandbay-test=fake-daytona", *env,
+            "--entrypoint", "sleep", self.docker_image, "infinity",
+        )  # fmt: skip
+        if code:
+            raise RuntimeError(f"docker run failed: {out.decode(errors='replace')}")
+        _, user = await _docker("exec", name, "id", "-un")
+        self._container_user = user.decode().strip() or "root"
+        return name
+
     async def _destroy(self, sb: _Sandbox) -> None:
         self._sandboxes.pop(sb.id, None)
         await self._kill_all(sb)
+        if sb.container is not None:
+            await _docker("rm", "-f", sb.container)
         sb.state = "destroyed"
         await asyncio.to_thread(shutil.rmtree, sb.root, True)
 
@@ -474,8 +500,15 @@ class FakeDaytona:
         return web.Response(status=204)
 
     async def _spawn(self, sb: _Sandbox, command: str, *, echo: bool) -> _Command:
+        if sb.container is not None:
+            # Killing `docker exec` ends the command's stdin, not the command: a session's
+            # processes end with their container (what runs under sandbay's shim ends
+            # its tree when its input ends).
+            argv = ["docker", "exec", "-i", "-w", "/workspace", sb.container]
+        else:
+            argv = self._bwrap(sb)
         proc = await asyncio.create_subprocess_exec(
-            *self._bwrap(sb),
+            *argv,
             "sh",
             "-c",
             command,
@@ -642,10 +675,18 @@ class FakeDaytona:
             elif kind == "file":
                 path = paths.get(index)
                 target = self._host_path(sb, path) if path else None
-                if target is None:
+                if target is None and sb.container is None:
                     return _error(400, f"cannot write {path!r}: read-only file system")
                 data = await part.read()  # type: ignore[union-attr]
-                await asyncio.to_thread(_write, target, data)
+                if sb.container is not None:
+                    script = 'mkdir -p "$(dirname "$1")" && cat > "$1"'
+                    code, out = await _docker(
+                        "exec", "-i", sb.container, "sh", "-c", script, "sh", str(path), input=data
+                    )
+                    if code:
+                        return _error(400, f"cannot write {path!r}: {out.decode(errors='replace')}")
+                elif target is not None:
+                    await asyncio.to_thread(_write, target, data)
         return web.Response(status=200)
 
     async def _download(self, request: web.Request) -> web.StreamResponse:
@@ -657,9 +698,14 @@ class FakeDaytona:
             for path in paths:
                 target = self._host_path(sb, path)
                 try:
-                    if target is None:
+                    if sb.container is not None:
+                        code, data = await _docker("exec", sb.container, "cat", path)
+                        if code:
+                            raise FileNotFoundError(path)
+                    elif target is None:
                         raise FileNotFoundError(path)
-                    data = await asyncio.to_thread(_read, target)
+                    else:
+                        data = await asyncio.to_thread(_read, target)
                     part = mp.append(data, {"Content-Type": "application/octet-stream"})
                     part.set_content_disposition(
                         "form-data", quote_fields=False, name="file", filename=path
@@ -672,6 +718,18 @@ class FakeDaytona:
                     )
         response = web.Response(body=mp)
         return response
+
+
+async def _docker(*args: str, input: bytes | None = None) -> tuple[int, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        "docker",
+        *args,
+        stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate(input)
+    return proc.returncode or 0, out
 
 
 async def _append(cmd: _Command, chunk: bytes) -> None:
