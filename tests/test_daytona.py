@@ -401,3 +401,15 @@ async def test_run_agent_in_agent_image_containers_through_the_fake() -> None:
             assert cli.text.startswith("/opt/sandbay/venv/"), cli
         assert fake.sandbox_ids() == []
     assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
+
+
+async def test_user_is_honoured_when_the_sandbox_user_is_root(config: DaytonaConfig) -> None:
+    async with sandbay.open_sandbox(config) as sb:
+        assert (await sb.exec(["id", "-un"])).text.strip() == "root"
+        result = await sb.exec(["id", "-un"], user="nobody")
+        assert result.ok and result.text.strip() == "nobody", result
+        result = await sb.exec(["sh", "-c", "id -u; id -g"], user="65534:65534")
+        assert result.text.split() == ["65534", "65534"], result
+        # nobody may not write root's workspace: the switch is real.
+        denied = await sb.exec(["sh", "-c", "echo x > /workspace/nope"], user="nobody")
+        assert not denied.ok and b"ermission denied" in denied.stderr
