@@ -27,10 +27,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 LABEL = "fake control plane: client overhead only"
 
 
-async def measure(api_url: str, runs: int) -> dict[str, list[float]]:
+async def measure(api_url: str, key: str, runs: int) -> dict[str, list[float]]:
     import sandbay
 
-    config = sandbay.DaytonaConfig(api_key=SecretStr("bench"), api_url=api_url)
+    config = sandbay.DaytonaConfig(api_key=SecretStr(key), api_url=api_url)
     phases: dict[str, list[float]] = {"create": [], "first exec": [], "exec": [], "close": []}
     async with sandbay.Providers() as providers:
         await (await providers.create_sandbox(config)).aclose()  # warm-up, not counted
@@ -59,7 +59,7 @@ def main() -> None:
     from fakes.daytona import FakeDaytona
 
     with FakeDaytona() as fake:
-        phases = anyio.run(measure, fake.api_url, args.runs)
+        phases = anyio.run(measure, fake.api_url, fake.api_key, args.runs)
     ms = {
         name: {
             "p50": statistics.median(xs) * 1000,

@@ -413,3 +413,26 @@ async def test_user_is_honoured_when_the_sandbox_user_is_root(config: DaytonaCon
         # nobody may not write root's workspace: the switch is real.
         denied = await sb.exec(["sh", "-c", "echo x > /workspace/nope"], user="nobody")
         assert not denied.ok and b"ermission denied" in denied.stderr
+
+
+async def test_wrong_key_is_a_config_error_naming_the_key(fake: FakeDaytona) -> None:
+    wrong = DaytonaConfig(api_key=SecretStr("not-the-key"), api_url=fake.api_url)
+    with pytest.raises(ConfigError, match="DAYTONA_API_KEY"):
+        async with sandbay.open_sandbox(wrong):
+            pass
+    with pytest.raises(ConfigError, match="DAYTONA_API_KEY"):
+        await sandbay.get_provider(wrong).list()
+
+
+async def test_connect_starts_a_stopped_sandbox(config: DaytonaConfig) -> None:
+    sb = await sandbay.create_sandbox(config)
+    try:
+        await sb.write_file("kept.txt", b"kept")
+        await sb._sdk.stop()  # type: ignore[attr-defined]
+        again = await sandbay.connect_sandbox(config, sb.id)
+        try:
+            assert await again.read_file("kept.txt") == b"kept"
+        finally:
+            await again.aclose()
+    finally:
+        await sb.aclose()

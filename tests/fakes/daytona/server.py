@@ -122,12 +122,20 @@ class FakeDaytona:
     Use it as a context manager; `api_url` is what ``DaytonaConfig(api_url=…)`` takes.
 
     Attributes:
+        api_key: The only API key it accepts (as ``Authorization: Bearer``); others get 401.
         faults: Failures to inject (see `Faults`).
         requests: ``(method, path)`` of every request served, in order.
     """
 
-    def __init__(self, *, root: str | None = None, docker_image: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        root: str | None = None,
+        docker_image: str | None = None,
+        api_key: str = "test-key",
+    ) -> None:
         self.docker_image = docker_image
+        self.api_key = api_key
         self.faults = Faults()
         self.requests: list[tuple[str, str]] = []
         self._root = tempfile.mkdtemp(prefix="fake-daytona-", dir=root)
@@ -231,6 +239,12 @@ class FakeDaytona:
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
+        if (
+            not request.path.endswith("/socket.io/")
+            and request.headers.get("Authorization") != f"Bearer {self.api_key}"
+        ):
+            body = {"statusCode": 401, "message": "Unauthorized", "error": "Unauthorized"}
+            return web.json_response(body, status=401)
         response: web.StreamResponse = await handler(request)
         return response
 
