@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from ._api import Providers, connect_sandbox, create_sandbox, get_provider, open_sandbox
     from ._config import (
         BaseProviderConfig,
+        DaytonaConfig,
         DockerConfig,
         LocalConfig,
         ProviderConfig,
@@ -73,6 +74,7 @@ _LAZY = {
     "get_provider": "._api",
     "open_sandbox": "._api",
     "BaseProviderConfig": "._config",
+    "DaytonaConfig": "._config",
     "DockerConfig": "._config",
     "LocalConfig": "._config",
     "ProviderConfig": "._config",
@@ -99,6 +101,7 @@ __all__ = [
     "BaseProviderConfig",
     "ByteStream",
     "ConfigError",
+    "DaytonaConfig",
     "DockerConfig",
     "ExecResult",
     "FileInfo",

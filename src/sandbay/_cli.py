@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ._errors import SandboxError
@@ -476,7 +476,8 @@ def _until(expiry: float) -> str:
 
 async def _ls(args: argparse.Namespace) -> int:
     for name, provider in _chosen_providers(args):
-        for info in await provider.list():
+        found = await _listed(args, name, provider.list)
+        for info in found:
             labels = ",".join(
                 f"{k}={v}" for k, v in sorted(info.labels.items()) if not k.startswith("sandbay.")
             )
@@ -489,11 +490,24 @@ async def _ls(args: argparse.Namespace) -> int:
 async def _gc(args: argparse.Namespace) -> int:
     total = 0
     for name, provider in _chosen_providers(args):
-        for info, reason in await provider.gc():
+        for info, reason in await _listed(args, name, provider.gc):
             print(f"removed {name} {info.id} ({reason})")
             total += 1
     print(f"{total} sandbox(es) removed")
     return 0
+
+
+async def _listed(args: argparse.Namespace, name: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    """``call()``; with ``--all``, a provider not set up here (no credentials) is skipped."""
+    from ._errors import ConfigError
+
+    try:
+        return await call()
+    except ConfigError as exc:
+        if not args.all:
+            raise
+        print(f"{name}: skipped: {exc.message}", file=sys.stderr)
+        return []
 
 
 def _chosen_providers(args: argparse.Namespace) -> list[tuple[str, Any]]:

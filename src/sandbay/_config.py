@@ -58,6 +58,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 __all__ = [
     "BaseProviderConfig",
+    "DaytonaConfig",
     "DockerConfig",
     "LocalConfig",
     "ProviderConfig",
@@ -151,11 +152,47 @@ class DockerConfig(BaseProviderConfig):
     """OCI runtime (e.g. ``runsc`` for gVisor), if not the engine's default."""
 
 
-ProviderConfig = Annotated[LocalConfig | DockerConfig, Field(discriminator="type")]
+def _daytona_api_key() -> SecretStr | None:
+    key = os.environ.get("DAYTONA_API_KEY")
+    return SecretStr(key) if key else None
+
+
+class DaytonaConfig(BaseProviderConfig):
+    """Sandboxes on Daytona, through the ``daytona`` SDK (``AsyncDaytona``).
+
+    Only this model configures the SDK: ``DAYTONA_*`` values in ``.env`` files of the working
+    directory (which the SDK would read) are ignored, and so are the process environment's,
+    except ``DAYTONA_API_KEY`` as this model's default.
+    """
+
+    type: Literal["daytona"] = "daytona"
+    """Selects this provider."""
+    provider_class: ClassVar[str] = "sandbay.providers.daytona:DaytonaProvider"
+    extra: ClassVar[str | None] = "daytona"
+    api_key: SecretStr | None = Field(default_factory=_daytona_api_key)
+    """API key. Default: ``DAYTONA_API_KEY`` from the process environment."""
+    api_url: str = "https://app.daytona.io/api"
+    """Daytona's API endpoint."""
+    target: str | None = None
+    """Region sandboxes run in (``us``, ``eu``). Default: the organisation's default region."""
+    snapshot: str | None = None
+    """Snapshot sandboxes start from when the spec names no image. Default: sandbay's agent
+    snapshot (``sandbay image build --provider daytona`` makes it)."""
+    base_image: str = "python:3.12-slim-bookworm"
+    """Image the agent snapshot is built on (``sandbay image build --provider daytona``)."""
+    os_user: str | None = None
+    """The sandbox's OS user. Default: the snapshot's (``daytona`` on Daytona's images)."""
+    disk_gb: int | None = Field(default=None, gt=0)
+    """Disk in GiB for sandboxes created from an image. Default: Daytona's."""
+    create_timeout: float = Field(default=120.0, gt=0)
+    """Seconds to wait for a new sandbox to reach ``started``."""
+
+
+ProviderConfig = Annotated[LocalConfig | DockerConfig | DaytonaConfig, Field(discriminator="type")]
 """Any built-in provider's config; ``type`` selects which. A new built-in provider's config
 joins this union, and nothing else outside its own folder."""
 
-_BUILTIN: TypeAdapter[LocalConfig | DockerConfig] = TypeAdapter(ProviderConfig)
+_BUILTIN: TypeAdapter[LocalConfig | DockerConfig | DaytonaConfig] = TypeAdapter(ProviderConfig)
 
 
 def builtin_config_types() -> dict[str, type[BaseProviderConfig]]:
