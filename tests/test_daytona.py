@@ -275,7 +275,7 @@ async def test_image_build_makes_the_agent_snapshot_once(
     dockerfile = fake.snapshots[name]["buildInfo"]["dockerfileContent"]
     assert dockerfile.startswith("FROM python:3.12-slim-bookworm")
     assert agent_image_recipe().requirement in dockerfile
-    assert "/opt/sandbay/venv/bin:" in dockerfile
+    assert f"{agent_image_recipe().cli_dir}:" in dockerfile
     fake.requests.clear()
     assert await provider.build_image() == name  # found: not built again
     assert ("POST", "/api/snapshots") not in fake.requests
@@ -398,7 +398,7 @@ async def test_run_agent_in_agent_image_containers_through_the_fake() -> None:
             who = (await inner.read_file("who.txt")).decode().strip()
             assert who == (await inner.exec(["id", "-un"])).text.strip()
             cli = await inner.exec(["sh", "-c", "command -v claude"])
-            assert cli.text.startswith("/opt/sandbay/venv/"), cli
+            assert cli.text.startswith("/opt/sandbay/bin/"), cli
         assert fake.sandbox_ids() == []
     assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
 

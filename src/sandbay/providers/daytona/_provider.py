@@ -205,7 +205,8 @@ class DaytonaProvider(Provider):
 
         The recipe's shell script becomes one ``RUN`` step of a Daytona ``Image`` on
         `DaytonaConfig.base_image` (Daytona builds it, with network: the SDK comes from
-        PyPI), with the recipe's environment, the venv first on ``PATH`` and its workdir.
+        PyPI, and the CLI is taken from its wheel), with the recipe's environment, the CLI's
+        directory first on ``PATH`` and its workdir.
         The snapshot is named by the recipe's hash, so a new recipe makes a new snapshot.
         """
         recipe = agent_image_recipe()
@@ -213,7 +214,7 @@ class DaytonaProvider(Provider):
         image = (
             Image.base(self.dconfig.base_image)
             .run_commands(f"sh -c {shlex.quote(recipe.render_shell_script())}")
-            .env({**recipe.environment(), "PATH": f"{recipe.venv}/bin:{SYSTEM_PATH}"})
+            .env({**recipe.environment(), "PATH": f"{recipe.cli_dir}:{SYSTEM_PATH}"})
             .workdir(recipe.workdir)
         )
         client = self._client()
