@@ -1,0 +1,1 @@
+"""Local fakes of providers' control planes, for tests."""
