@@ -476,7 +476,7 @@ def _until(expiry: float) -> str:
 
 async def _ls(args: argparse.Namespace) -> int:
     for name, provider in _chosen_providers(args):
-        for info in await provider.list():
+        for info in await _listed(args, name, provider.list):
             labels = ",".join(
                 f"{k}={v}" for k, v in sorted(info.labels.items()) if not k.startswith("sandbay.")
             )
@@ -489,11 +489,26 @@ async def _ls(args: argparse.Namespace) -> int:
 async def _gc(args: argparse.Namespace) -> int:
     total = 0
     for name, provider in _chosen_providers(args):
-        for info, reason in await provider.gc():
+        for info, reason in await _listed(args, name, provider.gc):
             print(f"removed {name} {info.id} ({reason})")
             total += 1
     print(f"{total} sandbox(es) removed")
     return 0
+
+
+async def _listed(args: argparse.Namespace, name: str, call: Any) -> list[Any]:
+    """``call()``; with ``--all``, a provider its defaults cannot configure (no credentials)
+    is noted and skipped rather than ending the listing."""
+    from ._errors import ConfigError
+
+    try:
+        found: list[Any] = await call()
+    except ConfigError as exc:
+        if not args.all:
+            raise
+        _note(f"{name} skipped: {exc.message}")
+        return []
+    return found
 
 
 def _chosen_providers(args: argparse.Namespace) -> list[tuple[str, Any]]:
