@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -88,6 +89,11 @@ async def test_create_maps_the_spec_onto_modal(fake: FakeModal, providers: Provi
         tags = fake.tags_of(sb.id)
         assert tags["team"] == "a" and tags["sandbay.managed"] == "1"
         assert tags["sandbay.expiry"] == sb.labels["sandbay.expiry"]
+        # Values Modal's tag rule refuses are stored encoded, and read back as they were.
+        assert tags["sandbay.owner"].startswith("b64.")
+        listed = {info.id: info for info in await providers.get(fake_config(fake)).list()}
+        assert listed[sb.id].owner == sb.labels["sandbay.owner"]
+        assert listed[sb.id].labels == sb.labels
         result = await sb.exec(["sh", "-c", 'echo "$GREETING $IS_SANDBOX $(id -u) $HOME $PWD"'])
         assert result.text == "hi 1 1000 /home/sandbay /workspace\n", result
         as_root = await sb.exec(["id", "-u"], user="root")
@@ -261,6 +267,28 @@ async def test_config_problems_are_config_errors(fake: FakeModal, providers: Pro
     with pytest.raises(ConfigError, match="MODAL_TOKEN_ID"):
         async with providers.open_sandbox(no_token, SPEC):
             pass
+
+
+def test_labels_become_valid_modal_tags_and_back() -> None:
+    from sandbay.providers.modal._tags import labels_to_tags, tags_to_labels
+
+    labels = {
+        "plain": "v1.2_x-y",
+        "path": "/workspace/a b",
+        "sandbay.owner": "h" * 80 + ":1234",
+        "tricky": "b64.looks-encoded",
+    }
+    tags = labels_to_tags(labels)
+    assert all(re.fullmatch(r"[a-zA-Z0-9._-]{1,63}", v) for v in tags.values()), tags
+    back = tags_to_labels(tags)
+    assert {k: back[k] for k in ("plain", "path", "tricky")} == {
+        k: labels[k] for k in ("plain", "path", "tricky")
+    }
+    assert back["sandbay.owner"].endswith(":1234")  # informational: the host part shortened
+    with pytest.raises(ConfigError, match="cannot be a Modal tag"):
+        labels_to_tags({"bad key": "v"})
+    with pytest.raises(ConfigError, match="too long for a Modal tag"):
+        labels_to_tags({"long": "x" * 64})
 
 
 def test_the_token_is_not_in_public_data() -> None:

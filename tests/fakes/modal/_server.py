@@ -22,6 +22,7 @@ import contextlib
 import functools
 import itertools
 import json
+import re
 import subprocess
 import threading
 import time
@@ -331,6 +332,7 @@ class FakeModal:
 
     async def _create(self, req: api_pb2.SandboxCreateV2Request) -> _Sandbox:
         definition = req.definition
+        tags = _checked_tags(req.tags)
         env: dict[str, str] = {}
         for source in req.secret_sources:
             env.update(source.env.contents)
@@ -362,7 +364,7 @@ class FakeModal:
             app_id=req.app_id,
             container=out.decode().strip(),
             created_at=time.time(),
-            tags={t.tag_name: t.tag_value for t in req.tags},
+            tags=tags,
             definition=definition,
         )
         self._sandboxes[sandbox.id] = sandbox
@@ -601,7 +603,7 @@ class _ControlPlane(_complete(ModalClientBase)):  # type: ignore[misc]
         self.fake._record("SandboxTagsSetV2")
         self.fake._check_auth_token(stream)
         sandbox = self.fake._sandbox(req.sandbox_id)
-        sandbox.tags = {t.tag_name: t.tag_value for t in req.tags}
+        sandbox.tags = _checked_tags(req.tags)
         await stream.send_message(empty_pb2.Empty())
 
 
@@ -696,6 +698,18 @@ async def _recv(stream: Stream[Any, Any]) -> Any:
     if message is None:
         raise GRPCError(Status.INVALID_ARGUMENT, "no request message")
     return message
+
+
+_TAG = re.compile(r"^[a-zA-Z0-9._-]{1,63}$")
+
+
+def _checked_tags(tags: Iterable[api_pb2.SandboxTag]) -> dict[str, str]:
+    """Tags as a dict, held to Modal's documented rule for tags (as its SDK holds an app's)."""
+    found = {t.tag_name: t.tag_value for t in tags}
+    for key, value in found.items():
+        if not (_TAG.match(key) and _TAG.match(value)):
+            raise GRPCError(Status.INVALID_ARGUMENT, f"Invalid tag: {key}={value}")
+    return found
 
 
 def _tags(tags: dict[str, str]) -> Iterable[api_pb2.SandboxTag]:

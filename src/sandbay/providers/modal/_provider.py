@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -19,9 +18,14 @@ from ..._provider import EXPIRY, MANAGED, Provider, ProviderStatus, SandboxInfo
 from ..._sandbox import Sandbox, SandboxSpec
 from ._errors import NAME, modal_errors, open_client
 from ._sandbox import ModalSandbox, lease_command
-
-#: Tag holding what `connect` needs to rebuild a sandbox's spec (workdir, user, network).
-SPEC_TAG = "sandbay.spec"
+from ._tags import (
+    NETWORK,
+    USER,
+    WORKDIR,
+    decode_value,
+    labels_to_tags,
+    tags_to_labels,
+)
 
 # Tags read at once by `list`.
 _TAG_READERS = 8
@@ -122,7 +126,7 @@ class ModalProvider(Provider):
         cpu, memory_mb = self._limits(spec)
         client = await self._modal_client()
         app = await self._modal_app()
-        tags = {**spec.labels, SPEC_TAG: _spec_tag(spec, user)}
+        tags = labels_to_tags({**spec.labels, **_spec_tags(spec, user)})
         # Shielded: a sandbox created while the caller was cancelled must not leak.
         with anyio.CancelScope(shield=True), self._errors():
             handle = await modal.Sandbox.create.aio(
@@ -179,7 +183,7 @@ class ModalProvider(Provider):
     async def list(self, *, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
         client = await self._modal_client()
         app = await self._modal_app()
-        wanted = {MANAGED: "1", **(labels or {})}
+        wanted = labels_to_tags({MANAGED: "1", **(labels or {})})
         with self._errors():
             handles = [
                 handle
@@ -205,7 +209,7 @@ class ModalProvider(Provider):
             SandboxInfo(
                 id=handle.object_id,
                 provider=NAME,
-                labels={k: v for k, v in found[handle.object_id].items() if k != SPEC_TAG},
+                labels=tags_to_labels(found[handle.object_id]),
                 status="running",
             )
             for handle in handles
@@ -266,24 +270,21 @@ class ModalProvider(Provider):
         del client
 
 
-def _spec_tag(spec: SandboxSpec, user: str) -> str:
-    return json.dumps(
-        {"workdir": spec.workdir, "user": user, "network": spec.network},
-        separators=(",", ":"),
-    )
+def _spec_tags(spec: SandboxSpec, user: str) -> dict[str, str]:
+    return {WORKDIR: spec.workdir, USER: user, NETWORK: spec.network}
 
 
 def _stored_spec(tags: Mapping[str, str]) -> tuple[SandboxSpec, str | None]:
+    """The spec (labels, workdir, network) and the user, from a sandbox's tags."""
+    labels = tags_to_labels(tags)
+    data = {
+        name: decode_value(tags[key])
+        for name, key in (("workdir", WORKDIR), ("network", NETWORK))
+        if key in tags
+    }
     try:
-        data = json.loads(tags.get(SPEC_TAG, "{}"))
-    except ValueError:
-        data = {}
-    if not isinstance(data, dict):
-        data = {}
-    user = data.pop("user", None)
-    labels = {k: v for k, v in tags.items() if k != SPEC_TAG}
-    try:
-        spec = SandboxSpec(labels=labels, **data)
+        spec = SandboxSpec.model_validate({**data, "labels": labels})
     except SandboxError:  # written by another version of sandbay: keep what still fits
         spec = SandboxSpec(labels=labels)
-    return spec, user if isinstance(user, str) else None
+    user = decode_value(tags[USER]) if USER in tags else None
+    return spec, user

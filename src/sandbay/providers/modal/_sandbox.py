@@ -280,7 +280,7 @@ class ModalSandbox(Sandbox):
             )
         with self._errors():
             tags = dict(await self._handle.get_tags.aio())
-            tags[EXPIRY] = stamp
+            tags[EXPIRY] = stamp  # whole seconds: a valid tag as it is
             await self._handle.set_tags.aio(tags)
 
     @override
