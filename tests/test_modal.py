@@ -96,6 +96,8 @@ async def test_create_maps_the_spec_onto_modal(fake: FakeModal, providers: Provi
         assert listed[sb.id].labels == sb.labels
         result = await sb.exec(["sh", "-c", 'echo "$GREETING $IS_SANDBOX $(id -u) $HOME $PWD"'])
         assert result.text == "hi 1 1000 /home/sandbay /workspace\n", result
+        # Modal's sandboxes run as root: every one says it is a sandbox, whatever its image.
+        assert fake.env_of(sb.id) == {"IS_SANDBOX": "1", "GREETING": "hi"}
         as_root = await sb.exec(["id", "-u"], user="root")
         assert as_root.text == "0\n"
     assert sb.id not in fake.live_sandboxes()

@@ -144,6 +144,7 @@ class _Sandbox:
     created_at: float
     tags: dict[str, str]
     definition: api_pb2.Sandbox
+    env: dict[str, str] = field(default_factory=dict)
     result: api_pb2.GenericResult | None = None
     execs: dict[str, _Exec] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -288,6 +289,10 @@ class FakeModal:
         """A sandbox's tags."""
         return dict(self._sandboxes[sandbox_id].tags)
 
+    def env_of(self, sandbox_id: str) -> dict[str, str]:
+        """The environment a sandbox was created with (its ``env=``)."""
+        return dict(self._sandboxes[sandbox_id].env)
+
     def definition_of(self, sandbox_id: str) -> api_pb2.Sandbox:
         """The definition a sandbox was created with."""
         return self._sandboxes[sandbox_id].definition
@@ -366,6 +371,7 @@ class FakeModal:
             created_at=time.time(),
             tags=tags,
             definition=definition,
+            env=env,
         )
         self._sandboxes[sandbox.id] = sandbox
         self._by_task[sandbox.task_id] = sandbox

@@ -137,7 +137,10 @@ class ModalProvider(Provider):
                 memory=(memory_mb, memory_mb),
                 timeout=self.config.max_lifetime_s,
                 workdir=spec.workdir,
-                env=dict(spec.env),
+                # Root in an isolated sandbox: the claude CLI accepts bypassing permissions
+                # as root only with IS_SANDBOX=1 (the agent image sets it too; a configured
+                # image may not).
+                env={"IS_SANDBOX": "1", **spec.env},
                 tags=tags,
                 block_network=spec.network == "none",
                 client=client,
