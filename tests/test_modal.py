@@ -293,6 +293,16 @@ def test_labels_become_valid_modal_tags_and_back() -> None:
         labels_to_tags({"long": "x" * 64})
 
 
+async def test_status_says_whether_modal_answers(fake: FakeModal, providers: Providers) -> None:
+    status = await providers.get(fake_config(fake)).status()
+    assert status.installed and status.reachable, status
+    assert fake.url in status.detail
+    no_token = ModalConfig(server_url=fake.url, token_id=None, token_secret=None)
+    status = await providers.get(no_token).status()
+    assert status.installed and not status.reachable
+    assert "MODAL_TOKEN_ID" in status.detail
+
+
 def test_the_token_is_not_in_public_data() -> None:
     from pydantic import SecretStr
 
