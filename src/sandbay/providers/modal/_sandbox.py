@@ -5,7 +5,7 @@ launcher (`LAUNCH`) that drops to the sandbox's user with ``setpriv`` (setting `
 from the user's entry), changes to the working directory as that user, and ``exec``\\ s the
 command: a missing command exits 127, a missing directory or user exits non-zero naming it.
 Modal has no per-exec kill either: every exec carries a token in its environment, and
-`_ModalProcess.kill` kills (as root) every process whose environment holds it.
+`_ModalProcess.kill` kills, as the process's user, every process whose environment holds it.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ cd -- "$d" || exit 2
 exec "$@"
 """
 
-# Kills every process whose environment carries the exec's token; stops them
-# first (twice over, for children forked meanwhile) so none runs on after its parent dies.
+# Kills every process whose environment carries the exec's token; stops them first (three
+# passes, for children forked meanwhile) so that none runs on after its parent dies.
 _KILL_SCRIPT = (
     f't="{EXEC_TOKEN}=$1"; pids=; for pass in 1 2 3; do '
     'for f in $(grep -lsF -- "$t" /proc/[0-9]*/environ); do p="${f#/proc/}"; p="${p%/environ}"; '
@@ -305,6 +305,7 @@ class _ModalProcess(Process):
         self._killed = False
         self._stdin_closed = False
         self._write_lock = anyio.Lock()
+        self._unpolled = 0  # bytes written since the last poll
         self._pulls = (_Pull(sandbox, proc.stdout), _Pull(sandbox, proc.stderr))
         self.stdout = ByteStream(self._pulls[0].receive)
         self.stderr = ByteStream(self._pulls[1].receive)
@@ -332,6 +333,12 @@ class _ModalProcess(Process):
                         await self._proc.stdin.drain.aio()
             except SandboxError as exc:
                 raise BrokenPipeError(f"the process's stdin is gone: {exc}") from None
+            # Modal may accept stdin for a process that has exited: ask whether it has, once
+            # per MiB written (not per message, which would double each write's round trips).
+            self._unpolled += len(data)
+            if self._unpolled < _STDIN_CHUNK:
+                return
+            self._unpolled = 0
             with self._sandbox._errors():
                 code = await self._proc.poll.aio()
             if code is not None:
