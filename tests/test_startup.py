@@ -13,7 +13,7 @@ import pytest
 
 import sandbay
 
-HEAVY = ("claude_agent_sdk", "mcp", "docker")
+HEAVY = ("claude_agent_sdk", "mcp", "docker", "modal", "grpclib")
 
 
 def imported_after(code: str) -> list[str]:

@@ -476,8 +476,7 @@ def _until(expiry: float) -> str:
 
 async def _ls(args: argparse.Namespace) -> int:
     for name, provider in _chosen_providers(args):
-        found = await _listed(args, name, provider.list)
-        for info in found:
+        for info in await _listed(args, name, provider.list):
             labels = ",".join(
                 f"{k}={v}" for k, v in sorted(info.labels.items()) if not k.startswith("sandbay.")
             )
@@ -497,17 +496,21 @@ async def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _listed(args: argparse.Namespace, name: str, call: Callable[[], Awaitable[Any]]) -> Any:
-    """``call()``; with ``--all``, a provider not set up here (no credentials) is skipped."""
+async def _listed(
+    args: argparse.Namespace, name: str, call: Callable[[], Awaitable[list[Any]]]
+) -> list[Any]:
+    """``call()``; with ``--all``, a provider its defaults cannot configure (no credentials)
+    is noted and skipped rather than ending the listing."""
     from ._errors import ConfigError
 
     try:
-        return await call()
+        found: list[Any] = await call()
     except ConfigError as exc:
         if not args.all:
             raise
-        print(f"{name}: skipped: {exc.message}", file=sys.stderr)
+        _note(f"{name} skipped: {exc.message}")
         return []
+    return found
 
 
 def _chosen_providers(args: argparse.Namespace) -> list[tuple[str, Any]]:

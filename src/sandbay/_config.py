@@ -61,6 +61,7 @@ __all__ = [
     "DaytonaConfig",
     "DockerConfig",
     "LocalConfig",
+    "ModalConfig",
     "ProviderConfig",
     "SandbayConfig",
     "load_config",
@@ -188,11 +189,63 @@ class DaytonaConfig(BaseProviderConfig):
     """Seconds to wait for a new sandbox to reach ``started``."""
 
 
-ProviderConfig = Annotated[LocalConfig | DockerConfig | DaytonaConfig, Field(discriminator="type")]
+def _env_secret(name: str) -> SecretStr | None:
+    value = os.environ.get(name)
+    return SecretStr(value) if value else None
+
+
+class ModalConfig(BaseProviderConfig):
+    """Modal Sandboxes, through the ``modal`` SDK (``pip install "sandbay[modal]"``)."""
+
+    type: Literal["modal"] = "modal"
+    """Selects this provider."""
+    provider_class: ClassVar[str] = "sandbay.providers.modal:ModalProvider"
+    extra: ClassVar[str | None] = "modal"
+    token_id: SecretStr | None = Field(default_factory=lambda: _env_secret("MODAL_TOKEN_ID"))
+    """Modal token id. Default: ``MODAL_TOKEN_ID``."""
+    token_secret: SecretStr | None = Field(
+        default_factory=lambda: _env_secret("MODAL_TOKEN_SECRET")
+    )
+    """Modal token secret. Default: ``MODAL_TOKEN_SECRET``."""
+    server_url: str | None = Field(default_factory=lambda: os.environ.get("MODAL_SERVER_URL"))
+    """Modal's API. Default: ``MODAL_SERVER_URL``, else ``https://api.modal.com``."""
+    use_modal_config: bool = False
+    """Fill what is unset above from Modal's own config (``~/.modal.toml``, its active
+    profile), as ``modal token new`` writes it. Off by default: only this config counts."""
+    environment: str | None = None
+    """Modal environment. Default: the workspace's default environment."""
+    app_name: str = "sandbay"
+    """The Modal app sandboxes belong to (created if missing)."""
+    image: str | None = None
+    """A registry image to run as is (it needs Python 3.10+ and the ``claude`` CLI for
+    agents). Default: sandbay's agent image, built by Modal from the recipe."""
+    base_image: str = "python:3.12-slim-bookworm"
+    """Registry image the agent image is built on (Debian-like, Python 3.10+)."""
+    user: str = "1000:1000"
+    """User processes run as unless the spec names one (the agent image's user; sandboxes
+    themselves run as root, which sandbay's lease and kills use)."""
+    cpu: float = Field(default=1.0, gt=0)
+    """CPU cores (request and limit) when the spec sets no ``cpu``."""
+    memory_mb: int = Field(default=1024, gt=0)
+    """Memory in MiB (request and limit) when the spec sets no ``memory_mb``."""
+    max_lifetime_s: int = Field(default=86400, gt=0, le=86400)
+    """Modal's own ``timeout``: a sandbox ends this long after creation whatever its lease
+    says (Modal's maximum is 24 hours). The lease (``spec.lifetime_s``) ends it sooner."""
+    host_network: bool = False
+    """Whether this control plane's sandboxes share this machine's network: true only for a
+    local Modal-compatible control plane (sandbay's tests run one), never for Modal's cloud.
+    Then ``SandboxSpec(network="host")`` is accepted and 127.0.0.1 is this machine's."""
+
+
+ProviderConfig = Annotated[
+    LocalConfig | DockerConfig | DaytonaConfig | ModalConfig, Field(discriminator="type")
+]
 """Any built-in provider's config; ``type`` selects which. A new built-in provider's config
 joins this union, and nothing else outside its own folder."""
 
-_BUILTIN: TypeAdapter[LocalConfig | DockerConfig | DaytonaConfig] = TypeAdapter(ProviderConfig)
+_BUILTIN: TypeAdapter[LocalConfig | DockerConfig | DaytonaConfig | ModalConfig] = TypeAdapter(
+    ProviderConfig
+)
 
 
 def builtin_config_types() -> dict[str, type[BaseProviderConfig]]:
