@@ -1706,13 +1706,27 @@ async def check_use_after_close(target: Target) -> None:
 
 
 @_check
-async def check_python_has_agent_sdk(target: Target) -> None:
-    """`Sandbox.python` runs a Python 3.10+ that imports claude_agent_sdk."""
-    code = "import sys, claude_agent_sdk; print(sys.version_info >= (3, 10))"
+async def check_python_runs_the_relay_and_finds_the_cli(target: Target) -> None:
+    """`Sandbox.python` is a Python 3.10+ that runs with the relay's flags (standard library
+    only), and the relay's rule finds a ``claude`` CLI that runs."""
+    import inspect
+
+    from .._relay import relay
+    from .._transport import RELAY_PYTHON_FLAGS
+
+    code = (
+        "import importlib.util, os, shutil, sys\n"
+        f"{inspect.getsource(relay.find_cli)}\n"
+        "assert sys.version_info >= (3, 10), sys.version\n"
+        "print(find_cli() or '')\n"
+    )
     async with target.sandbox() as sb:
-        result = await sb.exec(_py(sb, code))
-        expect(result.ok, f"{sb.python!r} cannot import claude_agent_sdk: {_short(result.stderr)}")
-        expect(result.stdout.strip() == b"True", f"{sb.python!r} is older than 3.10")
+        result = await sb.exec([sb.python, *RELAY_PYTHON_FLAGS, "-c", code])
+        expect(result.ok, f"{sb.python!r} cannot run the relay: {_short(result.stderr)}")
+        cli = result.stdout.decode().strip()
+        expect(bool(cli), "the relay's rule finds no claude CLI (bundled or on PATH)")
+        version = await sb.exec([cli, "--version"])
+        expect(version.ok, f"{cli} --version failed: {_short(version.stderr)}")
 
 
 @_check
