@@ -435,9 +435,9 @@ class AgentRun:
         timings: When the run reached each milestone, a `RunTimings` record (``start``,
             ``sandbox``, ``request``, ``first_message``, ``first_assistant``, ``result``,
             ``closed``).
-        sandbox_timings: Milestones measured inside the sandbox. Empty: the relay the run
-            uses measures none (the entrypoint before it reported
-            ``prompt_to_first_message_ms``); kept for callers that read it.
+        sandbox_timings: Milestones the relay measured inside the sandbox, in monotonic
+            milliseconds of the sandbox's clock, as they arrive: ``relay_start_ms``,
+            ``cli_spawned_ms``, ``cli_first_line_ms``. Subtract two for a phase.
     """
 
     def __init__(
@@ -602,6 +602,7 @@ class AgentRun:
                     seq = transport.seq_of(data)
                     if seq is not None:
                         self.last_seq = seq
+                    self.sandbox_timings = dict(transport.sandbox_timings)
                     self._mark(data.get("type"))
                     if self._raw:
                         yield data

@@ -25,11 +25,19 @@ import importlib.resources
 import json
 import shlex
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Mapping,
+)
 from contextlib import aclosing
 from typing import Any
 
 import anyio
+import sniffio
 from claude_agent_sdk import ClaudeAgentOptions, Transport
 from claude_agent_sdk import __version__ as sdk_version
 from claude_agent_sdk._internal.transport.subprocess_cli import SubprocessCLITransport
@@ -55,7 +63,15 @@ from ._errors import AgentError, ConfigError, ProtocolError
 from ._relay import wire
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox
 
-__all__ = ["CHECKED_SDK_VERSIONS", "Frame", "SandboxTransport", "cli_argv", "cli_env"]
+__all__ = [
+    "CHECKED_SDK_VERSIONS",
+    "Frame",
+    "RequestError",
+    "RequestHandler",
+    "SandboxTransport",
+    "cli_argv",
+    "cli_env",
+]
 
 #: claude-agent-sdk releases whose CLI argv builder `cli_argv` was checked against (the
 #: test of `cli_argv` pins its output for representative options).
@@ -72,6 +88,28 @@ _CONTROL_TYPES = frozenset(
 )
 #: argv[0] placeholder when the relay is to find the CLI itself.
 _FIND_CLI = "claude"
+
+
+#: Answers one request of the relay: gets its payload and a function that sends a reply part
+#: (``final: false``) to the sandbox; returns the final reply's data. Raise `RequestError`
+#: to answer with an error; any other exception is answered as an internal error.
+RequestHandler = Callable[
+    [dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[dict[str, Any]]
+]
+
+
+class RequestError(Exception):
+    """Raised by a `RequestHandler`: the relay's request is answered with this error.
+
+    Args:
+        kind: A short name for the error (``Unauthorized``, ``BadRequest``, …).
+        message: What went wrong, for the sandbox's side.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +240,23 @@ class SandboxTransport(Transport):
         # Messages handed to the SDK that it may pass on to its reader, by identity: seq.
         self._seqs: dict[int, tuple[int, dict[str, Any]]] = {}
         self._lines: AsyncIterator[bytes] | None = None
+        #: The relay's milestones in the sandbox (`wire.TIMING_NAMES`, monotonic ms there).
+        self.sandbox_timings: dict[str, float] = {}
+        #: Number of the last input written to the CLI (inputs are numbered from 1).
+        self.input_seq = 0
+        self._handlers: dict[str, RequestHandler] = {}
+        self._inflight: dict[int, _Task] = {}
+
+    def handle_requests(self, method: str, handler: RequestHandler) -> None:
+        """Answer the relay's requests of ``method`` with ``handler`` (before `connect`).
+
+        Requests run concurrently, each in its own task, while the CLI's messages are read;
+        `close` cancels those still running. A request of a method without a handler is
+        answered with an ``UnknownMethod`` error.
+        """
+        if not wire.METHOD_PATTERN.fullmatch(method):
+            raise ConfigError(f"not a request method: {method!r} (lower-case words and dots)")
+        self._handlers[method] = handler
 
     @property
     def run_dir(self) -> str:
@@ -253,14 +308,9 @@ class SandboxTransport(Transport):
         argv = cli_argv(options, cli=cli)
         cwd = self.sandbox.resolve(str(options.cwd)) if options.cwd else self.sandbox.workdir
         env["PWD"] = cwd
-        start = {
-            "sandbay": wire.VERSION,
-            "kind": "start",
-            "argv": argv,
-            "env": env,
-            "cwd": cwd,
-            "find_cli": options.cli_path is None,
-        }
+        start = wire.host_frame(
+            "start", argv=argv, env=env, cwd=cwd, find_cli=options.cli_path is None
+        )
         await self.upload()
         directory = shlex.quote(self.run_dir)
         command = (
@@ -270,7 +320,7 @@ class SandboxTransport(Transport):
         )
         proc = await self.sandbox.start(["sh", "-c", command])
         try:
-            await proc.write(json.dumps(start).encode() + b"\n")
+            await proc.write(start)
         except BrokenPipeError:
             error = await self._gone(proc)
             await _kill(proc)
@@ -306,6 +356,9 @@ class SandboxTransport(Transport):
             if frame.kind == "stderr":
                 self._on_stderr(str(frame.data["line"]))
                 continue
+            if frame.kind == "timings":
+                self._on_timings(frame.data)
+                continue
             raise (
                 self._error(frame.data)
                 if frame.kind == "error"
@@ -324,6 +377,7 @@ class SandboxTransport(Transport):
         self._closing = True
         self._ready = False
         with anyio.CancelScope(shield=True):
+            await self._cancel_requests()
             if self._proc is not None:
                 await _kill(self._proc)
             for replay in self._replays:
@@ -345,9 +399,10 @@ class SandboxTransport(Transport):
                     sandbox_id=self.sandbox.id,
                 )
             try:
-                await self._proc.write(data.encode())
+                await self._proc.write(wire.host_frame("input", n=self.input_seq + 1, data=data))
             except BrokenPipeError:
                 raise await self._gone(self._proc) from None
+            self.input_seq += 1
 
     async def _gone(self, proc: Process) -> AgentError:
         """The error for a relay that exited under a write: its exit code and stderr."""
@@ -405,6 +460,12 @@ class SandboxTransport(Transport):
                         continue
                     if frame.kind == "stderr":
                         self._on_stderr(str(frame.data["line"]))
+                        continue
+                    if frame.kind == "timings":
+                        self._on_timings(frame.data)
+                        continue
+                    if frame.kind == "request":
+                        self._on_request(frame.data)
                         continue
                     if frame.seq == 0:  # an unlogged error: a replay that could not follow
                         raise self._error(frame.data)
@@ -495,6 +556,55 @@ class SandboxTransport(Transport):
             del self._seqs[key]
         return entry[0]
 
+    def _on_timings(self, data: Mapping[str, Any]) -> None:
+        self.sandbox_timings = {k: float(v) for k, v in data.items() if v is not None}
+
+    def _on_request(self, data: Mapping[str, Any]) -> None:
+        """Start answering a request of the relay, in a task of its own."""
+        rid, method, payload = data["id"], data["method"], data["payload"]
+        if rid in self._inflight:
+            raise self._malformed(f"request {rid} while request {rid} is still answered")
+        if len(self._inflight) >= wire.MAX_INFLIGHT:
+            raise self._malformed(f"more than {wire.MAX_INFLIGHT} requests at once")
+        proc = self._proc
+        if proc is None or self._closing:
+            return
+        self._inflight[rid] = _spawn(self._answer(proc, rid, method, payload))
+
+    async def _answer(self, proc: Process, rid: int, method: str, payload: dict[str, Any]) -> None:
+        async def send(final: bool, **fields: Any) -> None:
+            async with self._write_lock:
+                await proc.write(wire.host_frame("reply", id=rid, final=final, **fields))
+
+        async def part(data: dict[str, Any]) -> None:
+            await send(False, data=data)
+
+        try:
+            handler = self._handlers.get(method)
+            try:
+                if handler is None:
+                    raise RequestError("UnknownMethod", f"no handler for {method!r} on the host")
+                result = await handler(payload, part)
+            except RequestError as exc:
+                await send(True, error={"type": exc.kind, "message": exc.message})
+            except Exception as exc:  # a bug in a handler must not stop the run
+                message = f"the host's handler of {method!r} failed: {type(exc).__name__}"
+                await send(True, error={"type": "InternalError", "message": message})
+            else:
+                await send(True, data=result)
+        except (BrokenPipeError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # the relay is gone: nobody waits for the reply
+        finally:
+            self._inflight.pop(rid, None)
+
+    async def _cancel_requests(self) -> None:
+        tasks, self._inflight = list(self._inflight.values()), {}
+        for task in tasks:
+            task.cancel()
+        with anyio.move_on_after(CLOSE_TIMEOUT):
+            for task in tasks:
+                await task.wait()
+
     def _on_stderr(self, line: str) -> None:
         self._stderr_tail = [*self._stderr_tail[-39:], line]
         callback: Callable[[str], None] | None = self.options.stderr
@@ -538,6 +648,7 @@ class SandboxTransport(Transport):
                     with anyio.move_on_after(CLOSE_GRACE_S):
                         await proc.wait()
                 await _kill(proc)
+            await self._cancel_requests()
             for replay in replays:
                 await _kill(replay)
 
@@ -549,6 +660,46 @@ class SandboxTransport(Transport):
                 await proc.close_stdin()
             except BrokenPipeError:
                 pass
+
+
+class _Task:
+    """A task answering one request: the transport's reads and writes are driven by the SDK's
+    own tasks (a `Transport` owns no task group between `connect` and `close`), so, as the
+    SDK does for its control requests, these run detached and `close` cancels and awaits
+    them."""
+
+    def __init__(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._done = anyio.Event()
+        self._scope = anyio.CancelScope()
+        backend = sniffio.current_async_library()
+        if backend == "asyncio":
+            import asyncio
+
+            self._handle: Any = asyncio.get_running_loop().create_task(self._run(coro))
+        elif backend == "trio":  # pragma: no cover - sandbay's tests run on asyncio
+            import trio  # type: ignore[import-not-found,unused-ignore]
+
+            trio.lowlevel.spawn_system_task(self._run, coro)
+        else:  # pragma: no cover
+            coro.close()
+            raise ConfigError(f"unsupported async library: {backend}")
+
+    async def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            with self._scope:
+                await coro
+        finally:
+            self._done.set()
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+
+def _spawn(coro: Coroutine[Any, Any, None]) -> _Task:
+    return _Task(coro)
 
 
 def parse_frame(line: bytes, sandbox: Sandbox | None = None) -> Frame:
@@ -621,6 +772,26 @@ def parse_frame(line: bytes, sandbox: Sandbox | None = None) -> Frame:
         integer("pid")
         integer("cli_pid")
         text("cli")
+        text("model_url")
+    elif kind == "timings":
+        if set(data) - set(wire.TIMING_NAMES):
+            raise malformed(f"unknown timings {sorted(set(data) - set(wire.TIMING_NAMES))[:5]}")
+        for name in wire.TIMING_NAMES:
+            value = data.get(name)
+            if value is not None and (
+                type(value) not in (int, float) or not _is_finite_number(value) or value < 0
+            ):
+                raise malformed(f"{name} of 'timings' must be milliseconds, got {value!r:.50}")
+    elif kind == "request":
+        if set(data) != {"id", "method", "payload"}:
+            raise malformed("a 'request' carries exactly id, method and payload")
+        rid, method = data["id"], data["method"]
+        if type(rid) is not int or not 1 <= rid <= wire.MAX_REQUEST_ID:
+            raise malformed(f"id of 'request' must be a whole number from 1, got {rid!r:.50}")
+        if not isinstance(method, str) or not wire.METHOD_PATTERN.fullmatch(method):
+            raise malformed(f"method of 'request' is not a method name: {method!r:.50}")
+        if not isinstance(data["payload"], dict):
+            raise malformed("payload of 'request' must be an object")
     elif kind == "end":
         integer("exit_code", optional=False)
         text("stderr")

@@ -2,13 +2,20 @@
 
 sandbay uploads this file and ``wire.py`` beside it into a sandbox and runs it with the
 sandbox's Python. Standard library only (Python 3.10+); it never imports claude_agent_sdk.
-The wire is described in ``wire.py``. Two commands:
+The wire is described in ``wire.py``. Three commands:
 
 ``serve --run-dir DIR``
-    Reads one ``start`` line from stdin (argv, environment with the secrets, working
-    directory), starts the CLI, then passes stdin on to the CLI in order and each CLI stdout
-    line back as a ``line`` envelope, logged to ``DIR`` with its sequence number. If the host's
-    stream breaks it carries on logging, so nothing is lost. It exits when the CLI has.
+    Reads one ``start`` frame from stdin (argv, environment with the secrets, working
+    directory), starts the CLI, then passes the host's ``input`` frames on to the CLI in order
+    and each CLI stdout line back as a ``line`` envelope, logged to ``DIR`` with its sequence
+    number; sends the host requests (``request``) and routes its ``reply`` frames back. If the
+    host's stream breaks it carries on logging, so nothing is lost. It exits when the CLI has.
+
+``attach --run-dir DIR``
+    Passes ``input`` and ``end_input`` frames from its stdin to the serving relay of that run
+    (through the run's input socket), so a host process other than the one that started the
+    run can write to the CLI. Prints one line first, ``{"input_seq": N}`` (the last input
+    number the CLI got), then ``{"input_seq": N}`` again after each frame it passed on.
 
 ``replay --run-dir DIR --after N``
     Prints the logged envelopes numbered above N and follows the log until the run ends,
@@ -19,15 +26,19 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import importlib.util
 import json
 import os
+import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING or __package__:
@@ -45,12 +56,17 @@ class Emitter:
         self.seq = 0
         self.stdout_ok = True
         self.lock = threading.Lock()
+        self.timings: dict[str, float | None] = dict.fromkeys(wire.TIMING_NAMES)
 
-    def emit(self, kind: str, data: Any) -> None:
-        self.emit_raw(kind, json.dumps(data, separators=(",", ":")).encode())
+    def emit(self, kind: str, data: Any) -> bool:
+        return self.emit_raw(kind, json.dumps(data, separators=(",", ":")).encode())
 
-    def emit_raw(self, kind: str, data: bytes) -> None:
-        """Emit an envelope around ``data``, the text of one JSON object, as it is."""
+    def emit_raw(self, kind: str, data: bytes) -> bool:
+        """Emit an envelope around ``data``, the text of one JSON object, as it is.
+
+        Returns whether it reached the host's stream (a logged envelope is in the log either
+        way).
+        """
         with self.lock:
             logged = kind in wire.LOGGED_KINDS
             if logged:
@@ -71,6 +87,116 @@ class Emitter:
                     devnull = os.open(os.devnull, os.O_WRONLY)
                     os.dup2(devnull, sys.stdout.fileno())
                     os.close(devnull)
+            return self.stdout_ok
+
+    def reached(self, name: str) -> None:
+        """Record a milestone (monotonic ms) and send the milestones so far."""
+        if self.timings[name] is None:
+            self.timings[name] = round(time.monotonic() * 1000, 3)
+            self.emit("timings", self.timings)
+
+
+class Channel:
+    """Requests from the relay to the host, answered by the host's ``reply`` frames."""
+
+    def __init__(self, emitter: Emitter) -> None:
+        self.emitter = emitter
+        self.lock = threading.Lock()
+        self.next_id = 0
+        self.pending: dict[int, queue.Queue[dict[str, Any] | None]] = {}
+
+    def request(self, method: str, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Send a request; yield the data of each reply part, the final one last.
+
+        Raises:
+            ChannelError: The host answered with an error, the channel is full, or the
+                host's stream is gone.
+        """
+        with self.lock:
+            if len(self.pending) >= wire.MAX_INFLIGHT:
+                raise ChannelError("Busy", f"more than {wire.MAX_INFLIGHT} requests at once")
+            self.next_id = self.next_id % wire.MAX_REQUEST_ID + 1
+            rid = self.next_id
+            replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+            self.pending[rid] = replies
+        try:
+            data = {"id": rid, "method": method, "payload": payload}
+            if not self.emitter.emit("request", data):
+                raise ChannelError("Disconnected", "the host's stream is gone")
+            while True:
+                frame = replies.get()
+                if frame is None:
+                    raise ChannelError("Disconnected", "the host's stream ended")
+                if "error" in frame:
+                    error = frame["error"]
+                    raise ChannelError(error["type"], error["message"])
+                yield frame["data"]
+                if frame["final"]:
+                    return
+        finally:
+            with self.lock:
+                self.pending.pop(rid, None)
+
+    def deliver(self, frame: dict[str, Any]) -> None:
+        """Route a ``reply`` frame to its request (one no longer waited for is dropped)."""
+        with self.lock:
+            replies = self.pending.get(frame["id"])
+        if replies is not None:
+            replies.put(frame)
+
+    def close(self) -> None:
+        """The host's stream ended: every waiting request fails."""
+        with self.lock:
+            for replies in self.pending.values():
+                replies.put(None)
+
+
+class ChannelError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+class InputGate:
+    """Passes numbered inputs on to the CLI's stdin in order, each once, from any writer."""
+
+    def __init__(self, target: IO[bytes]) -> None:
+        self.target = target
+        self.lock = threading.Lock()
+        self.applied = 0
+        self.ended = False
+
+    def apply(self, frame: dict[str, Any]) -> int:
+        """Pass on an ``input`` or ``end_input`` frame; return the last input number passed on.
+
+        Raises:
+            wire.WireError: An input number that skips one (an input was lost).
+        """
+        with self.lock:
+            if frame["kind"] == "end_input":
+                self._end()
+            elif frame["n"] > self.applied + 1:
+                raise wire.WireError(f"input {frame['n']} follows input {self.applied}")
+            elif frame["n"] == self.applied + 1 and not self.ended:
+                self.applied += 1
+                try:
+                    self.target.write(frame["data"].encode())
+                    self.target.flush()
+                except (BrokenPipeError, OSError):
+                    pass  # the CLI exited: its stdout ends and its exit code is reported
+            return self.applied
+
+    def end(self) -> None:
+        with self.lock:
+            self._end()
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            try:
+                self.target.close()
+            except OSError:
+                pass
 
 
 def find_cli() -> str | None:
@@ -140,6 +266,7 @@ def _pump_stdout(cli: subprocess.Popen[bytes], emitter: Emitter) -> None:
             cli.kill()
             return
         # A whole JSON object: spliced in as it came, without encoding it again.
+        emitter.reached("cli_first_line_ms")
         emitter.emit_raw("line", text)
 
 
@@ -163,28 +290,139 @@ def _pump_stderr(
         emitter.emit("stderr", {"line": text})
 
 
-def _pump_stdin(stdin: IO[bytes], cli: subprocess.Popen[bytes]) -> None:
-    """Pass the host's lines to the CLI in order; end its input on end of file or the marker."""
-    target = cli.stdin
-    assert target is not None
-    end = wire.END_INPUT_LINE.encode()
+def _read_host(
+    stdin: IO[bytes], gate: InputGate, channel: Channel, fail: Callable[[str], None]
+) -> None:
+    """Route the host's frames: inputs to the CLI (through ``gate``), replies to ``channel``.
+
+    End of file without ``end_input`` leaves the CLI's input open, for ``attach``.
+    """
     try:
-        for line in stdin:
-            if line.strip() == end:
-                break
-            target.write(line)
-            target.flush()
-    except (BrokenPipeError, OSError):
-        pass  # the CLI exited: its stdout ends and its exit code is reported
+        while True:
+            line = stdin.readline(wire.MAX_HOST_FRAME + 1)
+            if not line:
+                return
+            if not line.strip():
+                continue
+            try:
+                if not line.endswith(b"\n") and len(line) > wire.MAX_HOST_FRAME:
+                    raise wire.WireError(f"a frame longer than {wire.MAX_HOST_FRAME} bytes")
+                frame = wire.parse_host_frame(line)
+                if frame["kind"] == "start":
+                    raise wire.WireError("a second 'start'")
+                if frame["kind"] == "reply":
+                    channel.deliver(frame)
+                else:
+                    gate.apply(frame)
+            except wire.WireError as exc:
+                fail(f"the host sent a malformed frame: {exc}")
+                return
+    except OSError:
+        return
     finally:
+        channel.close()
+
+
+class AttachServer:
+    """The run's input socket: ``relay.py attach`` of another host process writes through it."""
+
+    def __init__(self, run_dir: str, gate: InputGate) -> None:
+        self.path = os.path.join(run_dir, wire.INPUT_SOCKET)
+        self.gate = gate
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket: the relay's user only
         try:
-            target.close()
-        except OSError:
-            pass
+            self.sock.bind(self.path)
+        finally:
+            os.umask(old)
+        self.sock.listen(4)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            try:
+                conn.sendall(_seq_line(self.gate.applied))
+                while line := reader.readline(wire.MAX_HOST_FRAME + 1):
+                    frame = wire.parse_host_frame(line)
+                    if frame["kind"] not in ("input", "end_input"):
+                        raise wire.WireError(f"{frame['kind']!r} cannot be attached")
+                    conn.sendall(_seq_line(self.gate.apply(frame)))
+            except wire.WireError as exc:
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps({"error": str(exc)}).encode() + b"\n")
+            except OSError:
+                pass
+
+
+def _seq_line(n: int) -> bytes:
+    return json.dumps({"input_seq": n}).encode() + b"\n"
+
+
+def attach(run_dir: str) -> int:
+    """Pass ``input`` frames from stdin to the serving relay of ``run_dir``; print its acks."""
+    path = os.path.join(run_dir, wire.INPUT_SOCKET)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        _print_error("AgentError", f"the run is not running or takes no input: {exc}")
+        return 1
+    out = sys.stdout.buffer
+
+    def acks() -> None:
+        with sock.makefile("rb") as reader:
+            for line in reader:
+                out.write(line)
+                out.flush()
+        os._exit(0)  # the relay closed the connection (its run ended, or an error)
+
+    threading.Thread(target=acks, daemon=True).start()
+    for line in sys.stdin.buffer:
+        sock.sendall(line)
+    sock.shutdown(socket.SHUT_WR)
+    threading.Event().wait()  # until the relay closes the connection
+    return 0
+
+
+def _run_channel(
+    run_dir: str, cli: subprocess.Popen[bytes], emitter: Emitter, stdin: IO[bytes], path: str
+) -> Channel:
+    """Once the CLI runs: report it, and route the host's frames and attached writers."""
+    emitter.reached("cli_spawned_ms")
+    assert cli.stdin is not None
+    gate = InputGate(cli.stdin)
+    channel = Channel(emitter)
+
+    def fail(message: str) -> None:
+        emitter.emit(
+            "error",
+            {"type": "ProtocolError", "message": message, "exit_code": None, "stderr": ""},
+        )
+        cli.kill()
+
+    emitter.emit("ready", {"pid": os.getpid(), "cli_pid": cli.pid, "cli": path})
+    try:
+        AttachServer(run_dir, gate)
+    except OSError as exc:  # a path too long for a socket, say: the run goes on without
+        sys.stderr.write(f"sandbay relay: no input socket, attach is off: {exc}\n")
+    # stdin may never end (the host keeps it open): it is read on a thread nobody joins.
+    threading.Thread(target=_read_host, args=(stdin, gate, channel, fail), daemon=True).start()
+    return channel
 
 
 def serve(run_dir: str) -> int:
     emitter = Emitter(run_dir)
+    emitter.reached("relay_start_ms")
     with open(os.path.join(run_dir, wire.PID_NAME), "w", encoding="ascii") as fh:
         fh.write(str(os.getpid()))
     stdin = sys.stdin.buffer
@@ -202,16 +440,16 @@ def serve(run_dir: str) -> int:
         )
         return 1
 
-    first = stdin.readline()
+    first = stdin.readline(wire.MAX_HOST_FRAME + 1)
     try:
-        start = json.loads(first)
-        argv = [str(a) for a in start["argv"]]
-        env = {str(k): str(v) for k, v in start.get("env", {}).items()}
-        cwd = start.get("cwd") or None
-        if start.get("kind") != "start" or start.get("sandbay") != wire.VERSION or not argv:
-            raise ValueError("not a start line of this wire version")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return fail("ProtocolError", "the relay expected a start line on stdin")
+        start = wire.parse_host_frame(first)
+        if start["kind"] != "start":
+            raise wire.WireError(f"a {start['kind']!r} frame first")
+    except wire.WireError as exc:
+        return fail("ProtocolError", f"the relay expected a start frame on stdin: {exc}")
+    argv = list(start["argv"])
+    env = dict(start.get("env", {}))
+    cwd = start.get("cwd") or None
     if start.get("find_cli"):
         cli_path = find_cli()
         if cli_path is None:
@@ -240,15 +478,13 @@ def serve(run_dir: str) -> int:
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
-    emitter.emit("ready", {"pid": os.getpid(), "cli_pid": cli.pid, "cli": argv[0]})
+    _run_channel(run_dir, cli, emitter, stdin, argv[0])
     threads = [
         threading.Thread(target=_pump_stdout, args=(cli, emitter), daemon=True),
         threading.Thread(target=_pump_stderr, args=(cli, emitter, stderr_tail), daemon=True),
     ]
     for thread in threads:
         thread.start()
-    # stdin may never end (the host keeps it open): it is read on a thread nobody joins.
-    threading.Thread(target=_pump_stdin, args=(stdin, cli), daemon=True).start()
     code = cli.wait()
     for thread in threads:
         thread.join()
@@ -325,9 +561,15 @@ def main(argv: list[str] | None = None) -> int:
     replay_cmd = sub.add_parser("replay")
     replay_cmd.add_argument("--run-dir", required=True)
     replay_cmd.add_argument("--after", type=int, default=0)
+    attach_cmd = sub.add_parser("attach")
+    attach_cmd.add_argument("--run-dir", required=True)
     args = parser.parse_args(argv)
     if args.command == "replay":
         return replay(args.run_dir, args.after)
+    if args.command == "attach":
+        code = attach(args.run_dir)
+        sys.stdout.flush()
+        os._exit(code)
     code = serve(args.run_dir)
     sys.stdout.flush()
     sys.stderr.flush()
