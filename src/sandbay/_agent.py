@@ -49,7 +49,7 @@ from ._provider import Provider, managed_labels
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
 
 if TYPE_CHECKING:
-    from ._transport import SandboxTransport
+    from ._transport import RunInput, SandboxTransport
 
 __all__ = [
     "AgentRun",
@@ -936,6 +936,43 @@ class ResumedRun:
         self.last_seq = handle.last_seq
         self.sandbox: Sandbox | None = None
         self._gen: AsyncGenerator[Message, None] | None = None
+        self._input: RunInput | None = None
+
+    async def write(self, data: str) -> None:
+        """Write stream-json lines to the run's CLI, from this process (`RunInput`).
+
+        Inputs of this run reach the CLI once each, in order, after those of the process
+        that started it and of other resumers (in the order the relay got them).
+
+        Raises:
+            AgentError: The run is not running, or its input ended.
+        """
+        await (await self._writer()).write(data)
+
+    async def query(self, prompt: str, *, session_id: str = "default") -> None:
+        """Send the CLI a new user turn, as ``ClaudeSDKClient.query`` does."""
+        message = {
+            "type": "user",
+            "message": {"role": "user", "content": prompt},
+            "parent_tool_use_id": None,
+            "session_id": session_id,
+        }
+        await self.write(json.dumps(message) + "\n")
+
+    async def end_input(self) -> None:
+        """End the CLI's input: it finishes its turn and exits."""
+        await (await self._writer()).end_input()
+
+    async def _writer(self) -> RunInput:
+        from ._transport import RunInput
+
+        if self.sandbox is None:
+            self.sandbox = await connect_sandbox(
+                self._config, self._handle.sandbox_id, providers=self._providers
+            )
+        if self._input is None:
+            self._input = RunInput(self.sandbox, self.run_id)
+        return self._input
 
     def handle(self) -> RunHandle:
         """A handle to resume from where this one got to."""
@@ -954,6 +991,9 @@ class ResumedRun:
 
     async def aclose(self) -> None:
         """Stop following the run; remove the sandbox if the run owned it. Idempotent."""
+        writer, self._input = self._input, None
+        if writer is not None:
+            await writer.aclose()
         if self._gen is None:
             self._gen = self._messages()  # never iterated: still release the sandbox
             with anyio.CancelScope(shield=True):

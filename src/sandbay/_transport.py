@@ -68,6 +68,7 @@ __all__ = [
     "Frame",
     "RequestError",
     "RequestHandler",
+    "RunInput",
     "SandboxTransport",
     "cli_argv",
     "cli_env",
@@ -203,6 +204,11 @@ class SandboxTransport(Transport):
             endpoint variables (``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``, …).
         run_id: Names the run's directory under ``sandbox.agent_dir`` (default random).
         reconnects: How often a broken stream is reattached before `AgentError`.
+        keep_input_s: If this process's stream to the relay breaks without the input
+            ended (it crashed, or the provider dropped the connection), the CLI's input
+            stays open this long for a writer in another process (`RunInput`,
+            `ResumedRun.write`) to take over; 0 (the default) ends it at once, so a
+            one-shot run finishes by itself.
 
     Attributes:
         run_id: The run's id in the sandbox.
@@ -219,7 +225,11 @@ class SandboxTransport(Transport):
         env: Mapping[str, str] | None = None,
         run_id: str | None = None,
         reconnects: int = RECONNECTS,
+        keep_input_s: float = 0.0,
     ) -> None:
+        if not 0 <= keep_input_s <= 7 * 86400:
+            raise ConfigError(f"keep_input_s must be 0 to a week in seconds, got {keep_input_s}")
+        self.keep_input_s = keep_input_s
         self.sandbox = sandbox
         self.options = options if options is not None else ClaudeAgentOptions()
         self.run_id = run_id or uuid.uuid4().hex[:16]
@@ -309,7 +319,12 @@ class SandboxTransport(Transport):
         cwd = self.sandbox.resolve(str(options.cwd)) if options.cwd else self.sandbox.workdir
         env["PWD"] = cwd
         start = wire.host_frame(
-            "start", argv=argv, env=env, cwd=cwd, find_cli=options.cli_path is None
+            "start",
+            argv=argv,
+            env=env,
+            cwd=cwd,
+            find_cli=options.cli_path is None,
+            keep_input_s=self.keep_input_s,
         )
         await self.upload()
         directory = shlex.quote(self.run_dir)
@@ -660,6 +675,143 @@ class SandboxTransport(Transport):
                 await proc.close_stdin()
             except BrokenPipeError:
                 pass
+
+
+class RunInput:
+    """Writes to the CLI of a running run from any host process, not only the one that
+    started it: through the relay's ``attach`` and the run's input socket.
+
+    Each `RunInput` is one writer: it numbers its inputs, waits until the relay confirms each,
+    and if the connection breaks first it reconnects and sends again only what the relay did
+    not get, so every input reaches the CLI once, in order. The CLI gets the inputs of all
+    writers of the run in the order the relay receives them.
+
+    Args:
+        sandbox: The run's sandbox (reattached with `sandbay.connect_sandbox`, say).
+        run_id: The run's id.
+        writer: This writer's name (letters, digits, ``._-``); default a random one. A
+            writer that reuses a name continues its numbering, so it must not be in use.
+    """
+
+    def __init__(self, sandbox: Sandbox, run_id: str, *, writer: str | None = None) -> None:
+        writer = writer or f"w{uuid.uuid4().hex[:12]}"
+        if not wire.WRITER_PATTERN.fullmatch(writer) or writer == wire.HOST_WRITER:
+            raise ConfigError(f"not a writer's name: {writer!r} (letters, digits, '._-')")
+        self.sandbox = sandbox
+        self.run_id = run_id
+        self.writer = writer
+        #: Number of this writer's last input the relay confirmed.
+        self.input_seq = 0
+        self._next = 0
+        self._pending: list[tuple[int, bytes]] = []
+        self._proc: Process | None = None
+        self._acks: AsyncIterator[bytes] | None = None
+        self._lock = anyio.Lock()
+
+    async def write(self, data: str) -> None:
+        """Write ``data`` to the CLI's stdin (one or more whole stream-json lines).
+
+        Raises:
+            AgentError: The run is not running (or its input ended), even after a reconnect.
+        """
+        async with self._lock:
+            if self._proc is None:
+                await self._connect_or_fail()
+            self._next += 1
+            n = self._next
+            self._pending.append((n, wire.host_frame("input", n=n, data=data, writer=self.writer)))
+            await self._flush(n)
+
+    async def end_input(self) -> None:
+        """End the CLI's input (for every writer: the CLI reads its last turn and exits)."""
+        async with self._lock:
+            await self._flush(self._next)
+            assert self._proc is not None
+            await self._proc.write(wire.END_INPUT_LINE.encode() + b"\n")
+            await self._ack()
+
+    async def aclose(self) -> None:
+        """Close the connection to the relay (the run goes on). Idempotent."""
+        proc, self._proc, self._acks = self._proc, None, None
+        if proc is not None:
+            with anyio.CancelScope(shield=True):
+                await _kill(proc)
+
+    async def _flush(self, upto: int) -> None:
+        """Send what the relay has not confirmed, up to input ``upto``; one reconnect."""
+        for attempt in (1, 2):
+            try:
+                if self._proc is None:
+                    await self._connect()
+                assert self._proc is not None
+                for _, frame in self._pending:
+                    await self._proc.write(frame)
+                while self.input_seq < upto:
+                    await self._ack()
+                self._pending = [p for p in self._pending if p[0] > self.input_seq]
+                return
+            except (BrokenPipeError, _Disconnected):
+                await self.aclose()
+                if attempt == 2:
+                    raise AgentError(
+                        f"cannot write to run {self.run_id}: the relay's input socket closed "
+                        "(the run ended, or its input did)",
+                        provider=self.sandbox.provider,
+                        sandbox_id=self.sandbox.id,
+                    ) from None
+
+    async def _connect_or_fail(self) -> None:
+        try:
+            await self._connect()
+        except (BrokenPipeError, _Disconnected):
+            await self.aclose()
+            raise AgentError(
+                f"cannot write to run {self.run_id}: it is not running (or takes no input)",
+                provider=self.sandbox.provider,
+                sandbox_id=self.sandbox.id,
+            ) from None
+
+    async def _connect(self) -> None:
+        argv = [
+            self.sandbox.python,
+            f"{self.sandbox.agent_dir}/relay/relay.py",
+            "attach",
+            "--run-dir",
+            f"{self.sandbox.agent_dir}/runs/{self.run_id}",
+            "--writer",
+            self.writer,
+        ]
+        self._proc = await self.sandbox.start(argv)
+        self._acks = self._proc.stdout.lines(max_line=64 * 1024)
+        await self._ack()
+        # A writer whose name was used before continues its numbering.
+        self._next = max(self._next, self.input_seq)
+        self._pending = [p for p in self._pending if p[0] > self.input_seq]
+
+    async def _ack(self) -> None:
+        """Read the relay's next confirmation: this writer's last input it passed on."""
+        assert self._acks is not None
+        async for line in self._acks:
+            try:
+                ack = json.loads(line)
+            except ValueError:
+                ack = None
+            seq = ack.get("input_seq") if isinstance(ack, dict) else None
+            if type(seq) is not int or not 0 <= seq <= 2**53:
+                if isinstance(ack, dict) and ack.get("kind") == "error":
+                    raise _Disconnected  # not running: the relay's error envelope
+                raise ProtocolError(
+                    f"the relay's attach sent {line[:200]!r}, not a confirmation",
+                    provider=self.sandbox.provider,
+                    sandbox_id=self.sandbox.id,
+                )
+            self.input_seq = max(self.input_seq, seq)
+            return
+        raise _Disconnected
+
+
+class _Disconnected(Exception):
+    """The relay's ``attach`` ended."""
 
 
 class _Task:

@@ -11,11 +11,11 @@ The wire is described in ``wire.py``. Three commands:
     number; sends the host requests (``request``) and routes its ``reply`` frames back. If the
     host's stream breaks it carries on logging, so nothing is lost. It exits when the CLI has.
 
-``attach --run-dir DIR``
-    Passes ``input`` and ``end_input`` frames from its stdin to the serving relay of that run
-    (through the run's input socket), so a host process other than the one that started the
-    run can write to the CLI. Prints one line first, ``{"input_seq": N}`` (the last input
-    number the CLI got), then ``{"input_seq": N}`` again after each frame it passed on.
+``attach --run-dir DIR --writer NAME``
+    Passes ``input`` and ``end_input`` frames of writer NAME from its stdin to the serving
+    relay of that run (through the run's input socket), so a host process other than the one
+    that started the run can write to the CLI. Prints one line first, ``{"input_seq": N}``
+    (the writer's last input the CLI got), then the same again after each frame passed on.
 
 ``replay --run-dir DIR --after N``
     Prints the logged envelopes numbered above N and follows the log until the run ends,
@@ -163,28 +163,47 @@ class InputGate:
     def __init__(self, target: IO[bytes]) -> None:
         self.target = target
         self.lock = threading.Lock()
-        self.applied = 0
+        self.applied: dict[str, int] = {}
         self.ended = False
+        self.attached = 0
+
+    def orphaned(self, keep_s: float) -> None:
+        """The host's stream ended without ``end_input``: end the input after ``keep_s``
+        seconds in which no writer was attached."""
+        deadline = time.monotonic() + keep_s
+        while not self.ended:
+            if self.attached:
+                deadline = time.monotonic() + keep_s
+            elif time.monotonic() >= deadline:
+                self.end()
+                return
+            time.sleep(0.1)
+
+    def last(self, writer: str) -> int:
+        with self.lock:
+            return self.applied.get(writer, 0)
 
     def apply(self, frame: dict[str, Any]) -> int:
-        """Pass on an ``input`` or ``end_input`` frame; return the last input number passed on.
+        """Pass on an ``input`` or ``end_input`` frame; return its writer's last input number.
 
         Raises:
             wire.WireError: An input number that skips one (an input was lost).
         """
+        writer = frame.get("writer", wire.HOST_WRITER)
         with self.lock:
+            last = self.applied.get(writer, 0)
             if frame["kind"] == "end_input":
                 self._end()
-            elif frame["n"] > self.applied + 1:
-                raise wire.WireError(f"input {frame['n']} follows input {self.applied}")
-            elif frame["n"] == self.applied + 1 and not self.ended:
-                self.applied += 1
+            elif frame["n"] > last + 1:
+                raise wire.WireError(f"input {frame['n']} follows input {last} of {writer!r}")
+            elif frame["n"] == last + 1 and not self.ended:
+                self.applied[writer] = last = frame["n"]
                 try:
                     self.target.write(frame["data"].encode())
                     self.target.flush()
                 except (BrokenPipeError, OSError):
                     pass  # the CLI exited: its stdout ends and its exit code is reported
-            return self.applied
+            return last
 
     def end(self) -> None:
         with self.lock:
@@ -291,16 +310,23 @@ def _pump_stderr(
 
 
 def _read_host(
-    stdin: IO[bytes], gate: InputGate, channel: Channel, fail: Callable[[str], None]
+    stdin: IO[bytes],
+    gate: InputGate,
+    channel: Channel,
+    fail: Callable[[str], None],
+    keep_input_s: float,
 ) -> None:
     """Route the host's frames: inputs to the CLI (through ``gate``), replies to ``channel``.
 
-    End of file without ``end_input`` leaves the CLI's input open, for ``attach``.
+    End of file without ``end_input`` leaves the CLI's input open ``keep_input_s`` for an
+    ``attach``.
     """
     try:
         while True:
             line = stdin.readline(wire.MAX_HOST_FRAME + 1)
             if not line:
+                channel.close()
+                gate.orphaned(keep_input_s)
                 return
             if not line.strip():
                 continue
@@ -349,15 +375,30 @@ class AttachServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        with self.gate.lock:
+            self.gate.attached += 1
+        try:
+            self._serve_writer(conn)
+        finally:
+            with self.gate.lock:
+                self.gate.attached -= 1
+
+    def _serve_writer(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as reader:
             try:
-                conn.sendall(_seq_line(self.gate.applied))
+                hello = json.loads(reader.readline(256) or b"null")
+                writer = hello.get("writer") if isinstance(hello, dict) else None
+                if not isinstance(writer, str) or not wire.WRITER_PATTERN.fullmatch(writer):
+                    raise wire.WireError("attach must first name its writer")
+                conn.sendall(_seq_line(self.gate.last(writer)))
                 while line := reader.readline(wire.MAX_HOST_FRAME + 1):
                     frame = wire.parse_host_frame(line)
                     if frame["kind"] not in ("input", "end_input"):
                         raise wire.WireError(f"{frame['kind']!r} cannot be attached")
-                    conn.sendall(_seq_line(self.gate.apply(frame)))
-            except wire.WireError as exc:
+                    if frame["kind"] == "input" and frame.get("writer") != writer:
+                        raise wire.WireError(f"an input of another writer than {writer!r}")
+                    conn.sendall(_seq_line(self.gate.apply({**frame, "writer": writer})))
+            except (wire.WireError, ValueError) as exc:
                 with contextlib.suppress(OSError):
                     conn.sendall(json.dumps({"error": str(exc)}).encode() + b"\n")
             except OSError:
@@ -368,15 +409,23 @@ def _seq_line(n: int) -> bytes:
     return json.dumps({"input_seq": n}).encode() + b"\n"
 
 
-def attach(run_dir: str) -> int:
+def attach(run_dir: str, writer: str) -> int:
     """Pass ``input`` frames from stdin to the serving relay of ``run_dir``; print its acks."""
     path = os.path.join(run_dir, wire.INPUT_SOCKET)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-    except OSError as exc:
-        _print_error("AgentError", f"the run is not running or takes no input: {exc}")
-        return 1
+    give_up = time.monotonic() + 10  # a run just started may not have its socket yet
+    while True:
+        try:
+            sock.connect(path)
+            sock.sendall(json.dumps({"writer": writer}).encode() + b"\n")
+            break
+        except OSError as exc:
+            pid = _read_pid(run_dir)
+            starting = pid is None or _alive(pid)
+            if not starting or time.monotonic() > give_up or os.path.exists(path):
+                _print_error("AgentError", f"the run is not running or takes no input: {exc}")
+                return 1
+            time.sleep(0.05)
     out = sys.stdout.buffer
 
     def acks() -> None:
@@ -395,7 +444,12 @@ def attach(run_dir: str) -> int:
 
 
 def _run_channel(
-    run_dir: str, cli: subprocess.Popen[bytes], emitter: Emitter, stdin: IO[bytes], path: str
+    run_dir: str,
+    cli: subprocess.Popen[bytes],
+    emitter: Emitter,
+    stdin: IO[bytes],
+    path: str,
+    start: dict[str, Any],
 ) -> Channel:
     """Once the CLI runs: report it, and route the host's frames and attached writers."""
     emitter.reached("cli_spawned_ms")
@@ -416,7 +470,10 @@ def _run_channel(
     except OSError as exc:  # a path too long for a socket, say: the run goes on without
         sys.stderr.write(f"sandbay relay: no input socket, attach is off: {exc}\n")
     # stdin may never end (the host keeps it open): it is read on a thread nobody joins.
-    threading.Thread(target=_read_host, args=(stdin, gate, channel, fail), daemon=True).start()
+    keep = float(start.get("keep_input_s", 0))
+    threading.Thread(
+        target=_read_host, args=(stdin, gate, channel, fail, keep), daemon=True
+    ).start()
     return channel
 
 
@@ -478,7 +535,7 @@ def serve(run_dir: str) -> int:
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
-    _run_channel(run_dir, cli, emitter, stdin, argv[0])
+    _run_channel(run_dir, cli, emitter, stdin, argv[0], start)
     threads = [
         threading.Thread(target=_pump_stdout, args=(cli, emitter), daemon=True),
         threading.Thread(target=_pump_stderr, args=(cli, emitter, stderr_tail), daemon=True),
@@ -563,11 +620,12 @@ def main(argv: list[str] | None = None) -> int:
     replay_cmd.add_argument("--after", type=int, default=0)
     attach_cmd = sub.add_parser("attach")
     attach_cmd.add_argument("--run-dir", required=True)
+    attach_cmd.add_argument("--writer", required=True)
     args = parser.parse_args(argv)
     if args.command == "replay":
         return replay(args.run_dir, args.after)
     if args.command == "attach":
-        code = attach(args.run_dir)
+        code = attach(args.run_dir, args.writer)
         sys.stdout.flush()
         os._exit(code)
     code = serve(args.run_dir)

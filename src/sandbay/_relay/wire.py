@@ -9,11 +9,12 @@ with `parse_host_frame`).
 Host → relay, on the relay's stdin (`HOST_KINDS`). First one ``start``::
 
     {"sandbay": 3, "kind": "start", "argv": [...], "env": {...}, "cwd": "...",
-     "find_cli": true, "model_listener": false}
+     "find_cli": true, "model_listener": false, "keep_input_s": 0}
 
 then any of::
 
-    {"sandbay": 3, "kind": "input", "n": 1, "data": "...text for the CLI's stdin..."}
+    {"sandbay": 3, "kind": "input", "n": 1, "data": "...text for the CLI's stdin...",
+     "writer": "host"}
     {"sandbay": 3, "kind": "end_input"}
     {"sandbay": 3, "kind": "reply", "id": 4, "final": false, "data": {...}}
     {"sandbay": 3, "kind": "reply", "id": 4, "final": true, "error": {"type": "...",
@@ -21,13 +22,16 @@ then any of::
 
 The CLI's own stdin only ever travels inside ``input`` frames (``data`` is passed on byte for
 byte), so nothing the CLI reads can be mistaken for sandbay's messages or the other way
-round. Inputs are numbered from 1: the relay passes on input ``n`` only right after ``n - 1``
-and drops a number it already passed on, so a writer that is unsure whether its input
-arrived can send it again, and a writer in another process (``relay.py attach``, through the
-run's `INPUT_SOCKET`) continues the same numbering. ``end_input`` ends the CLI's input (as end
-of file would, for providers that cannot send one); end of file without it leaves the input
-open for an ``attach``. ``reply`` answers a ``request`` of the relay: any number of parts
-with ``final: false``, then one with ``final: true`` (or an ``error``).
+round. Each writer (``writer``, default `HOST_WRITER`) numbers its inputs from 1: the relay
+passes on a writer's input ``n`` only right after its ``n - 1`` and drops a number it already
+passed on, so a writer that is unsure whether its input arrived sends it again. Writers in
+other processes reach the relay through the run's `INPUT_SOCKET` (``relay.py attach``); the
+CLI gets the inputs of all writers in the order the relay receives them. ``end_input`` ends
+the CLI's input (as end of file would, for providers that cannot send one). End of file
+without it (the host's stream broke) ends the input ``keep_input_s`` seconds later (default
+0) unless a writer is attached then: the window in which another process takes over.
+``reply`` answers a ``request`` of the relay: any number of parts with ``final: false``,
+then one with ``final: true`` (or an ``error``).
 
 Relay → host, on its stdout (`KINDS`), one envelope per line::
 
@@ -75,6 +79,10 @@ MAX_REQUEST_ID = 2**31
 MAX_INFLIGHT = 64
 #: A request's method: lower-case words joined by dots.
 METHOD_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,30}(\.[a-z][a-z0-9_]{0,30}){0,3}")
+#: The writer of inputs without one: the host process that started the run.
+HOST_WRITER = "host"
+#: A writer's name (each writer numbers its inputs from 1).
+WRITER_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: The run's envelope log in its run directory.
 LOG_NAME = "lines.jsonl"
 #: The relay's pid, for ``replay`` to tell a live run from a dead one.
@@ -112,8 +120,8 @@ def parse_host_frame(line: bytes) -> dict[str, Any]:
     if kind not in HOST_KINDS:
         raise WireError(f"kind must be one of {sorted(HOST_KINDS)}, got {kind!r}")
     allowed = {
-        "start": {"argv", "env", "cwd", "find_cli", "model_listener"},
-        "input": {"n", "data"},
+        "start": {"argv", "env", "cwd", "find_cli", "model_listener", "keep_input_s"},
+        "input": {"n", "data", "writer"},
         "end_input": set(),
         "reply": {"id", "final", "data", "error"},
     }[kind]
@@ -130,6 +138,9 @@ def parse_host_frame(line: bytes) -> dict[str, Any]:
             raise WireError("env of 'start' must map text to text")
         if cwd is not None and not isinstance(cwd, str):
             raise WireError("cwd of 'start' must be text")
+        keep = frame.get("keep_input_s", 0)
+        if type(keep) not in (int, float) or not 0 <= keep <= 7 * 86400:
+            raise WireError("keep_input_s of 'start' must be seconds, at most a week")
         for flag in ("find_cli", "model_listener"):
             if type(frame.get(flag, False)) is not bool:
                 raise WireError(f"{flag} of 'start' must be true or false")
@@ -139,6 +150,9 @@ def parse_host_frame(line: bytes) -> dict[str, Any]:
             raise WireError(f"n of 'input' must be a whole number from 1, got {n!r}")
         if not isinstance(frame.get("data"), str):
             raise WireError("data of 'input' must be text")
+        writer = frame.get("writer", HOST_WRITER)
+        if not isinstance(writer, str) or not WRITER_PATTERN.fullmatch(writer):
+            raise WireError(f"writer of 'input' must be a short name, got {writer!r:.80}")
     elif kind == "reply":
         rid = frame.get("id")
         if type(rid) is not int or not 1 <= rid <= MAX_REQUEST_ID:
