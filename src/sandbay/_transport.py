@@ -60,6 +60,8 @@ from ._agent import (
     stderr_tail,
 )
 from ._errors import AgentError, ConfigError, ProtocolError
+from ._model_relay import DEFAULT_BASE_URL, RELAYED_CREDENTIALS, ModelRelay, model_relay_wanted
+from ._model_relay import METHOD as MODEL_METHOD
 from ._relay import wire
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox
 
@@ -209,6 +211,12 @@ class SandboxTransport(Transport):
             stays open this long for a writer in another process (`RunInput`,
             `ResumedRun.write`) to take over; 0 (the default) ends it at once, so a
             one-shot run finishes by itself.
+        model_relay: Whether the CLI reaches the model through the relay's channel with a
+            per-run token, the real credential staying here (`sandbay._model_relay`). By
+            default it does when the CLI's environment carries ``ANTHROPIC_API_KEY`` or
+            ``ANTHROPIC_AUTH_TOKEN`` (from ``options.env``, ``env`` or this process's
+            environment) and no other backend is set up; ``SANDBAY_MODEL_RELAY=0`` turns
+            that default off. ``False`` sends the credential into the sandbox as before.
 
     Attributes:
         run_id: The run's id in the sandbox.
@@ -226,10 +234,14 @@ class SandboxTransport(Transport):
         run_id: str | None = None,
         reconnects: int = RECONNECTS,
         keep_input_s: float = 0.0,
+        model_relay: bool | None = None,
     ) -> None:
         if not 0 <= keep_input_s <= 7 * 86400:
             raise ConfigError(f"keep_input_s must be 0 to a week in seconds, got {keep_input_s}")
         self.keep_input_s = keep_input_s
+        self._model_relay_setting = model_relay
+        #: The run's model relay, once connected through one (`model_relay`).
+        self.model_relay: ModelRelay | None = None
         self.sandbox = sandbox
         self.options = options if options is not None else ClaudeAgentOptions()
         self.run_id = run_id or uuid.uuid4().hex[:16]
@@ -305,12 +317,24 @@ class SandboxTransport(Transport):
         options = self.options
         env = cli_env(self.sandbox, options, self._env)
         check_credentials(env, self.sandbox.spec.env)
+        relay: ModelRelay | None = None
+        option_env = dict(options.env)
+        if model_relay_wanted(env, self._model_relay_setting):
+            name = next(n for n in RELAYED_CREDENTIALS if env.get(n))
+            relay = ModelRelay(
+                base_url=env.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL,
+                credential_name=name,
+                credential=env[name],
+            )
+            env = relay.sandbox_env(env)
+            # The endpoint is reached from here, so a loopback one is fine.
+            option_env.pop("ANTHROPIC_BASE_URL", None)
         check_sandbox(
             self.sandbox,
             wire_options={
                 "permission_mode": options.permission_mode,
                 "extra_args": options.extra_args,
-                "env": dict(options.env),
+                "env": option_env,
             },
             env=env,
         )
@@ -325,7 +349,11 @@ class SandboxTransport(Transport):
             cwd=cwd,
             find_cli=options.cli_path is None,
             keep_input_s=self.keep_input_s,
+            model_listener=relay is not None,
         )
+        if relay is not None:
+            self.model_relay = relay
+            self.handle_requests(MODEL_METHOD, relay.handle)
         await self.upload()
         directory = shlex.quote(self.run_dir)
         command = (
@@ -391,6 +419,8 @@ class SandboxTransport(Transport):
         """Kill the relay and the CLI at once, without `close`'s grace. Idempotent."""
         self._closing = True
         self._ready = False
+        if self.model_relay is not None:
+            self.model_relay.revoke()
         with anyio.CancelScope(shield=True):
             await self._cancel_requests()
             if self._proc is not None:
@@ -431,14 +461,17 @@ class SandboxTransport(Transport):
 
     @override
     async def end_input(self) -> None:
-        """End the CLI's input: the relay's end-of-input line, then end of file. Idempotent."""
+        """End the CLI's input with the relay's ``end_input`` frame. Idempotent.
+
+        The relay's stdin stays open until `close`: it still carries the replies to the
+        relay's requests (the model relay's responses) while the CLI finishes.
+        """
         async with self._write_lock:
             if self._proc is None or self._input_ended:
                 return
             self._input_ended = True
             try:
                 await self._proc.write(wire.END_INPUT_LINE.encode() + b"\n")
-                await self._proc.close_stdin()
             except BrokenPipeError:
                 pass  # the relay already exited: its stream says why
 
@@ -663,6 +696,8 @@ class SandboxTransport(Transport):
                     with anyio.move_on_after(CLOSE_GRACE_S):
                         await proc.wait()
                 await _kill(proc)
+            if self.model_relay is not None:
+                self.model_relay.revoke()
             await self._cancel_requests()
             for replay in replays:
                 await _kill(replay)

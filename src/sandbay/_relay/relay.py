@@ -25,6 +25,7 @@ The wire is described in ``wire.py``. Three commands:
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import contextlib
 import importlib.util
@@ -405,6 +406,127 @@ class AttachServer:
                 pass
 
 
+class ModelListener:
+    """The model's endpoint for the CLI, inside the sandbox: each HTTP request it gets is
+    carried to the host as a ``model.http`` request, and the response bytes the host sends
+    back are written to the client as they arrive (event streams stream).
+
+    Listens on 127.0.0.1 in the sandbox's own network namespace; the host checks the run's
+    token, puts the real credential in its place and forwards the request.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                request = _read_http_request(reader)
+                if request is None:
+                    return
+                head, body = request
+                payload = {"head": head.decode("latin-1"), "body": _b64(body)}
+                started = False
+                try:
+                    for part in self.channel.request("model.http", payload):
+                        data = part.get("data")
+                        if isinstance(data, str) and data:
+                            conn.sendall(base64.b64decode(data))
+                            started = True
+                except ChannelError as exc:
+                    if not started:
+                        status = (
+                            "401 Unauthorized" if exc.kind == "Unauthorized" else "502 Bad Gateway"
+                        )
+                        conn.sendall(_http_error(status, str(exc)))
+            except _HttpError as exc:
+                conn.sendall(_http_error(exc.status, exc.message))
+            except (OSError, ValueError):
+                pass  # the client went away, or the host sent bytes that do not decode
+
+
+class _HttpError(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _read_http_request(reader: IO[bytes]) -> tuple[bytes, bytes] | None:
+    """One HTTP/1.1 request's head and (de-chunked) body, bounded."""
+    head = b""
+    while True:
+        line = reader.readline(wire.MAX_HTTP_HEAD + 1)
+        if not line:
+            return None
+        head += line
+        if len(head) > wire.MAX_HTTP_HEAD:
+            raise _HttpError("431 Request Header Fields Too Large", "request head too long")
+        if line in (b"\r\n", b"\n"):
+            break
+    length = 0
+    chunked = False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                raise _HttpError("400 Bad Request", "bad Content-Length") from None
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    if chunked:
+        body = b""
+        while True:
+            size_line = reader.readline(1024)
+            try:
+                size = int(size_line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise _HttpError("400 Bad Request", "bad chunk") from None
+            if size == 0:
+                while reader.readline(8192) not in (b"\r\n", b"\n", b""):
+                    pass
+                break
+            if len(body) + size > wire.MAX_HTTP_BODY:
+                raise _HttpError("413 Content Too Large", "request body too large")
+            body += reader.read(size)
+            reader.readline(8)
+        return head, body
+    if not 0 <= length <= wire.MAX_HTTP_BODY:
+        raise _HttpError("413 Content Too Large", "request body too large")
+    return head, reader.read(length)
+
+
+def _http_error(status: str, message: str) -> bytes:
+    body = json.dumps(
+        {"type": "error", "error": {"type": "sandbay_model_relay", "message": message}}
+    ).encode()
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 def _seq_line(n: int) -> bytes:
     return json.dumps({"input_seq": n}).encode() + b"\n"
 
@@ -450,12 +572,13 @@ def _run_channel(
     stdin: IO[bytes],
     path: str,
     start: dict[str, Any],
-) -> Channel:
+    channel: Channel,
+    listener: ModelListener | None,
+) -> None:
     """Once the CLI runs: report it, and route the host's frames and attached writers."""
     emitter.reached("cli_spawned_ms")
     assert cli.stdin is not None
     gate = InputGate(cli.stdin)
-    channel = Channel(emitter)
 
     def fail(message: str) -> None:
         emitter.emit(
@@ -464,7 +587,10 @@ def _run_channel(
         )
         cli.kill()
 
-    emitter.emit("ready", {"pid": os.getpid(), "cli_pid": cli.pid, "cli": path})
+    ready = {"pid": os.getpid(), "cli_pid": cli.pid, "cli": path}
+    if listener is not None:
+        ready["model_url"] = listener.url
+    emitter.emit("ready", ready)
     try:
         AttachServer(run_dir, gate)
     except OSError as exc:  # a path too long for a socket, say: the run goes on without
@@ -474,7 +600,6 @@ def _run_channel(
     threading.Thread(
         target=_read_host, args=(stdin, gate, channel, fail, keep), daemon=True
     ).start()
-    return channel
 
 
 def serve(run_dir: str) -> int:
@@ -507,6 +632,10 @@ def serve(run_dir: str) -> int:
     argv = list(start["argv"])
     env = dict(start.get("env", {}))
     cwd = start.get("cwd") or None
+    channel = Channel(emitter)
+    listener = ModelListener(channel) if start.get("model_listener") else None
+    if listener is not None:
+        env["ANTHROPIC_BASE_URL"] = listener.url
     if start.get("find_cli"):
         cli_path = find_cli()
         if cli_path is None:
@@ -535,7 +664,7 @@ def serve(run_dir: str) -> int:
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
-    _run_channel(run_dir, cli, emitter, stdin, argv[0], start)
+    _run_channel(run_dir, cli, emitter, stdin, argv[0], start, channel, listener)
     threads = [
         threading.Thread(target=_pump_stdout, args=(cli, emitter), daemon=True),
         threading.Thread(target=_pump_stderr, args=(cli, emitter, stderr_tail), daemon=True),

@@ -79,6 +79,11 @@ MAX_REQUEST_ID = 2**31
 MAX_INFLIGHT = 64
 #: A request's method: lower-case words joined by dots.
 METHOD_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,30}(\.[a-z][a-z0-9_]{0,30}){0,3}")
+#: Longest HTTP request head the model listener takes from the CLI.
+MAX_HTTP_HEAD = 64 * 1024
+#: Largest HTTP request body the model listener takes from the CLI (a conversation with
+#: images runs to a few MiB).
+MAX_HTTP_BODY = 32 * 1024 * 1024
 #: The writer of inputs without one: the host process that started the run.
 HOST_WRITER = "host"
 #: A writer's name (each writer numbers its inputs from 1).
