@@ -513,7 +513,7 @@ class SandboxTransport(Transport):
                         self._on_timings(frame.data)
                         continue
                     if frame.kind == "request":
-                        self._on_request(frame.data)
+                        self._on_request(frame.data, proc)
                         continue
                     if frame.seq == 0:  # an unlogged error: a replay that could not follow
                         raise self._error(frame.data)
@@ -574,6 +574,7 @@ class SandboxTransport(Transport):
             self.run_dir,
             "--after",
             str(after),
+            "--link",  # the relay's requests (the model relay's) come this way now
         ]
         proc = await self.sandbox.start(argv)
         self._replays.append(proc)
@@ -607,15 +608,15 @@ class SandboxTransport(Transport):
     def _on_timings(self, data: Mapping[str, Any]) -> None:
         self.sandbox_timings = {k: float(v) for k, v in data.items() if v is not None}
 
-    def _on_request(self, data: Mapping[str, Any]) -> None:
-        """Start answering a request of the relay, in a task of its own."""
+    def _on_request(self, data: Mapping[str, Any], proc: Process) -> None:
+        """Start answering a request of the relay, in a task of its own; the replies go
+        back the way it came (the relay's stdin, or a replay's link)."""
         rid, method, payload = data["id"], data["method"], data["payload"]
         if rid in self._inflight:
-            raise self._malformed(f"request {rid} while request {rid} is still answered")
+            return  # sent again on a new link: it is being answered
         if len(self._inflight) >= wire.MAX_INFLIGHT:
             raise self._malformed(f"more than {wire.MAX_INFLIGHT} requests at once")
-        proc = self._proc
-        if proc is None or self._closing:
+        if self._closing:
             return
         self._inflight[rid] = _spawn(self._answer(proc, rid, method, payload))
 

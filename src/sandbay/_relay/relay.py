@@ -90,6 +90,17 @@ class Emitter:
                     os.close(devnull)
             return self.stdout_ok
 
+    def emit_line(self, line: bytes) -> bool:
+        """Write an unlogged envelope line to stdout; whether it got there."""
+        with self.lock:
+            if self.stdout_ok:
+                try:
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.buffer.flush()
+                except (BrokenPipeError, OSError):
+                    self.stdout_ok = False
+            return self.stdout_ok
+
     def reached(self, name: str) -> None:
         """Record a milestone (monotonic ms) and send the milestones so far."""
         if self.timings[name] is None:
@@ -98,20 +109,29 @@ class Emitter:
 
 
 class Channel:
-    """Requests from the relay to the host, answered by the host's ``reply`` frames."""
+    """Requests from the relay to the host, answered by the host's ``reply`` frames.
+
+    Requests go out on the relay's stdout, or, once the host reattached after a cut
+    stream, on the newest link (a ``replay --link`` connected to the input socket), which
+    also carries the replies back. A request that got no reply yet is sent again on a new
+    link (the host answers an id once).
+    """
 
     def __init__(self, emitter: Emitter) -> None:
         self.emitter = emitter
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.next_id = 0
         self.pending: dict[int, queue.Queue[dict[str, Any] | None]] = {}
+        self.unanswered: dict[int, bytes] = {}
+        self.links: list[Callable[[bytes], None]] = []
+        self.stdin_open = True
 
     def request(self, method: str, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Send a request; yield the data of each reply part, the final one last.
 
         Raises:
             ChannelError: The host answered with an error, the channel is full, or the
-                host's stream is gone.
+                host's stream is gone and no link came within `wire.LINK_WAIT_S`.
         """
         with self.lock:
             if len(self.pending) >= wire.MAX_INFLIGHT:
@@ -120,9 +140,12 @@ class Channel:
             rid = self.next_id
             replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
             self.pending[rid] = replies
-        try:
             data = {"id": rid, "method": method, "payload": payload}
-            if not self.emitter.emit("request", data):
+            envelope = {"sandbay": wire.VERSION, "seq": 0, "kind": "request", "data": data}
+            line = json.dumps(envelope, separators=(",", ":")).encode() + b"\n"
+            self.unanswered[rid] = line
+        try:
+            if not self._send(line):
                 raise ChannelError("Disconnected", "the host's stream is gone")
             while True:
                 frame = replies.get()
@@ -137,19 +160,57 @@ class Channel:
         finally:
             with self.lock:
                 self.pending.pop(rid, None)
+                self.unanswered.pop(rid, None)
+
+    def _send(self, line: bytes) -> bool:
+        deadline = time.monotonic() + wire.LINK_WAIT_S
+        with self.lock:
+            while True:
+                while self.links:
+                    try:
+                        self.links[-1](line)
+                        return True
+                    except OSError:
+                        self.links.pop()
+                if self.stdin_open and self.emitter.stdout_ok:
+                    break
+                # The host's stream is gone: wait for it to reattach with a link.
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.lock.wait(left)
+        return self.emitter.emit_line(line)
+
+    def add_link(self, send: Callable[[bytes], None]) -> None:
+        """A reattached host: requests go there from now on, unanswered ones again."""
+        with self.lock:
+            self.links.append(send)
+            for line in list(self.unanswered.values()):
+                with contextlib.suppress(OSError):
+                    send(line)
+            self.lock.notify_all()
+
+    def drop_link(self, send: Callable[[bytes], None]) -> None:
+        with self.lock:
+            if send in self.links:
+                self.links.remove(send)
 
     def deliver(self, frame: dict[str, Any]) -> None:
         """Route a ``reply`` frame to its request (one no longer waited for is dropped)."""
         with self.lock:
             replies = self.pending.get(frame["id"])
+            self.unanswered.pop(frame["id"], None)
         if replies is not None:
             replies.put(frame)
 
     def close(self) -> None:
-        """The host's stream ended: every waiting request fails."""
+        """The host's stdin ended: without a link, every waiting request fails."""
         with self.lock:
-            for replies in self.pending.values():
-                replies.put(None)
+            self.stdin_open = False
+            if not self.links:
+                for replies in self.pending.values():
+                    replies.put(None)
+            self.lock.notify_all()
 
 
 class ChannelError(Exception):
@@ -353,9 +414,10 @@ def _read_host(
 class AttachServer:
     """The run's input socket: ``relay.py attach`` of another host process writes through it."""
 
-    def __init__(self, run_dir: str, gate: InputGate) -> None:
+    def __init__(self, run_dir: str, gate: InputGate, channel: Channel) -> None:
         self.path = os.path.join(run_dir, wire.INPUT_SOCKET)
         self.gate = gate
+        self.channel = channel
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -384,10 +446,16 @@ class AttachServer:
             with self.gate.lock:
                 self.gate.attached -= 1
 
+    def _serve_link(self, conn: socket.socket, reader: IO[bytes]) -> None:
+        _serve_link_of(self.channel, conn, reader)
+
     def _serve_writer(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as reader:
             try:
                 hello = json.loads(reader.readline(256) or b"null")
+                if hello == {"link": True}:
+                    self._serve_link(conn, reader)
+                    return
                 writer = hello.get("writer") if isinstance(hello, dict) else None
                 if not isinstance(writer, str) or not wire.WRITER_PATTERN.fullmatch(writer):
                     raise wire.WireError("attach must first name its writer")
@@ -527,6 +595,24 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _serve_link_of(channel: Channel, conn: socket.socket, reader: IO[bytes]) -> None:
+    lock = threading.Lock()
+
+    def send(line: bytes) -> None:
+        with lock:
+            conn.sendall(line)
+
+    channel.add_link(send)
+    try:
+        while line := reader.readline(wire.MAX_HOST_FRAME + 1):
+            frame = wire.parse_host_frame(line)
+            if frame["kind"] != "reply":
+                raise wire.WireError(f"a link carries replies, not {frame['kind']!r}")
+            channel.deliver(frame)
+    finally:
+        channel.drop_link(send)
+
+
 def _seq_line(n: int) -> bytes:
     return json.dumps({"input_seq": n}).encode() + b"\n"
 
@@ -592,7 +678,7 @@ def _run_channel(
         ready["model_url"] = listener.url
     emitter.emit("ready", ready)
     try:
-        AttachServer(run_dir, gate)
+        AttachServer(run_dir, gate, channel)
     except OSError as exc:  # a path too long for a socket, say: the run goes on without
         sys.stderr.write(f"sandbay relay: no input socket, attach is off: {exc}\n")
     # stdin may never end (the host keeps it open): it is read on a thread nobody joins.
@@ -678,7 +764,32 @@ def serve(run_dir: str) -> int:
     return 0
 
 
-def replay(run_dir: str, after: int) -> int:
+def _link(run_dir: str, out_lock: threading.Lock) -> None:
+    """Carry the serving relay's requests to stdout and the host's replies from stdin."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(os.path.join(run_dir, wire.INPUT_SOCKET))
+        sock.sendall(b'{"link": true}\n')
+    except OSError:
+        return  # the run has ended, or takes no requests: a plain replay
+
+    def requests() -> None:
+        with sock.makefile("rb") as reader:
+            for line in reader:
+                with out_lock:
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.buffer.flush()
+
+    def replies() -> None:
+        with contextlib.suppress(OSError):
+            for line in sys.stdin.buffer:
+                sock.sendall(line)
+
+    threading.Thread(target=requests, daemon=True).start()
+    threading.Thread(target=replies, daemon=True).start()
+
+
+def replay(run_dir: str, after: int, link: bool = False) -> int:
     path = os.path.join(run_dir, wire.LOG_NAME)
     pid = _read_pid(run_dir)
     give_up = time.monotonic() + 10
@@ -687,7 +798,10 @@ def replay(run_dir: str, after: int) -> int:
             _print_error("LookupError", f"no run log at {path}")
             return 2
         time.sleep(0.05)
-    out = sys.stdout.buffer
+    out_lock = threading.Lock()
+    if link:
+        _link(run_dir, out_lock)
+    out = _LockedOut(sys.stdout.buffer, out_lock)
     with open(path, "rb") as log:
         pending = b""
         while True:
@@ -712,6 +826,20 @@ def replay(run_dir: str, after: int) -> int:
                 _print_error("AgentError", "the relay died before the run ended")
                 return 1
             time.sleep(0.02)
+
+
+class _LockedOut:
+    def __init__(self, out: IO[bytes], lock: threading.Lock) -> None:
+        self.out = out
+        self.lock = lock
+
+    def write(self, line: bytes) -> None:
+        with self.lock:
+            self.out.write(line)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.out.flush()
 
 
 def _print_error(kind: str, message: str) -> None:
@@ -747,12 +875,15 @@ def main(argv: list[str] | None = None) -> int:
     replay_cmd = sub.add_parser("replay")
     replay_cmd.add_argument("--run-dir", required=True)
     replay_cmd.add_argument("--after", type=int, default=0)
+    replay_cmd.add_argument("--link", action="store_true")
     attach_cmd = sub.add_parser("attach")
     attach_cmd.add_argument("--run-dir", required=True)
     attach_cmd.add_argument("--writer", required=True)
     args = parser.parse_args(argv)
     if args.command == "replay":
-        return replay(args.run_dir, args.after)
+        code = replay(args.run_dir, args.after, args.link)
+        sys.stdout.flush()
+        os._exit(code)  # the link's threads may still block on reads
     if args.command == "attach":
         code = attach(args.run_dir, args.writer)
         sys.stdout.flush()

@@ -84,6 +84,8 @@ MAX_HTTP_HEAD = 64 * 1024
 #: Largest HTTP request body the model listener takes from the CLI (a conversation with
 #: images runs to a few MiB).
 MAX_HTTP_BODY = 32 * 1024 * 1024
+#: Seconds a request of the relay waits for the host to reattach when its stream is gone.
+LINK_WAIT_S = 30.0
 #: The writer of inputs without one: the host process that started the run.
 HOST_WRITER = "host"
 #: A writer's name (each writer numbers its inputs from 1).
