@@ -49,7 +49,7 @@ from ._provider import Provider, managed_labels
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
 
 if TYPE_CHECKING:
-    from ._transport import RunInput, SandboxTransport
+    from ._transport import RequestHandler, RunInput, SandboxTransport
 
 __all__ = [
     "AgentRun",
@@ -563,12 +563,14 @@ class AgentRun:
                 config = provider_config(source)
         else:
             config = provider_config(provider)
+        relay = self._transport.model_relay if self._transport is not None else None
         return RunHandle(
             provider=config.public_data(),
             sandbox_id=sandbox.id,
             run_id=self.run_id,
             last_seq=self.last_seq,
             owns_sandbox=self._owns_sandbox,
+            model_token=relay.token if relay is not None else None,
         )
 
     async def _messages(self) -> AsyncGenerator[Any, None]:
@@ -848,6 +850,10 @@ class RunHandle:
         last_seq: Sequence number of the last message the handle's holder received;
             resuming yields the messages after it.
         owns_sandbox: Whether the run created its sandbox (then the resumer removes it).
+        model_token: The run's model relay token, if it has one: the resumer answers the
+            CLI's model requests with its own credential for this token. Worthless once the
+            run ended and anywhere but this run's relay; keep the handle as private as the
+            run.
     """
 
     provider: Mapping[str, Any]
@@ -855,6 +861,7 @@ class RunHandle:
     run_id: str
     last_seq: int = 0
     owns_sandbox: bool = True
+    model_token: str | None = None
 
     VERSION: ClassVar[int] = 1
 
@@ -891,6 +898,15 @@ class RunHandle:
         provider = data.get("provider")
         fields = (data.get("sandbox_id"), data.get("run_id"))
         last_seq, owns = data.get("last_seq"), data.get("owns_sandbox")
+        token = data.get("model_token")
+        if not (token is None or (isinstance(token, str) and 0 < len(token) < 256)) or set(data) - {
+            "version",
+            "provider",
+            "sandbox_id",
+            "run_id",
+            "last_seq",
+        } - {"owns_sandbox", "model_token"}:
+            raise ConfigError("not a valid run handle: unknown fields or a bad model_token")
         if (
             not isinstance(provider, dict)
             or not isinstance(provider.get("type"), str)
@@ -906,6 +922,7 @@ class RunHandle:
             run_id=str(fields[1]),
             last_seq=last_seq,
             owns_sandbox=owns,
+            model_token=token,
         )
 
 
@@ -974,6 +991,16 @@ class ResumedRun:
             self._input = RunInput(self.sandbox, self.run_id)
         return self._input
 
+    def _handlers(self) -> dict[str, RequestHandler]:
+        """The model relay's handler, if the run has one and this process a credential."""
+        from ._model_relay import METHOD, ModelRelay, relay_for
+
+        token = self._handle.model_token
+        if token is None:
+            return {}
+        relay: ModelRelay | None = relay_for(agent_env(), token=token)
+        return {METHOD: relay.handle} if relay is not None else {}
+
     def handle(self) -> RunHandle:
         """A handle to resume from where this one got to."""
         return dataclasses.replace(self._handle, last_seq=self.last_seq)
@@ -1007,7 +1034,9 @@ class ResumedRun:
                     self._config, self._handle.sandbox_id, providers=self._providers
                 )
             async with aclosing(
-                _replay_envelopes(self.sandbox, self.run_id, self.last_seq)
+                _replay_envelopes(
+                    self.sandbox, self.run_id, self.last_seq, handlers=self._handlers()
+                )
             ) as envelopes:
                 async for envelope in envelopes:
                     message = _parse_message(envelope, self.sandbox)
@@ -1062,26 +1091,38 @@ def resume_run(handle: RunHandle | str, *, providers: Providers | None = None) -
 
 
 async def _replay_envelopes(
-    sandbox: Sandbox, run_id: str, after: int
+    sandbox: Sandbox,
+    run_id: str,
+    after: int,
+    *,
+    handlers: Mapping[str, RequestHandler] | None = None,
 ) -> AsyncGenerator[Envelope, None]:
     """The run's messages after ``after``, from the relay's log, until the run ends.
+
+    With ``handlers``, the relay's requests come this way too and are answered with them.
 
     Raises:
         AgentError: The run failed, or its relay died before it ended.
         ProtocolError: The log holds something malformed.
     """
-    from ._transport import _CONTROL_TYPES, MAX_FRAME_BYTES, parse_frame
+    from ._transport import _CONTROL_TYPES, MAX_FRAME_BYTES, RequestServer, parse_frame
 
     directory = run_dir(sandbox, run_id)
     script = f"{sandbox.agent_dir}/relay/relay.py"
     argv = [sandbox.python, script, "replay", "--run-dir", directory, "--after", str(after)]
+    if handlers:
+        argv.append("--link")
     proc = await sandbox.start(argv)
+    server = RequestServer(proc, handlers) if handlers else None
     try:
         async for line in proc.stdout.lines(max_line=MAX_FRAME_BYTES):
             if not line.strip():
                 continue
             frame = parse_frame(line, sandbox)
-            if frame.kind == "line":
+            if frame.kind == "request":
+                if server is not None:
+                    server.on_request(frame.data)
+            elif frame.kind == "line":
                 if frame.data.get("type") not in _CONTROL_TYPES and not _host_only(frame.data):
                     yield Envelope(frame.seq, "message", frame.data)
             elif frame.kind == "end":
@@ -1111,6 +1152,8 @@ async def _replay_envelopes(
         )
     finally:
         with anyio.CancelScope(shield=True):
+            if server is not None:
+                await server.aclose()
             await _kill(proc)
 
 

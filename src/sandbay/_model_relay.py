@@ -27,7 +27,7 @@ import anyio.abc
 
 from ._errors import ConfigError
 
-__all__ = ["METHOD", "ModelRelay", "model_relay_wanted"]
+__all__ = ["METHOD", "ModelRelay", "model_relay_wanted", "relay_for"]
 
 #: The request method the relay's model listener uses.
 METHOD = "model.http"
@@ -87,6 +87,26 @@ def model_relay_wanted(env: Mapping[str, str], setting: bool | None) -> bool:
     if any(env.get(name) for name in _OTHER_BACKENDS):
         return False
     return any(env.get(name) for name in RELAYED_CREDENTIALS)
+
+
+def relay_for(env: Mapping[str, str], *, token: str | None = None) -> ModelRelay | None:
+    """A relay for the credential and endpoint in ``env`` (``None`` without a credential).
+
+    Args:
+        env: The CLI's environment as configured (credential, ``ANTHROPIC_BASE_URL``).
+        token: The run's token, when resuming a run another process started.
+    """
+    name = next((n for n in RELAYED_CREDENTIALS if env.get(n)), None)
+    if name is None:
+        return None
+    relay = ModelRelay(
+        base_url=env.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL,
+        credential_name=name,
+        credential=env[name],
+    )
+    if token is not None:
+        relay.token = token
+    return relay
 
 
 class ModelRelay:

@@ -60,8 +60,8 @@ from ._agent import (
     stderr_tail,
 )
 from ._errors import AgentError, ConfigError, ProtocolError
-from ._model_relay import DEFAULT_BASE_URL, RELAYED_CREDENTIALS, ModelRelay, model_relay_wanted
 from ._model_relay import METHOD as MODEL_METHOD
+from ._model_relay import ModelRelay, model_relay_wanted, relay_for
 from ._relay import wire
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox
 
@@ -70,6 +70,7 @@ __all__ = [
     "Frame",
     "RequestError",
     "RequestHandler",
+    "RequestServer",
     "RunInput",
     "SandboxTransport",
     "cli_argv",
@@ -320,12 +321,8 @@ class SandboxTransport(Transport):
         relay: ModelRelay | None = None
         option_env = dict(options.env)
         if model_relay_wanted(env, self._model_relay_setting):
-            name = next(n for n in RELAYED_CREDENTIALS if env.get(n))
-            relay = ModelRelay(
-                base_url=env.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL,
-                credential_name=name,
-                credential=env[name],
-            )
+            relay = relay_for(env)
+        if relay is not None:
             env = relay.sandbox_env(env)
             # The endpoint is reached from here, so a loopback one is fine.
             option_env.pop("ANTHROPIC_BASE_URL", None)
@@ -848,6 +845,65 @@ class RunInput:
 
 class _Disconnected(Exception):
     """The relay's ``attach`` ended."""
+
+
+class RequestServer:
+    """Answers the relay's requests that arrive on one process's stream (a replay with a
+    link, in a process that resumed the run), each in a task of its own.
+
+    Args:
+        proc: The process whose stdin takes the replies.
+        handlers: Request method → handler.
+    """
+
+    def __init__(self, proc: Process, handlers: Mapping[str, RequestHandler]) -> None:
+        self._proc = proc
+        self._handlers = dict(handlers)
+        self._tasks: dict[int, _Task] = {}
+        self._lock = anyio.Lock()
+
+    def on_request(self, data: Mapping[str, Any]) -> None:
+        rid = data["id"]
+        if rid in self._tasks:
+            return
+        if len(self._tasks) >= wire.MAX_INFLIGHT:
+            raise ProtocolError(f"the relay sent more than {wire.MAX_INFLIGHT} requests at once")
+        self._tasks[rid] = _spawn(self._answer(rid, data["method"], data["payload"]))
+
+    async def _answer(self, rid: int, method: str, payload: dict[str, Any]) -> None:
+        async def send(final: bool, **fields: Any) -> None:
+            async with self._lock:
+                await self._proc.write(wire.host_frame("reply", id=rid, final=final, **fields))
+
+        async def part(data: dict[str, Any]) -> None:
+            await send(False, data=data)
+
+        try:
+            handler = self._handlers.get(method)
+            try:
+                if handler is None:
+                    raise RequestError("UnknownMethod", f"no handler for {method!r} on the host")
+                result = await handler(payload, part)
+            except RequestError as exc:
+                await send(True, error={"type": exc.kind, "message": exc.message})
+            except Exception as exc:
+                message = f"the host's handler of {method!r} failed: {type(exc).__name__}"
+                await send(True, error={"type": "InternalError", "message": message})
+            else:
+                await send(True, data=result)
+        except (BrokenPipeError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            self._tasks.pop(rid, None)
+
+    async def aclose(self) -> None:
+        """Cancel the requests still answered and wait for them (bounded)."""
+        tasks, self._tasks = list(self._tasks.values()), {}
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+            for task in tasks:
+                await task.wait()
 
 
 class _Task:
