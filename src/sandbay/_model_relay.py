@@ -256,7 +256,13 @@ def _parse_head(head: str) -> tuple[str, str, list[tuple[str, str]]]:
         if not line:
             continue
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or any(c in name for c in " \t"):
+        if (
+            not sep
+            or not name
+            or name != name.strip()
+            or any(c in name for c in " \t")
+            or any(c in line for c in "\r\0")
+        ):
             raise RequestError("BadRequest", f"not a header line: {line!r:.100}")
         headers.append((name, value.strip()))
     return words[0], words[1], headers

@@ -43,9 +43,17 @@ Kinds: ``ready`` (seq 0; data: pid, cli_pid, cli, model_url), ``timings`` (seq 0
 frames), ``line`` (one CLI stdout line, logged), ``stderr`` (seq 0; data: line, one CLI
 stderr line, cut to `MAX_STDERR_LINE`), ``end`` (logged; data: exit_code of the CLI) and
 ``error`` (logged; data: type, message, exit_code, stderr; the relay could not run the CLI).
-``end`` and ``error`` close a run. Logged envelopes carry consecutive sequence numbers from 1
-and are appended to the run's log (`LOG_NAME`) before they are written to stdout, so
-``replay`` can repeat any of them.
+``end`` and ``error`` close a run.
+
+Requests the relay makes: ``model.http`` (payload: ``head``, the HTTP request head as
+Latin-1 text, and ``body``, base64), one per request the CLI makes to the model listener
+(``model_listener`` in ``start``; its address is ``model_url`` in ``ready`` and the CLI's
+``ANTHROPIC_BASE_URL``). Each reply part's data holds ``data``, the next bytes of the raw
+HTTP response (base64), written to the CLI as they come. After a cut stream the host's
+``relay.py replay --link`` carries requests and replies through `INPUT_SOCKET`.
+
+Logged envelopes carry consecutive sequence numbers from 1 and are appended to the run's
+log (`LOG_NAME`) before they are written to stdout, so ``replay`` can repeat any of them.
 """
 
 from __future__ import annotations
