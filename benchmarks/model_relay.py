@@ -161,6 +161,7 @@ async def main() -> None:
             rows[name] = summary(await measure(name, url, args.requests, args.mib))
     finally:
         server.shutdown()
+        server.server_close()
     header = (
         "| provider | direct p50 ms | relay p50 ms | added p50 ms | direct p90 ms | relay p90 ms "
         "| direct MiB/s | relay MiB/s | direct first byte ms | relay first byte ms |"

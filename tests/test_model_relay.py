@@ -9,11 +9,13 @@ run directory, working directory, home and temporary directory.
 from __future__ import annotations
 
 import base64
+import http.server
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import pytest
@@ -254,3 +256,73 @@ async def test_opting_out_sends_the_key_as_before() -> None:
             model.requests
             and model.requests[0].headers["x-api-key"] == model.env()["ANTHROPIC_API_KEY"]
         )
+
+
+#: Reads the first event of a stream through the relay, then asks the server to send the
+#: rest: if the relay held the response back, the first event would not come before it.
+STREAM_PROBE = r"""#!/usr/bin/env python3
+import json, os, urllib.request
+base, key = os.environ["ANTHROPIC_BASE_URL"], os.environ["ANTHROPIC_API_KEY"]
+def get(path):
+    return urllib.request.urlopen(
+        urllib.request.Request(base + path, headers={"x-api-key": key}), timeout=60
+    )
+with get("/stream") as stream:
+    first = stream.read1(4096).decode()
+    get("/release").read()
+    rest = stream.read().decode()
+print(json.dumps({"type": "probe", "first": first, "rest": rest}), flush=True)
+"""
+
+
+class _SlowStream(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    released: ClassVar[threading.Event] = threading.Event()
+    order: ClassVar[list[str]] = []
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path == "/release":
+            self.order.append("release")
+            self.released.set()
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        self.wfile.write(b"event: one\ndata: {}\n\n")
+        self.wfile.flush()
+        self.order.append("one")
+        released = self.released.wait(60)
+        self.order.append("two" if released else "two-unreleased")
+        self.wfile.write(b"event: two\ndata: {}\n\n")
+
+
+async def test_a_streamed_response_streams_through_the_relay() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowStream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        async with sandbay.open_sandbox(sandbay.LocalConfig(isolate=False)) as sb:
+            await sb.write_file("probe", STREAM_PROBE.encode(), mode=0o755)
+            env = {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": "sk-real"}
+            options = ClaudeAgentOptions(cli_path=sb.resolve("probe"), env=env)
+            transport = sandbay.SandboxTransport(sb, options)
+            await transport.connect()
+            await transport.end_input()
+            try:
+                with anyio.fail_after(120):
+                    out = [m async for m in transport.read_messages()]
+            finally:
+                await transport.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _SlowStream.order == ["one", "release", "two"]
+    assert out[0]["first"].startswith("event: one") and "event: two" in out[0]["rest"]
