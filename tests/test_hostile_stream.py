@@ -65,7 +65,7 @@ def printing(*lines: bytes | str, then: str = "time.sleep(60)") -> str:
         f'out.write(b\'{{"sandbay": {wire.VERSION}, "seq": 0, "kind": "ready", '
         '"data": {}}\\n\')\n'
         "out.flush()\n"
-        "request = json.loads(sys.stdin.readline())\n"
+        "request = json.loads(json.loads(sys.stdin.readline())['data'])\n"
         "reply = {'type': 'control_response', 'response': {'subtype': 'success', "
         "'request_id': request['request_id'], 'response': {}}}\n"
         f"envelope = {{'sandbay': {wire.VERSION}, 'seq': 1, 'kind': 'line', 'data': reply}}\n"
@@ -189,7 +189,8 @@ def envelope(**fields: Any) -> str:
 
 NESTED = "[" * 200 + "]" * 200
 DEEP_MESSAGE = (
-    '{"sandbay": 2, "seq": 2, "kind": "line", "data": {"type": "assistant", "message": '
+    f'{{"sandbay": {wire.VERSION}, "seq": 2, "kind": "line", '
+    '"data": {"type": "assistant", "message": '
     '{"model": "m", "content": [{"type": "tool_use", "id": "t", "name": "Bash", "input": '
     '{"x": ' + NESTED + "}}]}}}"
 )
@@ -198,7 +199,7 @@ DEEP_MESSAGE = (
 HOSTILE_LINES = [
     pytest.param(envelope(seq="abc", data={}), "seq must be", id="seq-text"),
     pytest.param(
-        '{"sandbay": 2, "seq": 1e999, "kind": "line", "data": {}}',
+        f'{{"sandbay": {wire.VERSION}, "seq": 1e999, "kind": "line", "data": {{}}}}',
         "seq must be",
         id="seq-infinite",
     ),
@@ -222,6 +223,68 @@ HOSTILE_LINES = [
     pytest.param(envelope(kind="end", data={"exit_code": "x"}), "exit_code", id="end-code-text"),
     pytest.param(envelope(kind="error", data={"exit_code": "x"}), "exit_code", id="exit-code-text"),
     pytest.param(b"\xff\xfe not utf-8", "not JSON", id="not-utf8"),
+    # The relay's own kinds: timings and requests to the host.
+    pytest.param(
+        envelope(kind="timings", seq=0, data={"relay_start_ms": "x"}),
+        "must be milliseconds",
+        id="timings-text",
+    ),
+    pytest.param(
+        envelope(kind="timings", seq=0, data={"relay_start_ms": -1}),
+        "must be milliseconds",
+        id="timings-negative",
+    ),
+    pytest.param(
+        envelope(kind="timings", seq=0, data={"cpu": 1}), "unknown timings", id="timings-unknown"
+    ),
+    pytest.param(
+        envelope(kind="timings", seq=3, data={}), "carries no sequence", id="timings-numbered"
+    ),
+    pytest.param(
+        envelope(kind="request", seq=0, data={"id": 0, "method": "m", "payload": {}}),
+        "id of 'request'",
+        id="request-id-zero",
+    ),
+    pytest.param(
+        envelope(kind="request", seq=0, data={"id": 2**40, "method": "m", "payload": {}}),
+        "id of 'request'",
+        id="request-id-huge",
+    ),
+    pytest.param(
+        envelope(kind="request", seq=0, data={"id": True, "method": "m", "payload": {}}),
+        "id of 'request'",
+        id="request-id-bool",
+    ),
+    pytest.param(
+        envelope(kind="request", seq=0, data={"id": 1, "method": "../x", "payload": {}}),
+        "not a method name",
+        id="request-method-path",
+    ),
+    pytest.param(
+        envelope(kind="request", seq=0, data={"id": 1, "method": "m" * 200, "payload": {}}),
+        "not a method name",
+        id="request-method-long",
+    ),
+    pytest.param(
+        envelope(kind="request", seq=0, data={"id": 1, "method": "m", "payload": []}),
+        "payload of 'request'",
+        id="request-payload-list",
+    ),
+    pytest.param(
+        envelope(kind="request", seq=0, data={"id": 1, "method": "m"}),
+        "exactly id, method and payload",
+        id="request-no-payload",
+    ),
+    pytest.param(
+        envelope(kind="request", seq=0, data={"id": 1, "method": "m", "payload": {}, "x": 1}),
+        "exactly id, method and payload",
+        id="request-extra",
+    ),
+    pytest.param(
+        envelope(kind="request", seq=4, data={"id": 1, "method": "m", "payload": {}}),
+        "carries no sequence",
+        id="request-numbered",
+    ),
 ]
 
 

@@ -208,7 +208,7 @@ def test_relay_is_stdlib_only_and_speaks_the_hosts_wire(tmp_path: Path) -> None:
     ).stdout.splitlines()
     assert out[0] == f"{wire.VERSION} {sorted(wire.KINDS)} {wire.END_INPUT_LINE}"
     assert out[1] == "False False"
-    assert wire.KINDS == {"ready", "line", "stderr", "end", "error"}
+    assert wire.KINDS == {"ready", "timings", "request", "line", "stderr", "end", "error"}
     assert json.loads(wire.END_INPUT_LINE) == {"sandbay": wire.VERSION, "kind": "end_input"}
 
 
@@ -243,7 +243,7 @@ def _frame(**fields: Any) -> bytes:
         _frame(kind="end", data={"exit_code": 2**40}),
         _frame(kind="error", data={"message": ["x"]}),
         _frame(kind="ready", seq=0, data={"pid": "1"}),
-        b'{"sandbay":2,"seq":1,"kind":"line","data":' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"sandbay":3,"seq":1,"kind":"line","data":' + b"[" * 5000 + b"]" * 5000 + b"}",
         _frame(data={"type": "x", "deep": json.loads("[" * 150 + "]" * 150)}),
     ],
 )

@@ -51,7 +51,7 @@ from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
 if TYPE_CHECKING:
     from claude_agent_sdk._internal.query import Query
 
-    from ._transport import SandboxTransport
+    from ._transport import RequestHandler, RunInput, SandboxTransport
 
 __all__ = [
     "AgentRun",
@@ -495,9 +495,9 @@ class AgentRun:
         timings: When the run reached each milestone, a `RunTimings` record (``start``,
             ``sandbox``, ``request``, ``first_message``, ``first_assistant``, ``result``,
             ``closed``).
-        sandbox_timings: Milestones measured inside the sandbox. Empty: the relay the run
-            uses measures none (the entrypoint before it reported
-            ``prompt_to_first_message_ms``); kept for callers that read it.
+        sandbox_timings: Milestones the relay measured inside the sandbox, in monotonic
+            milliseconds of the sandbox's clock, as they arrive: ``relay_start_ms``,
+            ``cli_spawned_ms``, ``cli_first_line_ms``. Subtract two for a phase.
     """
 
     def __init__(
@@ -635,12 +635,14 @@ class AgentRun:
                 config = provider_config(source)
         else:
             config = provider_config(provider)
+        relay = self._transport.model_relay if self._transport is not None else None
         return RunHandle(
             provider=config.public_data(),
             sandbox_id=sandbox.id,
             run_id=self.run_id,
             last_seq=self.last_seq,
             owns_sandbox=self._owns_sandbox,
+            model_token=relay.token if relay is not None else None,
         )
 
     async def _messages(self) -> AsyncGenerator[Any, None]:
@@ -676,6 +678,7 @@ class AgentRun:
                     seq = transport.seq_of(data)
                     if seq is not None:
                         self.last_seq = seq
+                    self.sandbox_timings = dict(transport.sandbox_timings)
                     self._mark(data.get("type"))
                     if self._raw:
                         yield data
@@ -934,6 +937,10 @@ class RunHandle:
         last_seq: Sequence number of the last message the handle's holder received;
             resuming yields the messages after it.
         owns_sandbox: Whether the run created its sandbox (then the resumer removes it).
+        model_token: The run's model relay token, if it has one: the resumer answers the
+            CLI's model requests with its own credential for this token. Worthless once the
+            run ended and anywhere but this run's relay; keep the handle as private as the
+            run.
     """
 
     provider: Mapping[str, Any]
@@ -941,6 +948,7 @@ class RunHandle:
     run_id: str
     last_seq: int = 0
     owns_sandbox: bool = True
+    model_token: str | None = None
 
     VERSION: ClassVar[int] = 1
 
@@ -977,6 +985,15 @@ class RunHandle:
         provider = data.get("provider")
         fields = (data.get("sandbox_id"), data.get("run_id"))
         last_seq, owns = data.get("last_seq"), data.get("owns_sandbox")
+        token = data.get("model_token")
+        if not (token is None or (isinstance(token, str) and 0 < len(token) < 256)) or set(data) - {
+            "version",
+            "provider",
+            "sandbox_id",
+            "run_id",
+            "last_seq",
+        } - {"owns_sandbox", "model_token"}:
+            raise ConfigError("not a valid run handle: unknown fields or a bad model_token")
         if (
             not isinstance(provider, dict)
             or not isinstance(provider.get("type"), str)
@@ -992,6 +1009,7 @@ class RunHandle:
             run_id=str(fields[1]),
             last_seq=last_seq,
             owns_sandbox=owns,
+            model_token=token,
         )
 
 
@@ -1022,6 +1040,53 @@ class ResumedRun:
         self.last_seq = handle.last_seq
         self.sandbox: Sandbox | None = None
         self._gen: AsyncGenerator[Message, None] | None = None
+        self._input: RunInput | None = None
+
+    async def write(self, data: str) -> None:
+        """Write stream-json lines to the run's CLI, from this process (`RunInput`).
+
+        Inputs of this run reach the CLI once each, in order, after those of the process
+        that started it and of other resumers (in the order the relay got them).
+
+        Raises:
+            AgentError: The run is not running, or its input ended.
+        """
+        await (await self._writer()).write(data)
+
+    async def query(self, prompt: str, *, session_id: str = "default") -> None:
+        """Send the CLI a new user turn, as ``ClaudeSDKClient.query`` does."""
+        message = {
+            "type": "user",
+            "message": {"role": "user", "content": prompt},
+            "parent_tool_use_id": None,
+            "session_id": session_id,
+        }
+        await self.write(json.dumps(message) + "\n")
+
+    async def end_input(self) -> None:
+        """End the CLI's input: it finishes its turn and exits."""
+        await (await self._writer()).end_input()
+
+    async def _writer(self) -> RunInput:
+        from ._transport import RunInput
+
+        if self.sandbox is None:
+            self.sandbox = await connect_sandbox(
+                self._config, self._handle.sandbox_id, providers=self._providers
+            )
+        if self._input is None:
+            self._input = RunInput(self.sandbox, self.run_id)
+        return self._input
+
+    def _handlers(self) -> dict[str, RequestHandler]:
+        """The model relay's handler, if the run has one and this process a credential."""
+        from ._model_relay import METHOD, ModelRelay, relay_for
+
+        token = self._handle.model_token
+        if token is None:
+            return {}
+        relay: ModelRelay | None = relay_for(agent_env(), token=token)
+        return {METHOD: relay.handle} if relay is not None else {}
 
     def handle(self) -> RunHandle:
         """A handle to resume from where this one got to."""
@@ -1040,6 +1105,9 @@ class ResumedRun:
 
     async def aclose(self) -> None:
         """Stop following the run; remove the sandbox if the run owned it. Idempotent."""
+        writer, self._input = self._input, None
+        if writer is not None:
+            await writer.aclose()
         if self._gen is None:
             self._gen = self._messages()  # never iterated: still release the sandbox
             with anyio.CancelScope(shield=True):
@@ -1053,7 +1121,9 @@ class ResumedRun:
                     self._config, self._handle.sandbox_id, providers=self._providers
                 )
             async with aclosing(
-                _replay_envelopes(self.sandbox, self.run_id, self.last_seq)
+                _replay_envelopes(
+                    self.sandbox, self.run_id, self.last_seq, handlers=self._handlers()
+                )
             ) as envelopes:
                 async for envelope in envelopes:
                     message = _parse_message(envelope, self.sandbox)
@@ -1108,26 +1178,39 @@ def resume_run(handle: RunHandle | str, *, providers: Providers | None = None) -
 
 
 async def _replay_envelopes(
-    sandbox: Sandbox, run_id: str, after: int
+    sandbox: Sandbox,
+    run_id: str,
+    after: int,
+    *,
+    handlers: Mapping[str, RequestHandler] | None = None,
 ) -> AsyncGenerator[Envelope, None]:
     """The run's messages after ``after``, from the relay's log, until the run ends.
+
+    With ``handlers``, the relay's requests come this way too and are answered with them.
 
     Raises:
         AgentError: The run failed, or its relay died before it ended.
         ProtocolError: The log holds something malformed.
     """
-    from ._transport import _CONTROL_TYPES, MAX_FRAME_BYTES, parse_frame
+    from ._transport import _CONTROL_TYPES, MAX_FRAME_BYTES, RequestServer, parse_frame
 
     directory = run_dir(sandbox, run_id)
     script = f"{sandbox.relay_dir}/relay/relay.py"
     argv = [sandbox.python, "-E", "-s", "-S", script, "replay", "--run-dir", directory]
-    proc = await sandbox.start_relay([*argv, "--after", str(after)])
+    argv += ["--after", str(after)]
+    if handlers:
+        argv.append("--link")
+    proc = await sandbox.start_relay(argv)
+    server = RequestServer(proc, handlers) if handlers else None
     try:
         async for line in proc.stdout.lines(max_line=MAX_FRAME_BYTES):
             if not line.strip():
                 continue
             frame = parse_frame(line, sandbox)
-            if frame.kind == "line":
+            if frame.kind == "request":
+                if server is not None:
+                    server.on_request(frame.data)
+            elif frame.kind == "line":
                 if frame.data.get("type") not in _CONTROL_TYPES and not _host_only(frame.data):
                     yield Envelope(frame.seq, "message", frame.data)
             elif frame.kind == "end":
@@ -1157,6 +1240,8 @@ async def _replay_envelopes(
         )
     finally:
         with anyio.CancelScope(shield=True):
+            if server is not None:
+                await server.aclose()
             await _kill(proc)
 
 

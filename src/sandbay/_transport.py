@@ -27,11 +27,19 @@ import posixpath
 import re
 import shlex
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Mapping,
+)
 from contextlib import aclosing
 from typing import Any
 
 import anyio
+import sniffio
 from claude_agent_sdk import ClaudeAgentOptions, Transport
 from claude_agent_sdk import __version__ as sdk_version
 from claude_agent_sdk._internal.transport.subprocess_cli import SubprocessCLITransport
@@ -54,12 +62,18 @@ from ._agent import (
     stderr_tail,
 )
 from ._errors import AgentError, ConfigError, ProtocolError
+from ._model_relay import METHOD as MODEL_METHOD
+from ._model_relay import ModelRelay, model_relay_wanted, relay_for
 from ._relay import wire
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox
 
 __all__ = [
     "CHECKED_SDK_VERSIONS",
     "Frame",
+    "RequestError",
+    "RequestHandler",
+    "RequestServer",
+    "RunInput",
     "SandboxTransport",
     "check_tenant",
     "cli_argv",
@@ -92,6 +106,28 @@ _INSTALL = (
 #: Python flags of the relay: no PYTHON* variables, no user or site directories (no .pth
 #: file anyone planted runs in it), only the standard library and the relay's own files.
 RELAY_PYTHON_FLAGS = ("-E", "-s", "-S")
+
+
+#: Answers one request of the relay: gets its payload and a function that sends a reply part
+#: (``final: false``) to the sandbox; returns the final reply's data. Raise `RequestError`
+#: to answer with an error; any other exception is answered as an internal error.
+RequestHandler = Callable[
+    [dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[dict[str, Any]]
+]
+
+
+class RequestError(Exception):
+    """Raised by a `RequestHandler`: the relay's request is answered with this error.
+
+    Args:
+        kind: A short name for the error (``Unauthorized``, ``BadRequest``, …).
+        message: What went wrong, for the sandbox's side.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +285,17 @@ class SandboxTransport(Transport):
             ``CLAUDE_CODE_DISABLE_AUTO_MEMORY=1``, and runs where the sandbox keeps it from
             other tenants' files (`Sandbox.cli_launch`). A relative ``options.cwd`` is
             taken inside the tenant's working directory.
+        keep_input_s: If this process's stream to the relay breaks without the input
+            ended (it crashed, or the provider dropped the connection), the CLI's input
+            stays open this long for a writer in another process (`RunInput`,
+            `ResumedRun.write`) to take over; 0 (the default) ends it at once, so a
+            one-shot run finishes by itself.
+        model_relay: Whether the CLI reaches the model through the relay's channel with a
+            per-run token, the real credential staying here (`sandbay._model_relay`). By
+            default it does when the CLI's environment carries ``ANTHROPIC_API_KEY`` or
+            ``ANTHROPIC_AUTH_TOKEN`` (from ``options.env``, ``env`` or this process's
+            environment) and no other backend is set up; ``SANDBAY_MODEL_RELAY=0`` turns
+            that default off. ``False`` sends the credential into the sandbox as before.
 
     Attributes:
         run_id: The run's id in the sandbox.
@@ -266,9 +313,17 @@ class SandboxTransport(Transport):
         run_id: str | None = None,
         reconnects: int = RECONNECTS,
         tenant: str | None = None,
+        keep_input_s: float = 0.0,
+        model_relay: bool | None = None,
     ) -> None:
         check_tenant(tenant)
         self.tenant = tenant
+        if not 0 <= keep_input_s <= 7 * 86400:
+            raise ConfigError(f"keep_input_s must be 0 to a week in seconds, got {keep_input_s}")
+        self.keep_input_s = keep_input_s
+        self._model_relay_setting = model_relay
+        #: The run's model relay, once connected through one (`model_relay`).
+        self.model_relay: ModelRelay | None = None
         self.sandbox = sandbox
         self.options = options if options is not None else ClaudeAgentOptions()
         self.run_id = run_id or uuid.uuid4().hex[:16]
@@ -289,6 +344,23 @@ class SandboxTransport(Transport):
         # Messages handed to the SDK that it may pass on to its reader, by identity: seq.
         self._seqs: dict[int, tuple[int, dict[str, Any]]] = {}
         self._lines: AsyncIterator[bytes] | None = None
+        #: The relay's milestones in the sandbox (`wire.TIMING_NAMES`, monotonic ms there).
+        self.sandbox_timings: dict[str, float] = {}
+        #: Number of the last input written to the CLI (inputs are numbered from 1).
+        self.input_seq = 0
+        self._handlers: dict[str, RequestHandler] = {}
+        self._inflight: dict[int, _Task] = {}
+
+    def handle_requests(self, method: str, handler: RequestHandler) -> None:
+        """Answer the relay's requests of ``method`` with ``handler`` (before `connect`).
+
+        Requests run concurrently, each in its own task, while the CLI's messages are read;
+        `close` cancels those still running. A request of a method without a handler is
+        answered with an ``UnknownMethod`` error.
+        """
+        if not wire.METHOD_PATTERN.fullmatch(method):
+            raise ConfigError(f"not a request method: {method!r} (lower-case words and dots)")
+        self._handlers[method] = handler
 
     @property
     def run_dir(self) -> str:
@@ -353,12 +425,20 @@ class SandboxTransport(Transport):
         options = self.options
         env = cli_env(self.sandbox, options, self._env)
         check_credentials(env, self.sandbox.spec.env)
+        relay: ModelRelay | None = None
+        option_env = dict(options.env)
+        if model_relay_wanted(env, self._model_relay_setting):
+            relay = relay_for(env)
+        if relay is not None:
+            env = relay.sandbox_env(env)
+            # The endpoint is reached from here, so a loopback one is fine.
+            option_env.pop("ANTHROPIC_BASE_URL", None)
         check_sandbox(
             self.sandbox,
             wire_options={
                 "permission_mode": options.permission_mode,
                 "extra_args": options.extra_args,
-                "env": dict(options.env),
+                "env": option_env,
             },
             env=env,
         )
@@ -376,14 +456,18 @@ class SandboxTransport(Transport):
             flags += ["--tenant", self.tenant, "--tenant-root", launch.tenant_root]
         if launch.wrapper:
             flags += ["--cli-wrapper", json.dumps(list(launch.wrapper))]
-        start = {
-            "sandbay": wire.VERSION,
-            "kind": "start",
-            "argv": argv,
-            "env": env,
-            "cwd": cwd,
-            "find_cli": options.cli_path is None,
-        }
+        start = wire.host_frame(
+            "start",
+            argv=argv,
+            env=env,
+            cwd=cwd,
+            find_cli=options.cli_path is None,
+            keep_input_s=self.keep_input_s,
+            model_listener=relay is not None,
+        )
+        if relay is not None:
+            self.model_relay = relay
+            self.handle_requests(MODEL_METHOD, relay.handle)
         await self.upload()
         directory = shlex.quote(self.run_dir)
         # umask 077: the run's directory and its log are the relay's user's alone.
@@ -395,7 +479,7 @@ class SandboxTransport(Transport):
         )
         proc = await self.sandbox.start_relay(["sh", "-c", command])
         try:
-            await proc.write(json.dumps(start).encode() + b"\n")
+            await proc.write(start)
         except BrokenPipeError:
             error = await self._gone(proc)
             await _kill(proc)
@@ -431,6 +515,9 @@ class SandboxTransport(Transport):
             if frame.kind == "stderr":
                 self._on_stderr(str(frame.data["line"]))
                 continue
+            if frame.kind == "timings":
+                self._on_timings(frame.data)
+                continue
             raise (
                 self._error(frame.data)
                 if frame.kind == "error"
@@ -448,7 +535,10 @@ class SandboxTransport(Transport):
         """Kill the relay and the CLI at once, without `close`'s grace. Idempotent."""
         self._closing = True
         self._ready = False
+        if self.model_relay is not None:
+            self.model_relay.revoke()
         with anyio.CancelScope(shield=True):
+            await self._cancel_requests()
             if self._proc is not None:
                 await _kill(self._proc)
             for replay in self._replays:
@@ -470,9 +560,10 @@ class SandboxTransport(Transport):
                     sandbox_id=self.sandbox.id,
                 )
             try:
-                await self._proc.write(data.encode())
+                await self._proc.write(wire.host_frame("input", n=self.input_seq + 1, data=data))
             except BrokenPipeError:
                 raise await self._gone(self._proc) from None
+            self.input_seq += 1
 
     async def _gone(self, proc: Process) -> AgentError:
         """The error for a relay that exited under a write: its exit code and stderr."""
@@ -486,14 +577,17 @@ class SandboxTransport(Transport):
 
     @override
     async def end_input(self) -> None:
-        """End the CLI's input: the relay's end-of-input line, then end of file. Idempotent."""
+        """End the CLI's input with the relay's ``end_input`` frame. Idempotent.
+
+        The relay's stdin stays open until `close`: it still carries the replies to the
+        relay's requests (the model relay's responses) while the CLI finishes.
+        """
         async with self._write_lock:
             if self._proc is None or self._input_ended:
                 return
             self._input_ended = True
             try:
                 await self._proc.write(wire.END_INPUT_LINE.encode() + b"\n")
-                await self._proc.close_stdin()
             except BrokenPipeError:
                 pass  # the relay already exited: its stream says why
 
@@ -530,6 +624,12 @@ class SandboxTransport(Transport):
                         continue
                     if frame.kind == "stderr":
                         self._on_stderr(str(frame.data["line"]))
+                        continue
+                    if frame.kind == "timings":
+                        self._on_timings(frame.data)
+                        continue
+                    if frame.kind == "request":
+                        self._on_request(frame.data, proc)
                         continue
                     if frame.seq == 0:  # an unlogged error: a replay that could not follow
                         raise self._error(frame.data)
@@ -591,6 +691,7 @@ class SandboxTransport(Transport):
             self.run_dir,
             "--after",
             str(after),
+            "--link",  # the relay's requests (the model relay's) come this way now
         ]
         proc = await self.sandbox.start_relay(argv)
         self._replays.append(proc)
@@ -620,6 +721,55 @@ class SandboxTransport(Transport):
         for key in [k for k, (seq, _) in self._seqs.items() if seq < entry[0]]:
             del self._seqs[key]
         return entry[0]
+
+    def _on_timings(self, data: Mapping[str, Any]) -> None:
+        self.sandbox_timings = {k: float(v) for k, v in data.items() if v is not None}
+
+    def _on_request(self, data: Mapping[str, Any], proc: Process) -> None:
+        """Start answering a request of the relay, in a task of its own; the replies go
+        back the way it came (the relay's stdin, or a replay's link)."""
+        rid, method, payload = data["id"], data["method"], data["payload"]
+        if rid in self._inflight:
+            return  # sent again on a new link: it is being answered
+        if len(self._inflight) >= wire.MAX_INFLIGHT:
+            raise self._malformed(f"more than {wire.MAX_INFLIGHT} requests at once")
+        if self._closing:
+            return
+        self._inflight[rid] = _spawn(self._answer(proc, rid, method, payload))
+
+    async def _answer(self, proc: Process, rid: int, method: str, payload: dict[str, Any]) -> None:
+        async def send(final: bool, **fields: Any) -> None:
+            async with self._write_lock:
+                await proc.write(wire.host_frame("reply", id=rid, final=final, **fields))
+
+        async def part(data: dict[str, Any]) -> None:
+            await send(False, data=data)
+
+        try:
+            handler = self._handlers.get(method)
+            try:
+                if handler is None:
+                    raise RequestError("UnknownMethod", f"no handler for {method!r} on the host")
+                result = await handler(payload, part)
+            except RequestError as exc:
+                await send(True, error={"type": exc.kind, "message": exc.message})
+            except Exception as exc:  # a bug in a handler must not stop the run
+                message = f"the host's handler of {method!r} failed: {type(exc).__name__}"
+                await send(True, error={"type": "InternalError", "message": message})
+            else:
+                await send(True, data=result)
+        except (BrokenPipeError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # the relay is gone: nobody waits for the reply
+        finally:
+            self._inflight.pop(rid, None)
+
+    async def _cancel_requests(self) -> None:
+        tasks, self._inflight = list(self._inflight.values()), {}
+        for task in tasks:
+            task.cancel()
+        with anyio.move_on_after(CLOSE_TIMEOUT):
+            for task in tasks:
+                await task.wait()
 
     def _on_stderr(self, line: str) -> None:
         self._stderr_tail = [*self._stderr_tail[-39:], line]
@@ -664,6 +814,9 @@ class SandboxTransport(Transport):
                     with anyio.move_on_after(CLOSE_GRACE_S):
                         await proc.wait()
                 await _kill(proc)
+            if self.model_relay is not None:
+                self.model_relay.revoke()
+            await self._cancel_requests()
             for replay in replays:
                 await _kill(replay)
 
@@ -675,6 +828,242 @@ class SandboxTransport(Transport):
                 await proc.close_stdin()
             except BrokenPipeError:
                 pass
+
+
+class RunInput:
+    """Writes to the CLI of a running run from any host process, not only the one that
+    started it: through the relay's ``attach`` and the run's input socket.
+
+    Each `RunInput` is one writer: it numbers its inputs, waits until the relay confirms each,
+    and if the connection breaks first it reconnects and sends again only what the relay did
+    not get, so every input reaches the CLI once, in order. The CLI gets the inputs of all
+    writers of the run in the order the relay receives them.
+
+    Args:
+        sandbox: The run's sandbox (reattached with `sandbay.connect_sandbox`, say).
+        run_id: The run's id.
+        writer: This writer's name (letters, digits, ``._-``); default a random one. A
+            writer that reuses a name continues its numbering, so it must not be in use.
+    """
+
+    def __init__(self, sandbox: Sandbox, run_id: str, *, writer: str | None = None) -> None:
+        writer = writer or f"w{uuid.uuid4().hex[:12]}"
+        if not wire.WRITER_PATTERN.fullmatch(writer) or writer == wire.HOST_WRITER:
+            raise ConfigError(f"not a writer's name: {writer!r} (letters, digits, '._-')")
+        self.sandbox = sandbox
+        self.run_id = run_id
+        self.writer = writer
+        #: Number of this writer's last input the relay confirmed.
+        self.input_seq = 0
+        self._next = 0
+        self._pending: list[tuple[int, bytes]] = []
+        self._proc: Process | None = None
+        self._acks: AsyncIterator[bytes] | None = None
+        self._lock = anyio.Lock()
+
+    async def write(self, data: str) -> None:
+        """Write ``data`` to the CLI's stdin (one or more whole stream-json lines).
+
+        Raises:
+            AgentError: The run is not running (or its input ended), even after a reconnect.
+        """
+        async with self._lock:
+            if self._proc is None:
+                await self._connect_or_fail()
+            self._next += 1
+            n = self._next
+            self._pending.append((n, wire.host_frame("input", n=n, data=data, writer=self.writer)))
+            await self._flush(n)
+
+    async def end_input(self) -> None:
+        """End the CLI's input (for every writer: the CLI reads its last turn and exits)."""
+        async with self._lock:
+            await self._flush(self._next)
+            assert self._proc is not None
+            await self._proc.write(wire.END_INPUT_LINE.encode() + b"\n")
+            await self._ack()
+
+    async def aclose(self) -> None:
+        """Close the connection to the relay (the run goes on). Idempotent."""
+        proc, self._proc, self._acks = self._proc, None, None
+        if proc is not None:
+            with anyio.CancelScope(shield=True):
+                await _kill(proc)
+
+    async def _flush(self, upto: int) -> None:
+        """Send what the relay has not confirmed, up to input ``upto``; one reconnect."""
+        for attempt in (1, 2):
+            try:
+                if self._proc is None:
+                    await self._connect()
+                assert self._proc is not None
+                for _, frame in self._pending:
+                    await self._proc.write(frame)
+                while self.input_seq < upto:
+                    await self._ack()
+                self._pending = [p for p in self._pending if p[0] > self.input_seq]
+                return
+            except (BrokenPipeError, _Disconnected):
+                await self.aclose()
+                if attempt == 2:
+                    raise AgentError(
+                        f"cannot write to run {self.run_id}: the relay's input socket closed "
+                        "(the run ended, or its input did)",
+                        provider=self.sandbox.provider,
+                        sandbox_id=self.sandbox.id,
+                    ) from None
+
+    async def _connect_or_fail(self) -> None:
+        try:
+            await self._connect()
+        except (BrokenPipeError, _Disconnected):
+            await self.aclose()
+            raise AgentError(
+                f"cannot write to run {self.run_id}: it is not running (or takes no input)",
+                provider=self.sandbox.provider,
+                sandbox_id=self.sandbox.id,
+            ) from None
+
+    async def _connect(self) -> None:
+        argv = [
+            self.sandbox.python,
+            f"{self.sandbox.agent_dir}/relay/relay.py",
+            "attach",
+            "--run-dir",
+            f"{self.sandbox.agent_dir}/runs/{self.run_id}",
+            "--writer",
+            self.writer,
+        ]
+        self._proc = await self.sandbox.start(argv)
+        self._acks = self._proc.stdout.lines(max_line=64 * 1024)
+        await self._ack()
+        # A writer whose name was used before continues its numbering.
+        self._next = max(self._next, self.input_seq)
+        self._pending = [p for p in self._pending if p[0] > self.input_seq]
+
+    async def _ack(self) -> None:
+        """Read the relay's next confirmation: this writer's last input it passed on."""
+        assert self._acks is not None
+        async for line in self._acks:
+            try:
+                ack = json.loads(line)
+            except ValueError:
+                ack = None
+            seq = ack.get("input_seq") if isinstance(ack, dict) else None
+            if type(seq) is not int or not 0 <= seq <= 2**53:
+                if isinstance(ack, dict) and ack.get("kind") == "error":
+                    raise _Disconnected  # not running: the relay's error envelope
+                raise ProtocolError(
+                    f"the relay's attach sent {line[:200]!r}, not a confirmation",
+                    provider=self.sandbox.provider,
+                    sandbox_id=self.sandbox.id,
+                )
+            self.input_seq = max(self.input_seq, seq)
+            return
+        raise _Disconnected
+
+
+class _Disconnected(Exception):
+    """The relay's ``attach`` ended."""
+
+
+class RequestServer:
+    """Answers the relay's requests that arrive on one process's stream (a replay with a
+    link, in a process that resumed the run), each in a task of its own.
+
+    Args:
+        proc: The process whose stdin takes the replies.
+        handlers: Request method → handler.
+    """
+
+    def __init__(self, proc: Process, handlers: Mapping[str, RequestHandler]) -> None:
+        self._proc = proc
+        self._handlers = dict(handlers)
+        self._tasks: dict[int, _Task] = {}
+        self._lock = anyio.Lock()
+
+    def on_request(self, data: Mapping[str, Any]) -> None:
+        rid = data["id"]
+        if rid in self._tasks:
+            return
+        if len(self._tasks) >= wire.MAX_INFLIGHT:
+            raise ProtocolError(f"the relay sent more than {wire.MAX_INFLIGHT} requests at once")
+        self._tasks[rid] = _spawn(self._answer(rid, data["method"], data["payload"]))
+
+    async def _answer(self, rid: int, method: str, payload: dict[str, Any]) -> None:
+        async def send(final: bool, **fields: Any) -> None:
+            async with self._lock:
+                await self._proc.write(wire.host_frame("reply", id=rid, final=final, **fields))
+
+        async def part(data: dict[str, Any]) -> None:
+            await send(False, data=data)
+
+        try:
+            handler = self._handlers.get(method)
+            try:
+                if handler is None:
+                    raise RequestError("UnknownMethod", f"no handler for {method!r} on the host")
+                result = await handler(payload, part)
+            except RequestError as exc:
+                await send(True, error={"type": exc.kind, "message": exc.message})
+            except Exception as exc:
+                message = f"the host's handler of {method!r} failed: {type(exc).__name__}"
+                await send(True, error={"type": "InternalError", "message": message})
+            else:
+                await send(True, data=result)
+        except (BrokenPipeError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            self._tasks.pop(rid, None)
+
+    async def aclose(self) -> None:
+        """Cancel the requests still answered and wait for them (bounded)."""
+        tasks, self._tasks = list(self._tasks.values()), {}
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+            for task in tasks:
+                await task.wait()
+
+
+class _Task:
+    """A task answering one request: the transport's reads and writes are driven by the SDK's
+    own tasks (a `Transport` owns no task group between `connect` and `close`), so, as the
+    SDK does for its control requests, these run detached and `close` cancels and awaits
+    them."""
+
+    def __init__(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._done = anyio.Event()
+        self._scope = anyio.CancelScope()
+        backend = sniffio.current_async_library()
+        if backend == "asyncio":
+            import asyncio
+
+            self._handle: Any = asyncio.get_running_loop().create_task(self._run(coro))
+        elif backend == "trio":  # pragma: no cover - sandbay's tests run on asyncio
+            import trio  # type: ignore[import-not-found,unused-ignore]
+
+            trio.lowlevel.spawn_system_task(self._run, coro)
+        else:  # pragma: no cover
+            coro.close()
+            raise ConfigError(f"unsupported async library: {backend}")
+
+    async def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            with self._scope:
+                await coro
+        finally:
+            self._done.set()
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+
+def _spawn(coro: Coroutine[Any, Any, None]) -> _Task:
+    return _Task(coro)
 
 
 def parse_frame(line: bytes, sandbox: Sandbox | None = None) -> Frame:
@@ -747,6 +1136,26 @@ def parse_frame(line: bytes, sandbox: Sandbox | None = None) -> Frame:
         integer("pid")
         integer("cli_pid")
         text("cli")
+        text("model_url")
+    elif kind == "timings":
+        if set(data) - set(wire.TIMING_NAMES):
+            raise malformed(f"unknown timings {sorted(set(data) - set(wire.TIMING_NAMES))[:5]}")
+        for name in wire.TIMING_NAMES:
+            value = data.get(name)
+            if value is not None and (
+                type(value) not in (int, float) or not _is_finite_number(value) or value < 0
+            ):
+                raise malformed(f"{name} of 'timings' must be milliseconds, got {value!r:.50}")
+    elif kind == "request":
+        if set(data) != {"id", "method", "payload"}:
+            raise malformed("a 'request' carries exactly id, method and payload")
+        rid, method = data["id"], data["method"]
+        if type(rid) is not int or not 1 <= rid <= wire.MAX_REQUEST_ID:
+            raise malformed(f"id of 'request' must be a whole number from 1, got {rid!r:.50}")
+        if not isinstance(method, str) or not wire.METHOD_PATTERN.fullmatch(method):
+            raise malformed(f"method of 'request' is not a method name: {method!r:.50}")
+        if not isinstance(data["payload"], dict):
+            raise malformed("payload of 'request' must be an object")
     elif kind == "end":
         integer("exit_code", optional=False)
         text("stderr")

@@ -2,18 +2,25 @@
 
 sandbay uploads this file and ``wire.py`` beside it into a sandbox and runs it with the
 sandbox's Python. Standard library only (Python 3.10+); it never imports claude_agent_sdk.
-The wire is described in ``wire.py``. Two commands:
+The wire is described in ``wire.py``. Three commands:
 
 ``serve --run-dir DIR [--cli-user USER] [--tenant NAME --tenant-root ROOT] [--cli-wrapper JSON]``
-    Reads one ``start`` line from stdin (argv, environment with the secrets, working
-    directory), starts the CLI, then passes stdin on to the CLI in order and each CLI stdout
-    line back as a ``line`` envelope, logged to ``DIR`` with its sequence number. If the host's
-    stream breaks it carries on logging, so nothing is lost. It exits when the CLI has.
+    Reads one ``start`` frame from stdin (argv, environment with the secrets, working
+    directory), starts the CLI, then passes the host's ``input`` frames on to the CLI in order
+    and each CLI stdout line back as a ``line`` envelope, logged to ``DIR`` with its sequence
+    number; sends the host requests (``request``) and routes its ``reply`` frames back. If the
+    host's stream breaks it carries on logging, so nothing is lost. It exits when the CLI has.
     ``DIR`` is the relay's alone (mode 0700). Run as root, it starts the CLI as ``USER``
     (``uid[:gid]`` or a name, supplementary groups cleared), or with ``--tenant`` as that
     tenant's own uid, its directories under ``ROOT`` made 0700 and owned by it; so neither
     the CLI nor its tools can reach the relay's process or files. ``--cli-wrapper`` (a JSON
     list) is put before the CLI's argv: a namespace the CLI runs in, without the relay.
+
+``attach --run-dir DIR --writer NAME``
+    Passes ``input`` and ``end_input`` frames of writer NAME from its stdin to the serving
+    relay of that run (through the run's input socket), so a host process other than the one
+    that started the run can write to the CLI. Prints one line first, ``{"input_seq": N}``
+    (the writer's last input the CLI got), then the same again after each frame passed on.
 
 ``replay --run-dir DIR --after N``
     Prints the logged envelopes numbered above N and follows the log until the run ends,
@@ -23,20 +30,25 @@ The wire is described in ``wire.py``. Two commands:
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
+import contextlib
 import fcntl
 import grp
 import importlib.util
 import json
 import os
 import pwd
+import queue
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING or __package__:
@@ -54,12 +66,17 @@ class Emitter:
         self.seq = 0
         self.stdout_ok = True
         self.lock = threading.Lock()
+        self.timings: dict[str, float | None] = dict.fromkeys(wire.TIMING_NAMES)
 
-    def emit(self, kind: str, data: Any) -> None:
-        self.emit_raw(kind, json.dumps(data, separators=(",", ":")).encode())
+    def emit(self, kind: str, data: Any) -> bool:
+        return self.emit_raw(kind, json.dumps(data, separators=(",", ":")).encode())
 
-    def emit_raw(self, kind: str, data: bytes) -> None:
-        """Emit an envelope around ``data``, the text of one JSON object, as it is."""
+    def emit_raw(self, kind: str, data: bytes) -> bool:
+        """Emit an envelope around ``data``, the text of one JSON object, as it is.
+
+        Returns whether it reached the host's stream (a logged envelope is in the log either
+        way).
+        """
         with self.lock:
             logged = kind in wire.LOGGED_KINDS
             if logged:
@@ -80,6 +97,196 @@ class Emitter:
                     devnull = os.open(os.devnull, os.O_WRONLY)
                     os.dup2(devnull, sys.stdout.fileno())
                     os.close(devnull)
+            return self.stdout_ok
+
+    def emit_line(self, line: bytes) -> bool:
+        """Write an unlogged envelope line to stdout; whether it got there."""
+        with self.lock:
+            if self.stdout_ok:
+                try:
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.buffer.flush()
+                except (BrokenPipeError, OSError):
+                    self.stdout_ok = False
+            return self.stdout_ok
+
+    def reached(self, name: str) -> None:
+        """Record a milestone (monotonic ms) and send the milestones so far."""
+        if self.timings[name] is None:
+            self.timings[name] = round(time.monotonic() * 1000, 3)
+            self.emit("timings", self.timings)
+
+
+class Channel:
+    """Requests from the relay to the host, answered by the host's ``reply`` frames.
+
+    Requests go out on the relay's stdout, or, once the host reattached after a cut
+    stream, on the newest link (a ``replay --link`` connected to the input socket), which
+    also carries the replies back. A request that got no reply yet is sent again on a new
+    link (the host answers an id once).
+    """
+
+    def __init__(self, emitter: Emitter) -> None:
+        self.emitter = emitter
+        self.lock = threading.Condition()
+        self.next_id = 0
+        self.pending: dict[int, queue.Queue[dict[str, Any] | None]] = {}
+        self.unanswered: dict[int, bytes] = {}
+        self.links: list[Callable[[bytes], None]] = []
+        self.stdin_open = True
+
+    def request(self, method: str, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Send a request; yield the data of each reply part, the final one last.
+
+        Raises:
+            ChannelError: The host answered with an error, the channel is full, or the
+                host's stream is gone and no link came within `wire.LINK_WAIT_S`.
+        """
+        with self.lock:
+            if len(self.pending) >= wire.MAX_INFLIGHT:
+                raise ChannelError("Busy", f"more than {wire.MAX_INFLIGHT} requests at once")
+            self.next_id = self.next_id % wire.MAX_REQUEST_ID + 1
+            rid = self.next_id
+            replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+            self.pending[rid] = replies
+            data = {"id": rid, "method": method, "payload": payload}
+            envelope = {"sandbay": wire.VERSION, "seq": 0, "kind": "request", "data": data}
+            line = json.dumps(envelope, separators=(",", ":")).encode() + b"\n"
+            self.unanswered[rid] = line
+        try:
+            if not self._send(line):
+                raise ChannelError("Disconnected", "the host's stream is gone")
+            while True:
+                frame = replies.get()
+                if frame is None:
+                    raise ChannelError("Disconnected", "the host's stream ended")
+                if "error" in frame:
+                    error = frame["error"]
+                    raise ChannelError(error["type"], error["message"])
+                yield frame["data"]
+                if frame["final"]:
+                    return
+        finally:
+            with self.lock:
+                self.pending.pop(rid, None)
+                self.unanswered.pop(rid, None)
+
+    def _send(self, line: bytes) -> bool:
+        deadline = time.monotonic() + wire.LINK_WAIT_S
+        with self.lock:
+            while True:
+                while self.links:
+                    try:
+                        self.links[-1](line)
+                        return True
+                    except OSError:
+                        self.links.pop()
+                if self.stdin_open and self.emitter.stdout_ok:
+                    break
+                # The host's stream is gone: wait for it to reattach with a link.
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.lock.wait(left)
+        return self.emitter.emit_line(line)
+
+    def add_link(self, send: Callable[[bytes], None]) -> None:
+        """A reattached host: requests go there from now on, unanswered ones again."""
+        with self.lock:
+            self.links.append(send)
+            for line in list(self.unanswered.values()):
+                with contextlib.suppress(OSError):
+                    send(line)
+            self.lock.notify_all()
+
+    def drop_link(self, send: Callable[[bytes], None]) -> None:
+        with self.lock:
+            if send in self.links:
+                self.links.remove(send)
+
+    def deliver(self, frame: dict[str, Any]) -> None:
+        """Route a ``reply`` frame to its request (one no longer waited for is dropped)."""
+        with self.lock:
+            replies = self.pending.get(frame["id"])
+            self.unanswered.pop(frame["id"], None)
+        if replies is not None:
+            replies.put(frame)
+
+    def close(self) -> None:
+        """The host's stdin ended: without a link, every waiting request fails."""
+        with self.lock:
+            self.stdin_open = False
+            if not self.links:
+                for replies in self.pending.values():
+                    replies.put(None)
+            self.lock.notify_all()
+
+
+class ChannelError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+class InputGate:
+    """Passes numbered inputs on to the CLI's stdin in order, each once, from any writer."""
+
+    def __init__(self, target: IO[bytes]) -> None:
+        self.target = target
+        self.lock = threading.Lock()
+        self.applied: dict[str, int] = {}
+        self.ended = False
+        self.attached = 0
+
+    def orphaned(self, keep_s: float) -> None:
+        """The host's stream ended without ``end_input``: end the input after ``keep_s``
+        seconds in which no writer was attached."""
+        deadline = time.monotonic() + keep_s
+        while not self.ended:
+            if self.attached:
+                deadline = time.monotonic() + keep_s
+            elif time.monotonic() >= deadline:
+                self.end()
+                return
+            time.sleep(0.1)
+
+    def last(self, writer: str) -> int:
+        with self.lock:
+            return self.applied.get(writer, 0)
+
+    def apply(self, frame: dict[str, Any]) -> int:
+        """Pass on an ``input`` or ``end_input`` frame; return its writer's last input number.
+
+        Raises:
+            wire.WireError: An input number that skips one (an input was lost).
+        """
+        writer = frame.get("writer", wire.HOST_WRITER)
+        with self.lock:
+            last = self.applied.get(writer, 0)
+            if frame["kind"] == "end_input":
+                self._end()
+            elif frame["n"] > last + 1:
+                raise wire.WireError(f"input {frame['n']} follows input {last} of {writer!r}")
+            elif frame["n"] == last + 1 and not self.ended:
+                self.applied[writer] = last = frame["n"]
+                try:
+                    self.target.write(frame["data"].encode())
+                    self.target.flush()
+                except (BrokenPipeError, OSError):
+                    pass  # the CLI exited: its stdout ends and its exit code is reported
+            return last
+
+    def end(self) -> None:
+        with self.lock:
+            self._end()
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            try:
+                self.target.close()
+            except OSError:
+                pass
 
 
 def find_cli() -> str | None:
@@ -239,6 +446,7 @@ def _pump_stdout(cli: subprocess.Popen[bytes], emitter: Emitter) -> None:
             cli.kill()
             return
         # A whole JSON object: spliced in as it came, without encoding it again.
+        emitter.reached("cli_first_line_ms")
         emitter.emit_raw("line", text)
 
 
@@ -262,24 +470,321 @@ def _pump_stderr(
         emitter.emit("stderr", {"line": text})
 
 
-def _pump_stdin(stdin: IO[bytes], cli: subprocess.Popen[bytes]) -> None:
-    """Pass the host's lines to the CLI in order; end its input on end of file or the marker."""
-    target = cli.stdin
-    assert target is not None
-    end = wire.END_INPUT_LINE.encode()
+def _read_host(
+    stdin: IO[bytes],
+    gate: InputGate,
+    channel: Channel,
+    fail: Callable[[str], None],
+    keep_input_s: float,
+) -> None:
+    """Route the host's frames: inputs to the CLI (through ``gate``), replies to ``channel``.
+
+    End of file without ``end_input`` leaves the CLI's input open ``keep_input_s`` for an
+    ``attach``.
+    """
     try:
-        for line in stdin:
-            if line.strip() == end:
-                break
-            target.write(line)
-            target.flush()
-    except (BrokenPipeError, OSError):
-        pass  # the CLI exited: its stdout ends and its exit code is reported
+        while True:
+            line = stdin.readline(wire.MAX_HOST_FRAME + 1)
+            if not line:
+                channel.close()
+                gate.orphaned(keep_input_s)
+                return
+            if not line.strip():
+                continue
+            try:
+                if not line.endswith(b"\n") and len(line) > wire.MAX_HOST_FRAME:
+                    raise wire.WireError(f"a frame longer than {wire.MAX_HOST_FRAME} bytes")
+                frame = wire.parse_host_frame(line)
+                if frame["kind"] == "start":
+                    raise wire.WireError("a second 'start'")
+                if frame["kind"] == "reply":
+                    channel.deliver(frame)
+                else:
+                    gate.apply(frame)
+            except wire.WireError as exc:
+                fail(f"the host sent a malformed frame: {exc}")
+                return
+    except OSError:
+        return
     finally:
+        channel.close()
+
+
+class AttachServer:
+    """The run's input socket: ``relay.py attach`` of another host process writes through it."""
+
+    def __init__(self, run_dir: str, gate: InputGate, channel: Channel) -> None:
+        self.path = os.path.join(run_dir, wire.INPUT_SOCKET)
+        self.gate = gate
+        self.channel = channel
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket: the relay's user only
         try:
-            target.close()
-        except OSError:
-            pass
+            self.sock.bind(self.path)
+        finally:
+            os.umask(old)
+        self.sock.listen(4)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self.gate.lock:
+            self.gate.attached += 1
+        try:
+            self._serve_writer(conn)
+        finally:
+            with self.gate.lock:
+                self.gate.attached -= 1
+
+    def _serve_link(self, conn: socket.socket, reader: IO[bytes]) -> None:
+        _serve_link_of(self.channel, conn, reader)
+
+    def _serve_writer(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            try:
+                hello = json.loads(reader.readline(256) or b"null")
+                if hello == {"link": True}:
+                    self._serve_link(conn, reader)
+                    return
+                writer = hello.get("writer") if isinstance(hello, dict) else None
+                if not isinstance(writer, str) or not wire.WRITER_PATTERN.fullmatch(writer):
+                    raise wire.WireError("attach must first name its writer")
+                conn.sendall(_seq_line(self.gate.last(writer)))
+                while line := reader.readline(wire.MAX_HOST_FRAME + 1):
+                    frame = wire.parse_host_frame(line)
+                    if frame["kind"] not in ("input", "end_input"):
+                        raise wire.WireError(f"{frame['kind']!r} cannot be attached")
+                    if frame["kind"] == "input" and frame.get("writer") != writer:
+                        raise wire.WireError(f"an input of another writer than {writer!r}")
+                    conn.sendall(_seq_line(self.gate.apply({**frame, "writer": writer})))
+            except (wire.WireError, ValueError) as exc:
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps({"error": str(exc)}).encode() + b"\n")
+            except OSError:
+                pass
+
+
+class ModelListener:
+    """The model's endpoint for the CLI, inside the sandbox: each HTTP request it gets is
+    carried to the host as a ``model.http`` request, and the response bytes the host sends
+    back are written to the client as they arrive (event streams stream).
+
+    Listens on 127.0.0.1 in the sandbox's own network namespace; the host checks the run's
+    token, puts the real credential in its place and forwards the request.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                request = _read_http_request(reader)
+                if request is None:
+                    return
+                head, body = request
+                payload = {"head": head.decode("latin-1"), "body": _b64(body)}
+                started = False
+                try:
+                    for part in self.channel.request("model.http", payload):
+                        data = part.get("data")
+                        if isinstance(data, str) and data:
+                            conn.sendall(base64.b64decode(data))
+                            started = True
+                except ChannelError as exc:
+                    if not started:
+                        status = (
+                            "401 Unauthorized" if exc.kind == "Unauthorized" else "502 Bad Gateway"
+                        )
+                        conn.sendall(_http_error(status, str(exc)))
+            except _HttpError as exc:
+                conn.sendall(_http_error(exc.status, exc.message))
+            except (OSError, ValueError):
+                pass  # the client went away, or the host sent bytes that do not decode
+
+
+class _HttpError(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _read_http_request(reader: IO[bytes]) -> tuple[bytes, bytes] | None:
+    """One HTTP/1.1 request's head and (de-chunked) body, bounded."""
+    head = b""
+    while True:
+        line = reader.readline(wire.MAX_HTTP_HEAD + 1)
+        if not line:
+            return None
+        head += line
+        if len(head) > wire.MAX_HTTP_HEAD:
+            raise _HttpError("431 Request Header Fields Too Large", "request head too long")
+        if line in (b"\r\n", b"\n"):
+            break
+    length = 0
+    chunked = False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                raise _HttpError("400 Bad Request", "bad Content-Length") from None
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    if chunked:
+        body = b""
+        while True:
+            size_line = reader.readline(1024)
+            try:
+                size = int(size_line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise _HttpError("400 Bad Request", "bad chunk") from None
+            if size == 0:
+                while reader.readline(8192) not in (b"\r\n", b"\n", b""):
+                    pass
+                break
+            if len(body) + size > wire.MAX_HTTP_BODY:
+                raise _HttpError("413 Content Too Large", "request body too large")
+            body += reader.read(size)
+            reader.readline(8)
+        return head, body
+    if not 0 <= length <= wire.MAX_HTTP_BODY:
+        raise _HttpError("413 Content Too Large", "request body too large")
+    return head, reader.read(length)
+
+
+def _http_error(status: str, message: str) -> bytes:
+    body = json.dumps(
+        {"type": "error", "error": {"type": "sandbay_model_relay", "message": message}}
+    ).encode()
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _serve_link_of(channel: Channel, conn: socket.socket, reader: IO[bytes]) -> None:
+    lock = threading.Lock()
+
+    def send(line: bytes) -> None:
+        with lock:
+            conn.sendall(line)
+
+    channel.add_link(send)
+    try:
+        while line := reader.readline(wire.MAX_HOST_FRAME + 1):
+            frame = wire.parse_host_frame(line)
+            if frame["kind"] != "reply":
+                raise wire.WireError(f"a link carries replies, not {frame['kind']!r}")
+            channel.deliver(frame)
+    finally:
+        channel.drop_link(send)
+
+
+def _seq_line(n: int) -> bytes:
+    return json.dumps({"input_seq": n}).encode() + b"\n"
+
+
+def attach(run_dir: str, writer: str) -> int:
+    """Pass ``input`` frames from stdin to the serving relay of ``run_dir``; print its acks."""
+    path = os.path.join(run_dir, wire.INPUT_SOCKET)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    give_up = time.monotonic() + 10  # a run just started may not have its socket yet
+    while True:
+        try:
+            sock.connect(path)
+            sock.sendall(json.dumps({"writer": writer}).encode() + b"\n")
+            break
+        except OSError as exc:
+            pid = _read_pid(run_dir)
+            starting = pid is None or _alive(pid)
+            if not starting or time.monotonic() > give_up or os.path.exists(path):
+                _print_error("AgentError", f"the run is not running or takes no input: {exc}")
+                return 1
+            time.sleep(0.05)
+    out = sys.stdout.buffer
+
+    def acks() -> None:
+        with sock.makefile("rb") as reader:
+            for line in reader:
+                out.write(line)
+                out.flush()
+        os._exit(0)  # the relay closed the connection (its run ended, or an error)
+
+    threading.Thread(target=acks, daemon=True).start()
+    for line in sys.stdin.buffer:
+        sock.sendall(line)
+    sock.shutdown(socket.SHUT_WR)
+    threading.Event().wait()  # until the relay closes the connection
+    return 0
+
+
+def _run_channel(
+    run_dir: str,
+    cli: subprocess.Popen[bytes],
+    emitter: Emitter,
+    stdin: IO[bytes],
+    path: str,
+    start: dict[str, Any],
+    channel: Channel,
+    listener: ModelListener | None,
+) -> None:
+    """Once the CLI runs: report it, and route the host's frames and attached writers."""
+    emitter.reached("cli_spawned_ms")
+    assert cli.stdin is not None
+    gate = InputGate(cli.stdin)
+
+    def fail(message: str) -> None:
+        emitter.emit(
+            "error",
+            {"type": "ProtocolError", "message": message, "exit_code": None, "stderr": ""},
+        )
+        cli.kill()
+
+    ready = {"pid": os.getpid(), "cli_pid": cli.pid, "cli": path}
+    if listener is not None:
+        ready["model_url"] = listener.url
+    emitter.emit("ready", ready)
+    try:
+        AttachServer(run_dir, gate, channel)
+    except OSError as exc:  # a path too long for a socket, say: the run goes on without
+        sys.stderr.write(f"sandbay relay: no input socket, attach is off: {exc}\n")
+    # stdin may never end (the host keeps it open): it is read on a thread nobody joins.
+    keep = float(start.get("keep_input_s", 0))
+    threading.Thread(
+        target=_read_host, args=(stdin, gate, channel, fail, keep), daemon=True
+    ).start()
 
 
 def serve(
@@ -291,6 +796,7 @@ def serve(
     wrapper: list[str] | None = None,
 ) -> int:
     emitter = Emitter(run_dir)
+    emitter.reached("relay_start_ms")
     with open(os.path.join(run_dir, wire.PID_NAME), "w", encoding="ascii") as fh:
         fh.write(str(os.getpid()))
     stdin = sys.stdin.buffer
@@ -308,16 +814,20 @@ def serve(
         )
         return 1
 
-    first = stdin.readline()
+    first = stdin.readline(wire.MAX_HOST_FRAME + 1)
     try:
-        start = json.loads(first)
-        argv = [str(a) for a in start["argv"]]
-        env = {str(k): str(v) for k, v in start.get("env", {}).items()}
-        cwd = start.get("cwd") or None
-        if start.get("kind") != "start" or start.get("sandbay") != wire.VERSION or not argv:
-            raise ValueError("not a start line of this wire version")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return fail("ProtocolError", "the relay expected a start line on stdin")
+        start = wire.parse_host_frame(first)
+        if start["kind"] != "start":
+            raise wire.WireError(f"a {start['kind']!r} frame first")
+    except wire.WireError as exc:
+        return fail("ProtocolError", f"the relay expected a start frame on stdin: {exc}")
+    argv = list(start["argv"])
+    env = dict(start.get("env", {}))
+    cwd = start.get("cwd") or None
+    channel = Channel(emitter)
+    listener = ModelListener(channel) if start.get("model_listener") else None
+    if listener is not None:
+        env["ANTHROPIC_BASE_URL"] = listener.url
     if start.get("find_cli"):
         cli_path = find_cli()
         if cli_path is None:
@@ -367,15 +877,13 @@ def serve(
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
-    emitter.emit("ready", {"pid": os.getpid(), "cli_pid": cli.pid, "cli": argv[0]})
+    _run_channel(run_dir, cli, emitter, stdin, argv[0], start, channel, listener)
     threads = [
         threading.Thread(target=_pump_stdout, args=(cli, emitter), daemon=True),
         threading.Thread(target=_pump_stderr, args=(cli, emitter, stderr_tail), daemon=True),
     ]
     for thread in threads:
         thread.start()
-    # stdin may never end (the host keeps it open): it is read on a thread nobody joins.
-    threading.Thread(target=_pump_stdin, args=(stdin, cli), daemon=True).start()
     code = cli.wait()
     for thread in threads:
         thread.join()
@@ -383,7 +891,32 @@ def serve(
     return 0
 
 
-def replay(run_dir: str, after: int) -> int:
+def _link(run_dir: str, out_lock: threading.Lock) -> None:
+    """Carry the serving relay's requests to stdout and the host's replies from stdin."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(os.path.join(run_dir, wire.INPUT_SOCKET))
+        sock.sendall(b'{"link": true}\n')
+    except OSError:
+        return  # the run has ended, or takes no requests: a plain replay
+
+    def requests() -> None:
+        with sock.makefile("rb") as reader:
+            for line in reader:
+                with out_lock:
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.buffer.flush()
+
+    def replies() -> None:
+        with contextlib.suppress(OSError):
+            for line in sys.stdin.buffer:
+                sock.sendall(line)
+
+    threading.Thread(target=requests, daemon=True).start()
+    threading.Thread(target=replies, daemon=True).start()
+
+
+def replay(run_dir: str, after: int, link: bool = False) -> int:
     path = os.path.join(run_dir, wire.LOG_NAME)
     pid = _read_pid(run_dir)
     give_up = time.monotonic() + 10
@@ -392,7 +925,10 @@ def replay(run_dir: str, after: int) -> int:
             _print_error("LookupError", f"no run log at {path}")
             return 2
         time.sleep(0.05)
-    out = sys.stdout.buffer
+    out_lock = threading.Lock()
+    if link:
+        _link(run_dir, out_lock)
+    out = _LockedOut(sys.stdout.buffer, out_lock)
     with open(path, "rb") as log:
         pending = b""
         while True:
@@ -417,6 +953,20 @@ def replay(run_dir: str, after: int) -> int:
                 _print_error("AgentError", "the relay died before the run ended")
                 return 1
             time.sleep(0.02)
+
+
+class _LockedOut:
+    def __init__(self, out: IO[bytes], lock: threading.Lock) -> None:
+        self.out = out
+        self.lock = lock
+
+    def write(self, line: bytes) -> None:
+        with self.lock:
+            self.out.write(line)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.out.flush()
 
 
 def _print_error(kind: str, message: str) -> None:
@@ -456,9 +1006,19 @@ def main(argv: list[str] | None = None) -> int:
     replay_cmd = sub.add_parser("replay")
     replay_cmd.add_argument("--run-dir", required=True)
     replay_cmd.add_argument("--after", type=int, default=0)
+    replay_cmd.add_argument("--link", action="store_true")
+    attach_cmd = sub.add_parser("attach")
+    attach_cmd.add_argument("--run-dir", required=True)
+    attach_cmd.add_argument("--writer", required=True)
     args = parser.parse_args(argv)
     if args.command == "replay":
-        return replay(args.run_dir, args.after)
+        code = replay(args.run_dir, args.after, args.link)
+        sys.stdout.flush()
+        os._exit(code)  # the link's threads may still block on reads
+    if args.command == "attach":
+        code = attach(args.run_dir, args.writer)
+        sys.stdout.flush()
+        os._exit(code)
     code = serve(
         args.run_dir,
         cli_user=args.cli_user,
