@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from ._config import (
         BaseProviderConfig,
         DockerConfig,
+        E2BConfig,
         LocalConfig,
         ProviderConfig,
         SandbayConfig,
@@ -74,6 +75,7 @@ _LAZY = {
     "open_sandbox": "._api",
     "BaseProviderConfig": "._config",
     "DockerConfig": "._config",
+    "E2BConfig": "._config",
     "LocalConfig": "._config",
     "ProviderConfig": "._config",
     "SandbayConfig": "._config",
@@ -100,6 +102,7 @@ __all__ = [
     "ByteStream",
     "ConfigError",
     "DockerConfig",
+    "E2BConfig",
     "ExecResult",
     "FileInfo",
     "FileType",
