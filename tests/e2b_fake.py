@@ -679,7 +679,6 @@ class FakeE2B:
         line = " ".join([proc.config.cmd, *proc.config.args])
         for rule in self.cut_rules:
             if rule.times > 0 and rule.command in line:
-                rule.times -= 1
                 return rule
         return None
 
@@ -737,7 +736,9 @@ class _ProcessService(process_connect.Process):
                     and output is not None
                     and output.field == "stdout"
                     and cut.marker in output.value
+                    and cut.times > 0
                 ):
+                    cut.times -= 1
                     raise _Cut()
         finally:
             proc.unsubscribe(queue)

@@ -59,6 +59,19 @@ def retryable(exc: BaseException) -> bool:
     return status is not None and status in RETRY_STATUSES
 
 
+def cancellation(exc: BaseException) -> BaseException | None:
+    """The cancellation an SDK error stands for, if it is one.
+
+    connectrpc turns a cancelled call into ``ConnectError(CANCELED)`` caused by the
+    ``CancelledError``; that must travel on as the cancellation it is, never as an error.
+    """
+    cause = exc.__cause__
+    if isinstance(exc, ConnectError) and isinstance(cause, BaseException):
+        if not isinstance(cause, Exception):
+            return cause
+    return None
+
+
 def map_e2b_error(
     exc: BaseException,
     *,
@@ -148,7 +161,12 @@ def e2b_errors(
         yield
     except SandboxError:
         raise
-    except (e2b.SandboxException, e2b.AuthenticationException, ConnectError) as exc:
+    except ConnectError as exc:
+        cancelled = cancellation(exc)
+        if cancelled is not None:
+            raise cancelled from None
+        raise map_e2b_error(exc, sandbox_id=sandbox_id, template=template, user=user) from exc
+    except (e2b.SandboxException, e2b.AuthenticationException) as exc:
         raise map_e2b_error(exc, sandbox_id=sandbox_id, template=template, user=user) from exc
     except (httpx.TransportError, OSError) as exc:
         raise map_e2b_error(exc, sandbox_id=sandbox_id, template=template, user=user) from exc

@@ -23,16 +23,18 @@ from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
+from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from e2b.connection_config import KEEPALIVE_PING_HEADER, KEEPALIVE_PING_INTERVAL_SEC
 from e2b.envd.process import process_pb
+from e2b.envd.rpc import is_transport_failure
 from e2b.envd.utils import authentication_header
 from protobuf import Oneof
 from typing_extensions import override
 
 from ..._errors import SandboxError, SandboxNotFoundError
 from ..._sandbox import CLOSE_TIMEOUT, ByteStream, Process
-from ._errors import NAME, e2b_errors, map_e2b_error
+from ._errors import NAME, cancellation, e2b_errors, map_e2b_error
 
 if TYPE_CHECKING:
     from ._sandbox import E2BSandbox
@@ -62,6 +64,9 @@ _SIGNALS = {
     for sig in signal.Signals
     if signal.strsignal(sig)
 }
+
+# Connection failures in a row after which reattaching to a process gives up.
+_REATTACH_TRIES = 20
 
 #: The most stdin bytes sent in one ``SendInput``.
 STDIN_CHUNK = 256 * 1024
@@ -151,6 +156,9 @@ class E2BProcess(Process):
         except BaseException as exc:
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
                 await events.aclose()
+            cancelled = cancellation(exc)
+            if cancelled is not None:
+                raise cancelled from None
             if isinstance(exc, TimeoutError):
                 raise SandboxError(
                     f"envd did not start {shlex.join(argv)[:80]!r} within "
@@ -197,6 +205,9 @@ class E2BProcess(Process):
                     await events.aclose()
                 except Exception:
                     pass
+            cancelled = cancellation(exc)
+            if cancelled is not None:
+                raise cancelled from None
             if isinstance(exc, Exception):
                 return
             raise
@@ -291,6 +302,7 @@ class E2BProcess(Process):
             process=process_pb.ProcessSelector(selector=cast(Any, Oneof("pid", self.pid)))
         )
         headers = {KEEPALIVE_PING_HEADER: str(KEEPALIVE_PING_INTERVAL_SEC)}
+        failures = 0
         while True:
             events = self._sandbox.rpc.connect(request, headers=headers, timeout_ms=None)
             try:
@@ -299,16 +311,21 @@ class E2BProcess(Process):
                     if isinstance(payload, Oneof) and payload.field == "end":
                         return exit_code(payload.value)
             except ConnectError as exc:
+                cancelled = cancellation(exc)
+                if cancelled is not None:
+                    raise cancelled from None
                 error = map_e2b_error(exc, sandbox_id=self._sandbox.id)
-                if isinstance(error, SandboxNotFoundError) or "not found" in exc.message:
+                if exc.code is Code.NOT_FOUND:
                     # envd forgets a process once it ended: it ended while nobody
                     # listened, with a code nobody can learn any more.
                     return -signal.SIGKILL if self._killed else UNKNOWN_EXIT
-                raise error from exc
+                failures += 1
+                if not is_transport_failure(exc) or failures > _REATTACH_TRIES:
+                    raise error from exc
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
                     await events.aclose()
-            # The new stream broke too: try again.
+            # The connection broke (again): the process may well run on.
             await anyio.sleep(0.2)
 
     @override
