@@ -49,7 +49,19 @@ import uvicorn
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
-from e2b.api.client.models import ListedSandbox, NewSandbox, SandboxDetail, SandboxState
+from e2b.api.client.models import (
+    BuildLogEntry,
+    BuildStatusReason,
+    ListedSandbox,
+    LogLevel,
+    NewSandbox,
+    SandboxDetail,
+    SandboxState,
+    TemplateBuildInfo,
+    TemplateBuildStartV2,
+    TemplateBuildStatus,
+    TemplateRequestResponseV3,
+)
 from e2b.api.client.models import Sandbox as SandboxModel
 from e2b.envd.process import process_connect, process_pb
 from protobuf import Oneof
@@ -87,6 +99,15 @@ class Template:
     users: Mapping[str, str | None] = dataclasses.field(
         default_factory=lambda: {"user": None, "root": None}
     )
+
+
+@dataclasses.dataclass
+class _Build:
+    template_id: str
+    build_id: str
+    status: TemplateBuildStatus = TemplateBuildStatus.WAITING
+    logs: list[BuildLogEntry] = dataclasses.field(default_factory=list)
+    reason: str | None = None
 
 
 @dataclasses.dataclass
@@ -246,9 +267,9 @@ class FakeE2B:
         from sandbay.providers.e2b import agent_template
 
         self.executor_config = executor or LocalConfig(isolate=True)
-        self.templates = dict(
-            templates or {DEFAULT_TEMPLATE: Template(), agent_template(): Template()}
-        )
+        if templates is None:
+            templates = {DEFAULT_TEMPLATE: Template(), agent_template(): Template()}
+        self.templates = dict(templates)
         self.page_size = page_size
         # Faults, set by tests at any time.
         self.create_faults: list[int] = []
@@ -264,6 +285,9 @@ class FakeE2B:
         self.idempotency: dict[str, asyncio.Future[str]] = {}
         self.killed: list[str] = []
         self._killed_changed = threading.Condition()
+        self.builds: dict[str, _Build] = {}
+        self.build_tasks: set[asyncio.Task[None]] = set()
+        self.built_images: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: uvicorn.Server | None = None
@@ -322,6 +346,15 @@ class FakeE2B:
             await self._kill(sandbox_id)
         if self._executor is not None:
             await self._executor.aclose()
+        for task in list(self.build_tasks):
+            task.cancel()
+        for image in self.built_images:
+            # The image by id, after any container still made from it: an untagged image
+            # left behind would still carry the base's labels.
+            users = await _docker("ps", "-aq", "--filter", f"ancestor={image}", check=False)
+            for container in users.split():
+                await _docker("rm", "-f", container, check=False)
+            await _docker("rmi", "-f", image, check=False)
 
     def config(self, **changes: Any) -> E2BConfig:
         """An `E2BConfig` pointing at this fake."""
@@ -408,7 +441,9 @@ class FakeE2B:
         send: Send,
     ) -> None:
         parts = [p for p in path.split("/") if p]
-        if method == "POST" and parts == ["v2", "sandboxes"]:
+        if parts[:1] == ["templates"] or parts[:2] in (["v3", "templates"], ["v2", "templates"]):
+            await self._templates(method, parts, json.loads(body or b"{}"), query, send)
+        elif method == "POST" and parts == ["v2", "sandboxes"]:
             await self._create(json.loads(body or b"{}"), headers, send)
         elif method == "GET" and parts == ["v2", "sandboxes"]:
             await self._list(query, send)
@@ -507,14 +542,164 @@ class FakeE2B:
             inner=inner,
             users=template.users,
         )
-        if template.profile:
+        if template.image:
+            # What E2B's base template has, and what the template's build left in the
+            # login shell's profile.
+            setup = (
+                "mkdir -p /home/user /etc/profile.d && chown 1000:1000 /home/user && "
+                "cat > /etc/profile.d/template.sh"
+            )
             await inner.exec(
-                ["sh", "-c", "mkdir -p /etc/profile.d && cat > /etc/profile.d/template.sh"],
-                input=template.profile,
-                user=sandbox.users.get("root"),
+                ["sh", "-c", setup], input=template.profile, user=sandbox.users.get("root")
             )
         self.sandboxes[sandbox.id] = sandbox
         return sandbox
+
+    # --- the template builder: steps run in a container, committed as the template's image ---
+
+    async def _templates(
+        self,
+        method: str,
+        parts: list[str],
+        data: dict[str, Any],
+        query: Mapping[str, list[str]],
+        send: Send,
+    ) -> None:
+        if method == "GET" and parts[:2] == ["templates", "aliases"] and len(parts) == 3:
+            if parts[2] in self.templates:
+                await _json(send, 200, {"templateID": parts[2], "public": False})
+            else:
+                await _json(send, 404, {"code": 404, "message": f"alias '{parts[2]}' not found"})
+        elif method == "POST" and parts == ["v3", "templates"]:
+            name = str(data["name"])
+            build = _Build(template_id=name, build_id=secrets.token_hex(8))
+            self.builds[build.build_id] = build
+            response = TemplateRequestResponseV3(
+                template_id=name,
+                build_id=build.build_id,
+                public=False,
+                names=[name],
+                tags=[],
+                aliases=[name],
+            )
+            await _json(send, 202, response.to_dict())
+        elif method == "POST" and parts[:2] == ["v2", "templates"] and len(parts) == 5:
+            started = self.builds.get(parts[4])
+            if started is None:
+                await _json(send, 404, {"code": 404, "message": "no such build"})
+                return
+            start = TemplateBuildStartV2.from_dict(data)
+            started.status = TemplateBuildStatus.BUILDING
+            task = asyncio.get_running_loop().create_task(self._run_build(started, start))
+            self.build_tasks.add(task)
+            task.add_done_callback(self.build_tasks.discard)
+            await _empty(send, 202)
+        elif method == "GET" and parts[:1] == ["templates"] and parts[-1:] == ["status"]:
+            known = self.builds.get(parts[3]) if len(parts) == 5 else None
+            if known is None:
+                await _json(send, 404, {"code": 404, "message": "no such build"})
+                return
+            offset = int(query.get("logsOffset", ["0"])[0])
+            info = TemplateBuildInfo(
+                logs=[],
+                log_entries=known.logs[offset : offset + 100],
+                template_id=known.template_id,
+                build_id=known.build_id,
+                status=known.status,
+            )
+            if known.reason:
+                info.reason = BuildStatusReason(message=known.reason)
+            await _json(send, 200, info.to_dict())
+        else:
+            await _json(
+                send, 404, {"code": 404, "message": f"no route {method} /{'/'.join(parts)}"}
+            )
+
+    async def _run_build(self, build: _Build, start: TemplateBuildStartV2) -> None:
+        """Run the steps in a container from the base image (no network), commit it."""
+
+        def log(message: str, level: str = "info") -> None:
+            build.logs.append(
+                BuildLogEntry(timestamp=_now(), message=message, level=LogLevel(level))
+            )
+
+        base = _set(start.from_image)
+        users = {"user": "1000:1000", "root": "root"}
+        container = ""
+        try:
+            if not base:
+                raise RuntimeError("the fake builds only from a local image (from_image)")
+            container = (
+                await _docker(
+                    "run",
+                    "-d",
+                    "--network",
+                    "none",
+                    "--user",
+                    "root",
+                    "--label",
+                    "sandbay-fake-e2b=build",
+                    base,
+                    "sleep",
+                    "infinity",
+                )
+            ).strip()
+            env: dict[str, str] = {}
+            user, workdir = "root", "/"
+            for step in _set(start.steps) or []:
+                args = list(_set(step.args) or [])
+                log(f"{step.type_} {' '.join(args)[:200]}")
+                if step.type_ == "RUN":
+                    as_user = users.get(args[1] if len(args) > 1 else user, "root")
+                    flags = [f"--env={k}={v}" for k, v in env.items()]
+                    out = await _docker(
+                        "exec",
+                        "-u",
+                        as_user,
+                        "-w",
+                        workdir,
+                        *flags,
+                        container,
+                        "bash",
+                        "-c",
+                        args[0],
+                    )
+                    for line in out.splitlines()[-20:]:
+                        log(line)
+                elif step.type_ == "ENV":
+                    env.update(zip(args[::2], args[1::2], strict=False))
+                elif step.type_ == "USER":
+                    user = args[0]
+                elif step.type_ == "WORKDIR":
+                    workdir = args[0]
+                    await _docker("exec", "-u", "root", container, "mkdir", "-p", workdir)
+                else:
+                    raise RuntimeError(f"the fake builder does not run {step.type_} steps")
+            image = f"sandbay-fake-e2b/{build.template_id}:{build.build_id}"
+            # Not an agent image of the docker provider's, whatever labels the base had.
+            image_id = await _docker(
+                "commit",
+                "--change",
+                'CMD ["sh"]',
+                "--change",
+                "LABEL sandbay.agent.key=fake-e2b-template sandbay-fake-e2b=template",
+                container,
+                image,
+            )
+            self.built_images.append(image_id.strip())
+            self.templates[build.template_id] = Template(image=image, profile="", users=users)
+            build.status = TemplateBuildStatus.READY
+            log("build finished")
+        except Exception as exc:
+            if container:  # what the build container said before it stopped
+                said = await _docker("logs", container, check=False)
+                exc = RuntimeError(f"{exc}; the build container said: {said[-500:]}")
+            log(f"build failed: {exc}", "error")
+            build.reason = str(exc)[-1000:]
+            build.status = TemplateBuildStatus.ERROR
+        finally:
+            if container:
+                await _docker("rm", "-f", container)
 
     async def _list(self, query: Mapping[str, list[str]], send: Send) -> None:
         wanted: dict[str, str] = {}
@@ -836,6 +1021,22 @@ def _set(value: Any) -> Any:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
+
+
+async def _docker(*args: str, check: bool = True) -> str:
+    """Run the docker CLI; its stdout (stderr folded in). Raises on failure if ``check``."""
+    proc = await asyncio.create_subprocess_exec(
+        "docker",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await proc.communicate()
+    text = out.decode(errors="replace")
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"docker {args[0]} failed ({proc.returncode}): {text[-2000:]}")
+    return text
 
 
 async def _body(receive: Receive) -> bytes:

@@ -174,6 +174,13 @@ class E2BConfig(BaseProviderConfig):
     user: str = "user"
     """User processes run as unless the spec names one: E2B templates have ``user`` and
     ``root``."""
+    base_image: str = "e2bdev/base"
+    """Image the agent template is built on (``sandbay image build --provider e2b``): E2B's
+    base image; any Debian-like image with Python 3.10+ (or apt) will do."""
+    template_cpu: int | None = Field(default=None, gt=0)
+    """vCPUs of sandboxes from the agent template. Default: E2B's (2)."""
+    template_memory_mb: int | None = Field(default=None, gt=0)
+    """Memory of sandboxes from the agent template, in MiB. Default: E2B's (512)."""
     domain: str | None = None
     """E2B domain. Default: ``E2B_DOMAIN``, else E2B's own."""
     api_url: str | None = None

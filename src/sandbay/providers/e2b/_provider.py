@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import anyio
-from e2b import AsyncSandbox, SandboxQuery
+from e2b import AsyncSandbox, AsyncTemplate, BuildException, SandboxQuery
 from typing_extensions import override
 
 from ..._config import E2BConfig
-from ..._errors import ConfigError, SandboxError, SandboxNotFoundError
-from ..._image import AgentImageRecipe, ImageUser, agent_image_recipe
+from ..._errors import ConfigError, ImageError, SandboxError, SandboxNotFoundError
+from ..._image import IMAGE_LOG, AgentImageRecipe, ImageUser, agent_image_recipe
 from ..._provider import EXPIRY, MANAGED, SESSION, Provider, ProviderStatus, SandboxInfo
 from ..._sandbox import Sandbox, SandboxSpec
 from ._errors import NAME, e2b_errors, map_e2b_error, retryable
@@ -254,6 +254,49 @@ class E2BProvider(Provider):
     async def destroy(self, sandbox_id: str) -> None:
         with e2b_errors(sandbox_id=sandbox_id):
             await AsyncSandbox.kill(sandbox_id, **self._opts())
+
+    @override
+    async def build_image(self, *, refresh: bool = False) -> str:
+        """Build the agent template with E2B's template builder, or find it built.
+
+        The template is `sandbay._image.AgentImageRecipe` as its shell steps, run as root on
+        `E2BConfig.base_image`, with E2B's ``user`` for processes and the recipe's workdir;
+        its name carries the recipe's digest, so a new claude-agent-sdk builds a new one.
+        """
+        recipe = agent_recipe()
+        name = agent_template()
+        opts = self._opts()
+        self._check_spec(SandboxSpec())
+        with e2b_errors(template=name):
+            if not refresh and await AsyncTemplate.exists(name, **opts):
+                IMAGE_LOG.info("E2B template %s is built", name)
+                return name
+        template = (
+            AsyncTemplate()
+            .from_image(self.config.base_image)
+            .run_cmd(recipe.render_shell_script(isolated=True), user="root")
+            .set_user("user")
+            .set_workdir(recipe.workdir)
+        )
+        IMAGE_LOG.info("building E2B template %s on %s", name, self.config.base_image)
+        try:
+            await AsyncTemplate.build(
+                template,
+                name,
+                cpu_count=self.config.template_cpu,
+                memory_mb=self.config.template_memory_mb,
+                skip_cache=refresh,
+                on_build_logs=lambda entry: IMAGE_LOG.info("%s", entry.message),
+                **opts,
+            )
+        except BuildException as exc:
+            raise ImageError(
+                f"E2B could not build the template {name!r}: {exc}", provider=NAME
+            ) from exc
+        except Exception as exc:
+            raise map_e2b_error(exc, template=name) from exc
+        IMAGE_LOG.info("E2B template %s is built", name)
+        return name
 
     @override
     async def status(self) -> ProviderStatus:
