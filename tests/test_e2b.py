@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -285,3 +286,22 @@ async def test_cut_process_stream_is_resumed_from_the_log_without_loss(fake: Fak
     assert shape(messages) == shape(local)
     assert "resumed-ok" in str(messages)
     assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error
+
+
+# --- the profile and status ---------------------------------------------------------------
+
+
+async def test_profile_loads_and_status_tells_what_is_missing(
+    fake: FakeE2B, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("E2B_API_KEY", raising=False)
+    profile = sandbay.load_config(Path(__file__).parents[1] / "providers" / "e2b.toml")
+    assert isinstance(profile.provider, sandbay.E2BConfig)
+    assert profile.provider.user == "user" and profile.spec.lifetime_s == 3600
+    status = await sandbay.get_provider(profile.provider).status()
+    assert not status.reachable and "E2B_API_KEY" in status.detail
+    monkeypatch.setenv("E2B_API_KEY", API_KEY)
+    keyed = sandbay.load_config(Path(__file__).parents[1] / "providers" / "e2b.toml")
+    assert keyed.provider.api_key is not None  # type: ignore[attr-defined]
+    status = await sandbay.get_provider(fake.config()).status()
+    assert status.reachable and fake.url in status.detail

@@ -43,16 +43,17 @@ def thirdparty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 
 
 def test_provider_names_come_from_the_config_union() -> None:
-    assert set(builtin_config_types()) == {"local", "docker"}
+    assert set(builtin_config_types()) >= {"local", "docker", "e2b"}
     assert builtin_config_types()["docker"] is sandbay.DockerConfig
+    assert builtin_config_types()["e2b"] is sandbay.E2BConfig
     assert {"local", "docker"} <= set(provider_names())
 
 
 def test_an_entry_point_adds_a_provider(thirdparty: Path) -> None:
     found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     assert [ep.name for ep in found] == ["thirdparty"]  # really through importlib.metadata
-    assert provider_names() == ["docker", "local", "thirdparty"]
-    with pytest.raises(sandbay.ConfigError, match="valid providers: docker, local, thirdparty"):
+    assert provider_names() == sorted([*builtin_config_types(), "thirdparty"])
+    with pytest.raises(sandbay.ConfigError, match=r"valid providers: docker, .*thirdparty"):
         parse_config({"provider": {"type": "nope"}})
 
 

@@ -474,9 +474,24 @@ def _until(expiry: float) -> str:
     return text if left >= 0 else f"-{text}"
 
 
+async def _listed(args: argparse.Namespace, name: str, provider: Any) -> list[Any]:
+    """``provider.list()``; with ``--all``, a provider that is not set up is noted and skipped
+    (an installed cloud SDK without its API key), rather than failing the others."""
+    from ._errors import ConfigError, ProviderUnavailableError
+
+    try:
+        found: list[Any] = await provider.list()
+        return found
+    except (ConfigError, ProviderUnavailableError) as exc:
+        if not args.all:
+            raise
+        _note(f"{name} skipped: {exc.message}")
+        return []
+
+
 async def _ls(args: argparse.Namespace) -> int:
     for name, provider in _chosen_providers(args):
-        for info in await provider.list():
+        for info in await _listed(args, name, provider):
             labels = ",".join(
                 f"{k}={v}" for k, v in sorted(info.labels.items()) if not k.startswith("sandbay.")
             )
@@ -488,8 +503,17 @@ async def _ls(args: argparse.Namespace) -> int:
 
 async def _gc(args: argparse.Namespace) -> int:
     total = 0
+    from ._errors import ConfigError, ProviderUnavailableError
+
     for name, provider in _chosen_providers(args):
-        for info, reason in await provider.gc():
+        try:
+            removed = await provider.gc()
+        except (ConfigError, ProviderUnavailableError) as exc:
+            if not args.all:
+                raise
+            _note(f"{name} skipped: {exc.message}")
+            continue
+        for info, reason in removed:
             print(f"removed {name} {info.id} ({reason})")
             total += 1
     print(f"{total} sandbox(es) removed")
