@@ -305,3 +305,27 @@ async def test_profile_loads_and_status_tells_what_is_missing(
     assert keyed.provider.api_key is not None  # type: ignore[attr-defined]
     status = await sandbay.get_provider(fake.config()).status()
     assert status.reachable and fake.url in status.detail
+
+
+async def test_closing_a_sandbox_lets_go_of_unread_process_streams(fake: FakeE2B) -> None:
+    # A process nobody read to its end (a pool's idle relay, a killed command) holds an
+    # HTTP stream; closing the sandbox must close it, not leave it to the loop's finalizer.
+    async with sandbay.open_sandbox(fake.config()) as sb:
+        idle = await sb.start(["sleep", "60"])
+        killed = await sb.start(["sleep", "60"])
+        await killed.kill()
+    for proc in (idle, killed):
+        assert proc._events is None  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mode", ["cold", "warm", "burst"])
+def test_committed_benchmark_rows_say_they_are_client_overhead_only(mode: str) -> None:
+    from sandbay._bench._report import BenchReport
+
+    results = Path(__file__).parents[1] / "benchmarks" / "results"
+    report = BenchReport.from_json((results / f"{mode}-e2b-fake.json").read_text())
+    label = "e2b (fake control plane: client overhead only)"
+    rendered = report.to_markdown()
+    rows = [line for line in rendered.splitlines() if line.startswith("| e2b")]
+    assert rows and all(row.startswith(f"| {label} |") for row in rows)
+    assert (results / f"{mode}-e2b-fake.md").read_text() == rendered

@@ -169,7 +169,9 @@ class E2BProcess(Process):
             if isinstance(exc, Exception) and not isinstance(exc, SandboxError):
                 raise map_e2b_error(exc, sandbox_id=sandbox.id, user=user) from exc
             raise
-        return cls(sandbox, pid=pid, events=events, token=token, user=user)
+        proc = cls(sandbox, pid=pid, events=events, token=token, user=user)
+        sandbox._processes.add(proc)
+        return proc
 
     # --- output ---
 
@@ -230,6 +232,20 @@ class E2BProcess(Process):
     def _end_stream(self) -> None:
         self._stream_over = True
         self._events = None
+        self._sandbox._processes.discard(self)
+
+    async def _close_stream(self) -> None:
+        """Let go of the event stream (the sandbox is gone): shielded, bounded, once no read
+        is in flight; a read in flight ends with the stream anyway."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+            async with self._pull_lock:
+                events = self._events
+                self._end_stream()
+                if events is not None:
+                    try:
+                        await events.aclose()
+                    except Exception:
+                        pass  # the connection is gone with the sandbox
 
     # --- stdin ---
 

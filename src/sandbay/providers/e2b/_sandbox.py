@@ -70,6 +70,7 @@ class E2BSandbox(Sandbox):
         self._provider = provider
         self.sdk = sdk
         self._user = spec.user or provider.config.user
+        self._processes: set[E2BProcess] = set()  # those whose event stream is open
 
     @property
     @override
@@ -214,4 +215,8 @@ class E2BSandbox(Sandbox):
 
     @override
     async def _aclose(self) -> None:
-        await self._provider.destroy(self.id)
+        try:
+            await self._provider.destroy(self.id)
+        finally:
+            for process in list(self._processes):
+                await process._close_stream()
