@@ -7,8 +7,11 @@ users, root and the real ``claude`` CLI behave as in an E2B sandbox built from t
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,7 +19,7 @@ import pytest
 from claude_agent_sdk import ClaudeAgentOptions, ResultMessage, SystemMessage
 
 import sandbay
-from e2b_fake import DEFAULT_TEMPLATE, FakeE2B, Template
+from e2b_fake import API_KEY, DEFAULT_TEMPLATE, FakeE2B, Template
 from sandbay import DockerConfig, SandboxSpec
 from sandbay.providers.e2b import agent_template
 from sandbay.providers.e2b._provider import agent_recipe
@@ -125,3 +128,23 @@ async def test_image_build_makes_the_agent_template_with_e2b_template_builder() 
             assert login.stdout.decode().split() == ["1000", "/opt/sandbay/venv", "/workspace"]
             check = "import claude_agent_sdk, sys; print(sys.prefix)"
             assert (await sb.exec(["python3", "-c", check])).stdout == b"/opt/sandbay/venv\n"
+
+
+async def test_sandbay_image_build_command_builds_the_template(tmp_path: Path) -> None:
+    # The CLI as a user runs it, in another process: `sandbay image build --provider e2b`
+    # with the profile's settings pointed at the fake, the key from E2B_API_KEY.
+    base = await anyio.to_thread.run_sync(_agent_image)
+    with FakeE2B(executor=DockerConfig(), templates={}) as fake:
+        config = tmp_path / "sandbay.toml"
+        config.write_text(
+            f'[provider]\ntype = "e2b"\napi_url = "{fake.url}"\nsandbox_url = "{fake.url}"\n'
+        )
+        env = {**os.environ, "E2B_API_KEY": API_KEY}
+        argv = [sys.executable, "-m", "sandbay", "image", "build", "--provider", "e2b"]
+        done = await anyio.run_process(
+            [*argv, "--config", str(config), "--base", base], env=env, check=False
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        assert done.stdout.decode().strip().endswith(agent_template())
+        assert "building E2B template" in done.stderr.decode()
+        assert agent_template() in fake.templates

@@ -253,10 +253,11 @@ def _config(args: argparse.Namespace) -> Any:
     from ._config import load_config, parse_config
 
     config = load_config(getattr(args, "config", None))
-    if getattr(args, "provider", None):
+    if getattr(args, "provider", None) and config.provider.type != args.provider:
+        # Only when --provider names another type: a dump masks secrets (SecretStr), so
+        # rebuilding the same provider's config from one would lose its API key.
         data = config.model_dump(mode="json", exclude_none=True)
-        if data["provider"]["type"] != args.provider:
-            data["provider"] = {"type": args.provider}
+        data["provider"] = {"type": args.provider}
         config = parse_config(data, where="--provider")
     return config
 
