@@ -275,6 +275,7 @@ class FakeE2B:
         self.create_faults: list[int] = []
         self.create_faults_after: list[int] = []
         self.create_delay_s = 0.0
+        self.timeout_faults: list[int] = []  # statuses answered to the next timeout calls
         self.idempotent = True  # False: ignore Idempotency-Key, as an older API would
         self.cut_rules: list[_CutRule] = []
         # What happened, for assertions.
@@ -462,6 +463,9 @@ class FakeE2B:
             elif method == "DELETE" and not action:
                 await self._kill(sandbox_id)
                 await _empty(send, 204)
+            elif method == "POST" and action == ["timeout"] and self.timeout_faults:
+                status = self.timeout_faults.pop(0)
+                await _json(send, status, {"code": status, "message": "fake: injected fault"})
             elif method == "POST" and action == ["timeout"]:
                 sandbox.end_at = _now() + datetime.timedelta(seconds=int(data["timeout"]))
                 await _empty(send, 204)

@@ -169,6 +169,16 @@ async def test_extend_moves_e2b_timeout(fake: FakeE2B) -> None:
         assert abs(fake.sandboxes[sb.id].end_at.timestamp() - expiry) <= 1.5
 
 
+async def test_extend_rides_out_a_rate_limit(fake: FakeE2B) -> None:
+    # Creates run without the SDK's retries (sandbay retries them itself); the lease
+    # renewal must not inherit that: a 429 on set_timeout is retried by the SDK.
+    async with sandbay.open_sandbox(fake.config()) as sb:
+        fake.timeout_faults = [429]
+        expiry = await sb.extend(600)
+        assert fake.timeout_faults == []
+        assert abs(fake.sandboxes[sb.id].end_at.timestamp() - expiry) <= 1.5
+
+
 async def test_e2b_kills_a_sandbox_whose_timeout_passed(fake: FakeE2B) -> None:
     sb = await sandbay.create_sandbox(fake.config(), SandboxSpec(lifetime_s=1))
     try:

@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
+from e2b import AsyncSandbox
 from typing_extensions import override
 
 from ..._errors import (
@@ -210,8 +211,10 @@ class E2BSandbox(Sandbox):
     @override
     async def _extend(self, expiry: float) -> None:
         seconds = max(1, math.ceil(expiry - time.time()))
+        # By id, with the provider's options: the sandbox object carries the create's
+        # (no SDK retries, since sandbay retries creates itself).
         with e2b_errors(sandbox_id=self.id):
-            await self.sdk.set_timeout(seconds)
+            await AsyncSandbox.set_timeout(self.id, seconds, **self._provider._opts())
 
     @override
     async def _aclose(self) -> None:
