@@ -59,7 +59,9 @@ def test_bad_value_names_field(tmp_path: Path) -> None:
 def test_unknown_type_lists_valid(tmp_path: Path) -> None:
     file = tmp_path / "bad.toml"
     file.write_text('[provider]\ntype = "kubernetes-ish"\n')
-    with pytest.raises(sandbay.ConfigError, match="valid providers: daytona, docker, local"):
+    with pytest.raises(
+        sandbay.ConfigError, match="valid providers: daytona, docker, e2b, local, modal"
+    ):
         sandbay.load_config(file)
 
 

@@ -43,16 +43,17 @@ def thirdparty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 
 
 def test_provider_names_come_from_the_config_union() -> None:
-    assert set(builtin_config_types()) == {"local", "docker", "daytona", "modal"}
+    assert set(builtin_config_types()) == {"local", "docker", "daytona", "e2b", "modal"}
     assert builtin_config_types()["docker"] is sandbay.DockerConfig
+    assert builtin_config_types()["e2b"] is sandbay.E2BConfig
     assert {"local", "docker"} <= set(provider_names())
 
 
 def test_an_entry_point_adds_a_provider(thirdparty: Path) -> None:
     found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     assert [ep.name for ep in found] == ["thirdparty"]  # really through importlib.metadata
-    assert provider_names() == ["daytona", "docker", "local", "modal", "thirdparty"]
-    valid = "valid providers: daytona, docker, local, modal, thirdparty"
+    assert provider_names() == ["daytona", "docker", "e2b", "local", "modal", "thirdparty"]
+    valid = "valid providers: daytona, docker, e2b, local, modal, thirdparty"
     with pytest.raises(sandbay.ConfigError, match=valid):
         parse_config({"provider": {"type": "nope"}})
 

@@ -253,10 +253,11 @@ def _config(args: argparse.Namespace) -> Any:
     from ._config import load_config, parse_config
 
     config = load_config(getattr(args, "config", None))
-    if getattr(args, "provider", None):
+    if getattr(args, "provider", None) and config.provider.type != args.provider:
+        # Only when --provider names another type: a dump masks secrets (SecretStr), so
+        # rebuilding the same provider's config from one would lose its API key.
         data = config.model_dump(mode="json", exclude_none=True)
-        if data["provider"]["type"] != args.provider:
-            data["provider"] = {"type": args.provider}
+        data["provider"] = {"type": args.provider}
         config = parse_config(data, where="--provider")
     return config
 
@@ -499,13 +500,14 @@ async def _gc(args: argparse.Namespace) -> int:
 async def _listed(
     args: argparse.Namespace, name: str, call: Callable[[], Awaitable[list[Any]]]
 ) -> list[Any]:
-    """``call()``; with ``--all``, a provider its defaults cannot configure (no credentials)
-    is noted and skipped rather than ending the listing."""
-    from ._errors import ConfigError
+    """``call()``; with ``--all``, a provider that is not set up here (an installed cloud SDK
+    without its credentials, or out of reach) is noted and skipped rather than ending the
+    listing."""
+    from ._errors import ConfigError, ProviderUnavailableError
 
     try:
         found: list[Any] = await call()
-    except ConfigError as exc:
+    except (ConfigError, ProviderUnavailableError) as exc:
         if not args.all:
             raise
         _note(f"{name} skipped: {exc.message}")

@@ -60,6 +60,7 @@ __all__ = [
     "BaseProviderConfig",
     "DaytonaConfig",
     "DockerConfig",
+    "E2BConfig",
     "LocalConfig",
     "ModalConfig",
     "ProviderConfig",
@@ -237,14 +238,59 @@ class ModalConfig(BaseProviderConfig):
     Then ``SandboxSpec(network="host")`` is accepted and 127.0.0.1 is this machine's."""
 
 
+class E2BConfig(BaseProviderConfig):
+    """Sandboxes on E2B (micro-VMs from a template), through the ``e2b`` SDK.
+
+    Needs Python 3.11+ (the e2b SDK's own floor) and ``pip install "sandbay[e2b]"``.
+    """
+
+    type: Literal["e2b"] = "e2b"
+    """Selects this provider."""
+    provider_class: ClassVar[str] = "sandbay.providers.e2b:E2BProvider"
+    extra: ClassVar[str | None] = "e2b"
+    api_key: SecretStr | None = Field(
+        default_factory=lambda: (
+            SecretStr(os.environ["E2B_API_KEY"]) if os.environ.get("E2B_API_KEY") else None
+        )
+    )
+    """E2B API key. Default: ``E2B_API_KEY``."""
+    template: str | None = None
+    """Template sandboxes start from. Default: sandbay's agent template
+    (``sandbay image build --provider e2b`` builds it). cpu and memory are the template's."""
+    user: str = "user"
+    """User processes run as unless the spec names one: E2B templates have ``user`` and
+    ``root``."""
+    base_image: str = "e2bdev/base"
+    """Image the agent template is built on (``sandbay image build --provider e2b``): E2B's
+    base image; any Debian-like image with Python 3.10+ (or apt) will do."""
+    template_cpu: int | None = Field(default=None, gt=0)
+    """vCPUs of sandboxes from the agent template. Default: E2B's (2)."""
+    template_memory_mb: int | None = Field(default=None, gt=0)
+    """Memory of sandboxes from the agent template, in MiB. Default: E2B's (512)."""
+    domain: str | None = None
+    """E2B domain. Default: ``E2B_DOMAIN``, else E2B's own."""
+    api_url: str | None = None
+    """Control-plane URL, for a self-hosted or test control plane. Default: E2B's."""
+    sandbox_url: str | None = None
+    """Base URL of every sandbox's envd, for a self-hosted or test control plane."""
+    request_timeout: float = Field(default=60.0, gt=0)
+    """Seconds each API request may take."""
+    create_attempts: int = Field(default=4, ge=1)
+    """How often a create is tried when E2B answers 429 or 5xx (with backoff)."""
+    reaches_host_loopback: bool = False
+    """Whether ``127.0.0.1`` in a sandbox is this machine's. Only for a control plane whose
+    sandboxes share this host's network (a local test control plane); never on E2B."""
+
+
 ProviderConfig = Annotated[
-    LocalConfig | DockerConfig | DaytonaConfig | ModalConfig, Field(discriminator="type")
+    LocalConfig | DockerConfig | DaytonaConfig | E2BConfig | ModalConfig,
+    Field(discriminator="type"),
 ]
 """Any built-in provider's config; ``type`` selects which. A new built-in provider's config
 joins this union, and nothing else outside its own folder."""
 
-_BUILTIN: TypeAdapter[LocalConfig | DockerConfig | DaytonaConfig | ModalConfig] = TypeAdapter(
-    ProviderConfig
+_BUILTIN: TypeAdapter[LocalConfig | DockerConfig | DaytonaConfig | E2BConfig | ModalConfig] = (
+    TypeAdapter(ProviderConfig)
 )
 
 

@@ -324,6 +324,8 @@ def provider_module(name: str) -> ModuleType:
 def _import_provider(name: str, module_name: str, extra: str | None) -> ModuleType:
     try:
         return importlib.import_module(module_name)
+    except MissingDependencyError:
+        raise  # the provider said itself what is missing (a Python too old for its SDK)
     except ImportError as exc:
         missing = exc.name or "its SDK"
         how = f'pip install "sandbay[{extra}]"' if extra else "install it"

@@ -65,10 +65,11 @@ def render_markdown(report: BenchReport) -> str:
         )
         rows.append(("model's own time (duration_api_ms)", entry["model"]))
         rows.append(("agent's own prompt → first message (in sandbox)", entry["agent_first_msg"]))
+        shown = f"{name} ({entry['label']})" if entry["label"] else name
         for title, st in rows:
             if st:
                 lines.append(
-                    f"| {name} | {title} | {_ms(st['min'])} | {_ms(st['p50'])} | "
+                    f"| {shown} | {title} | {_ms(st['min'])} | {_ms(st['p50'])} | "
                     f"{_ms(st['p95'])} | {_ms(st['p99'])} | {_ms(st['max'])} |"
                 )
     ratios = {n: e["ratio_vs_raw"] for n, e in summary.items() if "ratio_vs_raw" in e}
