@@ -261,7 +261,8 @@ class E2BProvider(Provider):
 
         The template is `sandbay._image.AgentImageRecipe` as its shell steps, run as root on
         `E2BConfig.base_image`, with E2B's ``user`` for processes and the recipe's workdir;
-        its name carries the recipe's digest, so a new CLI (the host's claude-agent-sdk) builds a new one.
+        its name carries the recipe's digest, so a new CLI (the host's claude-agent-sdk) builds
+        a new one.
         """
         recipe = agent_recipe()
         name = agent_template()
