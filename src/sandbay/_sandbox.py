@@ -257,11 +257,19 @@ class CliLaunch:
             made them) and the CLI runs as `user`.
         wrapper: The CLI's argv is appended to this (a namespace it runs in); it ends with
             whatever separates the wrapper's options from the command.
+        socket_dir: Where the CLI's network namespace is not the relay's: a directory, as
+            the relay sees it, that the wrapper binds into the CLI's namespace (at
+            ``socket_dir_inner``). The relay offers its services there as Unix sockets (the
+            model relay), and a forwarder in the CLI's namespace gives the CLI a loopback
+            address for them. ``None``: the relay listens on the loopback the CLI shares.
+        socket_dir_inner: `socket_dir` as the CLI sees it (default: the same path).
     """
 
     user: str | None = None
     tenant_root: str | None = None
     wrapper: tuple[str, ...] = ()
+    socket_dir: str | None = None
+    socket_dir_inner: str | None = None
 
 
 class ByteStream:

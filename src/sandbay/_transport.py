@@ -456,6 +456,9 @@ class SandboxTransport(Transport):
             flags += ["--tenant", self.tenant, "--tenant-root", launch.tenant_root]
         if launch.wrapper:
             flags += ["--cli-wrapper", json.dumps(list(launch.wrapper))]
+        if launch.socket_dir is not None:
+            flags += ["--socket-dir", launch.socket_dir]
+            flags += ["--socket-dir-inner", launch.socket_dir_inner or launch.socket_dir]
         start = wire.host_frame(
             "start",
             argv=argv,

@@ -573,6 +573,50 @@ class AttachServer:
                 pass
 
 
+#: Run in the CLI's network namespace, where it has one apart from the relay's (a nested
+#: bwrap): listens on 127.0.0.1 there, points ``ANTHROPIC_BASE_URL`` at that, and carries
+#: each connection to the relay's model socket (argv[1], bound into the namespace); then it
+#: becomes the CLI (argv after ``--``), its pump living on in a child that dies with it.
+FORWARDER = """
+import ctypes, os, signal, socket, sys, threading
+path, argv = sys.argv[1], sys.argv[3:]
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(64)
+port = server.getsockname()[1]
+if os.fork() == 0:
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    except Exception:
+        pass
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    def pump(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+    def carry(conn):
+        up = socket.socket(socket.AF_UNIX)
+        try:
+            up.connect(path)
+        except OSError:
+            conn.close()
+            return
+        threading.Thread(target=pump, args=(up, conn), daemon=True).start()
+        pump(conn, up)
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=carry, args=(conn,), daemon=True).start()
+server.close()
+os.environ["ANTHROPIC_BASE_URL"] = f"http://127.0.0.1:{port}"
+os.execvp(argv[0], argv)
+"""
+
+
 class ModelListener:
     """The model's endpoint for the CLI, inside the sandbox: each HTTP request it gets is
     carried to the host as a ``model.http`` request, and the response bytes the host sends
@@ -582,13 +626,22 @@ class ModelListener:
     token, puts the real credential in its place and forwards the request.
     """
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, *, path: str | None = None) -> None:
         self.channel = channel
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        if path is None:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(("127.0.0.1", 0))
+            self.url: str | None = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        else:
+            # The CLI runs in a network namespace of its own: it reaches this socket through
+            # a forwarder in its namespace (`FORWARDER`), which gives it the URL.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(path)
+            self.url = None
         self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -602,7 +655,8 @@ class ModelListener:
     def _serve(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as reader:
             try:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if conn.family == socket.AF_INET:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 request = _read_http_request(reader)
                 if request is None:
                     return
@@ -773,7 +827,7 @@ def _run_channel(
         cli.kill()
 
     ready = {"pid": os.getpid(), "cli_pid": cli.pid, "cli": path}
-    if listener is not None:
+    if listener is not None and listener.url is not None:
         ready["model_url"] = listener.url
     emitter.emit("ready", ready)
     try:
@@ -794,6 +848,8 @@ def serve(
     tenant: str | None = None,
     tenant_root: str | None = None,
     wrapper: list[str] | None = None,
+    socket_dir: str | None = None,
+    socket_dir_inner: str | None = None,
 ) -> int:
     emitter = Emitter(run_dir)
     emitter.reached("relay_start_ms")
@@ -825,9 +881,13 @@ def serve(
     env = dict(start.get("env", {}))
     cwd = start.get("cwd") or None
     channel = Channel(emitter)
-    listener = ModelListener(channel) if start.get("model_listener") else None
-    if listener is not None:
-        env["ANTHROPIC_BASE_URL"] = listener.url
+    listener = None
+    if start.get("model_listener"):
+        if socket_dir is not None:
+            listener = ModelListener(channel, path=os.path.join(socket_dir, "model.sock"))
+        else:
+            listener = ModelListener(channel)
+            env["ANTHROPIC_BASE_URL"] = str(listener.url)
     if start.get("find_cli"):
         cli_path = find_cli()
         if cli_path is None:
@@ -855,6 +915,9 @@ def serve(
             raise PermissionError("the relay must run as root to start the CLI as another user")
     except (OSError, KeyError, ValueError) as exc:
         return fail(type(exc).__name__, f"cannot prepare the CLI's user: {exc}", 126)
+    if listener is not None and socket_dir is not None:
+        inner = os.path.join(socket_dir_inner or socket_dir, "model.sock")
+        argv = [sys.executable, "-E", "-s", "-S", "-c", FORWARDER, inner, "--", *argv]
     if wrapper:
         argv = [*wrapper, *argv]
         cwd = None  # the wrapper enters it, inside its namespace
@@ -1003,6 +1066,8 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--tenant")
     serve_cmd.add_argument("--tenant-root")
     serve_cmd.add_argument("--cli-wrapper", type=json.loads)
+    serve_cmd.add_argument("--socket-dir")
+    serve_cmd.add_argument("--socket-dir-inner")
     replay_cmd = sub.add_parser("replay")
     replay_cmd.add_argument("--run-dir", required=True)
     replay_cmd.add_argument("--after", type=int, default=0)
@@ -1025,6 +1090,8 @@ def main(argv: list[str] | None = None) -> int:
         tenant=args.tenant,
         tenant_root=args.tenant_root,
         wrapper=args.cli_wrapper,
+        socket_dir=args.socket_dir,
+        socket_dir_inner=args.socket_dir_inner,
     )
     sys.stdout.flush()
     sys.stderr.flush()

@@ -8,6 +8,7 @@ import os
 import posixpath
 import socket
 import sys
+import tempfile
 import weakref
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
@@ -44,6 +45,8 @@ from ._registry import (
 _REAP_TIMEOUT = 5.0
 
 # Unisolated commands run under a supervisor that keeps every process they start (Linux).
+#: Where a CLI under bwrap finds the relay's sockets (`CliLaunch.socket_dir`).
+_SOCKET_DIR = "/run/sandbay"
 _SUPERVISE = sys.platform.startswith("linux") and bool(sys.executable)
 _SUPERVISOR = [sys.executable, "-S", "-I", str(Path(__file__).with_name("_supervisor.py"))]
 
@@ -172,7 +175,20 @@ class LocalSandbox(Sandbox):
             await anyio.to_thread.run_sync(self._make_tenant_folder, tenant)
         if not self._bwrap:
             return CliLaunch()
-        return CliLaunch(wrapper=(*self._bwrap_args(cwd, tenant=tenant), "--"))
+        # The CLI's namespace has a network of its own (or none): the relay, on this host,
+        # offers its services through Unix sockets in a directory of this launch alone,
+        # bound into that namespace.
+        sockets = await anyio.to_thread.run_sync(self._make_socket_dir)
+        return CliLaunch(
+            wrapper=(*self._bwrap_args(cwd, tenant=tenant, sockets=sockets), "--"),
+            socket_dir=sockets,
+            socket_dir_inner=_SOCKET_DIR,
+        )
+
+    def _make_socket_dir(self) -> str:
+        parent = self._folder / "relay" / "sockets"
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return tempfile.mkdtemp(dir=parent)
 
     def _make_tenant_folder(self, tenant: str) -> None:
         folder = self._tenant_folder(tenant)
@@ -272,7 +288,9 @@ class LocalSandbox(Sandbox):
         lang = os.environ.get("LANG") or "C.UTF-8"
         return {"PATH": path, "HOME": home, "TMPDIR": tmp, "LANG": lang}
 
-    def _bwrap_args(self, cwd: str, *, tenant: str | None = None) -> list[str]:
+    def _bwrap_args(
+        self, cwd: str, *, tenant: str | None = None, sockets: str | None = None
+    ) -> list[str]:
         assert self._bwrap is not None
         args = [self._bwrap, "--unshare-all", "--die-with-parent", "--new-session"]
         if self.spec.network != "none":
@@ -301,6 +319,8 @@ class LocalSandbox(Sandbox):
         # Last, so a Python installed under /tmp (a venv in a checkout there) stays visible.
         for path in self._binds:
             args += ["--ro-bind", path, path]
+        if sockets is not None:
+            args += ["--bind", sockets, _SOCKET_DIR]
         # The root bwrap builds is a tmpfs; without this, /etc and / itself are writable.
         args += ["--remount-ro", "/", "--chdir", cwd]
         return args
