@@ -23,6 +23,7 @@ import sandbay
 import sandbay._transport
 from sandbay import Process, Sandbox
 from sandbay._relay import wire
+from sandbay._transport import _BOOT
 from sandbay.testing import ScriptedModel, Turn
 from wrapping import WrappedSandbox
 
@@ -47,11 +48,25 @@ class HostileRelay(WrappedSandbox):
     async def start_relay(
         self, argv: Sequence[str], *, env: Mapping[str, str] | None = None
     ) -> Process:
-        # The relay's code is installed on the relay's side: ``sh -c INSTALL sh PATH``.
-        if list(argv[:2]) == ["sh", "-c"] and str(argv[-1]).endswith("/relay/relay.py"):
-            await self.inner.write_file(str(argv[-1]), self.script.encode())
-            return await self.inner.start_relay(["sh", "-c", "cat >/dev/null"], env=env)
-        return await super().start_relay(argv, env=env)
+        # The relay is installed and started by one command on the relay's side,
+        # ``sh -c '... PYTHON FLAGS -c BOOT RELAY_DIR serve ...'``: the script takes the place
+        # of ``-c BOOT RELAY_DIR`` (the rest, its run directory and stderr log, stays).
+        boot = f"-c {shlex.quote(_BOOT)} "
+        command = str(argv[2]) if len(argv) == 3 else ""
+        if list(argv[:2]) == ["sh", "-c"] and boot in command and " serve " in command:
+            head, _, rest = command.partition(boot)
+            relay_dir, _, rest = rest.partition(" ")
+            path = f"{shlex.split(relay_dir)[0]}/hostile.py"
+            data = self.script.encode()
+            # Written on the relay's side, where the relay's code would be.
+            install = f'mkdir -p "${{1%/*}}" && head -c {len(data)} >"$1"'
+            writer = await self.inner.start_relay(["sh", "-c", install, "sh", path], env=env)
+            await writer.write(data)
+            await writer.close_stdin()
+            assert await writer.wait() == 0
+            command = f"{head}{shlex.quote(path)} {rest}"
+            return await self.inner.start_relay(["sh", "-c", command], env=env)
+        return await self.inner.start_relay(argv, env=env)
 
 
 def printing(*lines: bytes | str, then: str = "time.sleep(60)") -> str:

@@ -430,7 +430,9 @@ def check_sandbox(
         raise ConfigError(
             f"ANTHROPIC_BASE_URL={url} is a loopback address, and loopback inside this "
             f"{sandbox.provider} sandbox is the sandbox's own, not this machine's: the agent "
-            "would retry until its deadline. Give the sandbox the host's network "
+            "would retry until its deadline. Leave sandbay's model relay on (the default with "
+            "an ANTHROPIC_API_KEY: the host reaches the model for it; SANDBAY_MODEL_RELAY=0 "
+            "turned it off), give the sandbox the host's network "
             "(SandboxSpec(network='host')), or use an address the sandbox can reach",
             provider=sandbox.provider,
             sandbox_id=sandbox.id,
@@ -1192,15 +1194,19 @@ async def _replay_envelopes(
         AgentError: The run failed, or its relay died before it ended.
         ProtocolError: The log holds something malformed.
     """
-    from ._transport import _CONTROL_TYPES, MAX_FRAME_BYTES, RequestServer, parse_frame
+    from ._transport import (
+        _CONTROL_TYPES,
+        MAX_FRAME_BYTES,
+        RequestServer,
+        parse_frame,
+        start_relay_command,
+    )
 
     directory = run_dir(sandbox, run_id)
-    script = f"{sandbox.relay_dir}/relay/relay.py"
-    argv = [sandbox.python, "-E", "-s", "-S", script, "replay", "--run-dir", directory]
-    argv += ["--after", str(after)]
+    args = ["--run-dir", directory, "--after", str(after)]
     if handlers:
-        argv.append("--link")
-    proc = await sandbox.start_relay(argv)
+        args.append("--link")
+    proc = await start_relay_command(sandbox, "replay", *args)
     server = RequestServer(proc, handlers) if handlers else None
     try:
         async for line in proc.stdout.lines(max_line=MAX_FRAME_BYTES):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -84,24 +84,29 @@ async def raw_query(
     """
     validate_session_store_options(options)
     configured = _configure_can_use_tool(options)
+    user_message = {
+        "type": "user",
+        "session_id": "",
+        "message": {"role": "user", "content": prompt},
+        "parent_tool_use_id": None,
+    }
+    line = json.dumps(stamp_user_message(user_message, configured.verbatim_prompts)) + "\n"
+    prepared = query is not None and query._initialized
     if query is None:
         await transport.connect()
-        query = make_query(configured, transport)
+        # The prompt follows the initialize request at once rather than after its answer:
+        # the CLI reads its input in order, so it still handles the request (hooks
+        # registered, agents set) first, and a cold start saves a round trip through the
+        # sandbox. The answer is still awaited, and its errors raised, by `initialize`.
+        query = make_query(configured, _PromptAfterFirstWrite(transport, line))
     else:
         rebind(query, configured)
-    prepared = query._initialized
     try:
         if not prepared:
             await query.start()
             await query.initialize()
-        user_message = {
-            "type": "user",
-            "session_id": "",
-            "message": {"role": "user", "content": prompt},
-            "parent_tool_use_id": None,
-        }
-        line = json.dumps(stamp_user_message(user_message, configured.verbatim_prompts))
-        await transport.write(line + "\n")
+        if not isinstance(query.transport, _PromptAfterFirstWrite):
+            await transport.write(line)
         query.spawn_task(query.wait_for_result_and_end_input())
         async for data in query.receive_messages():
             yield data
@@ -113,6 +118,42 @@ async def raw_query(
     finally:
         await query.close()
         query.close_receive_stream()
+
+
+class _PromptAfterFirstWrite(Transport):
+    """``transport`` as it is, except that its first write (the SDK's initialize request) is
+    followed at once by ``prompt``, the user's message."""
+
+    def __init__(self, transport: Transport, prompt: str) -> None:
+        self.inner = transport
+        self.prompt: str | None = prompt
+
+    @override
+    async def connect(self) -> None:
+        await self.inner.connect()
+
+    @override
+    async def write(self, data: str) -> None:
+        await self.inner.write(data)
+        if self.prompt is not None:
+            prompt, self.prompt = self.prompt, None
+            await self.inner.write(prompt)
+
+    @override
+    def read_messages(self) -> AsyncIterator[dict[str, Any]]:
+        return self.inner.read_messages()
+
+    @override
+    async def close(self) -> None:
+        await self.inner.close()
+
+    @override
+    def is_ready(self) -> bool:
+        return self.inner.is_ready()
+
+    @override
+    async def end_input(self) -> None:
+        await self.inner.end_input()
 
 
 def make_query(

@@ -103,6 +103,44 @@ _INSTALL = (
     'umask 022 && mkdir -p -- "${1%/*}" && head -c "$2" >"$1.$$" '
     '&& [ "$(wc -c <"$1.$$")" -eq "$2" ] && mv -f -- "$1.$$" "$1"'
 )
+#: Reads the first line of stdin, a JSON object that carries the relay's files (``code``:
+#: name → text) and, for ``serve``, the start frame's fields; installs the files into the
+#: directory argv[1] (each replaced whole, only where it changed) and runs the relay there
+#: with the rest of argv (and the start frame without its code). Every relay command starts
+#: this way: one process start where a cold start took three (two installs and the relay),
+#: and no command finds the files missing or half written.
+_BOOT = """\
+import json, os, sys
+where = sys.argv[1]
+first = sys.stdin.buffer.readline(64 << 20)
+try:
+    frame = json.loads(first)
+    code = frame.pop("code")
+    files = {str(name): str(text).encode() for name, text in code.items()}
+except (ValueError, KeyError, TypeError, AttributeError):
+    files, frame = {}, None
+os.makedirs(where, mode=0o755, exist_ok=True)
+for name in FILES:
+    if name not in files:
+        continue
+    path = os.path.join(where, name)
+    try:
+        with open(path, "rb") as fh:
+            same = fh.read() == files[name]
+    except OSError:
+        same = False
+    if not same:
+        part = f"{path}.{os.getpid()}"
+        with open(part, "wb") as fh:
+            fh.write(files[name])
+        os.chmod(part, 0o644)
+        os.replace(part, path)
+sys.path.insert(0, where)
+sys.argv = [os.path.join(where, "relay.py"), *sys.argv[2:]]
+import relay
+start = first if frame is None else json.dumps(frame).encode() + b"\\n" if frame else None
+sys.exit(relay.main(sys.argv[1:], start_line=start))
+""".replace("FILES", repr(_RELAY_FILES))
 #: Python flags of the relay: no PYTHON* variables, no user or site directories (no .pth
 #: file anyone planted runs in it), only the standard library and the relay's own files.
 RELAY_PYTHON_FLAGS = ("-E", "-s", "-S")
@@ -252,6 +290,23 @@ def tenant_options(
         }
     )
     return dataclasses.replace(options, setting_sources=[], cwd=cwd), cwd
+
+
+@functools.cache
+def _relay_code() -> dict[str, str]:
+    return {name: relay_source(name).decode() for name in _RELAY_FILES}
+
+
+async def start_relay_command(sandbox: Sandbox, command: str, *args: str) -> Process:
+    """Start the relay's ``command`` (``replay``, ``attach``) on the relay's side of
+    ``sandbox`` (`Sandbox.start_relay`), its code sent along (`_BOOT`)."""
+    argv = [sandbox.python, *RELAY_PYTHON_FLAGS, "-c", _BOOT, f"{sandbox.relay_dir}/relay"]
+    proc = await sandbox.start_relay([*argv, command, *args])
+    try:
+        await proc.write(json.dumps({"code": _relay_code()}).encode() + b"\n")
+    except BrokenPipeError:
+        pass  # it failed at once: its output and exit code say why
+    return proc
 
 
 @functools.cache
@@ -471,18 +526,26 @@ class SandboxTransport(Transport):
         if relay is not None:
             self.model_relay = relay
             self.handle_requests(MODEL_METHOD, relay.handle)
-        await self.upload()
         directory = shlex.quote(self.run_dir)
+        if self._uploaded:
+            script = shlex.quote(self._relay_path("relay.py"))
+        else:
+            # One process installs the relay's files and becomes the relay: its code rides
+            # in the start frame (`_BOOT`), so a cold start pays for one process start.
+            relay_dir = posixpath.dirname(self._relay_path("relay.py"))
+            script = f"-c {shlex.quote(_BOOT)} {shlex.quote(relay_dir)}"
+            start = start[:-2] + b',"code":' + json.dumps(_relay_code()).encode() + b"}\n"
         # umask 077: the run's directory and its log are the relay's user's alone.
         command = (
             f"umask 077 && mkdir -p {directory} && exec {shlex.quote(self.sandbox.python)} "
-            f"{' '.join(RELAY_PYTHON_FLAGS)} {shlex.quote(self._relay_path('relay.py'))} "
+            f"{' '.join(RELAY_PYTHON_FLAGS)} {script} "
             f"serve --run-dir {directory} {shlex.join(flags)} "
             f"2>>{shlex.quote(self.run_dir + '/stderr.log')}"
         )
         proc = await self.sandbox.start_relay(["sh", "-c", command])
         try:
             await proc.write(start)
+            self._uploaded = True
         except BrokenPipeError:
             error = await self._gone(proc)
             await _kill(proc)
@@ -685,18 +748,9 @@ class SandboxTransport(Transport):
 
     async def _replay(self, after: int) -> Process:
         """Start the relay's ``replay`` of the logged envelopes numbered above ``after``."""
-        argv = [
-            self.sandbox.python,
-            *RELAY_PYTHON_FLAGS,
-            self._relay_path("relay.py"),
-            "replay",
-            "--run-dir",
-            self.run_dir,
-            "--after",
-            str(after),
-            "--link",  # the relay's requests (the model relay's) come this way now
-        ]
-        proc = await self.sandbox.start_relay(argv)
+        # --link: the relay's requests (the model relay's) come this way now.
+        args = ["--run-dir", self.run_dir, "--after", str(after), "--link"]
+        proc = await start_relay_command(self.sandbox, "replay", *args)
         self._replays.append(proc)
         return proc
 
@@ -928,16 +982,9 @@ class RunInput:
             ) from None
 
     async def _connect(self) -> None:
-        argv = [
-            self.sandbox.python,
-            f"{self.sandbox.agent_dir}/relay/relay.py",
-            "attach",
-            "--run-dir",
-            f"{self.sandbox.agent_dir}/runs/{self.run_id}",
-            "--writer",
-            self.writer,
-        ]
-        self._proc = await self.sandbox.start(argv)
+        run_dir = f"{self.sandbox.relay_dir}/runs/{self.run_id}"
+        args = ["--run-dir", run_dir, "--writer", self.writer]
+        self._proc = await start_relay_command(self.sandbox, "attach", *args)
         self._acks = self._proc.stdout.lines(max_line=64 * 1024)
         await self._ack()
         # A writer whose name was used before continues its numbering.

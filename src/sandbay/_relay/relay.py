@@ -850,6 +850,7 @@ def serve(
     wrapper: list[str] | None = None,
     socket_dir: str | None = None,
     socket_dir_inner: str | None = None,
+    start_line: bytes | None = None,
 ) -> int:
     emitter = Emitter(run_dir)
     emitter.reached("relay_start_ms")
@@ -870,7 +871,7 @@ def serve(
         )
         return 1
 
-    first = stdin.readline(wire.MAX_HOST_FRAME + 1)
+    first = start_line if start_line is not None else stdin.readline(wire.MAX_HOST_FRAME + 1)
     try:
         start = wire.parse_host_frame(first)
         if start["kind"] != "start":
@@ -1057,7 +1058,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, start_line: bytes | None = None) -> int:
+    """The relay's command line. ``start_line``: ``serve``'s start frame, already read from
+    stdin by whoever ran this (the one-process install and start on the host's side)."""
     parser = argparse.ArgumentParser(prog="sandbay-relay")
     sub = parser.add_subparsers(dest="command", required=True)
     serve_cmd = sub.add_parser("serve")
@@ -1092,6 +1095,7 @@ def main(argv: list[str] | None = None) -> int:
         wrapper=args.cli_wrapper,
         socket_dir=args.socket_dir,
         socket_dir_inner=args.socket_dir_inner,
+        start_line=start_line,
     )
     sys.stdout.flush()
     sys.stderr.flush()
