@@ -174,6 +174,20 @@ class LocalSandbox(Sandbox):
             return CliLaunch()
         return CliLaunch(wrapper=(*self._bwrap_args(cwd, tenant=tenant), "--"))
 
+    @override
+    async def egress_cli_launch(
+        self, *, cwd: str, tenant: str | None = None, socket: str
+    ) -> CliLaunch:
+        from ..._egress import FORWARDER_SOCKET, forwarder_argv
+
+        plain = await self.cli_launch(cwd=cwd, tenant=tenant)
+        if not self._bwrap:
+            return plain
+        # The relay's proxy socket, read-only (a socket still connects), and the forwarder
+        # that listens in the CLI's network namespace and runs the CLI.
+        args = self._bwrap_args(cwd, tenant=tenant, extra=("--ro-bind", socket, FORWARDER_SOCKET))
+        return CliLaunch(wrapper=(*args, "--", *forwarder_argv(self.python)))
+
     def _make_tenant_folder(self, tenant: str) -> None:
         folder = self._tenant_folder(tenant)
         for path in (folder.parent, folder, folder / "work", folder / "home", folder / "tmp"):
@@ -272,7 +286,9 @@ class LocalSandbox(Sandbox):
         lang = os.environ.get("LANG") or "C.UTF-8"
         return {"PATH": path, "HOME": home, "TMPDIR": tmp, "LANG": lang}
 
-    def _bwrap_args(self, cwd: str, *, tenant: str | None = None) -> list[str]:
+    def _bwrap_args(
+        self, cwd: str, *, tenant: str | None = None, extra: Sequence[str] = ()
+    ) -> list[str]:
         assert self._bwrap is not None
         args = [self._bwrap, "--unshare-all", "--die-with-parent", "--new-session"]
         if self.spec.network != "none":
@@ -301,6 +317,7 @@ class LocalSandbox(Sandbox):
         # Last, so a Python installed under /tmp (a venv in a checkout there) stays visible.
         for path in self._binds:
             args += ["--ro-bind", path, path]
+        args += extra
         # The root bwrap builds is a tmpfs; without this, /etc and / itself are writable.
         args += ["--remount-ro", "/", "--chdir", cwd]
         return args
