@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Self
 
 from . import _fileops
@@ -140,6 +140,36 @@ class SandboxSpec(_CheckedModel):
     """``none`` cuts the sandbox off; ``host`` shares the host's network (local tests)."""
     user: str | None = None
     """User processes run as. ``None``: the provider's default (non-root where it can)."""
+    egress: Literal["none", "model"] | Sequence[str] | None = None
+    """What the sandbox may reach, enforced on the host (`sandbay._egress`). ``None``: as
+    `network` says. Otherwise the sandbox has no network of its own (`network` becomes
+    ``none``; ``host`` is refused) and: ``"none"`` reaches nothing, not even the model (an
+    agent run is refused); ``"model"`` reaches only the model, through sandbay's relay; a
+    list of ``host``, ``host:port``, ``*.domain``, IP address entries (a port defaults to
+    80 and 443) is reached through an HTTP proxy the relay gives the CLI and its tools
+    (``HTTPS_PROXY``, ``HTTP_PROXY``) during an agent run, each connection checked on the
+    host by name and by the addresses it resolves to."""
+
+    @field_validator("egress", mode="before")
+    @classmethod
+    def _check_egress(cls, value: object) -> object:
+        from ._egress import parse_policy
+
+        return parse_policy(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _egress_cuts_network(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("egress") is not None:
+            network = data.get("network", "default")
+            if network == "host":
+                raise ValueError(
+                    "egress cannot be enforced with network='host' (the sandbox would have "
+                    "the host's network): drop network, or set it to 'none'"
+                )
+            if network == "default":
+                data = {**data, "network": "none"}
+        return data
 
 
 @dataclass(frozen=True)
@@ -583,6 +613,22 @@ class Sandbox(abc.ABC):
                     sandbox_id=self.id,
                 )
         return CliLaunch()
+
+    async def egress_cli_launch(
+        self, *, cwd: str, tenant: str | None = None, socket: str
+    ) -> CliLaunch:
+        """As `cli_launch`, with the relay's egress proxy (a Unix socket at ``socket``, on
+        the relay's side) reachable in the CLI's network namespace at
+        ``127.0.0.1:`` `wire.EGRESS_FORWARDER_PORT`. Only asked of a provider whose
+        `relay_separation` is ``namespace`` (elsewhere the relay shares the CLI's network).
+
+        Raises:
+            ConfigError: The provider cannot carry the proxy into the CLI's namespace.
+        """
+        raise ConfigError(
+            f"the {self.provider} provider cannot give the CLI an egress proxy across its "
+            "namespace: use egress='model' or 'none' here"
+        )
 
     @property
     def isolated(self) -> bool:

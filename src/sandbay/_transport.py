@@ -61,6 +61,11 @@ from ._agent import (
     sandbox_agent_env,
     stderr_tail,
 )
+from ._egress import ACK as EGRESS_ACK
+from ._egress import CLOSE as EGRESS_CLOSE
+from ._egress import OPEN as EGRESS_OPEN
+from ._egress import SEND as EGRESS_SEND
+from ._egress import EgressGate
 from ._errors import AgentError, ConfigError, ProtocolError
 from ._model_relay import METHOD as MODEL_METHOD
 from ._model_relay import ModelRelay, model_relay_wanted, relay_for
@@ -292,6 +297,20 @@ def tenant_options(
     return dataclasses.replace(options, setting_sources=[], cwd=cwd), cwd
 
 
+def check_egress(egress: object, model_relay: bool | None) -> None:
+    """Refuse a run the sandbox's egress policy (`SandboxSpec.egress`) cannot carry."""
+    if egress == "none":
+        raise ConfigError(
+            "this sandbox has egress='none': it reaches nothing, not even the model; create "
+            "it with egress='model' (the model only) to run an agent in it"
+        )
+    if egress is not None and model_relay is False:
+        raise ConfigError(
+            f"egress={egress!r} reaches the model only through sandbay's model relay: "
+            "drop model_relay=False"
+        )
+
+
 @functools.cache
 def _relay_code() -> dict[str, str]:
     return {name: relay_source(name).decode() for name in _RELAY_FILES}
@@ -379,6 +398,8 @@ class SandboxTransport(Transport):
         self._model_relay_setting = model_relay
         #: The run's model relay, once connected through one (`model_relay`).
         self.model_relay: ModelRelay | None = None
+        #: The run's egress proxy on the host, with `SandboxSpec.egress` a list of hosts.
+        self.egress: EgressGate | None = None
         self.sandbox = sandbox
         self.options = options if options is not None else ClaudeAgentOptions()
         self.run_id = run_id or uuid.uuid4().hex[:16]
@@ -482,8 +503,17 @@ class SandboxTransport(Transport):
         check_credentials(env, self.sandbox.spec.env)
         relay: ModelRelay | None = None
         option_env = dict(options.env)
-        if model_relay_wanted(env, self._model_relay_setting):
+        egress = self.sandbox.spec.egress
+        check_egress(egress, self._model_relay_setting)
+        wanted = self._model_relay_setting if egress is None else True
+        if model_relay_wanted(env, wanted):
             relay = relay_for(env)
+        if egress is not None and relay is None:
+            raise ConfigError(
+                f"egress={egress!r} lets the sandbox reach the model only through sandbay's "
+                "model relay, which needs ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN (not "
+                "Bedrock, Vertex, Foundry or an OAuth token)"
+            )
         if relay is not None:
             env = relay.sandbox_env(env)
             # The endpoint is reached from here, so a loopback one is fine.
@@ -503,7 +533,26 @@ class SandboxTransport(Transport):
         cli = str(options.cli_path) if options.cli_path is not None else _FIND_CLI
         argv = cli_argv(options, cli=cli)
         env["PWD"] = cwd
-        launch = await self.sandbox.cli_launch(cwd=cwd, tenant=self.tenant)
+        egress_proxy: str | None = None
+        namespace = self.sandbox.relay_separation == "namespace"
+        if isinstance(egress, tuple) or (egress == "model" and namespace):
+            # Where the relay is outside the CLI's namespace, the CLI reaches even the model
+            # listener only through the proxy (a policy of "model" then allows nothing else).
+            if namespace:
+                egress_proxy = f"unix:{self.run_dir}/egress.sock"
+                launch = await self.sandbox.egress_cli_launch(
+                    cwd=cwd, tenant=self.tenant, socket=egress_proxy[5:]
+                )
+            else:
+                egress_proxy = "tcp"
+                launch = await self.sandbox.cli_launch(cwd=cwd, tenant=self.tenant)
+            self.egress = EgressGate(egress if isinstance(egress, tuple) else ())
+            self.handle_requests(EGRESS_OPEN, self.egress.handle_open)
+            self.handle_requests(EGRESS_SEND, self.egress.handle_send)
+            self.handle_requests(EGRESS_ACK, self.egress.handle_ack)
+            self.handle_requests(EGRESS_CLOSE, self.egress.handle_close)
+        else:
+            launch = await self.sandbox.cli_launch(cwd=cwd, tenant=self.tenant)
         flags: list[str] = []
         if launch.user is not None:
             flags += ["--cli-user", launch.user]
@@ -522,6 +571,7 @@ class SandboxTransport(Transport):
             find_cli=options.cli_path is None,
             keep_input_s=self.keep_input_s,
             model_listener=relay is not None,
+            **({"egress_proxy": egress_proxy} if egress_proxy else {}),
         )
         if relay is not None:
             self.model_relay = relay

@@ -681,6 +681,230 @@ class ModelListener:
                 pass  # the client went away, or the host sent bytes that do not decode
 
 
+class EgressProxy:
+    """An HTTP proxy for the CLI and its tools whose every tunnel is checked and carried by
+    the host (``egress.open``, ``egress.send``, ``egress.ack``, ``egress.close``).
+
+    Takes ``CONNECT host:port`` and plain-HTTP absolute-form requests (``GET http://...``,
+    forwarded as origin-form with ``connection: close``). Listens on 127.0.0.1 in this
+    namespace (``tcp``), or on a Unix socket a forwarder in the CLI's namespace connects to.
+    A request for the model listener's own address is connected to it here, so the model is
+    reached whatever the client makes of ``NO_PROXY``.
+    """
+
+    def __init__(self, channel: Channel, where: str, model_url: str | None) -> None:
+        self.channel = channel
+        self.model = model_url.rpartition("/")[2] if model_url else None
+        if where == "tcp":
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(("127.0.0.1", 0))
+            self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        else:
+            path = where.partition(":")[2]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(path)
+            os.chmod(path, 0o666)  # the CLI's user connects (the directory guards it)
+            self.url = f"http://127.0.0.1:{wire.EGRESS_FORWARDER_PORT}"
+        self.sock.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            try:
+                head = b""
+                while len(head) <= wire.MAX_PROXY_HEAD:
+                    line = reader.readline(wire.MAX_PROXY_HEAD + 1)
+                    if not line:
+                        return
+                    head += line
+                    if line in (b"\r\n", b"\n"):
+                        break
+                else:
+                    conn.sendall(_proxy_error("431 Request Header Fields Too Large"))
+                    return
+                target = _proxy_target(head)
+                if target is None:
+                    conn.sendall(_proxy_error("400 Bad Request"))
+                    return
+                host, port, first = target
+                if self.model is not None and f"{host}:{port}" == self.model:
+                    self._local(conn, reader, port, first)
+                    return
+                self._tunnel(conn, reader, host, port, first)
+            except (OSError, ValueError):
+                pass
+
+    def _local(self, conn: socket.socket, reader: IO[bytes], port: int, first: bytes) -> None:
+        up = socket.create_connection(("127.0.0.1", port))
+        with up:
+            if not first:
+                conn.sendall(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            else:
+                up.sendall(first)
+            thread = threading.Thread(target=_pump_socket, args=(up, conn), daemon=True)
+            thread.start()
+            try:
+                while data := reader.read1(65536):  # type: ignore[attr-defined]
+                    up.sendall(data)
+            except OSError:
+                pass
+            with contextlib.suppress(OSError):
+                up.shutdown(socket.SHUT_WR)
+            thread.join()
+
+    def _tunnel(
+        self, conn: socket.socket, reader: IO[bytes], host: str, port: int, first: bytes
+    ) -> None:
+        replies = self.channel.request("egress.open", {"host": host, "port": port})
+        try:
+            opened = next(replies)
+            tid = opened.get("tunnel")
+            if not isinstance(tid, str):
+                raise ChannelError("ProtocolError", "the host opened no tunnel")
+        except ChannelError as exc:
+            status = "403 Forbidden" if exc.kind == "Forbidden" else "502 Bad Gateway"
+            conn.sendall(_proxy_error(status, str(exc)))
+            return
+        except StopIteration:
+            conn.sendall(_proxy_error("502 Bad Gateway", "the host opened no tunnel"))
+            return
+        if not first:
+            conn.sendall(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        sender = threading.Thread(
+            target=self._upstream, args=(conn, reader, tid, first), daemon=True
+        )
+        sender.start()
+        passed = acked = 0
+        try:
+            for part in replies:
+                data = part.get("data")
+                if isinstance(data, str) and data:
+                    chunk = base64.b64decode(data)
+                    conn.sendall(chunk)
+                    passed += len(chunk)
+                    if passed - acked >= wire.EGRESS_WINDOW // 2:
+                        acked = passed
+                        for _ in self.channel.request(
+                            "egress.ack", {"tunnel": tid, "acked": acked}
+                        ):
+                            pass
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_WR)
+            sender.join()
+        except (ChannelError, OSError):
+            replies.close()  # type: ignore[attr-defined]
+            with contextlib.suppress(ChannelError):
+                for _ in self.channel.request("egress.close", {"tunnel": tid}):
+                    pass
+
+    def _upstream(self, conn: socket.socket, reader: IO[bytes], tid: str, first: bytes) -> None:
+        try:
+            if first:
+                self._send(tid, first, False)
+            while True:
+                data = reader.read1(wire.EGRESS_CHUNK)  # type: ignore[attr-defined]
+                if not data:
+                    self._send(tid, b"", True)
+                    return
+                self._send(tid, data, False)
+        except (ChannelError, OSError, ValueError):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def _send(self, tid: str, data: bytes, eof: bool) -> None:
+        payload = {"tunnel": tid, "data": _b64(data), "eof": eof}
+        for _ in self.channel.request("egress.send", payload):
+            pass
+
+
+def _proxy_env(url: str, model_url: str | None) -> dict[str, str]:
+    """The proxy variables for the CLI and its tools (both spellings, as tools differ)."""
+    no_proxy = model_url.rpartition("/")[2] if model_url else ""
+    env = {}
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"):
+        value = no_proxy if name == "NO_PROXY" else url
+        env[name] = env[name.lower()] = value
+    return env
+
+
+def _proxy_target(head: bytes) -> tuple[str, int, bytes] | None:
+    """``(host, port, first bytes to send)`` of a proxy request head, or ``None``.
+
+    CONNECT sends nothing first; an absolute-form request is sent as origin-form with
+    ``connection: close`` (one request per connection).
+    """
+    text = head.decode("latin-1")
+    lines = text.replace("\r\n", "\n").split("\n")
+    words = lines[0].split(" ")
+    if len(words) != 3 or not words[2].startswith("HTTP/1."):
+        return None
+    method, target, version = words
+    if method == "CONNECT":
+        host, port = _host_port(target, None)
+        return (host, port, b"") if host else None
+    if not target.lower().startswith("http://"):
+        return None
+    rest = target[7:]
+    authority, slash, path = rest.partition("/")
+    host, port = _host_port(authority.rpartition("@")[2], 80)
+    if not host:
+        return None
+    out = [f"{method} /{path if slash else ''} {version}"]
+    for line in lines[1:]:
+        name = line.partition(":")[0].strip().lower()
+        if line and name not in (
+            "connection",
+            "proxy-connection",
+            "keep-alive",
+            "proxy-authorization",
+        ):
+            out.append(line)
+    out.append("connection: close")
+    return host, port, ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
+
+
+def _host_port(text: str, default: int | None) -> tuple[str, int]:
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_text = text.rpartition(":") if ":" in text else (text, "", "")
+    if not port_text and default is not None:
+        return host, default
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        return "", 0
+    return host, int(port_text)
+
+
+def _pump_socket(a: socket.socket, b: socket.socket) -> None:
+    try:
+        while data := a.recv(65536):
+            b.sendall(data)
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        b.shutdown(socket.SHUT_WR)
+
+
+def _proxy_error(status: str, message: str = "") -> bytes:
+    body = (message or status).encode() + b"\n"
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: text/plain\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
 class _HttpError(Exception):
     def __init__(self, status: str, message: str) -> None:
         super().__init__(message)
@@ -889,6 +1113,20 @@ def serve(
         else:
             listener = ModelListener(channel)
             env["ANTHROPIC_BASE_URL"] = str(listener.url)
+    if start.get("egress_proxy"):
+        try:
+            proxy = EgressProxy(channel, start["egress_proxy"], listener.url if listener else None)
+        except OSError as exc:
+            return fail(type(exc).__name__, f"cannot start the egress proxy: {exc}")
+        # Through a forwarder, the model listener is not in the CLI's namespace: the CLI
+        # reaches it through the proxy (NO_PROXY empty), which connects to it here; or,
+        # where the relay's model socket is bound into that namespace, through the model
+        # forwarder on the namespace's own loopback, which holds nothing else.
+        direct = listener.url if listener and start["egress_proxy"] == "tcp" else None
+        env.update(_proxy_env(proxy.url, direct))
+        if listener is not None and listener.url is None:
+            for name in ("NO_PROXY", "no_proxy"):
+                env[name] = "127.0.0.1,localhost"
     if start.get("find_cli"):
         cli_path = find_cli()
         if cli_path is None:

@@ -45,6 +45,15 @@ stderr line, cut to `MAX_STDERR_LINE`), ``end`` (logged; data: exit_code of the 
 ``error`` (logged; data: type, message, exit_code, stderr; the relay could not run the CLI).
 ``end`` and ``error`` close a run.
 
+``egress_proxy`` in ``start`` (``"tcp"``, or ``"unix:"`` and a socket path when the relay is
+outside the CLI's network namespace and a forwarder there connects to it) has the relay
+serve an HTTP proxy (CONNECT, and plain-HTTP absolute-form requests) whose each tunnel is an
+``egress.open`` request (payload: host, port; the first reply part: ``tunnel``, an id; then
+``data`` parts, base64, the target's bytes, at most `EGRESS_WINDOW` ahead of the relay's
+``egress.ack`` (tunnel, acked: bytes passed on so far)); the client's bytes go as
+``egress.send`` (tunnel, data, eof), one at a time per tunnel; ``egress.close`` (tunnel)
+drops it. The CLI gets ``HTTPS_PROXY``/``HTTP_PROXY`` and ``NO_PROXY`` (the model listener).
+
 Requests the relay makes: ``model.http`` (payload: ``head``, the HTTP request head as
 Latin-1 text, and ``body``, base64), one per request the CLI makes to the model listener
 (``model_listener`` in ``start``; its address is ``model_url`` in ``ready`` and the CLI's
@@ -92,6 +101,15 @@ MAX_HTTP_HEAD = 64 * 1024
 #: Largest HTTP request body the model listener takes from the CLI (a conversation with
 #: images runs to a few MiB).
 MAX_HTTP_BODY = 32 * 1024 * 1024
+#: Bytes of a tunnel the host sends ahead of the relay's ``egress.ack``; the relay acks
+#: every half of it.
+EGRESS_WINDOW = 1024 * 1024
+#: Bytes of the client's per ``egress.send``.
+EGRESS_CHUNK = 48 * 1024
+#: Port of the forwarder in the CLI's namespace that connects to an ``egress_proxy`` socket.
+EGRESS_FORWARDER_PORT = 3128
+#: Longest proxy request head the relay takes from a client.
+MAX_PROXY_HEAD = 16 * 1024
 #: Seconds a request of the relay waits for the host to reattach when its stream is gone.
 LINK_WAIT_S = 30.0
 #: The writer of inputs without one: the host process that started the run.
@@ -135,7 +153,15 @@ def parse_host_frame(line: bytes) -> dict[str, Any]:
     if kind not in HOST_KINDS:
         raise WireError(f"kind must be one of {sorted(HOST_KINDS)}, got {kind!r}")
     allowed = {
-        "start": {"argv", "env", "cwd", "find_cli", "model_listener", "keep_input_s"},
+        "start": {
+            "argv",
+            "env",
+            "cwd",
+            "find_cli",
+            "model_listener",
+            "keep_input_s",
+            "egress_proxy",
+        },
         "input": {"n", "data", "writer"},
         "end_input": set(),
         "reply": {"id", "final", "data", "error"},
@@ -156,6 +182,12 @@ def parse_host_frame(line: bytes) -> dict[str, Any]:
         keep = frame.get("keep_input_s", 0)
         if type(keep) not in (int, float) or not 0 <= keep <= 7 * 86400:
             raise WireError("keep_input_s of 'start' must be seconds, at most a week")
+        proxy = frame.get("egress_proxy")
+        if proxy is not None and not (
+            isinstance(proxy, str)
+            and (proxy == "tcp" or (proxy.startswith("unix:/") and len(proxy) < 4096))
+        ):
+            raise WireError("egress_proxy of 'start' must be 'tcp' or 'unix:' and a path")
         for flag in ("find_cli", "model_listener"):
             if type(frame.get(flag, False)) is not bool:
                 raise WireError(f"{flag} of 'start' must be true or false")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -190,6 +191,26 @@ class LocalSandbox(Sandbox):
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         return tempfile.mkdtemp(dir=parent)
 
+    @override
+    async def egress_cli_launch(
+        self, *, cwd: str, tenant: str | None = None, socket: str
+    ) -> CliLaunch:
+        from ..._egress import FORWARDER_SOCKET, forwarder_argv
+
+        plain = await self.cli_launch(cwd=cwd, tenant=tenant)
+        if not self._bwrap:
+            return plain
+        # The relay's proxy socket, read-only (a socket still connects), and the forwarder
+        # that listens in the CLI's network namespace and runs the CLI; the relay's other
+        # sockets (the model's) as in `cli_launch`.
+        args = self._bwrap_args(
+            cwd,
+            tenant=tenant,
+            sockets=plain.socket_dir,
+            extra=("--ro-bind", socket, FORWARDER_SOCKET),
+        )
+        return dataclasses.replace(plain, wrapper=(*args, "--", *forwarder_argv(self.python)))
+
     def _make_tenant_folder(self, tenant: str) -> None:
         folder = self._tenant_folder(tenant)
         for path in (folder.parent, folder, folder / "work", folder / "home", folder / "tmp"):
@@ -289,7 +310,12 @@ class LocalSandbox(Sandbox):
         return {"PATH": path, "HOME": home, "TMPDIR": tmp, "LANG": lang}
 
     def _bwrap_args(
-        self, cwd: str, *, tenant: str | None = None, sockets: str | None = None
+        self,
+        cwd: str,
+        *,
+        tenant: str | None = None,
+        sockets: str | None = None,
+        extra: Sequence[str] = (),
     ) -> list[str]:
         assert self._bwrap is not None
         args = [self._bwrap, "--unshare-all", "--die-with-parent", "--new-session"]
@@ -321,6 +347,7 @@ class LocalSandbox(Sandbox):
             args += ["--ro-bind", path, path]
         if sockets is not None:
             args += ["--bind", sockets, _SOCKET_DIR]
+        args += extra
         # The root bwrap builds is a tmpfs; without this, /etc and / itself are writable.
         args += ["--remount-ro", "/", "--chdir", cwd]
         return args
