@@ -1107,8 +1107,11 @@ def serve(
     cwd = start.get("cwd") or None
     channel = Channel(emitter)
     listener = None
+    # With an egress proxy across the CLI's namespace, the CLI reaches the model through
+    # that proxy, which connects to a listener here; otherwise through the model socket.
+    proxied = str(start.get("egress_proxy") or "").startswith("unix:")
     if start.get("model_listener"):
-        if socket_dir is not None:
+        if socket_dir is not None and not proxied:
             listener = ModelListener(channel, path=os.path.join(socket_dir, "model.sock"))
         else:
             listener = ModelListener(channel)
@@ -1119,14 +1122,9 @@ def serve(
         except OSError as exc:
             return fail(type(exc).__name__, f"cannot start the egress proxy: {exc}")
         # Through a forwarder, the model listener is not in the CLI's namespace: the CLI
-        # reaches it through the proxy (NO_PROXY empty), which connects to it here; or,
-        # where the relay's model socket is bound into that namespace, through the model
-        # forwarder on the namespace's own loopback, which holds nothing else.
+        # reaches it through the proxy too (NO_PROXY empty), which connects to it here.
         direct = listener.url if listener and start["egress_proxy"] == "tcp" else None
         env.update(_proxy_env(proxy.url, direct))
-        if listener is not None and listener.url is None:
-            for name in ("NO_PROXY", "no_proxy"):
-                env[name] = "127.0.0.1,localhost"
     if start.get("find_cli"):
         cli_path = find_cli()
         if cli_path is None:
@@ -1154,7 +1152,7 @@ def serve(
             raise PermissionError("the relay must run as root to start the CLI as another user")
     except (OSError, KeyError, ValueError) as exc:
         return fail(type(exc).__name__, f"cannot prepare the CLI's user: {exc}", 126)
-    if listener is not None and socket_dir is not None:
+    if listener is not None and listener.url is None and socket_dir is not None:
         inner = os.path.join(socket_dir_inner or socket_dir, "model.sock")
         argv = [sys.executable, "-E", "-s", "-S", "-c", FORWARDER, inner, "--", *argv]
     if wrapper:
