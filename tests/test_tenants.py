@@ -118,7 +118,8 @@ async def attack(
     if sandbox_a is not sandbox_b and sandbox_a.relay_separation == "namespace":
         # Separate local sandboxes: A's folder on the host, by its real path.
         folder = posixpath.dirname(sandbox_a.relay_dir)
-        paths += [f"{folder}/tenants/{a}/work/secret.txt", f"{folder}/tenants/{a}/home"]
+        tenant = posixpath.join(folder, "tenants", str(a))
+        paths += [posixpath.join(tenant, "work", "secret.txt"), posixpath.join(tenant, "home")]
     probed = await run(sandbox_b, b, command(PROBE, PATHS=paths), "run-b")
     return planted, probed
 

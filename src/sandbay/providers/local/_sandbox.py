@@ -176,9 +176,12 @@ class LocalSandbox(Sandbox):
             await anyio.to_thread.run_sync(self._make_tenant_folder, tenant)
         if not self._bwrap:
             return CliLaunch()
-        # The CLI's namespace has a network of its own (or none): the relay, on this host,
-        # offers its services through Unix sockets in a directory of this launch alone,
-        # bound into that namespace.
+        if self.spec.network != "none":
+            # The CLI shares this host's network: it reaches the relay's listener here.
+            return CliLaunch(wrapper=(*self._bwrap_args(cwd, tenant=tenant), "--"))
+        # The CLI's namespace has no network: the relay, on this host, offers its services
+        # through Unix sockets in a directory of this launch alone, bound into that
+        # namespace, where a forwarder gives the CLI a loopback address for them.
         sockets = await anyio.to_thread.run_sync(self._make_socket_dir)
         return CliLaunch(
             wrapper=(*self._bwrap_args(cwd, tenant=tenant, sockets=sockets), "--"),
