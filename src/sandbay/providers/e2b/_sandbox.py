@@ -14,12 +14,10 @@ from typing_extensions import override
 from ..._errors import (
     ConfigError,
     SandboxError,
-    SandboxFileNotFoundError,
-    SandboxIsADirectoryError,
-    SandboxNotADirectoryError,
-    SandboxPermissionError,
 )
 from ..._sandbox import CLOSE_TIMEOUT, ByteStream, Process, Sandbox, SandboxSpec
+from ..._shellfiles import FILE_ERRORS as _FILE_ERRORS
+from ..._shellfiles import WRITE_SCRIPT as _WRITE_SCRIPT
 from ._errors import NAME, e2b_errors
 from ._process import E2BProcess, kill_script_argv
 
@@ -27,32 +25,6 @@ if TYPE_CHECKING:
     from ._provider import E2BProvider
 
 ROOT = "root"
-
-# write_file, as the sandbox's user: $1 the path, $2 the octal mode, the data on stdin. A
-# regular file is replaced whole (a new file renamed over it); where the user may not create
-# files next to it (or the path is a link) it is written in place, links followed.
-_WRITE_SCRIPT = """
-p=$1; m=$2; d=${p%/*}; d=${d:-/}
-if [ -d "$p" ]; then echo "$p: Is a directory" >&2; exit 1; fi
-[ -d "$d" ] || mkdir -p -- "$d" || exit 1
-if [ ! -L "$p" ] && t=$(mktemp "$d/.sandbay-write.XXXXXX" 2>/dev/null); then
-  if cat >"$t" && chmod "$m" "$t" && mv -f -- "$t" "$p"; then exit 0; fi
-  rm -f -- "$t"; exit 1
-fi
-if [ -e "$p" ]; then exec cat >"$p"; fi
-cat >"$p" && chmod "$m" "$p"
-"""
-
-# What a failed cat, mkdir or sh redirection ends its message with, in the C locale.
-_FILE_ERRORS: dict[str, tuple[type[SandboxError], str]] = {
-    "permission denied": (SandboxPermissionError, "the sandbox's user has no right to it"),
-    "operation not permitted": (SandboxPermissionError, "the sandbox's user has no right to it"),
-    "read-only file system": (SandboxPermissionError, "it is on a read-only file system"),
-    "is a directory": (SandboxIsADirectoryError, "it is a directory"),
-    "not a directory": (SandboxNotADirectoryError, "a parent in the path is not a directory"),
-    "no such file or directory": (SandboxFileNotFoundError, "no such file in the sandbox"),
-    "file exists": (SandboxNotADirectoryError, "a parent in the path is not a directory"),
-}
 
 
 class E2BSandbox(Sandbox):

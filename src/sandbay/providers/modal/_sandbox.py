@@ -23,13 +23,11 @@ from typing_extensions import override
 from ..._errors import (
     ConfigError,
     SandboxError,
-    SandboxFileNotFoundError,
-    SandboxIsADirectoryError,
-    SandboxNotADirectoryError,
-    SandboxPermissionError,
 )
 from ..._provider import EXPIRY
 from ..._sandbox import CLOSE_TIMEOUT, ByteStream, Process, Sandbox, SandboxSpec
+from ..._shellfiles import FILE_ERRORS as _FILE_ERRORS
+from ..._shellfiles import WRITE_SCRIPT as _WRITE_SCRIPT
 from ._errors import NAME, modal_errors
 
 if TYPE_CHECKING:
@@ -93,32 +91,7 @@ _KILL_SCRIPT = (
     'if [ -n "$pids" ]; then kill -KILL $pids 2>/dev/null; fi; true'
 )
 
-# write_file, as the sandbox's user: $1 the path, $2 the octal mode, the data on stdin. A
-# regular file is replaced whole (a new file renamed over it); a link or a file the user
-# may not replace is written in place, as `cat > path` would.
-_WRITE_SCRIPT = """
-p=$1; m=$2; d=${p%/*}; d=${d:-/}
-if [ -d "$p" ]; then echo "$p: Is a directory" >&2; exit 1; fi
-[ -d "$d" ] || mkdir -p -- "$d" || exit 1
-if [ ! -L "$p" ] && t=$(mktemp "$d/.sandbay-write.XXXXXX" 2>/dev/null); then
-  if cat >"$t" && chmod "$m" "$t" && mv -f -- "$t" "$p"; then exit 0; fi
-  rm -f -- "$t"; exit 1
-fi
-if [ -e "$p" ]; then exec cat >"$p"; fi
-cat >"$p" && chmod "$m" "$p"
-"""
 _MKDIR_OWNED = 'if [ ! -d "$1" ]; then mkdir -p -- "$1" && chown -- "$2" "$1"; fi'
-
-# The end of a failed cat's, mkdir's or shell redirection's message, as sandbay's errors.
-_FILE_ERRORS: dict[str, tuple[type[SandboxError], str]] = {
-    "permission denied": (SandboxPermissionError, "the sandbox's user has no right to it"),
-    "operation not permitted": (SandboxPermissionError, "the sandbox's user has no right to it"),
-    "read-only file system": (SandboxPermissionError, "it is on a read-only file system"),
-    "is a directory": (SandboxIsADirectoryError, "it is a directory"),
-    "not a directory": (SandboxNotADirectoryError, "a parent in the path is not a directory"),
-    "no such file or directory": (SandboxFileNotFoundError, "no such file in the sandbox"),
-    "file exists": (SandboxNotADirectoryError, "a parent in the path is not a directory"),
-}
 
 #: Most bytes of stdin sent in one message (the SDK buffers at most 16 MiB before a drain).
 _STDIN_CHUNK = 1 << 20
