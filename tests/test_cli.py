@@ -283,7 +283,8 @@ def test_unknown_provider_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli("run", "hi", "--provider", "dockr", cwd=tmp_path)
     assert result.returncode == 1
     assert (
-        "unknown provider 'dockr'" in result.stderr and "valid providers: docker" in result.stderr
+        "unknown provider 'dockr'" in result.stderr
+        and "valid providers: daytona, docker" in result.stderr
     )
     assert "Traceback" not in result.stderr
 
