@@ -279,7 +279,7 @@ async def test_cut_process_stream_is_resumed_from_the_log_without_loss(fake: Fak
     # The last turn is slow, so the cut comes while the CLI is still running. The fake
     # drops the relay's Start stream right after the first assistant message went out.
     script = bash_then_done("echo resumed-ok", delay_s=4)
-    fake.cut_stdout_after(b'"type":"assistant"', command="relay.py serve")
+    fake.cut_stdout_after(b'"type":"assistant"', command=" serve --run-dir ")
     async with ScriptedModel(script) as model:
         options = ClaudeAgentOptions(max_turns=4, allowed_tools=["Bash"], env=model.env())
         async with sandbay.open_sandbox(fake.config()) as sb:
