@@ -316,7 +316,7 @@ async def test_ls_all_skips_daytona_without_a_key_and_says_so(tmp_path: Path) ->
         [sys.executable, "-m", "sandbay", "ls", "--all"], cwd=tmp_path, env=env, check=False
     )
     assert out.returncode == 0, out.stderr.decode()
-    assert "daytona: skipped" in out.stderr.decode() and "DAYTONA_API_KEY" in out.stderr.decode()
+    assert "daytona skipped" in out.stderr.decode() and "DAYTONA_API_KEY" in out.stderr.decode()
 
 
 async def test_reading_a_process_of_a_removed_sandbox_is_not_found(

@@ -485,7 +485,7 @@ class _CutRelaySandbox(WrappedSandbox):
     ) -> Process:
         proc = await self.inner.start(argv, env=env, cwd=cwd, user=user)
         command = " ".join(argv)
-        if "relay.py replay" in command:
+        if " replay --run-dir " in command:
             self.replays += 1
         if self.cuts == 0 and " serve " in command:
             self.cuts += 1

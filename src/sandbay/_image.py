@@ -238,6 +238,11 @@ class AgentImageRecipe:
                 f'install -m 0755 "$sdk/_bundled/claude" {cli}\n'
                 f"rm -rf {fetch}\n"
             )
+            if self.cli_version:
+                # A base that holds this very CLI already (an image of this recipe) keeps it.
+                have = f'"$(HOME=/tmp/sandbay-cli-check {cli} --version 2>/dev/null || true)"'
+                body = "".join(f"    {line}\n" for line in install.splitlines())
+                install = f"case {have} in\n  {q(self.cli_version)}' '*) ;;\n  *)\n{body}esac\n"
         return (
             f"#!/bin/sh\n"
             f"# sandbay agent image {self.tag} (recipe {self.revision}), as shell steps.\n"

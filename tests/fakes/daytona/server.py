@@ -564,6 +564,12 @@ class FakeDaytona:
         pyenv = "/root/.pyenv"
         if os.path.isdir(pyenv):
             args += ["--ro-bind", pyenv, pyenv]
+        # The host's Python environment (and with it the bundled claude CLI), where it lies
+        # under a directory the sandbox gets its own of (a checkout under /tmp, say).
+        for prefix in sorted({sys.prefix, sys.base_prefix}):
+            top = prefix.strip("/").split("/", 1)[0]
+            if top in private and os.path.isdir(prefix):
+                args += ["--ro-bind", prefix, prefix]
         args += ["--unshare-pid", "--die-with-parent", "--chdir", "/workspace", "--"]
         return args
 

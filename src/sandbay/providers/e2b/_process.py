@@ -265,7 +265,9 @@ class E2BProcess(Process):
         except SandboxNotFoundError:
             raise BrokenPipeError("the process has exited") from None
         except SandboxError as exc:
-            if await self._gone():
+            # envd answers "error writing to stdin" when the process closed its stdin or is
+            # exiting (it may not have reported its end yet): a broken pipe either way.
+            if "writing to stdin" in str(exc) or await self._gone():
                 raise BrokenPipeError("the process has exited") from exc
             raise
 
