@@ -353,7 +353,18 @@ class _ModalProcess(Process):
         self._killed = True
         try:
             with anyio.move_on_after(CLOSE_TIMEOUT):
-                await self._sandbox._kill_tagged(self._token, user=self._user)
+                # An exec Modal has accepted may not have started in the sandbox yet, so a
+                # kill can find nothing to kill: kill again until Modal reports it ended.
+                delay = 0.05
+                while True:
+                    await self._sandbox._kill_tagged(self._token, user=self._user)
+                    with self._sandbox._errors():
+                        code = await self._proc.poll.aio()
+                    if code is not None:
+                        self._set_code(code)
+                        return
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
         except SandboxError:
             pass  # the sandbox is gone, and the process with it
 
