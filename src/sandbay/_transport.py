@@ -845,28 +845,8 @@ class SandboxTransport(Transport):
         self._inflight[rid] = _spawn(self._answer(proc, rid, method, payload))
 
     async def _answer(self, proc: Process, rid: int, method: str, payload: dict[str, Any]) -> None:
-        async def send(final: bool, **fields: Any) -> None:
-            async with self._write_lock:
-                await proc.write(wire.host_frame("reply", id=rid, final=final, **fields))
-
-        async def part(data: dict[str, Any]) -> None:
-            await send(False, data=data)
-
         try:
-            handler = self._handlers.get(method)
-            try:
-                if handler is None:
-                    raise RequestError("UnknownMethod", f"no handler for {method!r} on the host")
-                result = await handler(payload, part)
-            except RequestError as exc:
-                await send(True, error={"type": exc.kind, "message": exc.message})
-            except Exception as exc:  # a bug in a handler must not stop the run
-                message = f"the host's handler of {method!r} failed: {type(exc).__name__}"
-                await send(True, error={"type": "InternalError", "message": message})
-            else:
-                await send(True, data=result)
-        except (BrokenPipeError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass  # the relay is gone: nobody waits for the reply
+            await answer_request(proc, self._write_lock, self._handlers, rid, method, payload)
         finally:
             self._inflight.pop(rid, None)
 
@@ -1067,6 +1047,43 @@ class _Disconnected(Exception):
     """The relay's ``attach`` ended."""
 
 
+async def answer_request(
+    proc: Process,
+    lock: anyio.Lock,
+    handlers: Mapping[str, RequestHandler],
+    rid: int,
+    method: str,
+    payload: dict[str, Any],
+) -> None:
+    """Answer the relay's request ``rid`` with ``handlers[method]``: its parts, then a final
+    reply (its result, or the error it raised), written to ``proc``'s stdin under ``lock``.
+    A handler's bug is answered as an internal error without its details; a relay that is
+    gone gets nothing."""
+
+    async def send(final: bool, **fields: Any) -> None:
+        async with lock:
+            await proc.write(wire.host_frame("reply", id=rid, final=final, **fields))
+
+    async def part(data: dict[str, Any]) -> None:
+        await send(False, data=data)
+
+    try:
+        handler = handlers.get(method)
+        try:
+            if handler is None:
+                raise RequestError("UnknownMethod", f"no handler for {method!r} on the host")
+            result = await handler(payload, part)
+        except RequestError as exc:
+            await send(True, error={"type": exc.kind, "message": exc.message})
+        except Exception as exc:  # a bug in a handler must not stop the run
+            message = f"the host's handler of {method!r} failed: {type(exc).__name__}"
+            await send(True, error={"type": "InternalError", "message": message})
+        else:
+            await send(True, data=result)
+    except (BrokenPipeError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass  # the relay is gone: nobody waits for the reply
+
+
 class RequestServer:
     """Answers the relay's requests that arrive on one process's stream (a replay with a
     link, in a process that resumed the run), each in a task of its own.
@@ -1091,28 +1108,8 @@ class RequestServer:
         self._tasks[rid] = _spawn(self._answer(rid, data["method"], data["payload"]))
 
     async def _answer(self, rid: int, method: str, payload: dict[str, Any]) -> None:
-        async def send(final: bool, **fields: Any) -> None:
-            async with self._lock:
-                await self._proc.write(wire.host_frame("reply", id=rid, final=final, **fields))
-
-        async def part(data: dict[str, Any]) -> None:
-            await send(False, data=data)
-
         try:
-            handler = self._handlers.get(method)
-            try:
-                if handler is None:
-                    raise RequestError("UnknownMethod", f"no handler for {method!r} on the host")
-                result = await handler(payload, part)
-            except RequestError as exc:
-                await send(True, error={"type": exc.kind, "message": exc.message})
-            except Exception as exc:
-                message = f"the host's handler of {method!r} failed: {type(exc).__name__}"
-                await send(True, error={"type": "InternalError", "message": message})
-            else:
-                await send(True, data=result)
-        except (BrokenPipeError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
+            await answer_request(self._proc, self._lock, self._handlers, rid, method, payload)
         finally:
             self._tasks.pop(rid, None)
 
