@@ -146,6 +146,31 @@ async def test_bare_cli_baseline_runs_the_cli_the_relay_would_to_its_first_messa
     assert 0.05 < seconds < 60
 
 
+_LATE_INIT_CLI = """\
+import json, sys, time
+print(json.dumps({"type": "control_response", "response": {"subtype": "success"}}), flush=True)
+print(json.dumps({"type": "system", "subtype": "session_state_changed", "state": "running",
+                  "sdk_host_only": True}), flush=True)
+time.sleep(0.6)
+print(json.dumps({"type": "system", "subtype": "init"}), flush=True)
+sys.stdin.read()
+"""
+
+
+async def test_bare_cli_baseline_stops_where_a_run_does_at_the_first_message_yielded() -> None:
+    # The SDK passes on neither the answer to its initialize nor a session_state_changed
+    # the CLI sends for it alone: the floor must not stop at them when a run cannot.
+    from claude_agent_sdk import ClaudeAgentOptions
+
+    from sandbay._bench._baselines import cli_start
+
+    async with sandbay.open_sandbox("local") as sb:
+        await sb.write_file("late-init", f"#!{sb.python}\n{_LATE_INIT_CLI}".encode(), mode=0o755)
+        cli = f"{sb.workdir}/late-init"
+        seconds = await cli_start(sb, ClaudeAgentOptions(max_turns=1), {}, cli=cli)
+    assert 0.6 <= seconds < 30
+
+
 def test_percentiles_are_nearest_rank() -> None:
     # 20 samples: p95 is the 19th smallest, p99 the 20th; the median averages the middle two.
     twenty = [float(v) for v in range(20, 0, -1)]

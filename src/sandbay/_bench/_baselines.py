@@ -138,14 +138,17 @@ async def cli_start(
     """Seconds from starting the bare CLI in a running sandbox to its first agent message.
 
     The CLI gets the argv and environment `SandboxTransport` gives it (`cli_argv`,
-    `cli_env`) and the lines the SDK writes first; the clock stops at its first ``system``
-    message (``init``), where a run's ``first_msg`` stops. No relay, no SDK: this is the
-    CLI's own share of the floor.
+    `cli_env`) and the lines the SDK writes first; the clock stops at its first message
+    that a run yields (``system/init``), where a run's ``first_msg`` stops: not at the
+    answer to ``initialize``, nor at a ``session_state_changed`` the CLI sends for the SDK
+    alone (the SDK passes neither on). No relay, no SDK: this is the CLI's own share of the
+    floor.
 
     Raises:
         SandboxError: The CLI ended or wrote something else than JSON before that message.
     """
-    from .._transport import MAX_FRAME_BYTES, cli_argv, cli_env
+    from .._agent import _host_only
+    from .._transport import _CONTROL_TYPES, MAX_FRAME_BYTES, cli_argv, cli_env
 
     argv = cli_argv(options, cli=cli)
     cli_environment = cli_env(sandbox, options, env)
@@ -155,7 +158,10 @@ async def cli_start(
         await proc.write(_CLI_INPUT)
         async for line in proc.stdout.lines(max_line=MAX_FRAME_BYTES):
             # As the SDK does: only JSON objects are messages (the rest is debug output).
-            if line.lstrip().startswith(b"{") and json.loads(line).get("type") == "system":
+            if not line.lstrip().startswith(b"{"):
+                continue
+            message = json.loads(line)
+            if message.get("type") not in _CONTROL_TYPES and not _host_only(message):
                 return time.perf_counter() - started
         raise SandboxError(f"the CLI ended before its first message (exit {await proc.wait()})")
     finally:
