@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -210,6 +211,81 @@ def test_relay_is_stdlib_only_and_speaks_the_hosts_wire(tmp_path: Path) -> None:
     assert out[1] == "False False"
     assert wire.KINDS == {"ready", "timings", "request", "line", "stderr", "end", "error"}
     assert json.loads(wire.END_INPUT_LINE) == {"sandbay": wire.VERSION, "kind": "end_input"}
+
+
+def _boot(where: Path, code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the relay's one-process start (`_BOOT`) on this machine, its code on stdin."""
+    from sandbay._transport import _BOOT, RELAY_PYTHON_FLAGS
+
+    return subprocess.run(
+        [sys.executable, *RELAY_PYTHON_FLAGS, "-c", _BOOT, str(where), *args],
+        input=json.dumps({"code": code}) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_relay_starts_from_the_hosts_bytecode_without_compiling(tmp_path: Path) -> None:
+    from sandbay._transport import _relay_code
+
+    where = tmp_path / "relay"
+    # An unknown command: the relay's code is installed and imported, then it says why.
+    done = _boot(where, _relay_code(), "no-such-command")
+    assert done.returncode == 2 and "usage: sandbay-relay" in done.stderr
+    tag = sys.implementation.cache_tag
+    for name in ("relay", "wire"):
+        pyc = (where / "__pycache__" / f"{name}.{tag}.pyc").read_bytes()
+        # Hash-based and not checked against the source: written with it, read as it is.
+        assert int.from_bytes(pyc[4:8], "little") == 1
+        assert (where / f"{name}.py").read_bytes() == (RELAY_DIR / f"{name}.py").read_bytes()
+    # Importing it again compiles nothing: compile() fails, the import still works.
+    probe = (
+        f"import builtins, sys; sys.path.insert(0, {str(where)!r}); "
+        "builtins.compile = None; import relay; print(relay.wire.VERSION)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-E", "-s", "-S", "-c", probe], capture_output=True, text=True
+    )
+    assert out.stdout.strip() == str(wire.VERSION), out.stderr
+
+
+def test_relay_compiles_its_code_where_the_hosts_bytecode_does_not_fit(tmp_path: Path) -> None:
+    # Another Python (another magic number) in the sandbox: the source is installed alone,
+    # and that Python compiles it as it would any module.
+    import base64
+    import zlib
+
+    from sandbay._transport import _relay_code
+
+    code = json.loads(zlib.decompress(base64.b64decode(_relay_code())))
+    code["magic"] = "00000000"
+    other = base64.b64encode(zlib.compress(json.dumps(code).encode())).decode()
+    where = tmp_path / "relay"
+    done = _boot(where, other, "no-such-command")
+    assert done.returncode == 2 and "usage: sandbay-relay" in done.stderr
+    pyc = (where / "__pycache__" / f"relay.{sys.implementation.cache_tag}.pyc").read_bytes()
+    assert int.from_bytes(pyc[4:8], "little") == 0  # Python's own, timestamp-checked
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        ([], "usage: sandbay-relay {serve,replay,attach} [options]"),
+        (["serve"], "serve: --run-dir required"),
+        (["serve", "--run-dir"], "serve: --run-dir needs a value"),
+        (["replay", "--run-dir", "d", "--after", "x"], "replay: --after takes a whole number"),
+        (["attach", "--run-dir", "d", "--link"], "attach: unknown argument '--link'"),
+        (["serve", "--run-dir", "d", "extra"], "serve: unknown argument 'extra'"),
+    ],
+)
+def test_relay_command_line_errors_say_what_is_wrong(argv: list[str], error: str) -> None:
+    from sandbay._relay import relay
+
+    with pytest.raises(ValueError, match="^" + re.escape(error) + "$"):
+        relay._parse_args(argv)
+    command, args = relay._parse_args(["replay", "--run-dir", "d", "--after", "7", "--link"])
+    assert (command, args) == ("replay", {"run_dir": "d", "after": "7", "link": True})
 
 
 def _frame(**fields: Any) -> bytes:

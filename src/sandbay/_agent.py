@@ -498,8 +498,9 @@ class AgentRun:
             ``sandbox``, ``request``, ``first_message``, ``first_assistant``, ``result``,
             ``closed``).
         sandbox_timings: Milestones the relay measured inside the sandbox, in monotonic
-            milliseconds of the sandbox's clock, as they arrive: ``relay_start_ms``,
-            ``cli_spawned_ms``, ``cli_first_line_ms``. Subtract two for a phase.
+            milliseconds of the sandbox's clock, as they arrive: ``relay_boot_ms`` (its
+            process began), ``relay_start_ms`` (its code loaded), ``cli_spawned_ms``,
+            ``cli_first_line_ms``. Subtract two for a phase.
     """
 
     def __init__(

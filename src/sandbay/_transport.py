@@ -19,14 +19,18 @@ the relay's ``replay`` from the last sequence number it saw, without loss or dup
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import importlib.resources
+import importlib.util
 import json
+import marshal
 import posixpath
 import re
 import shlex
 import uuid
+import zlib
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -108,44 +112,54 @@ _INSTALL = (
     'umask 022 && mkdir -p -- "${1%/*}" && head -c "$2" >"$1.$$" '
     '&& [ "$(wc -c <"$1.$$")" -eq "$2" ] && mv -f -- "$1.$$" "$1"'
 )
-#: Reads the first line of stdin, a JSON object that carries the relay's files (``code``:
-#: name → text) and, for ``serve``, the start frame's fields; installs the files into the
-#: directory argv[1] (each replaced whole, only where it changed) and runs the relay there
-#: with the rest of argv (and the start frame without its code). Every relay command starts
-#: this way: one process start where a cold start took three (two installs and the relay),
-#: and no command finds the files missing or half written.
+#: Reads the first line of stdin, a JSON object that carries the relay's files (``code``,
+#: `_relay_code`) and, for ``serve``, the start frame's fields; installs the files into the
+#: directory argv[1] (each replaced whole, only where it changed), with their compiled
+#: bytecode where this Python reads the host's, and runs the relay there with the rest of
+#: argv (and the start frame without its code, noting when this process began). Every relay
+#: command starts this way: one process start where a cold start took three (two installs
+#: and the relay), no compiling where the bytecode fits, and no command finds the files
+#: missing or half written.
 _BOOT = """\
+import time
+boot = time.monotonic()
 import json, os, sys
 where = sys.argv[1]
 first = sys.stdin.buffer.readline(64 << 20)
 try:
+    import binascii, zlib
     frame = json.loads(first)
-    code = frame.pop("code")
-    files = {str(name): str(text).encode() for name, text in code.items()}
-except (ValueError, KeyError, TypeError, AttributeError):
+    code = json.loads(zlib.decompress(binascii.a2b_base64(frame.pop("code"))))
+    files = {str(name): str(text).encode() for name, text in code["files"].items()}
+    magic = getattr(sys.modules.get("_frozen_importlib_external"), "MAGIC_NUMBER", b"")
+    if magic.hex() == code["magic"] and sys.implementation.cache_tag:
+        for name, data in code["pyc"].items():
+            pyc = f"__pycache__/{name[:-3]}.{sys.implementation.cache_tag}.pyc"
+            files[pyc] = binascii.a2b_base64(data)
+except (ValueError, KeyError, TypeError, AttributeError, zlib.error):
     files, frame = {}, None
-os.makedirs(where, mode=0o755, exist_ok=True)
-for name in FILES:
-    if name not in files:
-        continue
+for name, data in files.items():
     path = os.path.join(where, name)
     try:
         with open(path, "rb") as fh:
-            same = fh.read() == files[name]
+            same = fh.read() == data
     except OSError:
         same = False
     if not same:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         part = f"{path}.{os.getpid()}"
         with open(part, "wb") as fh:
-            fh.write(files[name])
+            fh.write(data)
         os.chmod(part, 0o644)
         os.replace(part, path)
 sys.path.insert(0, where)
 sys.argv = [os.path.join(where, "relay.py"), *sys.argv[2:]]
 import relay
+if frame:
+    frame["boot_ms"] = round(boot * 1000, 3)
 start = first if frame is None else json.dumps(frame).encode() + b"\\n" if frame else None
 sys.exit(relay.main(sys.argv[1:], start_line=start))
-""".replace("FILES", repr(_RELAY_FILES))
+"""
 #: Python flags of the relay: no PYTHON* variables, no user or site directories (no .pth
 #: file anyone planted runs in it), only the standard library and the relay's own files.
 RELAY_PYTHON_FLAGS = ("-E", "-s", "-S")
@@ -312,8 +326,24 @@ def check_egress(egress: object, model_relay: bool | None) -> None:
 
 
 @functools.cache
-def _relay_code() -> dict[str, str]:
-    return {name: relay_source(name).decode() for name in _RELAY_FILES}
+@functools.cache
+def _relay_code() -> str:
+    """The relay's files for `_BOOT`: their text and this Python's bytecode of each (a
+    hash-based pyc that is not checked against its source: `_BOOT` writes the two together),
+    zlib-compressed in base64. Made once per process."""
+    pyc: dict[str, str] = {}
+    for name in _RELAY_FILES:
+        source = relay_source(name)
+        bytecode = compile(source, name, "exec", dont_inherit=True)
+        header = importlib.util.MAGIC_NUMBER + (1).to_bytes(4, "little")
+        data = header + importlib.util.source_hash(source) + marshal.dumps(bytecode)
+        pyc[name] = base64.b64encode(data).decode("ascii")
+    code = {
+        "files": {name: relay_source(name).decode() for name in _RELAY_FILES},
+        "magic": importlib.util.MAGIC_NUMBER.hex(),
+        "pyc": pyc,
+    }
+    return base64.b64encode(zlib.compress(json.dumps(code).encode(), 6)).decode("ascii")
 
 
 async def start_relay_command(sandbox: Sandbox, command: str, *args: str) -> Process:
@@ -584,7 +614,7 @@ class SandboxTransport(Transport):
             # in the start frame (`_BOOT`), so a cold start pays for one process start.
             relay_dir = posixpath.dirname(self._relay_path("relay.py"))
             script = f"-c {shlex.quote(_BOOT)} {shlex.quote(relay_dir)}"
-            start = start[:-2] + b',"code":' + json.dumps(_relay_code()).encode() + b"}\n"
+            start = start[:-2] + b',"code":"' + _relay_code().encode() + b'"}\n'
         # umask 077: the run's directory and its log are the relay's user's alone.
         command = (
             f"umask 077 && mkdir -p {directory} && exec {shlex.quote(self.sandbox.python)} "

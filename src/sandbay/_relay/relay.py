@@ -29,18 +29,15 @@ The wire is described in ``wire.py``. Three commands:
 
 from __future__ import annotations
 
-import argparse
-import base64
+import binascii
 import collections
 import contextlib
 import fcntl
 import grp
-import importlib.util
 import json
 import os
 import pwd
 import queue
-import shutil
 import signal
 import socket
 import stat
@@ -48,8 +45,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import IO, TYPE_CHECKING, Any
+
+# Not ``typing``'s: what the relay imports is paid for by every cold start (mypy reads any
+# ``TYPE_CHECKING`` as true).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import IO, Any
 
 if TYPE_CHECKING or __package__:
     from . import wire
@@ -298,12 +300,16 @@ def find_cli() -> str | None:
     has no SDK and holds that same binary at ``/opt/sandbay/bin/claude``, first on its
     ``PATH``. ``find_spec`` of a top-level package locates it without importing it.
     """
-    try:
-        spec = importlib.util.find_spec("claude_agent_sdk")
-    except (ImportError, ValueError):
-        spec = None
-    locations = list((spec.submodule_search_locations or []) if spec else [])
-    if sys.flags.no_site:
+    locations: list[str] = []
+    if not sys.flags.no_site:
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec("claude_agent_sdk")
+        except (ImportError, ValueError):
+            spec = None
+        locations += (spec.submodule_search_locations or []) if spec else []
+    else:
         # Run with -S (as root the relay reads no .pth file a tool could have planted): look
         # where site would have, the venv of this interpreter included.
         prefix = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
@@ -316,6 +322,8 @@ def find_cli() -> str | None:
         bundled = os.path.join(location, "_bundled", "claude")
         if os.path.isfile(bundled) and os.access(bundled, os.X_OK):
             return bundled
+    import shutil  # only here: every import is paid for by each cold start
+
     return shutil.which("claude")
 
 
@@ -667,7 +675,7 @@ class ModelListener:
                     for part in self.channel.request("model.http", payload):
                         data = part.get("data")
                         if isinstance(data, str) and data:
-                            conn.sendall(base64.b64decode(data))
+                            conn.sendall(binascii.a2b_base64(data))
                             started = True
                 except ChannelError as exc:
                     if not started:
@@ -790,7 +798,7 @@ class EgressProxy:
             for part in replies:
                 data = part.get("data")
                 if isinstance(data, str) and data:
-                    chunk = base64.b64decode(data)
+                    chunk = binascii.a2b_base64(data)
                     conn.sendall(chunk)
                     passed += len(chunk)
                     if passed - acked >= wire.EGRESS_WINDOW // 2:
@@ -969,7 +977,7 @@ def _http_error(status: str, message: str) -> bytes:
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def _serve_link_of(channel: Channel, conn: socket.socket, reader: IO[bytes]) -> None:
@@ -1102,6 +1110,8 @@ def serve(
             raise wire.WireError(f"a {start['kind']!r} frame first")
     except wire.WireError as exc:
         return fail("ProtocolError", f"the relay expected a start frame on stdin: {exc}")
+    if start.get("boot_ms"):  # when this process began, before its imports
+        emitter.timings["relay_boot_ms"] = float(start["boot_ms"])
     argv = list(start["argv"])
     env = dict(start.get("env", {}))
     cwd = start.get("cwd") or None
@@ -1297,46 +1307,88 @@ def _alive(pid: int) -> bool:
 def main(argv: list[str] | None = None, *, start_line: bytes | None = None) -> int:
     """The relay's command line. ``start_line``: ``serve``'s start frame, already read from
     stdin by whoever ran this (the one-process install and start on the host's side)."""
-    parser = argparse.ArgumentParser(prog="sandbay-relay")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve_cmd = sub.add_parser("serve")
-    serve_cmd.add_argument("--run-dir", required=True)
-    serve_cmd.add_argument("--cli-user")
-    serve_cmd.add_argument("--tenant")
-    serve_cmd.add_argument("--tenant-root")
-    serve_cmd.add_argument("--cli-wrapper", type=json.loads)
-    serve_cmd.add_argument("--socket-dir")
-    serve_cmd.add_argument("--socket-dir-inner")
-    replay_cmd = sub.add_parser("replay")
-    replay_cmd.add_argument("--run-dir", required=True)
-    replay_cmd.add_argument("--after", type=int, default=0)
-    replay_cmd.add_argument("--link", action="store_true")
-    attach_cmd = sub.add_parser("attach")
-    attach_cmd.add_argument("--run-dir", required=True)
-    attach_cmd.add_argument("--writer", required=True)
-    args = parser.parse_args(argv)
-    if args.command == "replay":
-        code = replay(args.run_dir, args.after, args.link)
+    try:
+        command, args = _parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        sys.stderr.write(f"sandbay-relay: {exc}\n")
+        return 2
+    if command == "replay":
+        code = replay(str(args["run_dir"]), int(args.get("after") or 0), bool(args.get("link")))
         sys.stdout.flush()
         os._exit(code)  # the link's threads may still block on reads
-    if args.command == "attach":
-        code = attach(args.run_dir, args.writer)
+    if command == "attach":
+        code = attach(str(args["run_dir"]), str(args["writer"]))
         sys.stdout.flush()
         os._exit(code)
+    wrapper = args.get("cli_wrapper")
     code = serve(
-        args.run_dir,
-        cli_user=args.cli_user,
-        tenant=args.tenant,
-        tenant_root=args.tenant_root,
-        wrapper=args.cli_wrapper,
-        socket_dir=args.socket_dir,
-        socket_dir_inner=args.socket_dir_inner,
+        str(args["run_dir"]),
+        cli_user=_opt(args, "cli_user"),
+        tenant=_opt(args, "tenant"),
+        tenant_root=_opt(args, "tenant_root"),
+        wrapper=json.loads(wrapper) if isinstance(wrapper, str) else None,
+        socket_dir=_opt(args, "socket_dir"),
+        socket_dir_inner=_opt(args, "socket_dir_inner"),
         start_line=start_line,
     )
     sys.stdout.flush()
     sys.stderr.flush()
     # The stdin thread may still be blocked on a read: leave without joining it.
     os._exit(code)
+
+
+#: The relay's commands, each with its options (``True``: a flag; else required or not).
+_COMMANDS: dict[str, dict[str, bool | None]] = {
+    "serve": {
+        "run_dir": None,
+        "cli_user": False,
+        "tenant": False,
+        "tenant_root": False,
+        "cli_wrapper": False,
+        "socket_dir": False,
+        "socket_dir_inner": False,
+    },
+    "replay": {"run_dir": None, "after": False, "link": True},
+    "attach": {"run_dir": None, "writer": None},
+}
+
+
+def _parse_args(argv: list[str]) -> tuple[str, dict[str, str | bool]]:
+    """``COMMAND --option value ... --flag``, by `_COMMANDS` (not argparse: every module
+    the relay imports is paid for by each cold start). Raises `ValueError` naming what is
+    wrong."""
+    if not argv or argv[0] not in _COMMANDS:
+        raise ValueError(f"usage: sandbay-relay {{{','.join(_COMMANDS)}}} [options]")
+    command, known = argv[0], _COMMANDS[argv[0]]
+    args: dict[str, str | bool] = {}
+    rest = argv[1:]
+    while rest:
+        option = rest.pop(0)
+        name = option[2:].replace("-", "_")
+        if not option.startswith("--") or name not in known:
+            raise ValueError(f"{command}: unknown argument {option!r}")
+        if known[name] is True:
+            args[name] = True
+        elif not rest:
+            raise ValueError(f"{command}: {option} needs a value")
+        else:
+            value = rest.pop(0)
+            if name == "after" and not value.isdigit():
+                raise ValueError(f"{command}: --after takes a whole number")
+            args[name] = value
+    missing = [
+        f"--{name.replace('_', '-')}"
+        for name, kind in known.items()
+        if kind is None and name not in args
+    ]
+    if missing:
+        raise ValueError(f"{command}: {', '.join(missing)} required")
+    return command, args
+
+
+def _opt(args: dict[str, str | bool], name: str) -> str | None:
+    value = args.get(name)
+    return value if isinstance(value, str) else None
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Host → relay, on the relay's stdin (`HOST_KINDS`). First one ``start``::
     {"sandbay": 3, "kind": "start", "argv": [...], "env": {...}, "cwd": "...",
      "find_cli": true, "model_listener": false, "keep_input_s": 0}
 
-then any of::
+(``boot_ms``, added by the one-process start, is when the relay's process began, in monotonic
+milliseconds: the first of its ``timings``), then any of::
 
     {"sandbay": 3, "kind": "input", "n": 1, "data": "...text for the CLI's stdin...",
      "writer": "host"}
@@ -69,7 +70,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: the relay imports this module, at every cold start
+if TYPE_CHECKING:
+    from typing import Any
 
 #: Version of this wire; each side refuses any other (the old entrypoint spoke 1).
 VERSION = 3
@@ -82,7 +86,7 @@ FINAL_KINDS = frozenset({"end", "error"})
 #: Frame kinds the host sends.
 HOST_KINDS = frozenset({"start", "input", "end_input", "reply"})
 #: The milestones of a ``timings`` envelope.
-TIMING_NAMES = ("relay_start_ms", "cli_spawned_ms", "cli_first_line_ms")
+TIMING_NAMES = ("relay_boot_ms", "relay_start_ms", "cli_spawned_ms", "cli_first_line_ms")
 #: Longest CLI stdout line the relay forwards, in bytes (the SDK's own default bound is 1 MiB;
 #: messages with images run to a few MiB).
 MAX_LINE = 32 * 1024 * 1024
@@ -161,6 +165,7 @@ def parse_host_frame(line: bytes) -> dict[str, Any]:
             "model_listener",
             "keep_input_s",
             "egress_proxy",
+            "boot_ms",
         },
         "input": {"n", "data", "writer"},
         "end_input": set(),
@@ -188,6 +193,9 @@ def parse_host_frame(line: bytes) -> dict[str, Any]:
             and (proxy == "tcp" or (proxy.startswith("unix:/") and len(proxy) < 4096))
         ):
             raise WireError("egress_proxy of 'start' must be 'tcp' or 'unix:' and a path")
+        boot = frame.get("boot_ms", 0)
+        if type(boot) not in (int, float) or not 0 <= boot < 2**53:
+            raise WireError("boot_ms of 'start' must be a time in milliseconds")
         for flag in ("find_cli", "model_listener"):
             if type(frame.get(flag, False)) is not bool:
                 raise WireError(f"{flag} of 'start' must be true or false")
