@@ -87,6 +87,27 @@ def test_the_relay_reports_its_timings(tmp_path: Path) -> None:
     assert kinds.index("line") > max(i for i, k in enumerate(kinds) if k == "timings")
 
 
+def test_the_relay_times_the_clis_own_prompt_to_first_message(tmp_path: Path) -> None:
+    # The prompt is the first user message passed on; its first message, the first line
+    # after it that the SDK would pass on (`wire.sdk_yields`).
+    control = json.dumps({"type": "control_request", "request_id": "1", "request": {}}) + "\n"
+    user = json.dumps({"type": "user", "message": {"role": "user", "content": "hi"}}) + "\n"
+    envelopes = relay(
+        tmp_path,
+        wire.host_frame("input", n=1, data=control),
+        wire.host_frame("input", n=2, data=user),
+        wire.host_frame("end_input"),
+    )
+    last = [e["data"] for e in envelopes if e["kind"] == "timings"][-1]
+    assert last["prompt_in_ms"] <= last["first_message_ms"]
+    assert last["cli_first_line_ms"] <= last["first_message_ms"]
+    # Without a user message there is no prompt to time from.
+    (tmp_path / "again").mkdir()
+    bare = relay(tmp_path / "again", wire.host_frame("input", n=1, data=control))
+    last = [e["data"] for e in bare if e["kind"] == "timings"][-1]
+    assert last["prompt_in_ms"] is None and last["first_message_ms"] is None
+
+
 @pytest.mark.parametrize(
     ("frame", "complaint"),
     [
@@ -249,3 +270,7 @@ async def test_run_agent_surfaces_the_relays_timings() -> None:
     timings = run.sandbox_timings
     assert set(timings) == set(wire.TIMING_NAMES)
     assert timings["relay_start_ms"] <= timings["cli_spawned_ms"] <= timings["cli_first_line_ms"]
+    # The relay's process began before its code was loaded; the prompt went in before the
+    # first message came out.
+    assert timings["relay_boot_ms"] <= timings["relay_start_ms"]
+    assert timings["prompt_in_ms"] <= timings["first_message_ms"]

@@ -1195,8 +1195,8 @@ async def _replay_envelopes(
         AgentError: The run failed, or its relay died before it ended.
         ProtocolError: The log holds something malformed.
     """
+    from ._relay.wire import sdk_yields
     from ._transport import (
-        _CONTROL_TYPES,
         MAX_FRAME_BYTES,
         RequestServer,
         parse_frame,
@@ -1218,7 +1218,7 @@ async def _replay_envelopes(
                 if server is not None:
                     server.on_request(frame.data)
             elif frame.kind == "line":
-                if frame.data.get("type") not in _CONTROL_TYPES and not _host_only(frame.data):
+                if sdk_yields(frame.data):
                     yield Envelope(frame.seq, "message", frame.data)
             elif frame.kind == "end":
                 code = frame.data.get("exit_code")
@@ -1250,15 +1250,6 @@ async def _replay_envelopes(
             if server is not None:
                 await server.aclose()
             await _kill(proc)
-
-
-def _host_only(data: Mapping[str, Any]) -> bool:
-    """A message the CLI sent only for the SDK, which ``query()`` never passes on."""
-    return (
-        data.get("type") == "system"
-        and data.get("subtype") == "session_state_changed"
-        and data.get("sdk_host_only") is True
-    )
 
 
 def run_dir(sandbox: Sandbox, run_id: str) -> str:

@@ -100,9 +100,7 @@ MAX_FRAME_BYTES = wire.MAX_LINE + 1024
 CLOSE_GRACE_S = 5.0
 _RELAY_FILES = ("relay.py", "wire.py")
 #: CLI message types the SDK consumes itself and never passes on.
-_CONTROL_TYPES = frozenset(
-    {"control_request", "control_response", "control_cancel_request", "transcript_mirror"}
-)
+_CONTROL_TYPES = wire.SDK_HANDLED_TYPES
 #: argv[0] placeholder when the relay is to find the CLI itself.
 _FIND_CLI = "claude"
 #: Writes $2 bytes of stdin to $1 whole (a new file renamed over it), readable by all,

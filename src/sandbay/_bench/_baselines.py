@@ -147,8 +147,8 @@ async def cli_start(
     Raises:
         SandboxError: The CLI ended or wrote something else than JSON before that message.
     """
-    from .._agent import _host_only
-    from .._transport import _CONTROL_TYPES, MAX_FRAME_BYTES, cli_argv, cli_env
+    from .._relay import wire
+    from .._transport import MAX_FRAME_BYTES, cli_argv, cli_env
 
     argv = cli_argv(options, cli=cli)
     cli_environment = cli_env(sandbox, options, env)
@@ -161,7 +161,7 @@ async def cli_start(
             if not line.lstrip().startswith(b"{"):
                 continue
             message = json.loads(line)
-            if message.get("type") not in _CONTROL_TYPES and not _host_only(message):
+            if wire.sdk_yields(message):
                 return time.perf_counter() - started
         raise SandboxError(f"the CLI ended before its first message (exit {await proc.wait()})")
     finally:

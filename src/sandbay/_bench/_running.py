@@ -363,8 +363,10 @@ class _Reached:
 
 
 def _agent_first_msg(timings: dict[str, float]) -> float | None:
-    value = timings.get("prompt_to_first_message_ms")
-    return None if value is None else value / 1000
+    """The CLI's own prompt → first message, timed by the relay in the sandbox: from passing
+    the prompt to the CLI's stdin to the CLI's first line the SDK passes on."""
+    start, end = timings.get("prompt_in_ms"), timings.get("first_message_ms")
+    return None if start is None or end is None else (end - start) / 1000
 
 
 async def _cli_round(

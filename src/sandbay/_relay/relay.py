@@ -233,8 +233,9 @@ class ChannelError(Exception):
 class InputGate:
     """Passes numbered inputs on to the CLI's stdin in order, each once, from any writer."""
 
-    def __init__(self, target: IO[bytes]) -> None:
+    def __init__(self, target: IO[bytes], emitter: Emitter | None = None) -> None:
         self.target = target
+        self.emitter = emitter
         self.lock = threading.Lock()
         self.applied: dict[str, int] = {}
         self.ended = False
@@ -276,6 +277,8 @@ class InputGate:
                     self.target.flush()
                 except (BrokenPipeError, OSError):
                     pass  # the CLI exited: its stdout ends and its exit code is reported
+                if self.emitter is not None and _is_user_message(frame["data"]):
+                    self.emitter.reached("prompt_in_ms")
             return last
 
     def end(self) -> None:
@@ -289,6 +292,17 @@ class InputGate:
                 self.target.close()
             except OSError:
                 pass
+
+
+def _is_user_message(data: str) -> bool:
+    """Whether an input is a user message (only for the relay's timings: inputs pass on as
+    they came, whatever they are)."""
+    if '"user"' not in data:
+        return False
+    try:
+        return bool(json.loads(data).get("type") == "user")
+    except (ValueError, AttributeError):
+        return False
 
 
 def find_cli() -> str | None:
@@ -455,6 +469,8 @@ def _pump_stdout(cli: subprocess.Popen[bytes], emitter: Emitter) -> None:
             return
         # A whole JSON object: spliced in as it came, without encoding it again.
         emitter.reached("cli_first_line_ms")
+        if emitter.timings["prompt_in_ms"] is not None and wire.sdk_yields(parsed):
+            emitter.reached("first_message_ms")
         emitter.emit_raw("line", text)
 
 
@@ -1049,7 +1065,7 @@ def _run_channel(
     """Once the CLI runs: report it, and route the host's frames and attached writers."""
     emitter.reached("cli_spawned_ms")
     assert cli.stdin is not None
-    gate = InputGate(cli.stdin)
+    gate = InputGate(cli.stdin, emitter)
 
     def fail(message: str) -> None:
         emitter.emit(

@@ -83,10 +83,35 @@ KINDS = frozenset({"ready", "timings", "request", "line", "stderr", "end", "erro
 LOGGED_KINDS = frozenset({"line", "end", "error"})
 #: Kinds after which nothing follows.
 FINAL_KINDS = frozenset({"end", "error"})
+#: Types of CLI output the Agent SDK handles itself and never passes on to its caller.
+SDK_HANDLED_TYPES = frozenset(
+    {"control_request", "control_response", "control_cancel_request", "transcript_mirror"}
+)
+
+
+def sdk_yields(message: dict[str, Any]) -> bool:
+    """Whether the Agent SDK passes this CLI output on to its caller: not what it handles
+    itself (`SDK_HANDLED_TYPES`), nor a ``session_state_changed`` the CLI sent for it alone."""
+    if message.get("type") in SDK_HANDLED_TYPES:
+        return False
+    return not (
+        message.get("type") == "system"
+        and message.get("subtype") == "session_state_changed"
+        and message.get("sdk_host_only") is True
+    )
+
+
 #: Frame kinds the host sends.
 HOST_KINDS = frozenset({"start", "input", "end_input", "reply"})
 #: The milestones of a ``timings`` envelope.
-TIMING_NAMES = ("relay_boot_ms", "relay_start_ms", "cli_spawned_ms", "cli_first_line_ms")
+TIMING_NAMES = (
+    "relay_boot_ms",
+    "relay_start_ms",
+    "cli_spawned_ms",
+    "cli_first_line_ms",
+    "prompt_in_ms",
+    "first_message_ms",
+)
 #: Longest CLI stdout line the relay forwards, in bytes (the SDK's own default bound is 1 MiB;
 #: messages with images run to a few MiB).
 MAX_LINE = 32 * 1024 * 1024
