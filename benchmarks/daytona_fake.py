@@ -1,12 +1,18 @@
-"""The daytona provider's client overhead, against the fake control plane in tests/fakes.
+"""The daytona provider's benchmark rows, against the local fake Daytona control plane.
 
-    python benchmarks/daytona_fake.py --runs 20
+    python benchmarks/daytona_fake.py --runs 5 --burst-runs 2 --concurrency 4
 
-writes benchmarks/results/daytona-fake.{json,md}. Fake control plane: client overhead only.
-The fake answers on 127.0.0.1 at once (``started`` on create), so these are the costs of
-sandbay, the ``daytona`` SDK and the shim each process runs under, never Daytona's own. Each
-run: create a sandbox, the first exec (``true``), three more, then close it, each timed with
-a monotonic clock. Needs bubblewrap (the fake's sandboxes run under it).
+starts the fake control plane of the tests (tests/fakes/daytona: Daytona's REST API and
+toolbox on 127.0.0.1, its sandboxes as process trees under bubblewrap on this machine,
+sharing its network) and writes benchmarks/results/{cold,warm,burst}-daytona-fake.{json,md,png}
+from `sandbay bench`'s measurement (`run_bench`, the scripted model, the real ``claude``
+CLI). The ``exec`` mode times the provider's own calls: create, the first exec (``true``),
+three more, close; it writes benchmarks/results/exec-daytona-fake.{json,md}.
+
+Every row and chart is labelled "fake control plane: client overhead only": the fake answers
+at once (``started`` on create), so the numbers are the ``daytona`` SDK's and sandbay's own
+cost (requests, sessions, the logs WebSocket, the shim every process runs under, the relay
+and the CLI on this machine), never Daytona's. Needs bubblewrap.
 """
 
 from __future__ import annotations
@@ -22,15 +28,19 @@ from pathlib import Path
 import anyio
 from pydantic import SecretStr
 
+from sandbay import DaytonaConfig, SandbayConfig
+from sandbay._bench import BenchConfig, run_bench, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 LABEL = "fake control plane: client overhead only"
+MODES = ("cold", "warm", "burst", "exec")
 
 
-async def measure(api_url: str, key: str, runs: int) -> dict[str, list[float]]:
+async def measure_calls(config: DaytonaConfig, runs: int) -> dict[str, list[float]]:
+    """Seconds per provider call: create, first exec, later execs, close (one warm-up)."""
     import sandbay
 
-    config = sandbay.DaytonaConfig(api_key=SecretStr(key), api_url=api_url)
     phases: dict[str, list[float]] = {"create": [], "first exec": [], "exec": [], "close": []}
     async with sandbay.Providers() as providers:
         await (await providers.create_sandbox(config)).aclose()  # warm-up, not counted
@@ -51,41 +61,72 @@ async def measure(api_url: str, key: str, runs: int) -> dict[str, list[float]]:
     return phases
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=20)
-    args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fakes.daytona import FakeDaytona
-
-    with FakeDaytona() as fake:
-        phases = anyio.run(measure, fake.api_url, fake.api_key, args.runs)
+def write_calls(phases: dict[str, list[float]], runs: int, command: str) -> list[Path]:
+    """exec-daytona-fake.{json,md}: p50 and p95 per call, in milliseconds."""
     ms = {
         name: {
             "p50": statistics.median(xs) * 1000,
-            "p95": sorted(xs)[int(0.95 * (len(xs) - 1))] * 1000,
+            "p95": sorted(xs)[round(0.95 * (len(xs) - 1))] * 1000,
         }
         for name, xs in phases.items()
     }
     machine = f"{platform.machine()}, Python {platform.python_version()}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "daytona-fake.json").write_text(
-        json.dumps({"label": LABEL, "runs": args.runs, "machine": machine, "ms": ms}, indent=2)
-        + "\n"
-    )
+    json_path, md_path = RESULTS / "exec-daytona-fake.json", RESULTS / "exec-daytona-fake.md"
+    data = {"label": LABEL, "runs": runs, "machine": machine, "command": command, "ms": ms}
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
     lines = [
-        f"## daytona ({LABEL}), {args.runs} runs",
+        f"## daytona ({LABEL}): provider calls, {runs} runs",
         "",
-        f"Machine: {machine}. Times in ms.",
+        f"Machine: {machine}. Times in ms. Produced by `{command}`.",
         "",
         "| phase | p50 | p95 |",
         "|---|---:|---:|",
         *(f"| {name} | {v['p50']:.0f} | {v['p95']:.0f} |" for name, v in ms.items()),
         "",
     ]
-    (RESULTS / "daytona-fake.md").write_text("\n".join(lines))
+    md_path.write_text("\n".join(lines))
     print("\n".join(lines))
+    return [json_path, md_path]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--burst-runs", type=int, default=2, help="bursts")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--modes", default=",".join(MODES), help="any of " + ", ".join(MODES))
+    args = parser.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := sorted(set(modes) - set(MODES)):
+        parser.error(f"unknown mode(s) {', '.join(unknown)}: use any of {', '.join(MODES)}")
+    command = "python benchmarks/daytona_fake.py " + " ".join(sys.argv[1:])
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fakes.daytona import FakeDaytona
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with FakeDaytona() as fake:
+        daytona = DaytonaConfig(
+            api_key=SecretStr(fake.api_key), api_url=fake.api_url, host_network=True
+        )
+        for mode in modes:
+            if mode == "exec":
+                paths = write_calls(await measure_calls(daytona, args.runs), args.runs, command)
+            else:
+                report = await run_bench(
+                    BenchConfig(
+                        providers=[SandbayConfig(provider=daytona)],
+                        runs=args.burst_runs if mode == "burst" else args.runs,
+                        mode=mode,  # type: ignore[arg-type]
+                        concurrency=args.concurrency,
+                    )
+                )
+                report.labels = dict.fromkeys(report.labels, LABEL)  # warm: both rows
+                report.config["command"] = command
+                print(report.to_markdown())
+                paths = write_results(report, RESULTS, stem=f"{mode}-daytona-fake")
+            for path in paths:
+                print(f"wrote {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
-    main()
+    anyio.run(main)

@@ -76,6 +76,20 @@ async def test_a_small_run_reports_every_phase(mode: str, tmp_path: Path) -> Non
     assert any(p.suffix == ".png" and p.stat().st_size > 1000 for p in paths)
 
 
+async def test_a_label_marks_every_row_of_its_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A provider measured against a fake control plane is labelled so in every row: in warm
+    # mode also the row whose pool leaves the handshake to the run.
+    from sandbay._bench import LABELS
+
+    monkeypatch.setitem(LABELS, "local", "fake control plane: client overhead only")
+    report = await run_bench(BenchConfig(providers=["local"], runs=1, mode="warm"))
+    markdown = report.to_markdown()
+    rows = [line for line in markdown.splitlines() if line.startswith("| local")]
+    assert len(rows) >= 4 and any("(handshake at take)" in row for row in rows), markdown
+    for row in rows:
+        assert row.split("|")[1].strip().endswith("(fake control plane: client overhead only)")
+
+
 async def test_failures_are_counted_not_dropped() -> None:
     broken = sandbay.SandbayConfig(provider=sandbay.LocalConfig(python="/nonexistent/python"))
     report = await run_bench(BenchConfig(providers=[broken], runs=2, raw_baseline=False))

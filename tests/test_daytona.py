@@ -436,3 +436,36 @@ async def test_connect_starts_a_stopped_sandbox(config: DaytonaConfig) -> None:
             await again.aclose()
     finally:
         await sb.aclose()
+
+
+async def test_host_network_only_where_the_control_plane_shares_this_host(
+    fake: FakeDaytona,
+) -> None:
+    # Daytona's cloud never shares this machine's network: network="host" is refused. A
+    # local control plane (this fake) may say its sandboxes do, and then a model server on
+    # this machine's 127.0.0.1 is in an agent's reach (the benchmark runs on this).
+    from claude_agent_sdk import ClaudeAgentOptions, ResultMessage
+
+    from sandbay.testing import ScriptedModel, Turn
+
+    host = SandboxSpec(network="host")
+    cloud = DaytonaConfig(api_key=SecretStr("test-key"), api_url=fake.api_url)
+    with pytest.raises(ConfigError, match="host's network"):
+        await sandbay.get_provider(cloud).create(host)
+    async with sandbay.open_sandbox(cloud) as sb:
+        assert not sb.reaches_host_loopback
+    local = cloud.model_copy(update={"host_network": True})
+    async with ScriptedModel([Turn.text("done")]) as model:
+        async with sandbay.open_sandbox(local, spec=host) as sb:
+            assert sb.reaches_host_loopback
+            messages = [
+                m
+                async for m in sandbay.run_agent(
+                    "go", sandbox=sb, options=ClaudeAgentOptions(max_turns=2), env=model.env(),
+                    timeout=180,
+                )
+            ]  # fmt: skip
+            again = await sandbay.get_provider(local).connect(sb.id)
+            assert again.spec.network == "host" and again.reaches_host_loopback
+            await again.aclose()
+    assert isinstance(messages[-1], ResultMessage) and not messages[-1].is_error

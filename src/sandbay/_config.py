@@ -188,6 +188,10 @@ class DaytonaConfig(BaseProviderConfig):
     """Disk in GiB for sandboxes created from an image. Default: Daytona's."""
     create_timeout: float = Field(default=120.0, gt=0)
     """Seconds to wait for a new sandbox to reach ``started``."""
+    host_network: bool = False
+    """Whether this control plane's sandboxes share this machine's network: true only for a
+    local Daytona-compatible control plane (sandbay's tests run one), never for Daytona's
+    cloud. Then ``SandboxSpec(network="host")`` is accepted and 127.0.0.1 is this machine's."""
 
 
 def _env_secret(name: str) -> SecretStr | None:

@@ -140,6 +140,8 @@ async def run_bench(
     )
     for name, cfg in zip(names, configs, strict=True):
         report.labels[name] = LABELS.get(cfg.provider.type, "")
+        if config.mode == "warm":  # the pool's second row is the same provider's
+            report.labels[name + AT_TAKE] = report.labels[name]
         report.raw[name] = []
         report.raw_errors[name] = 0
         report.cli[name] = []

@@ -10,7 +10,7 @@ import shlex
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import anyio
 from daytona import (
@@ -52,7 +52,8 @@ class DaytonaProvider(Provider):
     up to the minute, so Daytona removes a sandbox whose owner died even if gc never runs.
     `Sandbox.extend` renews both. ``spec.cpu``/``memory_mb`` need an image (Daytona sets
     resources per snapshot); ``network="none"`` blocks all traffic (``network_block_all``);
-    ``"host"`` is refused.
+    ``"host"`` is refused unless the config's ``host_network`` says the control plane's
+    sandboxes share this machine's network (a local one, as in sandbay's tests).
 
     Each call makes its own SDK client (an ``AsyncDaytona`` belongs to one event loop);
     each sandbox owns the one it was made with.
@@ -84,7 +85,7 @@ class DaytonaProvider(Provider):
                 await self._release(client)
 
     def _params(self, spec: SandboxSpec, labels: dict[str, str]) -> Any:
-        if spec.network == "host":
+        if spec.network == "host" and not self.dconfig.host_network:
             raise ConfigError(
                 "the daytona provider cannot share the host's network: use "
                 "network='default' or 'none'",
@@ -159,7 +160,7 @@ class DaytonaProvider(Provider):
                 labels={k: v for k, v in sdk.labels.items() if k not in _INTERNAL},
                 env=dict(sdk.env or {}),
                 workdir=sdk.labels.get(WORKDIR, "/workspace"),
-                network="none" if sdk.labels.get(NETWORK) == "none" else "default",
+                network=_network(sdk.labels.get(NETWORK), host=self.dconfig.host_network),
             )
             return DaytonaSandbox(spec, client, sdk, release=self._release)
         except BaseException:
@@ -256,3 +257,10 @@ class DaytonaProvider(Provider):
 def agent_snapshot() -> str:
     """The name of the snapshot holding sandbay's agent image (by the recipe's hash)."""
     return f"sandbay-agent-{agent_image_recipe().digest[:12]}"
+
+
+def _network(label: str | None, *, host: bool) -> Literal["default", "none", "host"]:
+    """The spec's network, from the label `create` left (``host`` only where allowed)."""
+    if label == "none":
+        return "none"
+    return "host" if label == "host" and host else "default"

@@ -102,6 +102,13 @@ class DaytonaSandbox(Sandbox):
     def id(self) -> str:
         return self._id
 
+    @property
+    @override
+    def reaches_host_loopback(self) -> bool:
+        # The provider accepts network="host" only from a control plane whose sandboxes
+        # share this machine's network (`DaytonaConfig.host_network`).
+        return self.spec.network == "host"
+
     @override
     async def _start(
         self, argv: list[str], *, env: dict[str, str], cwd: str, user: str | None
