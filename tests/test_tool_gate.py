@@ -324,6 +324,14 @@ def test_hooks_and_permission_updates_count_as_the_host_approving() -> None:
     output = {"hookEventName": "PreToolUse", "permissionDecision": "allow"}
     gate.on_sdk_line(answer("h1", {"hookSpecificOutput": output}))
     assert allowed(gate, args={"a": 1})
+    # A PermissionRequest hook's allow, with the input it updated.
+    request = hook_request("p1", "mcp__host__add", {"a": 8}, "toolu_8")
+    request["request"]["input"]["hook_event_name"] = "PermissionRequest"
+    gate.on_cli_message(request)
+    allow: dict[str, Any] = {"behavior": "allow", "updatedInput": {"a": 9}}
+    granted: dict[str, Any] = {"hookEventName": "PermissionRequest", "decision": allow}
+    gate.on_sdk_line(answer("p1", {"hookSpecificOutput": granted}))
+    assert not allowed(gate, args={"a": 8}) and allowed(gate, args={"a": 9})
     # Two hooks for one tool use: one refusal wins over the other's allow, in either order.
     for first, second in (("allow", "deny"), ("deny", "allow")):
         gate.on_cli_message(hook_request("h2", "mcp__host__add", {"a": 2}, "toolu_2"))
