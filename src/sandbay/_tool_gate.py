@@ -29,7 +29,9 @@ Anything else is answered here, as the SDK answers a call it cannot deliver (a J
 in a successful ``control_response``), so the CLI sees a failed tool call, and the host's tool
 never runs. The gate never asks ``can_use_tool`` itself: a model's call also passes the
 ``PreToolUse`` hooks first, which a forged call skipped, so asking the callback alone could
-give a forged call more than the model gets.
+give a forged call more than the model gets. (Its answer to a forged ``can_use_tool``
+request, which skipped those hooks too, does count as an approval: a gap docs/security.md
+names.)
 
 Not seen by the gate, so not honoured for SDK MCP tools: allow rules from settings files in
 the sandbox (``setting_sources``, ``settings``), flags in ``extra_args``, and the
