@@ -20,6 +20,7 @@ the relay's ``replay`` from the last sequence number it saw, without loss or dup
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import importlib.resources
@@ -75,6 +76,7 @@ from ._model_relay import METHOD as MODEL_METHOD
 from ._model_relay import ModelRelay, model_relay_wanted, relay_for
 from ._relay import wire
 from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox
+from ._tool_gate import ToolGate
 
 __all__ = [
     "CHECKED_SDK_VERSIONS",
@@ -454,6 +456,8 @@ class SandboxTransport(Transport):
         self.input_seq = 0
         self._handlers: dict[str, RequestHandler] = {}
         self._inflight: dict[int, _Task] = {}
+        #: Lets an SDK MCP tool call reach the SDK only as the model could (`_tool_gate`).
+        self.tool_gate = ToolGate.for_options(self.options)
 
     def handle_requests(self, method: str, handler: RequestHandler) -> None:
         """Answer the relay's requests of ``method`` with ``handler`` (before `connect`).
@@ -695,6 +699,7 @@ class SandboxTransport(Transport):
         Raises:
             AgentError: The transport is not connected, its input ended, or the relay is gone.
         """
+        self.tool_gate.on_sdk_write(data)  # before the CLI can act on an approval
         async with self._write_lock:
             if not self._ready or self._proc is None or self._input_ended:
                 raise AgentError(
@@ -785,6 +790,11 @@ class SandboxTransport(Transport):
                         )
                     self.last_seq = frame.seq
                     if frame.kind == "line":
+                        refusal = self.tool_gate.on_cli_message(frame.data)
+                        if refusal is not None:  # the CLI gets the answer, the SDK nothing
+                            with contextlib.suppress(AgentError):
+                                await self.write(json.dumps(refusal) + "\n")
+                            continue
                         if frame.data.get("type") not in _CONTROL_TYPES:
                             self._seqs[id(frame.data)] = (frame.seq, frame.data)
                         yield frame.data
