@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import AsyncIterator
 
 import pytest
+
+from sandbay import Sandbox
+from sandbox_kinds import open_kind
 
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
+    """An open sandbox of the kind the test is parametrised with (``indirect=True``, one of
+    `sandbox_kinds.KINDS`), ``local`` by default. Modules may define their own."""
+    async with open_kind(getattr(request, "param", "local")) as sb:
+        yield sb
 
 
 @functools.cache

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -22,7 +20,7 @@ import pytest
 from claude_agent_sdk import ClaudeAgentOptions, ResultMessage
 
 import sandbay
-from sandbay import Sandbox, SandboxSpec
+from sandbay import Sandbox
 from sandbay._relay import wire
 from sandbay.testing import ScriptedModel, Turn
 
@@ -33,20 +31,6 @@ SEPARATED = [
     pytest.param("docker", id="docker", marks=pytest.mark.docker),
 ]
 FORGED = "FORGED-RESULT"
-
-
-@pytest.fixture
-async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
-    kind = getattr(request, "param", "local")
-    if kind == "bwrap" and not shutil.which("bwrap"):
-        pytest.skip("bubblewrap is not installed")
-    provider: sandbay.BaseProviderConfig = {
-        "local": sandbay.LocalConfig(isolate=False),
-        "bwrap": sandbay.LocalConfig(isolate=True),
-        "docker": sandbay.DockerConfig(),
-    }[kind]
-    async with sandbay.open_sandbox(provider, SandboxSpec(network="host")) as sb:
-        yield sb
 
 
 def _forged(seq: int, kind: str, data: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ from sandbay import Sandbox, SandboxSpec
 from sandbay._model_relay import ModelRelay, model_relay_wanted
 from sandbay._transport import RequestError
 from sandbay.testing import ScriptedModel, Turn
+from sandbox_kinds import open_kind
 
 pytestmark = pytest.mark.anyio
 
@@ -84,14 +85,7 @@ print(f"status-{sys.argv[2]}-{status}")
 @pytest.fixture
 async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
     kind, network = request.param
-    if kind == "bwrap" and not shutil.which("bwrap"):
-        pytest.skip("bubblewrap is not installed")
-    provider: sandbay.BaseProviderConfig = {
-        "local": sandbay.LocalConfig(isolate=False),
-        "bwrap": sandbay.LocalConfig(isolate=True),
-        "docker": sandbay.DockerConfig(),
-    }[kind]
-    async with sandbay.open_sandbox(provider, SandboxSpec(network=network)) as sb:
+    async with open_kind(kind, network=network) as sb:
         yield sb
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import posixpath
-import shutil
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -22,8 +20,9 @@ import pytest
 from claude_agent_sdk import ClaudeAgentOptions, ResultMessage
 
 import sandbay
-from sandbay import Sandbox, SandboxSpec
+from sandbay import Sandbox
 from sandbay.testing import ScriptedModel, Turn
+from sandbox_kinds import open_kind
 
 pytestmark = pytest.mark.anyio
 
@@ -122,24 +121,6 @@ async def attack(
         paths += [posixpath.join(tenant, "work", "secret.txt"), posixpath.join(tenant, "home")]
     probed = await run(sandbox_b, b, command(PROBE, PATHS=paths), "run-b")
     return planted, probed
-
-
-@pytest.fixture
-async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
-    kind = getattr(request, "param", "local")
-    async with open_kind(kind) as sb:
-        yield sb
-
-
-def open_kind(kind: str) -> Any:
-    if kind == "bwrap" and not shutil.which("bwrap"):
-        pytest.skip("bubblewrap is not installed")
-    provider: sandbay.BaseProviderConfig = {
-        "local": sandbay.LocalConfig(isolate=False),
-        "bwrap": sandbay.LocalConfig(isolate=True),
-        "docker": sandbay.DockerConfig(),
-    }[kind]
-    return sandbay.open_sandbox(provider, SandboxSpec(network="host"))
 
 
 @pytest.mark.parametrize("sandbox", SEPARATED, indirect=True)

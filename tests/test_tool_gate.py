@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -34,31 +32,12 @@ from claude_agent_sdk import (
 from claude_agent_sdk.types import McpSdkServerConfig
 
 import sandbay
-from sandbay import Sandbox, SandboxSpec
+from sandbay import Sandbox
 from sandbay._tool_gate import ToolGate, hook_matches, mcp_tool_name, split_rules
 from sandbay.testing import ScriptedModel, Turn
+from sandbox_kinds import KINDS
 
 pytestmark = pytest.mark.anyio
-
-PROVIDERS = [
-    pytest.param("local", id="local"),
-    pytest.param("bwrap", id="bwrap", marks=pytest.mark.bwrap),
-    pytest.param("docker", id="docker", marks=pytest.mark.docker),
-]
-
-
-@pytest.fixture
-async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
-    kind = getattr(request, "param", "local")
-    if kind == "bwrap" and not shutil.which("bwrap"):
-        pytest.skip("bubblewrap is not installed")
-    provider: sandbay.BaseProviderConfig = {
-        "local": sandbay.LocalConfig(isolate=False),
-        "bwrap": sandbay.LocalConfig(isolate=True),
-        "docker": sandbay.DockerConfig(),
-    }[kind]
-    async with sandbay.open_sandbox(provider, SandboxSpec(network="host")) as sb:
-        yield sb
 
 
 class HostTool:
@@ -141,7 +120,7 @@ async def run(
 # -- a forged call -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sandbox", PROVIDERS, indirect=True)
+@pytest.mark.parametrize("sandbox", KINDS, indirect=True)
 async def test_a_forged_sdk_tool_call_does_not_run_the_host_tool(sandbox: Sandbox) -> None:
     host = HostTool()
     script = [Turn.tool_use("Bash", {"command": forge_command({"a": 1, "b": 2})}), Turn.text("ok")]
@@ -155,7 +134,7 @@ async def test_a_forged_sdk_tool_call_does_not_run_the_host_tool(sandbox: Sandbo
     assert reached(results[0]) == (sandbox.provider != "docker")
 
 
-@pytest.mark.parametrize("sandbox", PROVIDERS, indirect=True)
+@pytest.mark.parametrize("sandbox", KINDS, indirect=True)
 async def test_a_forged_call_gets_no_approval_even_where_can_use_tool_allows_all(
     sandbox: Sandbox,
 ) -> None:
@@ -189,7 +168,7 @@ async def test_a_forged_call_gets_no_approval_even_where_can_use_tool_allows_all
     assert transport.tool_gate.refused == ["mcp__host__add"] * forged
 
 
-@pytest.mark.parametrize("sandbox", PROVIDERS, indirect=True)
+@pytest.mark.parametrize("sandbox", KINDS, indirect=True)
 async def test_a_forged_permission_request_does_not_skip_the_pretooluse_hooks(
     sandbox: Sandbox,
 ) -> None:
@@ -241,7 +220,7 @@ async def test_a_forged_permission_request_does_not_skip_the_pretooluse_hooks(
 # -- the model's calls -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sandbox", PROVIDERS[::2], indirect=True)
+@pytest.mark.parametrize("sandbox", KINDS[::2], indirect=True)
 async def test_the_models_calls_pass_as_the_cli_decides(sandbox: Sandbox) -> None:
     """allowed_tools, a can_use_tool allow and a PreToolUse hook's allow let the model's call
     through to the host's tool; a can_use_tool deny does not."""

@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +41,11 @@ from claude_agent_sdk.types import HookInput, HookJSONOutput
 from typing_extensions import override
 
 import sandbay
-from sandbay import Process, Sandbox, SandboxSpec
+from sandbay import Process, Sandbox
 from sandbay._relay import wire
 from sandbay._transport import CHECKED_SDK_VERSIONS, cli_argv, parse_frame
 from sandbay.testing import ScriptedModel, Turn
+from sandbox_kinds import KINDS
 from test_agent import _CutProcess, shape
 from wrapping import WrappedSandbox
 
@@ -53,27 +53,6 @@ pytestmark = pytest.mark.anyio
 
 OPTIONS = ClaudeAgentOptions(max_turns=4, allowed_tools=["Bash"])
 RELAY_DIR = Path(sandbay.__file__).parent / "_relay"
-
-PROVIDERS = [
-    pytest.param("local", id="local"),
-    pytest.param("bwrap", id="bwrap", marks=pytest.mark.bwrap),
-    pytest.param("docker", id="docker", marks=pytest.mark.docker),
-]
-
-
-@pytest.fixture
-async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
-    """An open sandbox of the kind the test is parametrised with (``local`` by default)."""
-    kind = getattr(request, "param", "local")
-    if kind == "bwrap" and not shutil.which("bwrap"):
-        pytest.skip("bubblewrap is not installed")
-    provider: sandbay.BaseProviderConfig = {
-        "local": sandbay.LocalConfig(isolate=False),
-        "bwrap": sandbay.LocalConfig(isolate=True),
-        "docker": sandbay.DockerConfig(),
-    }[kind]
-    async with sandbay.open_sandbox(provider, SandboxSpec(network="host")) as sb:
-        yield sb
 
 
 def bash_then_done(command: str, *, delay_s: float = 0.0) -> list[Any]:
@@ -338,7 +317,7 @@ def test_well_formed_frames_parse() -> None:
 # -- end to end -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sandbox", PROVIDERS, indirect=True)
+@pytest.mark.parametrize("sandbox", KINDS, indirect=True)
 async def test_messages_match_a_local_query(sandbox: Sandbox) -> None:
     script = bash_then_done("echo sandbay-$((6*7)); pwd")
     async with ScriptedModel(script) as model:
@@ -364,7 +343,7 @@ async def test_messages_match_a_local_query(sandbox: Sandbox) -> None:
     assert logged[-1]["kind"] == "end" and transport.last_seq == len(logged)
 
 
-@pytest.mark.parametrize("sandbox", PROVIDERS, indirect=True)
+@pytest.mark.parametrize("sandbox", KINDS, indirect=True)
 async def test_hook_permission_callback_and_sdk_mcp_tool_run_on_the_host(
     sandbox: Sandbox,
 ) -> None:
@@ -415,7 +394,7 @@ async def test_hook_permission_callback_and_sdk_mcp_tool_run_on_the_host(
     assert not await sandbox.exists("nope.txt")
 
 
-@pytest.mark.parametrize("sandbox", PROVIDERS, indirect=True)
+@pytest.mark.parametrize("sandbox", KINDS, indirect=True)
 async def test_two_turns_over_one_transport_with_the_client(sandbox: Sandbox) -> None:
     script = [Turn.text("first answer"), Turn.text("second answer")]
     async with ScriptedModel(script) as model:
@@ -482,7 +461,7 @@ async def test_close_mid_turn_leaves_no_process() -> None:
         assert not sb.closed
 
 
-@pytest.mark.parametrize("sandbox", PROVIDERS, indirect=True)
+@pytest.mark.parametrize("sandbox", KINDS, indirect=True)
 async def test_close_mid_turn_stops_the_cli_in_the_sandbox(sandbox: Sandbox) -> None:
     async with ScriptedModel([Turn.text("slow", delay_s=30)]) as model:
         options = ClaudeAgentOptions(max_turns=2, env=model.env())
