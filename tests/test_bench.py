@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 import sandbay
@@ -272,3 +274,123 @@ def test_run_timings_are_a_record_and_dict_access_is_deprecated() -> None:
         assert "start" in timings and timings.get("closed") is None
     with pytest.warns(DeprecationWarning):
         assert dict(timings.items()) == {"start": 1.0, "request": 2.5}
+
+
+# --- staggered mode ---------------------------------------------------------------------
+
+
+async def test_staggered_launches_are_spaced_from_the_rounds_own_clock() -> None:
+    from sandbay._bench._running import _launch
+
+    seen: list[tuple[int, float]] = []
+
+    async def run(index: int, offset: float) -> None:
+        seen.append((index, offset))
+        if index == 0:
+            await anyio.sleep(0.2)  # a slow run does not push later launches back
+
+    offsets = await _launch(4, 0.05, run)
+    assert sorted(i for i, _ in seen) == [0, 1, 2, 3]
+    assert offsets == [o for _, o in sorted(seen)]
+    # Each launch waits for its own time on the round's clock, never less (1 ms of clock slack).
+    assert offsets[0] < 0.01
+    for index, offset in enumerate(offsets):
+        assert offset >= index * 0.05 - 0.001
+    assert offsets == sorted(offsets)
+    # interval 0: a burst, every run launched before any yields
+    assert len(await _launch(3, 0.0, run)) == 3
+
+
+async def test_a_small_staggered_run_records_each_launch(tmp_path: Path) -> None:
+    config = BenchConfig(
+        providers=["local"], runs=1, mode="staggered", concurrency=2, stagger_ms=300
+    )
+    report = await run_bench(config)
+    assert report.config["stagger_ms"] == 300
+    assert len(report.samples) == 2  # one round of two, after the warm-up round
+    assert all(s.error is None for s in report.samples), [s.error for s in report.samples]
+    assert [s.launch_index for s in report.samples] == [0, 1]
+    first, second = (s.launch_offset_s for s in report.samples)
+    assert first is not None and second is not None and second >= 0.299
+    for sample in report.samples:
+        assert set(sample.phases) == set(COLD_PHASES)
+    summary = report.summary()["local"]
+    assert [step["index"] for step in summary["ramp"]] == [0, 1]
+    assert summary["launch_offset"]["n"] == 2
+    assert len(report.raw["local"]) == 2 and report.cli["local"] == []
+    paths = write_results(report, tmp_path)
+    assert paths[0].name == "staggered-local.json"
+    assert "launches 300 ms apart" in paths[1].read_text()
+    assert any(p.suffix == ".png" and p.stat().st_size > 1000 for p in paths)
+
+
+def _staggered_report(stagger_ms: float) -> BenchReport:
+    report = BenchReport(
+        config={
+            "providers": ["p"],
+            "runs": 2,
+            "mode": "staggered",
+            "concurrency": 3,
+            "model": "scripted",
+            "stagger_ms": stagger_ms,
+        },
+        machine={"cpus": 2, "memory_gib": 24, "platform": "x", "python": "3"},
+    )
+    for round_no in range(2):
+        for index in range(3):
+            phases = dict.fromkeys(COLD_PHASES, 0.1 + 0.1 * index + 0.01 * round_no)
+            report.samples.append(
+                RunSample("p", phases, launch_index=index, launch_offset_s=index * 0.25)
+            )
+    return report
+
+
+def test_staggered_rendering_carries_the_interval_in_every_table() -> None:
+    report = _staggered_report(250)
+    markdown = report.to_markdown()
+    assert markdown.startswith("## staggered start, 2 rounds per provider, rounds of 3 launches")
+    assert "launches 250 ms apart" in markdown.splitlines()[0]
+    tables = [block for block in markdown.split("\n\n") if block.startswith("| ")]
+    assert len(tables) == 3  # phases, distributions, ramp
+    for table in tables:
+        header, _, *rows = table.splitlines()
+        assert "interval (ms)" in header
+        assert rows and all(row.split(" | ")[1] == "250" for row in rows), table
+    assert "| p | 250 | launch offset (measured) | 0 | 250 | 500 | 500 | 500 |" in markdown
+    # The ramp: launch 3 (offset 500 ms) took 7 phases of 0.3 s (round 0) and 0.31 s (round 1).
+    assert "| p | 250 | 3 | 500 | 1220 | 2135 |" in markdown
+    again = BenchReport.from_json(report.to_json())
+    assert again.to_markdown() == markdown
+    assert json.loads(report.to_json())["config"]["stagger_ms"] == 250
+    # Other modes keep their tables as they were: no interval column.
+    report.config["mode"] = "burst"
+    assert "interval" not in report.to_markdown()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"mode": "staggered", "stagger_ms": -1}, "between 0 and 60000"),
+        ({"mode": "staggered", "stagger_ms": float("nan")}, "between 0 and 60000"),
+        ({"mode": "staggered", "stagger_ms": float("inf")}, "between 0 and 60000"),
+        ({"mode": "staggered", "stagger_ms": 120_000}, "between 0 and 60000"),
+        ({"mode": "staggered", "stagger_ms": "200"}, "number of milliseconds"),
+        ({"mode": "burst", "stagger_ms": 200}, "staggered mode only"),
+        ({"mode": "cold", "stagger_ms": 0}, "staggered mode only"),
+        ({"mode": "sideways"}, "unknown bench mode 'sideways'"),
+        ({"mode": "staggered", "concurrency": 0}, "concurrency must be at least 1"),
+        ({"runs": 0}, "runs must be at least 1"),
+    ],
+)
+async def test_bad_bench_settings_are_config_errors_before_anything_runs(
+    settings: dict[str, Any], message: str
+) -> None:
+    config = BenchConfig(providers=["local"], **settings)
+    with pytest.raises(sandbay.ConfigError, match=message):
+        await run_bench(config)
+
+
+def test_the_staggered_interval_defaults_to_computesdks() -> None:
+    assert BenchConfig(providers=["local"], mode="staggered").interval_s == 0.2
+    assert BenchConfig(providers=["local"], mode="staggered", stagger_ms=0).interval_s == 0
+    assert BenchConfig(providers=["local"], mode="burst").interval_s == 0

@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--mode",
-        choices=["cold", "warm", "burst"],
+        choices=["cold", "warm", "burst", "staggered"],
         default="cold",
         help="what to measure (default: %(default)s)",
     )
@@ -166,7 +166,13 @@ def _parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=_count,
         default=8,
-        help="runs at once in burst mode (default: %(default)s)",
+        help="runs per round in burst (at once) and staggered mode (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--stagger-ms",
+        type=float,
+        metavar="N",
+        help="staggered mode: milliseconds between launches (default: 200)",
     )
     bench.add_argument(
         "--model",
@@ -426,6 +432,7 @@ async def _bench(args: argparse.Namespace) -> int:
             model=args.model,
             spec=config.spec,
             raw_baseline=not args.no_raw,
+            stagger_ms=args.stagger_ms,
         )
     )
     print(report.to_markdown())

@@ -11,13 +11,15 @@ from __future__ import annotations
 from ._baselines import LABELS, RAW_BASELINES, RawBaseline
 from ._rendering import write_results
 from ._report import BenchReport, machine_info
-from ._running import BenchConfig, Mode, run_bench
+from ._running import DEFAULT_STAGGER_MS, MODES, BenchConfig, Mode, check_config, run_bench
 from ._samples import COLD_PHASES, WARM_PHASES, RunSample
 from ._statistics import stats, summarize
 
 __all__ = [
     "COLD_PHASES",
+    "DEFAULT_STAGGER_MS",
     "LABELS",
+    "MODES",
     "RAW_BASELINES",
     "WARM_PHASES",
     "BenchConfig",
@@ -25,6 +27,7 @@ __all__ = [
     "Mode",
     "RawBaseline",
     "RunSample",
+    "check_config",
     "machine_info",
     "run_bench",
     "stats",
