@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -394,3 +395,119 @@ def test_the_staggered_interval_defaults_to_computesdks() -> None:
     assert BenchConfig(providers=["local"], mode="staggered").interval_s == 0.2
     assert BenchConfig(providers=["local"], mode="staggered", stagger_ms=0).interval_s == 0
     assert BenchConfig(providers=["local"], mode="burst").interval_s == 0
+
+
+# --- capacity ---------------------------------------------------------------------------
+
+
+def test_agents_per_host_is_the_guides_formula() -> None:
+    from sandbay._bench import agents_per_cores, agents_per_host
+
+    # (host RAM − overhead) / per-session ceiling
+    assert agents_per_host(host_ram_mib=16384, overhead_mib=1124, per_session_mib=512) == (
+        pytest.approx((16384 - 1124) / 512)
+    )
+    assert agents_per_host(host_ram_mib=1000, overhead_mib=2000, per_session_mib=100) == 0
+    assert agents_per_cores(cores=2, per_session_cores=0.5) == 4
+    with pytest.raises(sandbay.ConfigError, match="ceiling must be above 0"):
+        agents_per_host(host_ram_mib=1000, overhead_mib=0, per_session_mib=0)
+    with pytest.raises(sandbay.ConfigError, match="CPU rate must be above 0"):
+        agents_per_cores(cores=2, per_session_cores=0)
+
+
+def test_capacity_summary_fills_the_formula_from_the_sessions() -> None:
+    from sandbay._bench import CapacityReport, CapacitySample
+
+    report = CapacityReport(
+        config={
+            "providers": ["p"],
+            "runs": 3,
+            "turns": 6,
+            "alloc_mib": 64,
+            "write_mib": 4,
+            "reserve_mib": 1000,
+            "sample_interval_ms": 50,
+            "model": "scripted",
+        },
+        machine={"cpus": 2, "memory_mib": 9000.0, "platform": "x", "python": "3"},
+    )
+
+    def session(peak: float, cpu: float, rss: tuple[float, float]) -> CapacitySample:
+        return CapacitySample(
+            "p",
+            kind="local",
+            wall_s=10.0,
+            turns_done=6,
+            sandbox_peak_mib=peak,
+            sandbox_cpu_s=cpu,
+            host_rss_start_mib=rss[0],
+            host_rss_peak_mib=rss[1],
+            host_cpu_s=1.0,
+        )
+
+    report.samples += [
+        session(300, 4.0, (80, 82)),
+        session(450, 6.0, (70, 71)),
+        session(400, 3.0, (90, 90)),
+    ]
+    report.samples.append(CapacitySample("p", kind="local", error="AgentError: boom"))
+    entry = report.summary()["p"]
+    assert (entry["sessions"], entry["failures"]) == (4, 1)
+    assert entry["per_session_mib"] == 450 + 2  # largest peak + most sandbay grew
+    assert entry["overhead_mib"] == 1000 + 80  # reserve + sandbay's median RSS
+    assert entry["cpu_rate"] == pytest.approx(0.7)  # (6 + 1) / 10, the largest
+    assert entry["agents_by_memory"] == pytest.approx((9000 - 1080) / 452)
+    assert entry["agents_at_guide_default"] == pytest.approx((9000 - 1080) / 1024)
+    assert entry["agents_by_cpu"] == pytest.approx(2 / 0.7)
+    markdown = report.to_markdown()
+    assert "| p | (9000 − 1080) / 452 MiB | 17 | 7 | 2 / 0.70 | 2.9 |" in markdown
+    assert "getrusage(RUSAGE_CHILDREN)" in markdown and "Failures on p: AgentError" in markdown
+    assert CapacityReport.from_json(report.to_json()).to_markdown() == markdown
+
+
+async def test_a_short_local_session_is_measured(tmp_path: Path) -> None:
+    from sandbay._bench import CapacityConfig, run_capacity
+
+    config = CapacityConfig(
+        providers=["local"], runs=1, turns=2, alloc_mib=300, write_mib=1, warmup=False
+    )
+    report = await run_capacity(config)
+    (sample,) = report.samples
+    assert sample.error is None, sample.error
+    assert sample.turns_done == 2  # the model got both turns' output back
+    # The tree's peak holds the 300 MiB python3 allocated, on top of the CLI's own.
+    assert sample.sandbox_peak_mib >= 300 and sample.memory_samples >= 2
+    # CPU: the work (hashing 4 × 300 MiB twice) took CPU, and no more than the cores allow.
+    assert sample.sandbox_cpu_s > 0 and sample.host_cpu_s > 0
+    assert 0 < sample.cpu_rate <= (os.cpu_count() or 1) * 1.05
+    assert 10 < sample.host_rss_start_mib <= sample.host_rss_peak_mib
+    entry = report.summary()["local"]
+    assert entry["per_session_mib"] >= sample.sandbox_peak_mib
+    ram = report.machine["memory_mib"]
+    assert entry["agents_by_memory"] == pytest.approx(
+        (ram - entry["overhead_mib"]) / entry["per_session_mib"]
+    )
+    paths = report.write(tmp_path)
+    assert [p.name for p in paths] == ["capacity.json", "capacity.md"]
+    assert "agents per host = (host RAM − overhead) / per-session ceiling" in paths[1].read_text()
+    assert json.loads(paths[0].read_text())["samples"][0]["turns_done"] == 2
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"turns": 0}, "turns must be a whole number from 1"),
+        ({"alloc_mib": -1}, "alloc_mib must be a whole number from 0"),
+        ({"runs": 1.5}, "runs must be a whole number"),
+        ({"sample_interval_s": 0}, "sample_interval_s must be 0.005 to 10"),
+        ({"providers": ["e2b"]}, "not 'e2b'"),
+    ],
+)
+async def test_capacity_refuses_bad_settings_before_anything_runs(
+    settings: dict[str, Any], message: str
+) -> None:
+    from sandbay._bench import CapacityConfig, run_capacity
+
+    config = CapacityConfig(**{"providers": ["local"], **settings})
+    with pytest.raises(sandbay.ConfigError, match=message):
+        await run_capacity(config)
