@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -511,3 +513,61 @@ async def test_capacity_refuses_bad_settings_before_anything_runs(
     config = CapacityConfig(**{"providers": ["local"], **settings})
     with pytest.raises(sandbay.ConfigError, match=message):
         await run_capacity(config)
+
+
+def _bench_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "SANDBAY_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "sandbay", "bench", "--providers", "local", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mode", "cold", "--stagger-ms", "100"], "applies to the staggered mode only"),
+        (["--mode", "staggered", "--stagger-ms", "-5"], "between 0 and 60000"),
+        (["--mode", "burst", "--turns", "3"], "--turns applies to --mode capacity only"),
+        (["--mode", "capacity", "--stagger-ms", "100"], "--stagger-ms applies to --mode staggered"),
+        (["--mode", "capacity", "--alloc-mib", "-1"], "alloc_mib must be a whole number"),
+    ],
+)
+def test_bench_cli_refuses_settings_of_another_mode(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = _bench_cli(tmp_path, *args)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert not (tmp_path / "benchmarks").exists()  # refused before anything ran
+
+
+def test_bench_cli_capacity_writes_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    result = _bench_cli(
+        tmp_path, "--mode", "capacity", "--runs", "1", "--turns", "1", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "agents per host" in result.stdout
+    data = json.loads((out / "capacity.json").read_text())
+    assert data["config"]["turns"] == 1 and len(data["samples"]) == 1
+    assert data["samples"][0]["error"] is None and data["samples"][0]["sandbox_peak_mib"] > 0
+
+
+@pytest.mark.docker
+async def test_a_short_docker_session_reads_the_containers_cgroup() -> None:
+    from sandbay._bench import CapacityConfig, run_capacity
+
+    config = CapacityConfig(
+        providers=["docker"], runs=1, turns=1, alloc_mib=128, write_mib=1, warmup=False
+    )
+    (sample,) = (await run_capacity(config)).samples
+    assert sample.error is None, sample.error
+    assert sample.turns_done == 1
+    # The cgroup's high-water mark saw the 128 MiB python3 wrote, whatever the sampling missed.
+    assert sample.sandbox_peak_mib >= 128
+    assert 0 < sample.sandbox_cpu_s and 0 < sample.cpu_rate <= (os.cpu_count() or 1) * 1.05
