@@ -1,13 +1,14 @@
 """Capacity planning: how many agents one host holds, from a measured representative session.
 
-The Agent SDK's hosting guide sizes a host as
+The Agent SDK's hosting guide recommends 1 GiB RAM and 1 CPU per SDK instance, to vary with
+the task; sizing a host from a per-session figure is
 
     agents per host = (host RAM − overhead) / per-session ceiling
 
-with a recommended 1 GiB RAM and 1 CPU per SDK instance unless measured otherwise. This module
-measures the ceiling instead of assuming it: it runs a representative session (a scripted
-model asking for several Bash tool calls that do real work: allocate and touch memory in
-``python3``, hash it, run a CPU loop, write a file) to a target length on each provider, and
+This module measures the ceiling instead of assuming it: it runs a representative session
+(a scripted model asking for several Bash tool calls that do real work: allocate and touch
+memory in ``python3``, hash it, run a CPU loop, write a file) to a target length on each
+provider, and
 records for each session
 
 - the **sandbox's peak memory and CPU seconds** (how, per provider, is in `METHODS`);
