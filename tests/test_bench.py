@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 import sandbay
@@ -286,3 +291,297 @@ def test_run_timings_are_a_record_and_dict_access_is_deprecated() -> None:
         assert "start" in timings and timings.get("closed") is None
     with pytest.warns(DeprecationWarning):
         assert dict(timings.items()) == {"start": 1.0, "request": 2.5}
+
+
+# --- staggered mode ---------------------------------------------------------------------
+
+
+async def test_staggered_launches_are_spaced_from_the_rounds_own_clock() -> None:
+    from sandbay._bench._running import _launch
+
+    seen: list[tuple[int, float]] = []
+
+    async def run(index: int, offset: float) -> None:
+        seen.append((index, offset))
+        if index == 0:
+            await anyio.sleep(0.2)  # a slow run does not push later launches back
+
+    offsets = await _launch(4, 0.05, run)
+    assert sorted(i for i, _ in seen) == [0, 1, 2, 3]
+    assert offsets == [o for _, o in sorted(seen)]
+    # Each launch waits for its own time on the round's clock, never less (1 ms of clock slack).
+    assert offsets[0] < 0.01
+    for index, offset in enumerate(offsets):
+        assert offset >= index * 0.05 - 0.001
+    assert offsets == sorted(offsets)
+    # interval 0: a burst, every run launched before any yields
+    assert len(await _launch(3, 0.0, run)) == 3
+
+
+async def test_a_small_staggered_run_records_each_launch(tmp_path: Path) -> None:
+    config = BenchConfig(
+        providers=["local"], runs=1, mode="staggered", concurrency=2, stagger_ms=300
+    )
+    report = await run_bench(config)
+    assert report.config["stagger_ms"] == 300
+    assert len(report.samples) == 2  # one round of two, after the warm-up round
+    assert all(s.error is None for s in report.samples), [s.error for s in report.samples]
+    assert [s.launch_index for s in report.samples] == [0, 1]
+    first, second = (s.launch_offset_s for s in report.samples)
+    assert first is not None and second is not None and second >= 0.299
+    for sample in report.samples:
+        assert set(sample.phases) == set(COLD_PHASES)
+    summary = report.summary()["local"]
+    assert [step["index"] for step in summary["ramp"]] == [0, 1]
+    assert summary["launch_offset"]["n"] == 2
+    assert len(report.raw["local"]) == 2 and report.cli["local"] == []
+    paths = write_results(report, tmp_path)
+    assert paths[0].name == "staggered-local.json"
+    assert "launches 300 ms apart" in paths[1].read_text()
+    assert any(p.suffix == ".png" and p.stat().st_size > 1000 for p in paths)
+
+
+def _staggered_report(stagger_ms: float) -> BenchReport:
+    report = BenchReport(
+        config={
+            "providers": ["p"],
+            "runs": 2,
+            "mode": "staggered",
+            "concurrency": 3,
+            "model": "scripted",
+            "stagger_ms": stagger_ms,
+        },
+        machine={"cpus": 2, "memory_gib": 24, "platform": "x", "python": "3"},
+    )
+    for round_no in range(2):
+        for index in range(3):
+            phases = dict.fromkeys(COLD_PHASES, 0.1 + 0.1 * index + 0.01 * round_no)
+            report.samples.append(
+                RunSample("p", phases, launch_index=index, launch_offset_s=index * 0.25)
+            )
+    return report
+
+
+def test_staggered_rendering_carries_the_interval_in_every_table() -> None:
+    report = _staggered_report(250)
+    markdown = report.to_markdown()
+    assert markdown.startswith("## staggered start, 2 rounds per provider, rounds of 3 launches")
+    assert "launches 250 ms apart" in markdown.splitlines()[0]
+    tables = [block for block in markdown.split("\n\n") if block.startswith("| ")]
+    assert len(tables) == 3  # phases, distributions, ramp
+    for table in tables:
+        header, _, *rows = table.splitlines()
+        assert "interval (ms)" in header
+        assert rows and all(row.split(" | ")[1] == "250" for row in rows), table
+    assert "| p | 250 | launch offset (measured) | 0 | 250 | 500 | 500 | 500 |" in markdown
+    # The ramp: launch 3 (offset 500 ms) took 7 phases of 0.3 s (round 0) and 0.31 s (round 1).
+    assert "| p | 250 | 3 | 500 | 1220 | 2135 |" in markdown
+    again = BenchReport.from_json(report.to_json())
+    assert again.to_markdown() == markdown
+    assert json.loads(report.to_json())["config"]["stagger_ms"] == 250
+    # Other modes keep their tables as they were: no interval column.
+    report.config["mode"] = "burst"
+    assert "interval" not in report.to_markdown()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"mode": "staggered", "stagger_ms": -1}, "between 0 and 60000"),
+        ({"mode": "staggered", "stagger_ms": float("nan")}, "between 0 and 60000"),
+        ({"mode": "staggered", "stagger_ms": float("inf")}, "between 0 and 60000"),
+        ({"mode": "staggered", "stagger_ms": 120_000}, "between 0 and 60000"),
+        ({"mode": "staggered", "stagger_ms": "200"}, "number of milliseconds"),
+        ({"mode": "burst", "stagger_ms": 200}, "staggered mode only"),
+        ({"mode": "cold", "stagger_ms": 0}, "staggered mode only"),
+        ({"mode": "sideways"}, "unknown bench mode 'sideways'"),
+        ({"mode": "staggered", "concurrency": 0}, "concurrency must be at least 1"),
+        ({"runs": 0}, "runs must be at least 1"),
+    ],
+)
+async def test_bad_bench_settings_are_config_errors_before_anything_runs(
+    settings: dict[str, Any], message: str
+) -> None:
+    config = BenchConfig(providers=["local"], **settings)
+    with pytest.raises(sandbay.ConfigError, match=message):
+        await run_bench(config)
+
+
+def test_the_staggered_interval_defaults_to_computesdks() -> None:
+    assert BenchConfig(providers=["local"], mode="staggered").interval_s == 0.2
+    assert BenchConfig(providers=["local"], mode="staggered", stagger_ms=0).interval_s == 0
+    assert BenchConfig(providers=["local"], mode="burst").interval_s == 0
+
+
+# --- capacity ---------------------------------------------------------------------------
+
+
+def test_agents_per_host_is_the_guides_formula() -> None:
+    from sandbay._bench import agents_per_cores, agents_per_host
+
+    # (host RAM − overhead) / per-session ceiling
+    assert agents_per_host(host_ram_mib=16384, overhead_mib=1124, per_session_mib=512) == (
+        pytest.approx((16384 - 1124) / 512)
+    )
+    assert agents_per_host(host_ram_mib=1000, overhead_mib=2000, per_session_mib=100) == 0
+    assert agents_per_cores(cores=2, per_session_cores=0.5) == 4
+    with pytest.raises(sandbay.ConfigError, match="ceiling must be above 0"):
+        agents_per_host(host_ram_mib=1000, overhead_mib=0, per_session_mib=0)
+    with pytest.raises(sandbay.ConfigError, match="CPU rate must be above 0"):
+        agents_per_cores(cores=2, per_session_cores=0)
+
+
+def test_capacity_summary_fills_the_formula_from_the_sessions() -> None:
+    from sandbay._bench import CapacityReport, CapacitySample
+
+    report = CapacityReport(
+        config={
+            "providers": ["p"],
+            "runs": 3,
+            "turns": 6,
+            "alloc_mib": 64,
+            "write_mib": 4,
+            "reserve_mib": 1000,
+            "sample_interval_ms": 50,
+            "model": "scripted",
+        },
+        machine={"cpus": 2, "memory_mib": 9000.0, "platform": "x", "python": "3"},
+    )
+
+    def session(peak: float, cpu: float, rss: tuple[float, float]) -> CapacitySample:
+        return CapacitySample(
+            "p",
+            kind="local",
+            wall_s=10.0,
+            turns_done=6,
+            sandbox_peak_mib=peak,
+            sandbox_cpu_s=cpu,
+            host_rss_start_mib=rss[0],
+            host_rss_peak_mib=rss[1],
+            host_cpu_s=1.0,
+        )
+
+    report.samples += [
+        session(300, 4.0, (80, 82)),
+        session(450, 6.0, (70, 71)),
+        session(400, 3.0, (90, 90)),
+    ]
+    report.samples.append(CapacitySample("p", kind="local", error="AgentError: boom"))
+    entry = report.summary()["p"]
+    assert (entry["sessions"], entry["failures"]) == (4, 1)
+    assert entry["per_session_mib"] == 450 + 2  # largest peak + most sandbay grew
+    assert entry["overhead_mib"] == 1000 + 80  # reserve + sandbay's median RSS
+    assert entry["cpu_rate"] == pytest.approx(0.7)  # (6 + 1) / 10, the largest
+    assert entry["agents_by_memory"] == pytest.approx((9000 - 1080) / 452)
+    assert entry["agents_at_guide_default"] == pytest.approx((9000 - 1080) / 1024)
+    assert entry["agents_by_cpu"] == pytest.approx(2 / 0.7)
+    markdown = report.to_markdown()
+    assert "| p | (9000 − 1080) / 452 MiB | 17 | 7 | 2 / 0.70 | 2.9 |" in markdown
+    assert "getrusage(RUSAGE_CHILDREN)" in markdown and "Failures on p: AgentError" in markdown
+    assert CapacityReport.from_json(report.to_json()).to_markdown() == markdown
+
+
+async def test_a_short_local_session_is_measured(tmp_path: Path) -> None:
+    from sandbay._bench import CapacityConfig, run_capacity
+
+    config = CapacityConfig(
+        providers=["local"], runs=1, turns=2, alloc_mib=300, write_mib=1, warmup=False
+    )
+    report = await run_capacity(config)
+    (sample,) = report.samples
+    assert sample.error is None, sample.error
+    assert sample.turns_done == 2  # the model got both turns' output back
+    # The tree's peak holds the 300 MiB python3 allocated, on top of the CLI's own.
+    assert sample.sandbox_peak_mib >= 300 and sample.memory_samples >= 2
+    # CPU: the work (hashing 4 × 300 MiB twice) took CPU, and no more than the cores allow.
+    assert sample.sandbox_cpu_s > 0 and sample.host_cpu_s > 0
+    assert 0 < sample.cpu_rate <= (os.cpu_count() or 1) * 1.05
+    assert 10 < sample.host_rss_start_mib <= sample.host_rss_peak_mib
+    entry = report.summary()["local"]
+    assert entry["per_session_mib"] >= sample.sandbox_peak_mib
+    ram = report.machine["memory_mib"]
+    assert entry["agents_by_memory"] == pytest.approx(
+        (ram - entry["overhead_mib"]) / entry["per_session_mib"]
+    )
+    paths = report.write(tmp_path)
+    assert [p.name for p in paths] == ["capacity.json", "capacity.md"]
+    assert "agents per host = (host RAM − overhead) / per-session ceiling" in paths[1].read_text()
+    assert json.loads(paths[0].read_text())["samples"][0]["turns_done"] == 2
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"turns": 0}, "turns must be a whole number from 1"),
+        ({"alloc_mib": -1}, "alloc_mib must be a whole number from 0"),
+        ({"runs": 1.5}, "runs must be a whole number"),
+        ({"sample_interval_s": 0}, "sample_interval_s must be 0.005 to 10"),
+        ({"providers": ["e2b"]}, "not 'e2b'"),
+    ],
+)
+async def test_capacity_refuses_bad_settings_before_anything_runs(
+    settings: dict[str, Any], message: str
+) -> None:
+    from sandbay._bench import CapacityConfig, run_capacity
+
+    config = CapacityConfig(**{"providers": ["local"], **settings})
+    with pytest.raises(sandbay.ConfigError, match=message):
+        await run_capacity(config)
+
+
+def _bench_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "SANDBAY_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "sandbay", "bench", "--providers", "local", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mode", "cold", "--stagger-ms", "100"], "applies to the staggered mode only"),
+        (["--mode", "staggered", "--stagger-ms", "-5"], "between 0 and 60000"),
+        (["--mode", "burst", "--turns", "3"], "--turns applies to --mode capacity only"),
+        (["--mode", "capacity", "--stagger-ms", "100"], "--stagger-ms applies to --mode staggered"),
+        (["--mode", "capacity", "--alloc-mib", "-1"], "alloc_mib must be a whole number"),
+    ],
+)
+def test_bench_cli_refuses_settings_of_another_mode(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = _bench_cli(tmp_path, *args)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert not (tmp_path / "benchmarks").exists()  # refused before anything ran
+
+
+def test_bench_cli_capacity_writes_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    result = _bench_cli(
+        tmp_path, "--mode", "capacity", "--runs", "1", "--turns", "1", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "agents per host" in result.stdout
+    data = json.loads((out / "capacity.json").read_text())
+    assert data["config"]["turns"] == 1 and len(data["samples"]) == 1
+    assert data["samples"][0]["error"] is None and data["samples"][0]["sandbox_peak_mib"] > 0
+
+
+@pytest.mark.docker
+async def test_a_short_docker_session_reads_the_containers_cgroup() -> None:
+    from sandbay._bench import CapacityConfig, run_capacity
+
+    config = CapacityConfig(
+        providers=["docker"], runs=1, turns=1, alloc_mib=128, write_mib=1, warmup=False
+    )
+    (sample,) = (await run_capacity(config)).samples
+    assert sample.error is None, sample.error
+    assert sample.turns_done == 1
+    # The cgroup's high-water mark saw the 128 MiB python3 wrote, whatever the sampling missed.
+    assert sample.sandbox_peak_mib >= 128
+    assert 0 < sample.sandbox_cpu_s and 0 < sample.cpu_rate <= (os.cpu_count() or 1) * 1.05

@@ -158,21 +158,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--mode",
-        choices=["cold", "warm", "burst"],
+        choices=["cold", "warm", "burst", "staggered", "capacity"],
         default="cold",
-        help="what to measure (default: %(default)s)",
+        help="what to measure (default: %(default)s); capacity: a representative session's "
+        "peak memory and CPU per provider, and agents per host from them",
     )
     bench.add_argument(
         "--concurrency",
         type=_count,
         default=8,
-        help="runs at once in burst mode (default: %(default)s)",
+        help="runs per round in burst (at once) and staggered mode (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--stagger-ms",
+        type=float,
+        metavar="N",
+        help="staggered mode: milliseconds between launches (default: 200)",
     )
     bench.add_argument(
         "--model",
         choices=["scripted", "real"],
         default="scripted",
         help="scripted: the loopback model; real: your API key (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--turns", type=_count, help="capacity: Bash tool calls per session (default: 6)"
+    )
+    bench.add_argument(
+        "--alloc-mib",
+        type=int,
+        help="capacity: MiB each tool call allocates and touches (default: 64)",
+    )
+    bench.add_argument(
+        "--reserve-mib",
+        type=int,
+        help="capacity: host MiB kept for the OS and other services (default: 1024)",
     )
     bench.add_argument("--no-raw", action="store_true", help="skip the raw SDK baseline")
     bench.add_argument(
@@ -417,6 +437,13 @@ async def _bench(args: argparse.Namespace) -> int:
         config if name == config.provider.type else parse_config({"provider": {"type": name}})
         for name in names
     ]
+    if args.mode == "capacity":
+        return await _bench_capacity(args, providers, config.spec)
+    capacity_only = {"--turns": args.turns, "--alloc-mib": args.alloc_mib}
+    capacity_only["--reserve-mib"] = args.reserve_mib
+    given = [flag for flag, value in capacity_only.items() if value is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} applies to --mode capacity only")
     report = await run_bench(
         BenchConfig(
             providers=providers,
@@ -426,10 +453,34 @@ async def _bench(args: argparse.Namespace) -> int:
             model=args.model,
             spec=config.spec,
             raw_baseline=not args.no_raw,
+            stagger_ms=args.stagger_ms,
         )
     )
     print(report.to_markdown())
     for path in write_results(report, Path(args.out)):
+        _note(f"wrote {path}")
+    return 0 if all(s.error is None for s in report.samples) else 1
+
+
+async def _bench_capacity(args: argparse.Namespace, providers: list[Any], spec: Any) -> int:
+    from pathlib import Path
+
+    from ._bench import CapacityConfig, run_capacity
+    from ._errors import ConfigError
+
+    if args.stagger_ms is not None:
+        raise ConfigError("--stagger-ms applies to --mode staggered only")
+    settings = {"turns": args.turns, "alloc_mib": args.alloc_mib, "reserve_mib": args.reserve_mib}
+    report = await run_capacity(
+        CapacityConfig(
+            providers=providers,
+            runs=args.runs,
+            spec=spec,
+            **{k: v for k, v in settings.items() if v is not None},
+        )
+    )
+    print(report.to_markdown())
+    for path in report.write(Path(args.out)):
         _note(f"wrote {path}")
     return 0 if all(s.error is None for s in report.samples) else 1
 

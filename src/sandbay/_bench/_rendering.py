@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._samples import COLD_PHASES, WARM_PHASES
 
@@ -13,22 +13,47 @@ if TYPE_CHECKING:
 __all__ = ["render_markdown", "render_plot", "write_results"]
 
 
+def _rounds(config: dict[str, Any]) -> str:
+    """How the runs were launched, for titles: bursts of K, or K launches N ms apart."""
+    if config["mode"] == "burst":
+        return f", bursts of {config['concurrency']}"
+    if config["mode"] == "staggered":
+        return f", rounds of {config['concurrency']} launches {_interval(config)} ms apart"
+    return ""
+
+
+def _interval(config: dict[str, Any]) -> str:
+    return f"{config['stagger_ms']:g}"
+
+
 def render_markdown(report: BenchReport) -> str:
-    """The report's tables: per-phase p50 (p95), then min / percentiles / max per span."""
+    """The report's tables: per-phase p50 (p95), then min / percentiles / max per span.
+
+    A staggered report names its launch interval in its title and in every table (a column),
+    and adds the ramp: each launch's median offset and times, in launch order.
+    """
     summary = report.summary()
     mode = report.config["mode"]
+    staggered = mode == "staggered"
     phases = WARM_PHASES if mode == "warm" else COLD_PHASES
+    # In staggered mode every row says the interval it was measured at.
+    icol = ["interval (ms)"] if staggered else []
+    ival = [_interval(report.config)] if staggered else []
     lines = [
-        f"## {mode} start, {report.config['runs']} runs per provider"
-        + (f", bursts of {report.config['concurrency']}" if mode == "burst" else ""),
+        f"## {mode} start, {report.config['runs']} "
+        + ("rounds" if staggered else "runs")
+        + " per provider"
+        + _rounds(report.config),
         "",
         f"Machine: {report.machine['cpus']} cores, {report.machine['memory_gib']} GiB, "
         f"{report.machine['platform']}, Python {report.machine['python']}. "
         f"Model: {report.config['model']}. Times in ms; p50 (p95).",
         "",
         *([f"Produced by `{report.config['command']}`.", ""] if "command" in report.config else []),
-        "| provider | runs | failed | " + " | ".join(phases) + " | total p50 | total p95 |",
-        "|---|---:|---:|" + "---:|" * len(phases) + "---:|---:|",
+        "| "
+        + " | ".join(["provider", *icol, "runs", "failed", *phases, "total p50", "total p95"])
+        + " |",
+        "|---|" + "---:|" * (len(icol) + 2 + len(phases) + 2),
     ]
     for name, entry in summary.items():
         label = f" ({entry['label']})" if entry["label"] else ""
@@ -36,15 +61,13 @@ def render_markdown(report: BenchReport) -> str:
             f"{_ms(entry['phases'][p].get('p50'))} ({_ms(entry['phases'][p].get('p95'))})"
             for p in phases
         ]
-        lines.append(
-            f"| {name}{label} | {entry['runs']} | {entry['failures']} | "
-            + " | ".join(cells)
-            + f" | {_ms(entry['total'].get('p50'))} | {_ms(entry['total'].get('p95'))} |"
-        )
+        row = [f"{name}{label}", *ival, str(entry["runs"]), str(entry["failures"]), *cells]
+        row += [_ms(entry["total"].get("p50")), _ms(entry["total"].get("p95"))]
+        lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
-        "| provider | stat | min | p50 | p95 | p99 | max |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(["provider", *icol, "stat", "min", "p50", "p95", "p99", "max"]) + " |",
+        "|---|" + "---:|" * len(icol) + "---|---:|---:|---:|---:|---:|",
     ]
     for name, entry in summary.items():
         rows = [("total", entry["total"])]
@@ -63,14 +86,30 @@ def render_markdown(report: BenchReport) -> str:
         rows.append(
             ("bare CLI start → first message (running sandbox)", entry["cli_start_to_first_msg"])
         )
+        if staggered:
+            rows.append(("launch offset (measured)", entry["launch_offset"]))
         rows.append(("model's own time (duration_api_ms)", entry["model"]))
         rows.append(("agent's own prompt → first message (in sandbox)", entry["agent_first_msg"]))
         shown = f"{name} ({entry['label']})" if entry["label"] else name
         for title, st in rows:
             if st:
+                cells = [_ms(st[k]) for k in ("min", "p50", "p95", "p99", "max")]
+                lines.append("| " + " | ".join([shown, *ival, title, *cells]) + " |")
+    if staggered:
+        lines += [
+            "",
+            "Ramp: each launch's median over rounds, in launch order (how a run fares as "
+            "more runs overlap it).",
+            "",
+            "| provider | interval (ms) | launch | offset p50 | create → first agent message "
+            "p50 | total p50 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, entry in summary.items():
+            for step in entry["ramp"]:
                 lines.append(
-                    f"| {shown} | {title} | {_ms(st['min'])} | {_ms(st['p50'])} | "
-                    f"{_ms(st['p95'])} | {_ms(st['p99'])} | {_ms(st['max'])} |"
+                    f"| {name} | {ival[0]} | {step['index'] + 1} | {_ms(step['offset_p50'])} | "
+                    f"{_ms(step['create_to_first_msg_p50'])} | {_ms(step['total_p50'])} |"
                 )
     ratios = {n: e["ratio_vs_raw"] for n, e in summary.items() if "ratio_vs_raw" in e}
     if ratios:
@@ -110,7 +149,13 @@ def render_plot(report: BenchReport, path: Path) -> bool:
     mode = report.config["mode"]
     phases = WARM_PHASES if mode == "warm" else COLD_PHASES
     names = list(summary)
-    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.8 * len(names)))
+    if mode == "staggered":
+        fig, (ax, ramp) = plt.subplots(
+            2, 1, figsize=(10, 4.6 + 0.8 * len(names)), height_ratios=[1.6 + 0.8 * len(names), 3]
+        )
+        _plot_ramp(ramp, report)
+    else:
+        fig, ax = plt.subplots(figsize=(10, 1.6 + 0.8 * len(names)))
     lefts = [0.0] * len(names)
     colors = plt.get_cmap("tab10")
     for i, phase in enumerate(phases):
@@ -133,9 +178,8 @@ def render_plot(report: BenchReport, path: Path) -> bool:
         [f"{n}\n({summary[n]['label']})" if summary[n]["label"] else n for n in names],
     )
     ax.set_xlabel("milliseconds (stacked phase p50s; whisker to total p95)")
-    burst = f", bursts of {report.config['concurrency']}" if mode == "burst" else ""
     ax.set_title(
-        f"sandbay {mode} start{burst}: {report.machine['cpus']} cores, "
+        f"sandbay {mode} start{_rounds(report.config)}: {report.machine['cpus']} cores, "
         f"{report.machine['memory_gib']} GiB, model {report.config['model']}"
     )
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
@@ -143,6 +187,25 @@ def render_plot(report: BenchReport, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _plot_ramp(ax: Any, report: BenchReport) -> None:
+    """Each run's total against its launch offset, per provider: the staggered ramp."""
+    for name in report.summary():
+        runs = [
+            s
+            for s in report.samples
+            if s.provider == name and s.error is None and s.launch_offset_s is not None
+        ]
+        ax.scatter(
+            [(s.launch_offset_s or 0.0) * 1000 for s in runs],
+            [s.total * 1000 for s in runs],
+            label=name,
+            s=14,
+        )
+    ax.set_xlabel(f"launch offset, ms (launches {_interval(report.config)} ms apart)")
+    ax.set_ylabel("run total, ms")
+    ax.legend(fontsize=8)
 
 
 def write_results(report: BenchReport, directory: Path, *, stem: str | None = None) -> list[Path]:

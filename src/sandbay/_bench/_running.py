@@ -16,7 +16,11 @@ In ``warm`` mode a `SandboxPool` has done provision, ready, the CLI's start-up a
 initialize handshake ahead of time: ``acquire`` (take a ready sandbox) replaces provision and
 ready, and the fresh-sandbox check runs after the result, off the critical path. A second
 row per provider (`AT_TAKE`) takes from a pool made with ``initialize=False``: its runs do
-the handshake after they take the sandbox. ``burst`` starts K cold runs at once.
+the handshake after they take the sandbox. ``burst`` starts K cold runs at once;
+``staggered`` starts K cold runs one fixed interval apart (`BenchConfig.stagger_ms`), as
+computesdk's staggered mode does, so load ramps up instead of arriving at once. Each run
+records when it was launched (``launch_offset_s``, measured from the round's start), and the
+report keeps each launch's time beside its offset: how a run degrades as more runs overlap.
 
 Providers are interleaved run by run (their order rotating), one warm-up run each is
 excluded, and failures are counted, not dropped. A raw baseline (create → first exec with
@@ -28,10 +32,11 @@ plus that is the floor a cold create → first agent message is held to (``ratio
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,16 +47,19 @@ from claude_agent_sdk import ClaudeAgentOptions, ResultMessage
 from .._agent import RunTimings, run_agent
 from .._api import create_sandbox
 from .._config import SandbayConfig, parse_config
-from .._errors import SandboxError
+from .._errors import ConfigError, SandboxError
 from .._pool import SandboxPool
 from .._sandbox import SandboxSpec
 from ._baselines import LABELS, RAW_BASELINES, cli_start, sandbox_cli
 from ._report import BenchReport, machine_info
 from ._samples import RunSample
 
-__all__ = ["BenchConfig", "run_bench"]
+__all__ = ["DEFAULT_STAGGER_MS", "MODES", "BenchConfig", "Mode", "check_config", "run_bench"]
 
-Mode = Literal["cold", "warm", "burst"]
+Mode = Literal["cold", "warm", "burst", "staggered"]
+MODES: tuple[Mode, ...] = ("cold", "warm", "burst", "staggered")
+#: computesdk's default interval between staggered launches.
+DEFAULT_STAGGER_MS = 200.0
 PROMPT = "Run `echo benchmark` and report what it printed."
 NONCE_GLOB = ".sandbay-bench-nonce-"
 #: Seconds a full warm pool is left idle before a measured run, so the last refill settles.
@@ -67,14 +75,17 @@ class BenchConfig:
     Attributes:
         providers: Provider names or configs, measured side by side.
         runs: Measured runs per provider (after one warm-up run).
-        mode: ``cold``, ``warm`` or ``burst``.
-        concurrency: Runs started at once in ``burst`` mode; pool concurrency in ``warm``.
+        mode: ``cold``, ``warm``, ``burst`` or ``staggered``.
+        concurrency: Runs per round in ``burst`` (all at once) and ``staggered`` (one
+            ``stagger_ms`` apart) mode; pool concurrency in ``warm``.
         model: ``scripted`` (the loopback scripted model) or ``real`` (your API key).
         spec: Spec for every sandbox (``network`` is forced to ``host`` with the scripted
             model, which listens on the host's loopback).
         raw_baseline: Also time create → first exec with each provider's own SDK.
         cli_baseline: In ``cold`` mode, also time the bare CLI's start → first message in a
             running sandbox (the second half of the floor).
+        stagger_ms: Milliseconds between launches in ``staggered`` mode (computesdk's
+            default, 200, unless set); only that mode takes it.
     """
 
     providers: Sequence[str | SandbayConfig]
@@ -85,6 +96,41 @@ class BenchConfig:
     spec: SandboxSpec = field(default_factory=SandboxSpec)
     raw_baseline: bool = True
     cli_baseline: bool = True
+    stagger_ms: float | None = None
+
+    @property
+    def interval_s(self) -> float:
+        """Seconds between launches: the staggered interval, 0 (all at once) otherwise."""
+        if self.mode != "staggered":
+            return 0.0
+        return (DEFAULT_STAGGER_MS if self.stagger_ms is None else self.stagger_ms) / 1000
+
+
+def check_config(config: BenchConfig) -> None:
+    """Refuse settings the benchmark cannot run, before anything starts.
+
+    Raises:
+        ConfigError: Saying which setting is wrong and what it takes.
+    """
+    if config.mode not in MODES:
+        raise ConfigError(f"unknown bench mode {config.mode!r}: use one of {', '.join(MODES)}")
+    if config.runs < 1:
+        raise ConfigError(f"runs must be at least 1, got {config.runs}")
+    if config.concurrency < 1:
+        raise ConfigError(f"concurrency must be at least 1, got {config.concurrency}")
+    if config.stagger_ms is None:
+        return
+    if config.mode != "staggered":
+        raise ConfigError(
+            f"stagger_ms (--stagger-ms) applies to the staggered mode only, not "
+            f"{config.mode!r}: leave it unset, or use the staggered mode"
+        )
+    if isinstance(config.stagger_ms, bool) or not isinstance(config.stagger_ms, (int, float)):
+        raise ConfigError(f"stagger_ms must be a number of milliseconds, got {config.stagger_ms!r}")
+    if not math.isfinite(config.stagger_ms) or not 0 <= config.stagger_ms <= 60_000:
+        raise ConfigError(
+            f"stagger_ms must be between 0 and 60000 milliseconds, got {config.stagger_ms}"
+        )
 
 
 class _Progress:
@@ -121,6 +167,7 @@ async def run_bench(
     """
     from ..testing import ScriptedModel
 
+    check_config(config)
     configs = [
         p if isinstance(p, SandbayConfig) else parse_config({"provider": {"type": p}})
         for p in config.providers
@@ -135,6 +182,7 @@ async def run_bench(
             "mode": config.mode,
             "concurrency": config.concurrency,
             "model": config.model,
+            **({"stagger_ms": config.interval_s * 1000} if config.mode == "staggered" else {}),
         },
         machine=machine_info(),
     )
@@ -146,7 +194,7 @@ async def run_bench(
         report.raw_errors[name] = 0
         report.cli[name] = []
 
-    per_round = config.concurrency if config.mode == "burst" else 1
+    per_round = config.concurrency if config.mode in ("burst", "staggered") else 1
     model = None
     env: dict[str, str] = {}
     spec = config.spec
@@ -201,8 +249,9 @@ async def run_bench(
                         if not warmup:
                             report.samples.append(sample)
                     if config.raw_baseline:
-                        # Under the same load as the runs: K at once in burst mode.
-                        for raw in await _raw_round(cfg, spec, per_round):
+                        # Under the same load as the runs: K at once in burst mode, K
+                        # one interval apart in staggered mode.
+                        for raw in await _raw_round(cfg, spec, per_round, config.interval_s):
                             bar.step(f"{name} raw")
                             if warmup:
                                 continue
@@ -250,13 +299,35 @@ async def _round(
         return [await _cold_run(name, cfg, spec, options, env, seen)]
     samples: list[RunSample] = []
 
-    async def one() -> None:
-        samples.append(await _cold_run(name, cfg, spec, options, env, seen))
+    async def one(index: int, offset: float) -> None:
+        sample = await _cold_run(name, cfg, spec, options, env, seen)
+        sample.launch_index, sample.launch_offset_s = index, offset
+        samples.append(sample)
 
+    await _launch(config.concurrency, config.interval_s, one)
+    return sorted(samples, key=lambda s: s.launch_index or 0)
+
+
+async def _launch(
+    count: int, interval_s: float, run: Callable[[int, float], Coroutine[Any, Any, None]]
+) -> list[float]:
+    """Start ``count`` runs ``interval_s`` apart (all at once for 0); wait for all of them.
+
+    Each run gets its launch index and its measured launch offset: seconds from the first
+    launch to its own, as the clock saw it (under load a launch can start late; the report
+    shows when it did start, not when it was meant to). Returns the offsets, in launch order.
+    """
+    offsets: list[float] = []
     async with anyio.create_task_group() as tg:
-        for _ in range(config.concurrency):
-            tg.start_soon(one)
-    return samples
+        started = time.perf_counter()
+        for index in range(count):
+            if interval_s and index:
+                # Sleep until this launch's time on the round's clock, so that a late launch
+                # does not push every later one back.
+                await anyio.sleep(max(0.0, started + index * interval_s - time.perf_counter()))
+            offsets.append(time.perf_counter() - started)
+            tg.start_soon(run, index, offsets[-1])
+    return offsets
 
 
 def _nonce_command(nonce: str) -> str:
@@ -383,16 +454,16 @@ async def _cli_round(
         return None
 
 
-async def _raw_round(cfg: SandbayConfig, spec: SandboxSpec, count: int) -> list[float | None]:
-    """``count`` raw baselines started at once."""
+async def _raw_round(
+    cfg: SandbayConfig, spec: SandboxSpec, count: int, interval_s: float = 0.0
+) -> list[float | None]:
+    """``count`` raw baselines, started at once or ``interval_s`` apart."""
     results: list[float | None] = []
 
-    async def one() -> None:
+    async def one(index: int, offset: float) -> None:
         results.append(await _raw(cfg, spec))
 
-    async with anyio.create_task_group() as tg:
-        for _ in range(count):
-            tg.start_soon(one)
+    await _launch(count, interval_s, one)
     return results
 
 

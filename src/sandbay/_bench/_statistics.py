@@ -57,7 +57,9 @@ def summarize(
 
     Args:
         samples: Every measured run.
-        mode: ``cold``, ``warm`` or ``burst``: which phases and derived spans to report.
+        mode: ``cold``, ``warm``, ``burst`` or ``staggered``: which phases and derived spans
+            to report. ``staggered`` adds ``launch_offset`` (stats of the measured launch
+            offsets) and ``ramp``: per launch index, its median offset and times.
         raw: Raw-SDK create → first exec seconds per provider.
         raw_errors: Failed raw baselines per provider.
         labels: Shown beside a provider's name.
@@ -107,6 +109,11 @@ def summarize(
                     for s in ok
                 ]
             )
+        if mode == "staggered":
+            entry["launch_offset"] = stats(
+                [s.launch_offset_s for s in ok if s.launch_offset_s is not None]
+            )
+            entry["ramp"] = _ramp(ok)
         raw_values = raw.get(name, [])
         entry["raw_create_to_first_exec"] = stats(raw_values)
         entry["raw_failures"] = raw_errors.get(name, 0)
@@ -121,4 +128,27 @@ def summarize(
             entry["floor_to_first_msg"] = floor
             entry["ratio_vs_floor"] = to_first_msg / floor
         out[name] = entry
+    return out
+
+
+def _ramp(ok: Sequence[RunSample]) -> list[dict[str, Any]]:
+    """Per launch index (over rounds): median offset, create → first message and total."""
+    out = []
+    for index in sorted({s.launch_index for s in ok if s.launch_index is not None}):
+        runs = [s for s in ok if s.launch_index == index]
+        out.append(
+            {
+                "index": index,
+                "n": len(runs),
+                "offset_p50": statistics.median(s.launch_offset_s or 0.0 for s in runs),
+                "create_to_first_msg_p50": statistics.median(
+                    s.phases["provision"]
+                    + s.phases["ready"]
+                    + s.phases["inject"]
+                    + s.phases["first_msg"]
+                    for s in runs
+                ),
+                "total_p50": statistics.median(s.total for s in runs),
+            }
+        )
     return out
