@@ -6,8 +6,11 @@ skipped, unless ``SANDBAY_REQUIRE_DOCKER=1`` (CI), where that is a failure.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import struct
+import termios
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -33,6 +36,7 @@ from sandbay import (
 )
 from sandbay.providers.docker import DockerProvider, DockerSandbox, map_docker_error
 from sandbay.providers.docker._image import AGENT_IMAGE, build_agent_image
+from sandbay.providers.docker._process import _DockerProcess as DockerProcess
 
 pytestmark = pytest.mark.docker
 
@@ -170,6 +174,43 @@ async def test_cancelled_read_loses_nothing(sandbox: sandbay.Sandbox) -> None:
     with anyio.fail_after(10):
         assert await proc.stdout.read() == b"one\ntwo\n"
         assert await proc.wait() == 0
+
+
+@pytest.mark.anyio
+async def test_one_read_round_takes_all_output_that_has_arrived(
+    sandbox: sandbay.Sandbox,
+) -> None:
+    # Output that has arrived is taken in one worker-thread round, not a round per frame:
+    # each round trip to a thread cost throughput. Counted, not timed: the process writes
+    # everything, then this waits until all of it sits in the host's socket before reading.
+    size = 128 * 1024
+    proc = await sandbox.start(["sh", "-c", f"head -c {size} /dev/zero; touch written"])
+    assert isinstance(proc, DockerProcess)
+    with anyio.fail_after(60):
+        while not await sandbox.exists("written"):  # noqa: ASYNC110 - the sandbox's state
+            await anyio.sleep(0.05)
+        # Up to one buffer's worth may already sit in the HTTP reader, read with the headers.
+        while _unread_bytes(proc._sock) < size - 8192:  # noqa: ASYNC110 - the kernel's count
+            await anyio.sleep(0.05)
+    rounds = 0
+    read_frames = proc._read_frames
+
+    def counted(want: int | None) -> None:
+        nonlocal rounds
+        rounds += 1
+        read_frames(want)
+
+    proc._read_frames = counted  # type: ignore[method-assign]
+    with anyio.fail_after(60):
+        assert await proc.stdout.read() == bytes(size)
+    assert rounds <= 2, f"{rounds} thread rounds for {size} bytes that had all arrived"
+    assert await proc.wait() == 0
+
+
+def _unread_bytes(sock: Any) -> int:
+    """Bytes waiting in a socket's receive queue (``FIONREAD``)."""
+    data = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", data)[0])
 
 
 @pytest.mark.anyio

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import select
 import socket
 import threading
 import time
@@ -33,6 +34,12 @@ if TYPE_CHECKING:
 _STDOUT, _STDERR = 1, 2
 _FRAME_HEADER = 8
 _KILL_GRACE_S = 5.0
+#: Bytes asked of the socket per read.
+_READ_SIZE = 1 << 18
+#: Most bytes one worker-thread round queues while more is ready at once: a round drains
+#: what has arrived rather than returning after the first frame (a thread round trip per
+#: frame halved throughput), and this bounds what it holds for readers that fell behind.
+_ROUND_BYTES = 1 << 20
 
 # Docker reports a failed launch (no such executable, bad cwd or user) as text on stdout.
 _LAUNCH_ERROR = re.compile(rb"^(OCI runtime|exec failed|unable to find user)")
@@ -54,14 +61,30 @@ class Connection:
         self.sock: Any = getattr(sock, "_sock", None) or sock
         fp = getattr(getattr(getattr(response, "raw", None), "_fp", None), "fp", None)
         self.reader: Any = fp if callable(getattr(fp, "read1", None)) else None
+        self._poll: Any = None
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            poll = select.poll()  # absent on Windows: then every round reads once
+            poll.register(self.sock.fileno(), select.POLLIN)
+            self._poll = poll
 
     def recv(self) -> bytes:
-        """Up to 64 KiB: what is buffered first, else one read of the socket."""
+        """Up to `_READ_SIZE` bytes: what is buffered first, else one read of the socket."""
         if self.reader is not None:
-            data: bytes = self.reader.read1(1 << 16)
+            # Asking for more than the reader's buffer holds empties it, and reads the socket
+            # directly when it is empty: after a call, `ready` sees everything still unread.
+            data: bytes = self.reader.read1(_READ_SIZE)
             return data
-        data = self.sock.recv(1 << 16)
+        data = self.sock.recv(_READ_SIZE)
         return bytes(data)
+
+    def ready(self) -> bool:
+        """Whether a `recv` would return at once (data, end of stream or an error)."""
+        if self._poll is None:
+            return False
+        try:
+            return bool(self._poll.poll(0))
+        except (OSError, ValueError):
+            return False
 
 
 def start_exec(api: Any, exec_id: str) -> Connection:
@@ -84,6 +107,8 @@ class _DockerProcess(Process):
 
     Output is read on demand: a reader that finds its stream's queue empty reads more frames
     from the socket in a worker thread, queueing frames of the other stream for its reader.
+    One such round waits for the first frame, then takes whatever else has already arrived,
+    up to `_ROUND_BYTES`; nothing is read while queued output waits for its reader.
     Only one thread reads the socket at a time (``_frame_lock``); a reader cancelled while its
     thread waits leaves that thread to finish the frame, which is queued, not lost.
     """
@@ -163,7 +188,7 @@ class _DockerProcess(Process):
             done.set()
 
     def _read_frames(self, want: int | None) -> None:
-        """Read from the socket until at least one frame is queued, or end of stream."""
+        """Read from the socket until a frame is queued and no more is ready, or end of stream."""
         with self._frame_lock:
             if self._eof or (want is not None and self._chunks[want]):
                 return  # an abandoned reader already delivered
@@ -171,8 +196,12 @@ class _DockerProcess(Process):
                 self._eof = True
                 return
             ended = False
+            queued = 0
             try:
-                while not self._parse_frames():
+                while True:
+                    queued += self._parse_frames()
+                    if queued and (queued >= _ROUND_BYTES or not self._conn.ready()):
+                        break
                     data = self._conn.recv()
                     if not data:
                         ended = True
@@ -186,42 +215,48 @@ class _DockerProcess(Process):
                     self._set_eof()
                 self._leave()
 
-    def _parse_frames(self) -> bool:
-        """Queue every complete frame in the buffer; return whether any was queued."""
+    def _parse_frames(self) -> int:
+        """Queue every complete frame in the buffer; return how many bytes were queued."""
         buffer = self._buffer
-        queued = False
-        while len(buffer) >= _FRAME_HEADER:
-            size = int.from_bytes(buffer[4:8], "big")
-            end = _FRAME_HEADER + size
-            if len(buffer) < end:
-                break
-            kind = buffer[0]
-            payload = bytes(buffer[_FRAME_HEADER:end])
-            del buffer[:end]
-            if not payload or kind not in (_STDOUT, _STDERR, 3):
-                continue
-            if self._first_frame:
-                self._first_frame = False
-                if kind == _STDOUT and _LAUNCH_ERROR.match(payload):
-                    # Docker's launch errors end the stream at once: hold it until we know.
-                    self._held = payload
+        queued = 0
+        start = 0
+        with memoryview(buffer) as view:  # one copy per payload, the buffer cut once
+            while len(buffer) - start >= _FRAME_HEADER:
+                size = int.from_bytes(view[start + 4 : start + 8], "big")
+                end = start + _FRAME_HEADER + size
+                if len(buffer) < end:
+                    break
+                kind = buffer[start]
+                payload = bytes(view[start + _FRAME_HEADER : end])
+                start = end
+                if not payload or kind not in (_STDOUT, _STDERR, 3):
                     continue
-            queued = self._release_held(at_end=False) or queued
-            self._chunks[_STDERR if kind == 3 else kind].append(payload)
-            queued = True
+                if self._first_frame:
+                    self._first_frame = False
+                    if kind == _STDOUT and _LAUNCH_ERROR.match(payload):
+                        # Docker's launch errors end the stream at once: hold it until we know.
+                        self._held = payload
+                        continue
+                queued += self._release_held(at_end=False)
+                self._chunks[_STDERR if kind == 3 else kind].append(payload)
+                queued += len(payload)
+        del buffer[:start]
         return queued
 
-    def _release_held(self, *, at_end: bool) -> bool:
-        """Queue a held first frame: on stderr if it is Docker's launch error, else stdout."""
+    def _release_held(self, *, at_end: bool) -> int:
+        """Queue a held first frame: on stderr if it is Docker's launch error, else stdout.
+
+        Returns how many bytes were queued.
+        """
         payload, self._held = self._held, None
         if payload is None:
-            return False
+            return 0
         if at_end and self._never_started():
             self._launch_error = payload
             self._chunks[_STDERR].append(payload.replace(b"\r\n", b"\n"))
         else:
             self._chunks[_STDOUT].append(payload)
-        return True
+        return len(payload)
 
     def _never_started(self) -> bool:
         """Whether the exec ended without a process (Docker reports no pid for it)."""
