@@ -215,8 +215,8 @@ def test_relay_starts_from_the_hosts_bytecode_without_compiling(tmp_path: Path) 
     tag = sys.implementation.cache_tag
     for name in ("relay", "wire"):
         pyc = (where / "__pycache__" / f"{name}.{tag}.pyc").read_bytes()
-        # Hash-based and not checked against the source: written with it, read as it is.
-        assert int.from_bytes(pyc[4:8], "little") == 1
+        # Hash-based, checked against the source's hash (not its time stamp).
+        assert int.from_bytes(pyc[4:8], "little") == 0b11
         assert (where / f"{name}.py").read_bytes() == (RELAY_DIR / f"{name}.py").read_bytes()
     # Importing it again compiles nothing: compile() fails, the import still works.
     probe = (
@@ -227,6 +227,14 @@ def test_relay_starts_from_the_hosts_bytecode_without_compiling(tmp_path: Path) 
         [sys.executable, "-E", "-s", "-S", "-c", probe], capture_output=True, text=True
     )
     assert out.stdout.strip() == str(wire.VERSION), out.stderr
+    # A relay.py replaced another way (an older upload) is never run from stale bytecode.
+    source = where / "relay.py"
+    source.write_bytes(source.read_bytes() + b"\nREPLACED = True\n")
+    probe = f"import sys; sys.path.insert(0, {str(where)!r}); import relay; print(relay.REPLACED)"
+    out = subprocess.run(
+        [sys.executable, "-E", "-s", "-S", "-c", probe], capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "True", out.stderr
 
 
 def test_relay_compiles_its_code_where_the_hosts_bytecode_does_not_fit(tmp_path: Path) -> None:

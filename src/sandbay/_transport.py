@@ -326,16 +326,16 @@ def check_egress(egress: object, model_relay: bool | None) -> None:
 
 
 @functools.cache
-@functools.cache
 def _relay_code() -> str:
     """The relay's files for `_BOOT`: their text and this Python's bytecode of each (a
-    hash-based pyc that is not checked against its source: `_BOOT` writes the two together),
+    hash-based pyc, which Python uses only while the source beside it has the hash it
+    records, so a relay.py replaced another way is never run from stale bytecode),
     zlib-compressed in base64. Made once per process."""
     pyc: dict[str, str] = {}
     for name in _RELAY_FILES:
         source = relay_source(name)
         bytecode = compile(source, name, "exec", dont_inherit=True)
-        header = importlib.util.MAGIC_NUMBER + (1).to_bytes(4, "little")
+        header = importlib.util.MAGIC_NUMBER + (0b11).to_bytes(4, "little")  # hash, checked
         data = header + importlib.util.source_hash(source) + marshal.dumps(bytecode)
         pyc[name] = base64.b64encode(data).decode("ascii")
     code = {
