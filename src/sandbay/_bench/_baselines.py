@@ -170,13 +170,14 @@ async def _e2b(config: SandbayConfig, spec: SandboxSpec) -> RawTime:
             opts[key] = value
     with e2b_errors(template=template):
         started = time.perf_counter()
-        sandbox = await AsyncSandbox.create(
-            template,
-            timeout=math.ceil(spec.lifetime_s),
-            envs=dict(spec.env),
-            allow_internet_access=spec.network != "none",
-            **opts,
-        )
+        with anyio.CancelScope(shield=True):  # a sandbox made while cancelled must not leak
+            sandbox = await AsyncSandbox.create(
+                template,
+                timeout=math.ceil(spec.lifetime_s),
+                envs=dict(spec.env),
+                allow_internet_access=spec.network != "none",
+                **opts,
+            )
         try:
             created = time.perf_counter()
             await sandbox.commands.run("true", user=spec.user or e2b.user)
@@ -221,17 +222,18 @@ async def _modal(config: SandbayConfig, spec: SandboxSpec) -> RawTime:
             )
             await image.build.aio(app)
             started = time.perf_counter()
-            sandbox: Any = await modal.Sandbox.create.aio(
-                app=app,
-                image=image,
-                cpu=(cpu, cpu),
-                memory=(memory_mb, memory_mb),
-                timeout=math.ceil(spec.lifetime_s),
-                workdir=spec.workdir,
-                env=dict(spec.env),
-                block_network=spec.network == "none",
-                client=client,
-            )
+            with anyio.CancelScope(shield=True):  # a sandbox made while cancelled must not leak
+                sandbox: Any = await modal.Sandbox.create.aio(
+                    app=app,
+                    image=image,
+                    cpu=(cpu, cpu),
+                    memory=(memory_mb, memory_mb),
+                    timeout=settings.max_lifetime_s,
+                    workdir=spec.workdir,
+                    env=dict(spec.env),
+                    block_network=spec.network == "none",
+                    client=client,
+                )
             try:
                 created = time.perf_counter()
                 process = await sandbox.exec.aio("true")
@@ -288,7 +290,8 @@ async def _daytona(config: SandbayConfig, spec: SandboxSpec) -> RawTime:
     try:
         with daytona_errors("creating a sandbox (raw baseline)"):
             started = time.perf_counter()
-            sandbox = await client.create(params, timeout=daytona.create_timeout)
+            with anyio.CancelScope(shield=True):  # a sandbox made while cancelled must not leak
+                sandbox = await client.create(params, timeout=daytona.create_timeout)
             try:
                 created = time.perf_counter()
                 response = await sandbox.process.exec("true")
