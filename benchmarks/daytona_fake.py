@@ -1,6 +1,7 @@
 """The daytona provider's benchmark rows, against the local fake Daytona control plane.
 
     python benchmarks/daytona_fake.py --runs 5 --burst-runs 2 --concurrency 4
+    python benchmarks/daytona_fake.py --runs 5 --modes cold
 
 starts the fake control plane of the tests (tests/fakes/daytona: Daytona's REST API and
 toolbox on 127.0.0.1, its sandboxes as process trees under bubblewrap on this machine,
@@ -13,6 +14,12 @@ Every row and chart is labelled "fake control plane: client overhead only": the 
 at once (``started`` on create), so the numbers are the ``daytona`` SDK's and sandbay's own
 cost (requests, sessions, the logs WebSocket, the shim every process runs under, the relay
 and the CLI on this machine), never Daytona's. Needs bubblewrap.
+
+The raw baseline (the ``daytona`` SDK alone: ``AsyncDaytona.create``, ``process.exec("true")``)
+runs against the same fake in the same rounds, and in cold mode the bare CLI too, so the
+cold rows show sandbay over the raw SDK, over its floor, and per phase (provision and ready
+beside the raw create and first exec): the difference is sandbay's client-side overhead,
+the raw time the fake's and the SDK's own.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pydantic import SecretStr
 
 from sandbay import DaytonaConfig, SandbayConfig
 from sandbay._bench import BenchConfig, run_bench, write_results
+from sandbay._bench._baselines import write_phase_split
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -124,6 +132,7 @@ async def main() -> None:
                 report.config["command"] = command
                 print(report.to_markdown())
                 paths = write_results(report, RESULTS, stem=f"{mode}-daytona-fake")
+                print(write_phase_split(report, paths))
             for path in paths:
                 print(f"wrote {path.relative_to(ROOT)}")
 

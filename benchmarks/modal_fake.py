@@ -1,7 +1,7 @@
 """The modal provider's benchmark rows, against the local fake Modal control plane.
 
     python benchmarks/modal_fake.py --runs 10 --burst-runs 2 --concurrency 4
-    python benchmarks/modal_fake.py --modes cold --runs 8 --also docker
+    python benchmarks/modal_fake.py --modes cold --runs 5 --also docker
 
 writes benchmarks/results/{cold,warm,burst}-modal-fake[-docker].{json,md,png}. The fake
 (tests/fakes/modal) serves the real ``modal`` SDK's gRPC calls on 127.0.0.1 and runs each
@@ -10,6 +10,12 @@ the Modal client's overhead on top of a local engine, not Modal's service, and a
 so. ``--also docker`` measures the docker provider in the same rounds: the difference is
 what the gRPC round trips (and the fake's ``docker`` CLI calls) add. Needs Docker and
 sandbay's agent image (built on first use).
+
+The raw baseline (the ``modal`` SDK alone: ``Sandbox.create.aio`` in the app,
+``exec.aio("true")`` and its ``wait``) runs against the same fake in the same rounds, and in
+cold mode the bare CLI too, so the cold rows show sandbay over the raw SDK, over its floor,
+and per phase (provision and ready beside the raw create and first exec): the difference is
+sandbay's client-side overhead, the raw time the fake's and the SDK's own.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import anyio
 
 from sandbay import SandbayConfig
 from sandbay._bench import BenchConfig, run_bench, write_results
+from sandbay._bench._baselines import write_phase_split
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -44,6 +51,7 @@ async def main() -> None:
         help="other providers measured in the same rounds, e.g. docker (the fake's own engine)",
     )
     args = parser.parse_args()
+    command = "python benchmarks/modal_fake.py " + " ".join(sys.argv[1:])
     with FakeModal(await anyio.to_thread.run_sync(agent_image)) as fake:
         config = SandbayConfig(provider=fake_config(fake))
         also = [name.strip() for name in args.also.split(",") if name.strip()]
@@ -55,12 +63,16 @@ async def main() -> None:
                     runs=args.burst_runs if mode == "burst" else args.runs,
                     mode=mode,  # type: ignore[arg-type]
                     concurrency=args.concurrency,
-                    raw_baseline=False,
                 )
             )
-            report.labels["modal"] = LABEL
+            for name in report.labels:  # warm: both of modal's rows
+                if name.startswith("modal"):
+                    report.labels[name] = LABEL
+            report.config["command"] = command
             print(report.to_markdown())
-            for path in write_results(report, RESULTS, stem=f"{mode}-{stem}"):
+            paths = write_results(report, RESULTS, stem=f"{mode}-{stem}")
+            print(write_phase_split(report, paths))
+            for path in paths:
                 print(f"wrote {path.relative_to(ROOT)}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from sandbay._bench import (
     summarize,
     write_results,
 )
+from sandbay._bench._baselines import RawTime, phase_split, write_phase_split
 from sandbay._bench._running import _check_fresh, _nonce_command
 
 pytestmark = pytest.mark.anyio
@@ -585,3 +587,97 @@ async def test_a_short_docker_session_reads_the_containers_cgroup() -> None:
     # The cgroup's high-water mark saw the 128 MiB python3 wrote, whatever the sampling missed.
     assert sample.sandbox_peak_mib >= 128
     assert 0 < sample.sandbox_cpu_s and 0 < sample.cpu_rate <= (os.cpu_count() or 1) * 1.05
+
+
+# --- raw baselines of the cloud providers, each against its fake control plane ---
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="the fake needs bwrap")
+
+
+def _timed_apart(seconds: float) -> RawTime:
+    assert isinstance(seconds, RawTime)
+    assert seconds.create > 0 and seconds.first_exec > 0
+    assert float(seconds) == pytest.approx(seconds.create + seconds.first_exec)
+    assert 0 < seconds < 60
+    return seconds
+
+
+@needs_bwrap
+async def test_e2b_raw_baseline_runs_on_the_sdk_and_kills_its_sandbox() -> None:
+    from e2b_fake import FakeE2B
+
+    with FakeE2B() as fake:
+        config = sandbay.SandbayConfig(provider=fake.config(template=None))
+        _timed_apart(await RAW_BASELINES["e2b"](config, sandbay.SandboxSpec(network="host")))
+        assert fake.creates == 1 and fake.sandboxes == {} and len(fake.killed) == 1
+        assert any(cmd.endswith("true") for cmd in fake.started)
+        # A first exec that fails still kills the sandbox, and the error is sandbay's.
+        with pytest.raises(sandbay.SandboxError):
+            await RAW_BASELINES["e2b"](config, sandbay.SandboxSpec(user="no-such-user"))
+        assert fake.creates == 2 and fake.sandboxes == {} and len(fake.killed) == 2
+
+
+@pytest.mark.docker
+async def test_modal_raw_baseline_runs_on_the_sdk_and_terminates_its_sandbox() -> None:
+    import anyio
+
+    from fakes.modal import FakeModal
+    from modal_support import agent_image, fake_config
+
+    with FakeModal(await anyio.to_thread.run_sync(agent_image)) as fake:
+        config = sandbay.SandbayConfig(provider=fake_config(fake))
+        spec = sandbay.SandboxSpec(network="host", cpu=0.5, memory_mb=512)
+        _timed_apart(await RAW_BASELINES["modal"](config, spec))
+        assert fake.live_sandboxes() == []
+        (made,) = fake._sandboxes.values()
+        assert made.definition.resources.milli_cpu == 500
+        assert made.definition.resources.memory_mb_max == 512
+
+
+@needs_bwrap
+async def test_daytona_raw_baseline_runs_on_the_sdk_and_deletes_its_sandbox() -> None:
+    from pydantic import SecretStr
+
+    from fakes.daytona import FakeDaytona
+
+    with FakeDaytona() as fake:
+        provider = sandbay.DaytonaConfig(
+            api_key=SecretStr(fake.api_key), api_url=fake.api_url, host_network=True
+        )
+        config = sandbay.SandbayConfig(provider=provider)
+        _timed_apart(await RAW_BASELINES["daytona"](config, sandbay.SandboxSpec(network="host")))
+        assert fake.sandbox_ids() == []
+        assert [m for m, p in fake.requests if p.endswith("/process/execute")] == ["POST"]
+        assert [m for m, p in fake.requests if p == "/api/sandbox"] == ["POST"]
+
+
+def test_phase_split_sets_each_raw_step_beside_sandbays_phase(tmp_path: Path) -> None:
+    config = {"mode": "cold", "runs": 2, "model": "scripted", "providers": ["p"], "concurrency": 1}
+    report = BenchReport(config=config, machine={})
+    report.machine = {"cpus": 2, "memory_gib": 1, "platform": "x", "python": "3"}
+    phases = dict.fromkeys(COLD_PHASES, 0.01)
+    report.samples = [
+        RunSample("p", phases={**phases, "provision": 0.3, "ready": 0.1}),
+        RunSample("p", phases={**phases, "provision": 0.5, "ready": 0.3}),
+        RunSample("p", error="boom"),
+    ]
+    report.raw = {"p": [RawTime(0.2, 0.05), RawTime(0.3, 0.15)], "q": [0.1]}
+    report.labels = {"p": "fake"}
+    split = phase_split(report)
+    assert set(split) == {"p"}  # q's baseline timed only the whole
+    p = split["p"]
+    assert p["provision"] == pytest.approx(0.4) and p["raw_create"] == pytest.approx(0.25)
+    assert p["provision_overhead"] == pytest.approx(0.15)
+    assert p["ready"] == pytest.approx(0.2) and p["raw_first_exec"] == pytest.approx(0.1)
+    assert p["ready_overhead"] == pytest.approx(0.1)
+    # The ratio over the raw SDK still divides by the whole: a RawTime is its sum.
+    assert report.summary()["p"]["ratio_vs_raw"] == pytest.approx(0.6 / 0.35)
+    paths = write_results(report, tmp_path)
+    assert write_phase_split(report, paths)
+    data = json.loads(paths[0].read_text())
+    assert data["phase_split"]["p"]["raw_create"] == pytest.approx(0.25)
+    assert data["raw_phases"]["p"][1] == {"create": 0.3, "first_exec": 0.15}
+    assert data["raw"]["p"] == [pytest.approx(0.25), pytest.approx(0.45)]
+    assert "| p (fake) | 400 | 250 | 150 | 200 | 100 | 100 |" in paths[1].read_text()
+    report.raw = {"q": [0.1]}
+    assert write_phase_split(report, paths) == ""

@@ -13,33 +13,74 @@ without an entry here has no raw baseline (its rows leave it out).
 A provider measured against a local fake of its control plane (rather than the real service)
 has an entry in `LABELS`, shown beside its name in every table and chart, since its rows then
 measure sandbay's client overhead only.
+
+The cloud baselines (e2b, modal, daytona) time their two steps apart and return a `RawTime`:
+still the seconds of create → first exec, as every caller takes them, with ``create`` and
+``first_exec`` beside. `phase_split` sets those against sandbay's ``provision`` and ``ready``
+of the same report: what sandbay's client adds to each phase, apart from what the control
+plane (a real one or a fake) and its SDK spend anyway. `write_phase_split` adds that table to
+a report's files.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
 import shutil
+import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._config import DockerConfig, SandbayConfig
-from .._errors import SandboxError
+from .._config import DaytonaConfig, DockerConfig, E2BConfig, ModalConfig, SandbayConfig
+from .._errors import ConfigError, SandboxError
+from .._sandbox import CLOSE_TIMEOUT
 
 if TYPE_CHECKING:
     from claude_agent_sdk import ClaudeAgentOptions
 
     from .._sandbox import Sandbox, SandboxSpec
+    from ._report import BenchReport
 
-__all__ = ["LABELS", "RAW_BASELINES", "RawBaseline", "cli_start", "sandbox_cli"]
+__all__ = [
+    "LABELS",
+    "RAW_BASELINES",
+    "RawBaseline",
+    "RawTime",
+    "cli_start",
+    "phase_split",
+    "sandbox_cli",
+    "write_phase_split",
+]
 
 #: Seconds for create → first exec of a fresh sandbox made with the provider's SDK; the
 #: sandbox is removed afterwards (not timed). Raises `SandboxError` or `OSError` on failure.
 RawBaseline = Callable[[SandbayConfig, "SandboxSpec"], Awaitable[float]]
+
+
+class RawTime(float):
+    """Seconds for raw create → first exec, with the two steps it was timed in.
+
+    A `float` (their sum), so it stands wherever a baseline's seconds go.
+
+    Attributes:
+        create: Seconds from asking for the sandbox to the SDK returning it.
+        first_exec: Seconds from there to the first command's exit.
+    """
+
+    create: float
+    first_exec: float
+
+    def __new__(cls, create: float, first_exec: float) -> RawTime:
+        value = super().__new__(cls, create + first_exec)
+        value.create = create
+        value.first_exec = first_exec
+        return value
 
 
 async def _local(config: SandbayConfig, spec: SandboxSpec) -> float:
@@ -103,8 +144,178 @@ def _docker_run_options(docker: DockerConfig, spec: SandboxSpec) -> dict[str, An
     return options
 
 
+async def _e2b(config: SandbayConfig, spec: SandboxSpec) -> RawTime:
+    """``AsyncSandbox.create`` then ``commands.run("true")``; ``kill`` afterwards.
+
+    The template, user and internet access a sandbay sandbox of this config and spec gets
+    (on E2B the template sets cpu and memory); connection settings from the config.
+    """
+    from e2b import AsyncSandbox
+
+    from ..providers.e2b._errors import e2b_errors
+    from ..providers.e2b._provider import agent_template
+
+    e2b = config.provider
+    assert isinstance(e2b, E2BConfig)
+    if spec.cpu is not None or spec.memory_mb is not None:
+        raise ConfigError(
+            "on E2B, cpu and memory belong to the template: unset them", provider="e2b"
+        )
+    template = spec.image or e2b.template or agent_template()
+    opts: dict[str, Any] = {"request_timeout": e2b.request_timeout}
+    if e2b.api_key is not None:
+        opts["api_key"] = e2b.api_key.get_secret_value()
+    for key in ("domain", "api_url", "sandbox_url"):
+        if value := getattr(e2b, key):
+            opts[key] = value
+    with e2b_errors(template=template):
+        started = time.perf_counter()
+        with anyio.CancelScope(shield=True):  # a sandbox made while cancelled must not leak
+            sandbox = await AsyncSandbox.create(
+                template,
+                timeout=math.ceil(spec.lifetime_s),
+                envs=dict(spec.env),
+                allow_internet_access=spec.network != "none",
+                **opts,
+            )
+        try:
+            created = time.perf_counter()
+            await sandbox.commands.run("true", user=spec.user or e2b.user)
+            return RawTime(created - started, time.perf_counter() - created)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+                await sandbox.kill()
+
+
+async def _modal(config: SandbayConfig, spec: SandboxSpec) -> RawTime:
+    """``Sandbox.create.aio`` in the app, then ``exec.aio("true")`` and its ``wait``.
+
+    The image, cpu and memory (request and limit), workdir and network a sandbay sandbox of
+    this config and spec gets. As for docker, what a user's program has open before its first
+    sandbox is not timed: the client, the app, the image (hydrated, as sandbay's provider
+    keeps it). The sandbox is terminated afterwards.
+    """
+    import modal
+
+    from .._image import agent_image_recipe
+    from ..providers.modal._errors import modal_errors, open_client
+    from ..providers.modal._provider import render_image
+
+    settings = config.provider
+    assert isinstance(settings, ModalConfig)
+    reference = spec.image or settings.image
+    cpu = spec.cpu if spec.cpu is not None else settings.cpu
+    memory_mb = spec.memory_mb if spec.memory_mb is not None else settings.memory_mb
+    client = await open_client(settings)
+    try:
+        with modal_errors(server_url=settings.server_url):
+            app = await modal.App.lookup.aio(
+                settings.app_name,
+                create_if_missing=True,
+                environment_name=settings.environment,
+                client=client,
+            )
+            image = (
+                modal.Image.from_registry(reference)
+                if reference
+                else render_image(agent_image_recipe(), base=settings.base_image)
+            )
+            await image.build.aio(app)
+            started = time.perf_counter()
+            with anyio.CancelScope(shield=True):  # a sandbox made while cancelled must not leak
+                sandbox: Any = await modal.Sandbox.create.aio(
+                    app=app,
+                    image=image,
+                    cpu=(cpu, cpu),
+                    memory=(memory_mb, memory_mb),
+                    timeout=settings.max_lifetime_s,
+                    workdir=spec.workdir,
+                    env=dict(spec.env),
+                    block_network=spec.network == "none",
+                    client=client,
+                )
+            try:
+                created = time.perf_counter()
+                process = await sandbox.exec.aio("true")
+                code = await process.wait.aio()
+                elapsed = RawTime(created - started, time.perf_counter() - created)
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+                    await sandbox.terminate.aio()
+                    await sandbox.detach.aio()
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+            await client.__aexit__(None, None, None)
+    if code != 0:
+        raise SandboxError(f"`true` exited {code} in a Modal sandbox", provider="modal")
+    return elapsed
+
+
+async def _daytona(config: SandbayConfig, spec: SandboxSpec) -> RawTime:
+    """``AsyncDaytona.create`` then ``process.exec("true")``; ``delete`` afterwards.
+
+    The snapshot (or image with its resources), OS user, environment and network a sandbay
+    sandbox of this config and spec gets; the client, made from the config's API key and URL,
+    is open before the clock starts.
+    """
+    from daytona import CreateSandboxFromImageParams, CreateSandboxFromSnapshotParams, Resources
+
+    from ..providers.daytona._client import close_client, make_client
+    from ..providers.daytona._errors import daytona_errors
+    from ..providers.daytona._provider import agent_snapshot
+
+    daytona = config.provider
+    assert isinstance(daytona, DaytonaConfig)
+    common: dict[str, Any] = {
+        "env_vars": dict(spec.env),
+        "os_user": daytona.os_user,
+        "network_block_all": spec.network == "none",
+    }
+    params: Any
+    if spec.image is not None:
+        resources = Resources(
+            cpu=math.ceil(spec.cpu) if spec.cpu else None,
+            memory=math.ceil(spec.memory_mb / 1024) if spec.memory_mb else None,
+            disk=daytona.disk_gb,
+        )
+        params = CreateSandboxFromImageParams(image=spec.image, resources=resources, **common)
+    elif spec.cpu is not None or spec.memory_mb is not None:
+        raise ConfigError(
+            "on Daytona, cpu and memory need spec.image: unset them", provider="daytona"
+        )
+    else:
+        snapshot = daytona.snapshot or agent_snapshot()
+        params = CreateSandboxFromSnapshotParams(snapshot=snapshot, **common)
+    client = make_client(daytona)
+    try:
+        with daytona_errors("creating a sandbox (raw baseline)"):
+            started = time.perf_counter()
+            with anyio.CancelScope(shield=True):  # a sandbox made while cancelled must not leak
+                sandbox = await client.create(params, timeout=daytona.create_timeout)
+            try:
+                created = time.perf_counter()
+                response = await sandbox.process.exec("true")
+                elapsed = RawTime(created - started, time.perf_counter() - created)
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+                    await client.delete(sandbox)
+    finally:
+        await close_client(client)
+    if response.exit_code != 0:
+        raise SandboxError(
+            f"`true` exited {response.exit_code} in a Daytona sandbox", provider="daytona"
+        )
+    return elapsed
+
+
 #: Raw baselines by provider name.
-RAW_BASELINES: dict[str, RawBaseline] = {"local": _local, "docker": _docker}
+RAW_BASELINES: dict[str, RawBaseline] = {
+    "local": _local,
+    "docker": _docker,
+    "e2b": _e2b,
+    "modal": _modal,
+    "daytona": _daytona,
+}
 #: Shown beside a provider's name in reports, by provider name (none today).
 LABELS: dict[str, str] = {}
 
@@ -166,3 +377,96 @@ async def cli_start(
         raise SandboxError(f"the CLI ended before its first message (exit {await proc.wait()})")
     finally:
         await proc.kill()
+
+
+def phase_split(report: BenchReport) -> dict[str, dict[str, float]]:
+    """Per provider whose raw baseline timed its steps apart: sandbay's client overhead.
+
+    Medians, in seconds, of the same report's runs and raw baselines (same rounds, same
+    load): sandbay's ``provision`` beside the raw SDK's create, sandbay's ``ready`` beside
+    the raw first exec, and each difference (``*_overhead``): what sandbay's client adds to
+    that phase. The raw figures are what the control plane and its SDK take anyway.
+    Providers without successful runs, or with plain-float raw times, are left out.
+    """
+    split: dict[str, dict[str, float]] = {}
+    for name, values in report.raw.items():
+        raw = [v for v in values if isinstance(v, RawTime)]
+        ok = [
+            s
+            for s in report.samples
+            if s.provider == name and s.error is None and "provision" in s.phases
+        ]
+        if not raw or not ok:
+            continue
+        provision = statistics.median(s.phases["provision"] for s in ok)
+        ready = statistics.median(s.phases["ready"] for s in ok)
+        create = statistics.median(v.create for v in raw)
+        first_exec = statistics.median(v.first_exec for v in raw)
+        split[name] = {
+            "runs": len(ok),
+            "raw_runs": len(raw),
+            "provision": provision,
+            "raw_create": create,
+            "provision_overhead": provision - create,
+            "ready": ready,
+            "raw_first_exec": first_exec,
+            "ready_overhead": ready - first_exec,
+        }
+    return split
+
+
+def _render_split(split: Mapping[str, Mapping[str, float]], labels: Mapping[str, str]) -> str:
+    def ms(value: float) -> str:
+        return f"{value * 1000:.0f}"
+
+    lines = [
+        "",
+        "Client-side overhead per phase: sandbay's phase beside the raw SDK's step "
+        "(medians in ms, same run); the difference is what sandbay's client adds, the raw "
+        "step what the control plane and its SDK take anyway.",
+        "",
+        "| provider | provision (sandbay) | create (raw SDK) | added | "
+        "ready (sandbay) | first exec (raw SDK) | added |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, e in split.items():
+        shown = f"{name} ({labels[name]})" if labels.get(name) else name
+        lines.append(
+            f"| {shown} | {ms(e['provision'])} | {ms(e['raw_create'])} | "
+            f"{ms(e['provision_overhead'])} | {ms(e['ready'])} | {ms(e['raw_first_exec'])} | "
+            f"{ms(e['ready_overhead'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_phase_split(report: BenchReport, paths: Sequence[Path]) -> str:
+    """Add `phase_split` to a report's files as `write_results` wrote them.
+
+    The JSON gets ``phase_split`` and ``raw_phases`` (each raw baseline's create and first
+    exec seconds), the Markdown a table. Nothing is written, and ``""`` returned, when no
+    provider's raw baseline timed its steps apart.
+
+    Returns:
+        The Markdown table added.
+    """
+    split = phase_split(report)
+    if not split:
+        return ""
+    markdown = _render_split(split, report.labels)
+    for path in paths:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            data["phase_split"] = split
+            data["raw_phases"] = {
+                name: [
+                    {"create": v.create, "first_exec": v.first_exec}
+                    for v in values
+                    if isinstance(v, RawTime)
+                ]
+                for name, values in report.raw.items()
+                if name in split
+            }
+            path.write_text(json.dumps(data, indent=2))
+        elif path.suffix == ".md":
+            path.write_text(path.read_text() + markdown)
+    return markdown
