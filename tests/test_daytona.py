@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -190,6 +191,37 @@ def test_missing_api_key_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> N
 
     with pytest.raises(ConfigError, match="DAYTONA_API_KEY"):
         make_client(DaytonaConfig())
+
+
+def test_clients_share_one_verifying_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each client would load the system's CA certificates twice (its API and toolbox REST
+    # clients): tens of milliseconds per sandbox. They share one, which still verifies.
+    import ssl
+
+    from sandbay.providers.daytona import _client
+
+    made: list[ssl.SSLContext] = []
+    real = ssl.create_default_context
+
+    def counting(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(ssl, "create_default_context", counting)
+    monkeypatch.setattr(_client, "_shared_tls", _client._SharedTls())
+    config = DaytonaConfig(api_key=SecretStr("k"), api_url="http://127.0.0.1:9/api")
+    clients = [_client.make_client(config) for _ in range(3)]
+    contexts = {
+        id(rest.rest_client.ssl_context)
+        for c in clients
+        for rest in (c._api_client, c._toolbox_api_client)
+    }
+    assert len(made) == 1 and contexts == {id(made[0])}
+    assert made[0].verify_mode == ssl.CERT_REQUIRED and made[0].check_hostname
+    # Outside the construction, the SDK's modules see the real ssl module again.
+    import daytona_api_client_async.rest as api_rest
+
+    assert getattr(api_rest, "ssl") is ssl  # noqa: B009 - not exported
 
 
 def test_config_reads_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
