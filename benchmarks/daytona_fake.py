@@ -37,7 +37,6 @@ from pydantic import SecretStr
 
 from sandbay import DaytonaConfig, SandbayConfig
 from sandbay._bench import BenchConfig, run_bench, write_results
-from sandbay._bench._baselines import write_phase_split
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -132,7 +131,6 @@ async def main() -> None:
                 report.config["command"] = command
                 print(report.to_markdown())
                 paths = write_results(report, RESULTS, stem=f"{mode}-daytona-fake")
-                print(write_phase_split(report, paths))
             for path in paths:
                 print(f"wrote {path.relative_to(ROOT)}")
 

@@ -27,7 +27,6 @@ import anyio
 
 from sandbay import SandbayConfig
 from sandbay._bench import BenchConfig, run_bench, write_results
-from sandbay._bench._baselines import write_phase_split
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -59,7 +58,6 @@ async def main() -> None:
             report.config["command"] = command
             print(report.to_markdown())
             paths = write_results(report, RESULTS, stem=f"{mode}-e2b-fake")
-            print(write_phase_split(report, paths))
             for path in paths:
                 print(f"wrote {path.relative_to(ROOT)}")
 

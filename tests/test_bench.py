@@ -26,7 +26,7 @@ from sandbay._bench import (
     summarize,
     write_results,
 )
-from sandbay._bench._baselines import RawTime, phase_split, write_phase_split
+from sandbay._bench._baselines import RawTime
 from sandbay._bench._running import _check_fresh, _nonce_command
 
 pytestmark = pytest.mark.anyio
@@ -662,8 +662,11 @@ def test_phase_split_sets_each_raw_step_beside_sandbays_phase(tmp_path: Path) ->
         RunSample("p", error="boom"),
     ]
     report.raw = {"p": [RawTime(0.2, 0.05), RawTime(0.3, 0.15)], "q": [0.1]}
+    report.raw_phases = {
+        "p": [{"create": 0.2, "first_exec": 0.05}, {"create": 0.3, "first_exec": 0.15}]
+    }
     report.labels = {"p": "fake"}
-    split = phase_split(report)
+    split = report.phase_split()
     assert set(split) == {"p"}  # q's baseline timed only the whole
     p = split["p"]
     assert p["provision"] == pytest.approx(0.4) and p["raw_create"] == pytest.approx(0.25)
@@ -673,11 +676,13 @@ def test_phase_split_sets_each_raw_step_beside_sandbays_phase(tmp_path: Path) ->
     # The ratio over the raw SDK still divides by the whole: a RawTime is its sum.
     assert report.summary()["p"]["ratio_vs_raw"] == pytest.approx(0.6 / 0.35)
     paths = write_results(report, tmp_path)
-    assert write_phase_split(report, paths)
     data = json.loads(paths[0].read_text())
     assert data["phase_split"]["p"]["raw_create"] == pytest.approx(0.25)
     assert data["raw_phases"]["p"][1] == {"create": 0.3, "first_exec": 0.15}
     assert data["raw"]["p"] == [pytest.approx(0.25), pytest.approx(0.45)]
-    assert "| p (fake) | 400 | 250 | 150 | 200 | 100 | 100 |" in paths[1].read_text()
-    report.raw = {"q": [0.1]}
-    assert write_phase_split(report, paths) == ""
+    row = "| p (fake) | 400 | 250 | 150 | 200 | 100 | 100 |"
+    assert row in paths[1].read_text()
+    # Rendered again from its JSON, the report keeps the split.
+    assert row in BenchReport.from_json(paths[0].read_text()).to_markdown()
+    report.raw_phases = {}
+    assert "Client-side overhead per phase" not in report.to_markdown()

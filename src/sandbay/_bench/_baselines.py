@@ -28,11 +28,9 @@ import inspect
 import json
 import math
 import shutil
-import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -45,7 +43,6 @@ if TYPE_CHECKING:
     from claude_agent_sdk import ClaudeAgentOptions
 
     from .._sandbox import Sandbox, SandboxSpec
-    from ._report import BenchReport
 
 __all__ = [
     "LABELS",
@@ -53,9 +50,7 @@ __all__ = [
     "RawBaseline",
     "RawTime",
     "cli_start",
-    "phase_split",
     "sandbox_cli",
-    "write_phase_split",
 ]
 
 #: Seconds for create → first exec of a fresh sandbox made with the provider's SDK; the
@@ -88,8 +83,9 @@ async def _local(config: SandbayConfig, spec: SandboxSpec) -> float:
     started = time.perf_counter()
     folder = tempfile.mkdtemp(prefix="sandbay-raw-")
     try:
+        created = time.perf_counter()
         await anyio.run_process(["true"], cwd=folder)
-        return time.perf_counter() - started
+        return RawTime(created - started, time.perf_counter() - created)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -113,21 +109,22 @@ async def _docker(config: SandbayConfig, spec: SandboxSpec) -> float:
         image = await provider.agent_image()
     options = _docker_run_options(docker, spec)
 
-    def measure(image: str) -> float:
+    def measure(image: str) -> RawTime:
         with docker_errors(base_url=docker.base_url, image=image):
             client = docker_client(docker)  # connecting is not timed: a user's client is open
             try:
                 started = time.perf_counter()
                 container = client.containers.run(image, ["sleep", "600"], **options)
                 try:
+                    created = time.perf_counter()
                     container.exec_run(["true"])
-                    return time.perf_counter() - started
+                    return RawTime(created - started, time.perf_counter() - created)
                 finally:
                     container.remove(force=True)
             finally:
                 client.close()
 
-    return float(await anyio.to_thread.run_sync(measure, image))
+    return await anyio.to_thread.run_sync(measure, image)
 
 
 def _docker_run_options(docker: DockerConfig, spec: SandboxSpec) -> dict[str, Any]:
@@ -377,96 +374,3 @@ async def cli_start(
         raise SandboxError(f"the CLI ended before its first message (exit {await proc.wait()})")
     finally:
         await proc.kill()
-
-
-def phase_split(report: BenchReport) -> dict[str, dict[str, float]]:
-    """Per provider whose raw baseline timed its steps apart: sandbay's client overhead.
-
-    Medians, in seconds, of the same report's runs and raw baselines (same rounds, same
-    load): sandbay's ``provision`` beside the raw SDK's create, sandbay's ``ready`` beside
-    the raw first exec, and each difference (``*_overhead``): what sandbay's client adds to
-    that phase. The raw figures are what the control plane and its SDK take anyway.
-    Providers without successful runs, or with plain-float raw times, are left out.
-    """
-    split: dict[str, dict[str, float]] = {}
-    for name, values in report.raw.items():
-        raw = [v for v in values if isinstance(v, RawTime)]
-        ok = [
-            s
-            for s in report.samples
-            if s.provider == name and s.error is None and "provision" in s.phases
-        ]
-        if not raw or not ok:
-            continue
-        provision = statistics.median(s.phases["provision"] for s in ok)
-        ready = statistics.median(s.phases["ready"] for s in ok)
-        create = statistics.median(v.create for v in raw)
-        first_exec = statistics.median(v.first_exec for v in raw)
-        split[name] = {
-            "runs": len(ok),
-            "raw_runs": len(raw),
-            "provision": provision,
-            "raw_create": create,
-            "provision_overhead": provision - create,
-            "ready": ready,
-            "raw_first_exec": first_exec,
-            "ready_overhead": ready - first_exec,
-        }
-    return split
-
-
-def _render_split(split: Mapping[str, Mapping[str, float]], labels: Mapping[str, str]) -> str:
-    def ms(value: float) -> str:
-        return f"{value * 1000:.0f}"
-
-    lines = [
-        "",
-        "Client-side overhead per phase: sandbay's phase beside the raw SDK's step "
-        "(medians in ms, same run); the difference is what sandbay's client adds, the raw "
-        "step what the control plane and its SDK take anyway.",
-        "",
-        "| provider | provision (sandbay) | create (raw SDK) | added | "
-        "ready (sandbay) | first exec (raw SDK) | added |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, e in split.items():
-        shown = f"{name} ({labels[name]})" if labels.get(name) else name
-        lines.append(
-            f"| {shown} | {ms(e['provision'])} | {ms(e['raw_create'])} | "
-            f"{ms(e['provision_overhead'])} | {ms(e['ready'])} | {ms(e['raw_first_exec'])} | "
-            f"{ms(e['ready_overhead'])} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def write_phase_split(report: BenchReport, paths: Sequence[Path]) -> str:
-    """Add `phase_split` to a report's files as `write_results` wrote them.
-
-    The JSON gets ``phase_split`` and ``raw_phases`` (each raw baseline's create and first
-    exec seconds), the Markdown a table. Nothing is written, and ``""`` returned, when no
-    provider's raw baseline timed its steps apart.
-
-    Returns:
-        The Markdown table added.
-    """
-    split = phase_split(report)
-    if not split:
-        return ""
-    markdown = _render_split(split, report.labels)
-    for path in paths:
-        if path.suffix == ".json":
-            data = json.loads(path.read_text())
-            data["phase_split"] = split
-            data["raw_phases"] = {
-                name: [
-                    {"create": v.create, "first_exec": v.first_exec}
-                    for v in values
-                    if isinstance(v, RawTime)
-                ]
-                for name, values in report.raw.items()
-                if name in split
-            }
-            path.write_text(json.dumps(data, indent=2))
-        elif path.suffix == ".md":
-            path.write_text(path.read_text() + markdown)
-    return markdown

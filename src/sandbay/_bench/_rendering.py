@@ -130,10 +130,35 @@ def render_markdown(report: BenchReport) -> str:
                 for n, e in floors.items()
             ),
         ]
+    lines += _split_lines(report.phase_split(), summary)
     failures = {n: e["errors"] for n, e in summary.items() if e["errors"]}
     for name, errors in failures.items():
         lines.append(f"\nFailures on {name}: " + "; ".join(errors))
     return "\n".join(lines) + "\n"
+
+
+def _split_lines(split: dict[str, dict[str, float]], summary: dict[str, Any]) -> list[str]:
+    if not split:
+        return []
+    lines = [
+        "",
+        "Client-side overhead per phase: sandbay's phase beside the raw SDK's step "
+        "(medians in ms, same run); the difference is what sandbay's client adds, the raw "
+        "step what the provider (or its fake) and its SDK take anyway.",
+        "",
+        "| provider | provision (sandbay) | create (raw SDK) | added | "
+        "ready (sandbay) | first exec (raw SDK) | added |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, e in split.items():
+        label = summary.get(name, {}).get("label")
+        shown = f"{name} ({label})" if label else name
+        lines.append(
+            f"| {shown} | {_ms(e['provision'])} | {_ms(e['raw_create'])} | "
+            f"{_ms(e['provision_overhead'])} | {_ms(e['ready'])} | {_ms(e['raw_first_exec'])} | "
+            f"{_ms(e['ready_overhead'])} |"
+        )
+    return lines
 
 
 def render_plot(report: BenchReport, path: Path) -> bool:

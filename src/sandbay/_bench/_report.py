@@ -12,7 +12,7 @@ from typing import Any
 
 from ._rendering import render_markdown, render_plot
 from ._samples import RunSample
-from ._statistics import summarize
+from ._statistics import phase_split, summarize
 
 __all__ = ["BenchReport", "machine_info"]
 
@@ -29,6 +29,8 @@ class BenchReport:
         raw_errors: Failed raw (and bare CLI) baselines per provider.
         cli: The bare CLI's start → first message seconds per provider (``cold`` mode).
         labels: Shown beside a provider's name (e.g. a fake control plane).
+        raw_phases: Per provider whose raw baseline times its steps apart, each baseline's
+            ``create`` and ``first_exec`` seconds (`phase_split`).
     """
 
     config: dict[str, Any]
@@ -38,6 +40,7 @@ class BenchReport:
     raw_errors: dict[str, int] = field(default_factory=dict)
     cli: dict[str, list[float]] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    raw_phases: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Per provider: count, failures, stats per phase and total, the raw ratio."""
@@ -50,6 +53,10 @@ class BenchReport:
             cli=self.cli,
         )
 
+    def phase_split(self) -> dict[str, dict[str, float]]:
+        """sandbay's client overhead per phase beside the raw SDK's steps (`phase_split`)."""
+        return phase_split(self.samples, self.raw_phases)
+
     @classmethod
     def from_json(cls, text: str) -> BenchReport:
         """Read a report `to_json` wrote, e.g. to render committed results again."""
@@ -59,6 +66,7 @@ class BenchReport:
             machine=data["machine"],
             raw=data.get("raw", {}),
             cli=data.get("cli", {}),
+            raw_phases=data.get("raw_phases", {}),
         )
         report.samples = [RunSample(**sample) for sample in data["samples"]]
         report.labels = {name: e.get("label", "") for name, e in data["summary"].items()}
@@ -74,6 +82,8 @@ class BenchReport:
                 "summary": self.summary(),
                 "samples": [s.__dict__ for s in self.samples],
                 "raw": self.raw,
+                "raw_phases": self.raw_phases,
+                "phase_split": self.phase_split(),
                 "cli": self.cli,
             },
             indent=2,

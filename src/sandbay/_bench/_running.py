@@ -50,7 +50,7 @@ from .._config import SandbayConfig, parse_config
 from .._errors import ConfigError, SandboxError
 from .._pool import SandboxPool
 from .._sandbox import SandboxSpec
-from ._baselines import LABELS, RAW_BASELINES, cli_start, sandbox_cli
+from ._baselines import LABELS, RAW_BASELINES, RawTime, cli_start, sandbox_cli
 from ._report import BenchReport, machine_info
 from ._samples import RunSample
 
@@ -259,6 +259,10 @@ async def run_bench(
                                 report.raw_errors[name] += 1
                             elif raw >= 0:
                                 report.raw[name].append(raw)
+                                if isinstance(raw, RawTime):
+                                    report.raw_phases.setdefault(name, []).append(
+                                        {"create": raw.create, "first_exec": raw.first_exec}
+                                    )
                     if with_cli:
                         cli = await _cli_round(cfg, spec, options, env)
                         bar.step(f"{name} cli")

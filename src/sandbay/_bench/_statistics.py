@@ -13,7 +13,7 @@ from typing import Any
 
 from ._samples import COLD_PHASES, WARM_PHASES, RunSample
 
-__all__ = ["stats", "summarize"]
+__all__ = ["phase_split", "stats", "summarize"]
 
 
 def stats(values: Sequence[float]) -> dict[str, float]:
@@ -152,3 +152,38 @@ def _ramp(ok: Sequence[RunSample]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def phase_split(
+    samples: Sequence[RunSample], raw_phases: Mapping[str, Sequence[Mapping[str, float]]]
+) -> dict[str, dict[str, float]]:
+    """Per provider whose raw baseline timed its steps apart: sandbay's client overhead.
+
+    Medians, in seconds, of one report's runs and raw baselines (same rounds, same load):
+    sandbay's ``provision`` beside the raw SDK's create, sandbay's ``ready`` beside the raw
+    first exec, and each difference (``*_overhead``): what sandbay's client adds to that
+    phase. The raw figures are what the provider (or its fake control plane) and its SDK take
+    anyway. Providers without successful runs or timed steps are left out.
+    """
+    split: dict[str, dict[str, float]] = {}
+    for name, raw in raw_phases.items():
+        ok = [
+            s for s in samples if s.provider == name and s.error is None and "provision" in s.phases
+        ]
+        if not raw or not ok:
+            continue
+        provision = statistics.median(s.phases["provision"] for s in ok)
+        ready = statistics.median(s.phases["ready"] for s in ok)
+        create = statistics.median(r["create"] for r in raw)
+        first_exec = statistics.median(r["first_exec"] for r in raw)
+        split[name] = {
+            "runs": len(ok),
+            "raw_runs": len(raw),
+            "provision": provision,
+            "raw_create": create,
+            "provision_overhead": provision - create,
+            "ready": ready,
+            "raw_first_exec": first_exec,
+            "ready_overhead": ready - first_exec,
+        }
+    return split
