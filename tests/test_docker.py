@@ -207,6 +207,27 @@ async def test_one_read_round_takes_all_output_that_has_arrived(
     assert await proc.wait() == 0
 
 
+@pytest.mark.anyio
+async def test_frames_that_arrived_together_reach_the_reader_as_one_chunk(
+    sandbox: sandbay.Sandbox,
+) -> None:
+    # Docker cuts output into frames of a few KiB; a reader pays per chunk, so the frames of
+    # one stream read in one round are joined. Counted, not timed: everything is in the
+    # host's socket before the first read.
+    size = 128 * 1024
+    proc = await sandbox.start(["sh", "-c", f"head -c {size} /dev/zero; touch written"])
+    assert isinstance(proc, DockerProcess)
+    with anyio.fail_after(60):
+        while not await sandbox.exists("written"):  # noqa: ASYNC110 - the sandbox's state
+            await anyio.sleep(0.05)
+        while _unread_bytes(proc._sock) < size - 8192:  # noqa: ASYNC110 - the kernel's count
+            await anyio.sleep(0.05)
+        chunks = [chunk async for chunk in proc.stdout]
+    assert b"".join(chunks) == bytes(size)
+    assert len(chunks) <= 2, f"{len(chunks)} chunks for {size} bytes that had all arrived"
+    assert await proc.wait() == 0
+
+
 def _unread_bytes(sock: Any) -> int:
     """Bytes waiting in a socket's receive queue (``FIONREAD``)."""
     data = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")

@@ -42,6 +42,7 @@ from typing_extensions import override
 
 import sandbay
 from sandbay import Process, Sandbox
+from sandbay._agent import _nests_deeper
 from sandbay._relay import wire
 from sandbay._transport import CHECKED_SDK_VERSIONS, cli_argv, parse_frame
 from sandbay.testing import ScriptedModel, Turn
@@ -320,6 +321,34 @@ def test_well_formed_frames_parse() -> None:
     assert parse_frame(_frame(kind="end", seq=4, data={"exit_code": 0})).seq == 4
     error = parse_frame(_frame(kind="error", seq=0, data={"type": "X", "exit_code": None}))
     assert error.kind == "error"
+
+
+def test_only_frames_with_many_brackets_have_their_depth_walked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Walking every message's data for its depth cost host CPU on each message; a line with
+    # no more brackets than the limit cannot nest deeper, so only the others are walked.
+    import sandbay._transport as transport_module
+
+    walked: list[object] = []
+    walk = _nests_deeper
+
+    def counted(value: object, limit: int) -> bool:
+        walked.append(value)
+        return walk(value, limit)
+
+    monkeypatch.setattr(transport_module, "_nests_deeper", counted)
+    assert parse_frame(_frame(data={"type": "assistant", "content": [{"a": [1, 2]}]})).seq == 1
+    assert walked == []
+    # Brackets in text count too: walked, and shallow, so accepted.
+    shallow = {"type": "x", "text": "[{" * 200}
+    assert parse_frame(_frame(data=shallow)).data == shallow
+    assert len(walked) == 1
+    with pytest.raises(sandbay.ProtocolError, match="deeper than"):
+        parse_frame(_frame(data={"type": "x", "deep": json.loads("[" * 101 + "]" * 101)}))
+    # Exactly at the limit in the text: not walked, and not too deep (the envelope is one).
+    assert parse_frame(_frame(data={"type": "x", "d": json.loads("[" * 98 + "]" * 98)}))
+    assert len(walked) == 2
 
 
 # -- end to end -----------------------------------------------------------------------------

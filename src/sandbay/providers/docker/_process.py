@@ -216,32 +216,52 @@ class _DockerProcess(Process):
                 self._leave()
 
     def _parse_frames(self) -> int:
-        """Queue every complete frame in the buffer; return how many bytes were queued."""
+        """Queue every complete frame in the buffer; return how many bytes were queued.
+
+        Consecutive frames of one stream are queued as one chunk: a reader's cost is per
+        chunk, and Docker cuts output into frames of a few KiB.
+        """
         buffer = self._buffer
         queued = 0
         start = 0
-        with memoryview(buffer) as view:  # one copy per payload, the buffer cut once
+        run: list[memoryview] = []  # payloads of consecutive frames of one stream
+        run_stream = _STDOUT
+        with memoryview(buffer) as view:  # one copy per chunk, the buffer cut once
             while len(buffer) - start >= _FRAME_HEADER:
                 size = int.from_bytes(view[start + 4 : start + 8], "big")
                 end = start + _FRAME_HEADER + size
                 if len(buffer) < end:
                     break
                 kind = buffer[start]
-                payload = bytes(view[start + _FRAME_HEADER : end])
+                payload = view[start + _FRAME_HEADER : end]
                 start = end
                 if not payload or kind not in (_STDOUT, _STDERR, 3):
                     continue
+                stream = _STDERR if kind == 3 else kind
                 if self._first_frame:
                     self._first_frame = False
                     if kind == _STDOUT and _LAUNCH_ERROR.match(payload):
                         # Docker's launch errors end the stream at once: hold it until we know.
-                        self._held = payload
+                        self._held = bytes(payload)
                         continue
                 queued += self._release_held(at_end=False)
-                self._chunks[_STDERR if kind == 3 else kind].append(payload)
-                queued += len(payload)
+                if run and stream != run_stream:
+                    queued += self._queue_run(run_stream, run)
+                run_stream = stream
+                run.append(payload)
+            if run:
+                queued += self._queue_run(run_stream, run)
+            del run
+            payload = view[:0]  # the views of the buffer go before it is cut
+            del payload
         del buffer[:start]
         return queued
+
+    def _queue_run(self, stream: int, run: list[memoryview]) -> int:
+        chunk = b"".join(run)
+        run.clear()
+        self._chunks[stream].append(chunk)
+        return len(chunk)
 
     def _release_held(self, *, at_end: bool) -> int:
         """Queue a held first frame: on stderr if it is Docker's launch error, else stdout.
