@@ -20,7 +20,8 @@ reaches a model on loopback). ``/files`` acts as root, as envd does.
 
 Faults on demand: `create_faults` (statuses answered instead of creating),
 `create_faults_after` (statuses answered after the sandbox was made), `create_delay_s` (a
-slow start), `cut_stdout_after` (a process stream cut mid-run, the process running on), and
+slow start), `cut_stdout_after` (a process stream cut mid-run, the process running on),
+`hold_start_events` (a process started whose start event is late, as over a slow link), and
 unknown ids answer as E2B does (404 from the API, a 502 "was not found" from the proxy).
 
 It runs its own event loop in a thread, so any test loop (or another OS process) may use it.
@@ -278,6 +279,7 @@ class FakeE2B:
         self.timeout_faults: list[int] = []  # statuses answered to the next timeout calls
         self.idempotent = True  # False: ignore Idempotency-Key, as an older API would
         self.cut_rules: list[_CutRule] = []
+        self.start_holds: list[tuple[str, asyncio.Event]] = []
         # What happened, for assertions.
         self.requests: list[tuple[str, str]] = []
         self.creates = 0
@@ -385,6 +387,26 @@ class FakeE2B:
         ``command``, right after a stdout chunk holding ``marker`` was sent; the process
         runs on."""
         self.cut_rules.append(_CutRule(command, marker, times))
+
+    def hold_start_events(self, command: str) -> Callable[[], None]:
+        """Hold back the start event of every Start whose command line holds ``command``
+        (the process itself starts and runs) until the function returned is called."""
+        assert self._loop is not None
+        released = asyncio.Event()
+        self.start_holds.append((command, released))
+
+        def release() -> None:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(released.set)
+
+        return release
+
+    def start_hold_for(self, proc: _FakeProcess) -> asyncio.Event | None:
+        line = " ".join([proc.config.cmd, *proc.config.args])
+        for command, released in self.start_holds:
+            if command in line and not released.is_set():
+                return released
+        return None
 
     # --- the ASGI app ---
 
@@ -941,6 +963,9 @@ class _ProcessService(process_connect.Process):
         queue = proc.subscribe()
         self.fake.start_pump(sandbox, proc)
         cut = self.fake.cut_rule_for(proc)
+        hold = self.fake.start_hold_for(proc)
+        if hold is not None:
+            await hold.wait()  # the process runs meanwhile; its output waits in the queue
         start = process_pb.ProcessEvent.StartEvent(pid=proc.pid)
         yield process_pb.StartResponse(event=process_pb.ProcessEvent(event=_oneof("start", start)))
         async for event in self._stream(proc, queue, ctx, cut):

@@ -328,6 +328,67 @@ async def test_closing_a_sandbox_lets_go_of_unread_process_streams(fake: FakeE2B
         assert proc._events is None  # type: ignore[attr-defined]
 
 
+# Holds an exclusive lock on argv[1] for a minute, having said so in argv[1] + ".held"; a
+# lock dies with its holder, so another process (in another PID namespace) can tell whether
+# it still runs.
+_HOLDER = """\
+import fcntl, sys, time
+f = open(sys.argv[1], "a")
+fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+open(sys.argv[1] + ".held", "w").close()
+time.sleep(60)
+"""
+
+# Exit 0 once the file argv[1] exists (within argv[2] seconds), else 1.
+_APPEARS = """\
+import os, sys, time
+deadline = time.monotonic() + float(sys.argv[2])
+while not os.path.exists(sys.argv[1]):
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.05)
+"""
+
+# Exit 0 once the lock on argv[1] is free (within argv[2] seconds), else 1.
+_LOCK_FREE = """\
+import fcntl, sys, time
+f = open(sys.argv[1], "a")
+deadline = time.monotonic() + float(sys.argv[2])
+while True:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        sys.exit(0)
+    except BlockingIOError:
+        if time.monotonic() > deadline:
+            sys.exit(1)
+        time.sleep(0.1)
+"""
+
+
+async def test_exec_cancelled_before_envd_reported_its_start_kills_what_envd_started(
+    fake: FakeE2B,
+) -> None:
+    # envd starts a process before it sends the start event that carries its pid, and a
+    # loaded host may read that event late: an exec cancelled in between must still kill
+    # the process envd started, not drop the stream and leave it running.
+    async with sandbay.open_sandbox(fake.config()) as sb:
+        await sb.write_file("holder.py", _HOLDER.encode())
+        release = fake.hold_start_events("holder.py")
+
+        try:
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(sb.exec, [sb.python, "holder.py", "late.lock"])
+                    appeared = await sb.exec([sb.python, "-c", _APPEARS, "late.lock.held", "30"])
+                    assert appeared.ok, "the holder did not start within 30 s"
+                    tg.cancel_scope.cancel()
+                    release()  # the start event now reaches a start that was cancelled
+        finally:
+            release()
+        free = await sb.exec([sb.python, "-c", _LOCK_FREE, "late.lock", "10"])
+        assert free.exit_code == 0, "the cancelled command's process still ran 10 s later"
+
+
 @pytest.mark.parametrize("mode", ["cold", "warm", "burst"])
 def test_committed_benchmark_rows_say_they_are_client_overhead_only(mode: str) -> None:
     from sandbay._bench._report import BenchReport

@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
+import anyio.lowlevel
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from e2b.connection_config import KEEPALIVE_PING_HEADER, KEEPALIVE_PING_INTERVAL_SEC
@@ -150,7 +151,10 @@ class E2BProcess(Process):
         # default of 60 s would end a long agent run.
         events: AsyncGenerator[Any, Any] = rpc.start(request, headers=headers, timeout_ms=None)
         try:
-            with anyio.fail_after(sandbox.request_timeout):
+            # Shielded: envd starts the process before it sends the start event, so a cancel
+            # that dropped the stream here would leave a process running that nobody knows
+            # the pid of. The wait stays bounded; a cancel is honoured once the pid is known.
+            with anyio.CancelScope(shield=True), anyio.fail_after(sandbox.request_timeout):
                 first = await events.__anext__()
             pid = _start_pid(first)
         except BaseException as exc:
@@ -171,6 +175,13 @@ class E2BProcess(Process):
             raise
         proc = cls(sandbox, pid=pid, events=events, token=token, user=user)
         sandbox._processes.add(proc)
+        try:
+            await anyio.lowlevel.checkpoint()  # a cancel that came while envd started it
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+                await proc.kill()
+                await proc._close_stream()
+            raise
         return proc
 
     # --- output ---
