@@ -438,3 +438,25 @@ def test_ctrl_c_removes_the_docker_container(tmp_path: Path) -> None:
             client.containers.get(sandbox_id)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("loaded", [False, True], ids=["plain", "e2b-http-client"])
+def test_the_command_skips_interpreter_teardown_only_after_the_e2b_http_client(
+    loaded: bool,
+) -> None:
+    # That client's threads can abort Python's teardown with SIGABRT after a command that
+    # succeeded; once it was loaded the command leaves as soon as its output is flushed
+    # (an exit handler does not run), with its own status. Otherwise teardown runs as usual.
+    probe = (
+        "import atexit, sys, types\n"
+        + ("sys.modules['pyqwest'] = types.ModuleType('pyqwest')\n" if loaded else "")
+        + "atexit.register(lambda: print('teardown ran', flush=True))\n"
+        "from sandbay._cli import main\n"
+        "sys.argv = ['sandbay']\n"
+        "print('output', end='')\n"
+        "sys.exit(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2  # no command given: the usage status, either way
+    assert done.stdout.startswith("output") and "usage: sandbay" in done.stdout
+    assert ("teardown ran" in done.stdout) == (not loaded)

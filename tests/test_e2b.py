@@ -220,7 +220,7 @@ anyio.run(main)
 """
 
 _REATTACH = """
-import anyio, json, sys
+import anyio, json, os, sys
 import sandbay
 from sandbay._config import config_from_data
 
@@ -232,6 +232,10 @@ async def main():
     print(data.decode(), result.stdout.decode(), sb.labels["sandbay.managed"], sb.workdir)
 
 anyio.run(main)
+# The e2b SDK's HTTP client (pyqwest) can abort the interpreter while it shuts down, after
+# all of the above succeeded; the sandbay command leaves the same way for that reason.
+sys.stdout.flush()
+os._exit(0)
 """
 
 

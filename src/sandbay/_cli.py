@@ -27,7 +27,35 @@ IMAGE_LOGGER = "sandbay.image"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sandbay`` command."""
+    """Entry point of the ``sandbay`` command (``argv`` given: called, not the process's own
+    command, so it always returns)."""
+    code = _main(argv)
+    if argv is None:
+        _leave_if_finalizing_could_abort(code)
+    return code
+
+
+def _leave_if_finalizing_could_abort(code: int) -> None:
+    """End the process now, once its output is flushed, where Python's finalization could
+    abort it: the E2B SDK's HTTP client (pyqwest, threads of a Rust runtime) kills the
+    interpreter with SIGABRT when one of its threads is still finishing a response while
+    Python shuts down, after a command that did everything it should. Everything the
+    command opened is closed by now (sandboxes included); only interpreter teardown is
+    skipped."""
+    if "pyqwest" not in sys.modules:
+        return
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
