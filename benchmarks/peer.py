@@ -75,11 +75,11 @@ async def _sandbay() -> dict[str, float]:
     return {"open": t1 - t0, "exec": t2 - t1, "close": t3 - t2}
 
 
-def _peer(client: Any, image: str) -> dict[str, float]:
+def _llm_sandbox_session(client: Any, image: str) -> Any:
+    """llm-sandbox's docker session as its docs show it, on ``image``, without network."""
     from llm_sandbox import SandboxBackend, SandboxSession
 
-    t0 = time.perf_counter()
-    session = SandboxSession(
+    return SandboxSession(
         backend=SandboxBackend.DOCKER,
         client=client,
         image=image,
@@ -87,6 +87,11 @@ def _peer(client: Any, image: str) -> dict[str, float]:
         skip_environment_setup=True,
         runtime_configs={"network_mode": "none"},
     )
+
+
+def _peer(client: Any, image: str) -> dict[str, float]:
+    t0 = time.perf_counter()
+    session = _llm_sandbox_session(client, image)
     session.open()
     t1 = time.perf_counter()
     try:
@@ -102,16 +107,7 @@ def _peer(client: Any, image: str) -> dict[str, float]:
 
 def _why_peer_close_is_slow(client: Any, image: str) -> dict[str, Any]:
     """PID 1 of an llm-sandbox container, its signal handling, and how `stop` ended it."""
-    from llm_sandbox import SandboxBackend, SandboxSession
-
-    session = SandboxSession(
-        backend=SandboxBackend.DOCKER,
-        client=client,
-        image=image,
-        lang="python",
-        skip_environment_setup=True,
-        runtime_configs={"network_mode": "none"},
-    )
+    session = _llm_sandbox_session(client, image)
     session.open()
     container = session.container
     try:

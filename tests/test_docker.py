@@ -176,22 +176,27 @@ async def test_cancelled_read_loses_nothing(sandbox: sandbay.Sandbox) -> None:
         assert await proc.wait() == 0
 
 
-@pytest.mark.anyio
-async def test_one_read_round_takes_all_output_that_has_arrived(
-    sandbox: sandbay.Sandbox,
-) -> None:
-    # Output that has arrived is taken in one worker-thread round, not a round per frame:
-    # each round trip to a thread cost throughput. Counted, not timed: the process writes
-    # everything, then this waits until all of it sits in the host's socket before reading.
-    size = 128 * 1024
+async def _all_output_waiting(sandbox: sandbay.Sandbox, size: int) -> DockerProcess:
+    """A process that wrote ``size`` bytes and ended, all of them in the host's socket
+    (up to one buffer's worth already in the HTTP reader, read with the headers)."""
     proc = await sandbox.start(["sh", "-c", f"head -c {size} /dev/zero; touch written"])
     assert isinstance(proc, DockerProcess)
     with anyio.fail_after(60):
         while not await sandbox.exists("written"):  # noqa: ASYNC110 - the sandbox's state
             await anyio.sleep(0.05)
-        # Up to one buffer's worth may already sit in the HTTP reader, read with the headers.
         while _unread_bytes(proc._sock) < size - 8192:  # noqa: ASYNC110 - the kernel's count
             await anyio.sleep(0.05)
+    return proc
+
+
+@pytest.mark.anyio
+async def test_one_read_round_takes_all_output_that_has_arrived(
+    sandbox: sandbay.Sandbox,
+) -> None:
+    # Output that has arrived is taken in one worker-thread round, not a round per frame:
+    # each round trip to a thread cost throughput. Counted, not timed.
+    size = 128 * 1024
+    proc = await _all_output_waiting(sandbox, size)
     rounds = 0
     read_frames = proc._read_frames
 
@@ -212,16 +217,10 @@ async def test_frames_that_arrived_together_reach_the_reader_as_one_chunk(
     sandbox: sandbay.Sandbox,
 ) -> None:
     # Docker cuts output into frames of a few KiB; a reader pays per chunk, so the frames of
-    # one stream read in one round are joined. Counted, not timed: everything is in the
-    # host's socket before the first read.
+    # one stream read in one round are joined. Counted, not timed.
     size = 128 * 1024
-    proc = await sandbox.start(["sh", "-c", f"head -c {size} /dev/zero; touch written"])
-    assert isinstance(proc, DockerProcess)
+    proc = await _all_output_waiting(sandbox, size)
     with anyio.fail_after(60):
-        while not await sandbox.exists("written"):  # noqa: ASYNC110 - the sandbox's state
-            await anyio.sleep(0.05)
-        while _unread_bytes(proc._sock) < size - 8192:  # noqa: ASYNC110 - the kernel's count
-            await anyio.sleep(0.05)
         chunks = [chunk async for chunk in proc.stdout]
     assert b"".join(chunks) == bytes(size)
     assert len(chunks) <= 2, f"{len(chunks)} chunks for {size} bytes that had all arrived"

@@ -43,6 +43,7 @@ from .._api import create_sandbox
 from .._config import DockerConfig, SandbayConfig, parse_config
 from .._errors import ConfigError, SandboxError
 from .._sandbox import Sandbox, SandboxSpec
+from ..providers.local._registry import descendants
 from ._report import machine_info
 
 __all__ = [
@@ -237,29 +238,6 @@ def _status_kib(pid: int | str, key: str) -> int:
     return 0
 
 
-def _descendants(root: int) -> list[int]:
-    """Every live process beneath ``root``, from /proc's parent links."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry))
-    found: list[int] = []
-    todo = [root]
-    while todo:
-        for kid in parents.get(todo.pop(), []):
-            found.append(kid)
-            todo.append(kid)
-    return found
-
-
 def _children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -307,7 +285,7 @@ class _LocalMeter(_Meter):
         self._cpu_before = cpu_before
 
     def _sample(self) -> None:
-        total = sum(_status_kib(pid, "VmRSS") for pid in _descendants(os.getpid())) * 1024
+        total = sum(_status_kib(pid, "VmRSS") for pid in descendants(os.getpid())) * 1024
         self.peak_bytes = max(self.peak_bytes, total)
 
     def closed(self) -> None:

@@ -209,7 +209,7 @@ def _kill_tree(pid: int) -> None:
     stopped = [pid]
     _signal(pid, signal.SIGSTOP)
     while True:
-        new = [child for child in _descendants(pid) if child not in stopped]
+        new = [child for child in descendants(pid) if child not in stopped]
         if not new:
             break
         for child in new:
@@ -245,7 +245,7 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process beneath pid, from /proc (Linux); empty where /proc is not there."""
     # /proc/<pid>/task/<tid>/children needs CONFIG_PROC_CHILDREN; else scan every parent.
     children = None if _HAS_CHILDREN_FILES else _children_map()
