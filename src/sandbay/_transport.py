@@ -123,11 +123,10 @@ _INSTALL = (
 _BOOT = """\
 import time
 boot = time.monotonic()
-import json, os, sys
+import binascii, json, os, sys, zlib
 where = sys.argv[1]
 first = sys.stdin.buffer.readline(64 << 20)
 try:
-    import binascii, zlib
     frame = json.loads(first)
     code = json.loads(zlib.decompress(binascii.a2b_base64(frame.pop("code"))))
     files = {str(name): str(text).encode() for name, text in code["files"].items()}

@@ -40,11 +40,12 @@ from claude_agent_sdk import ClaudeAgentOptions, ResultMessage
 
 from .._agent import run_agent
 from .._api import create_sandbox
-from .._config import DockerConfig, SandbayConfig, parse_config
+from .._config import DockerConfig, SandbayConfig
 from .._errors import ConfigError, SandboxError
 from .._sandbox import Sandbox, SandboxSpec
 from ..providers.local._registry import descendants
 from ._report import machine_info
+from ._running import provider_configs
 
 __all__ = [
     "GUIDE_SESSION_MIB",
@@ -418,10 +419,7 @@ async def run_capacity(config: CapacityConfig) -> CapacityReport:
         ConfigError: Bad settings, or a provider this cannot measure (cloud providers).
     """
     config.check()
-    configs = [
-        p if isinstance(p, SandbayConfig) else parse_config({"provider": {"type": p}})
-        for p in config.providers
-    ]
+    configs, names = provider_configs(config.providers)
     for cfg in configs:
         if cfg.provider.type not in METHODS:
             raise ConfigError(
@@ -429,9 +427,6 @@ async def run_capacity(config: CapacityConfig) -> CapacityReport:
                 f"{cfg.provider.type!r}: a cloud sandbox's memory and CPU are the provider's "
                 "to report"
             )
-    names = [c.provider.type for c in configs]
-    if len(set(names)) != len(names):
-        names = [f"{n}#{i}" for i, n in enumerate(names)]
     spec = config.spec.model_copy(update={"network": "host"})
     report = CapacityReport(
         config={

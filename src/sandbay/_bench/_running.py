@@ -157,6 +157,21 @@ class _Progress:
             print(line, file=sys.stderr, flush=True)
 
 
+def provider_configs(
+    providers: Sequence[str | SandbayConfig],
+) -> tuple[list[SandbayConfig], list[str]]:
+    """Each provider as a config (a name gets that provider's defaults), and the name each is
+    reported under (``docker#1`` where one type is measured twice)."""
+    configs = [
+        p if isinstance(p, SandbayConfig) else parse_config({"provider": {"type": p}})
+        for p in providers
+    ]
+    names = [c.provider.type for c in configs]
+    if len(set(names)) != len(names):
+        names = [f"{n}#{i}" for i, n in enumerate(names)]
+    return configs, names
+
+
 async def run_bench(
     config: BenchConfig, *, progress: Callable[[int, str], _Progress] | None = None
 ) -> BenchReport:
@@ -168,13 +183,7 @@ async def run_bench(
     from ..testing import ScriptedModel
 
     check_config(config)
-    configs = [
-        p if isinstance(p, SandbayConfig) else parse_config({"provider": {"type": p}})
-        for p in config.providers
-    ]
-    names: list[str] = [c.provider.type for c in configs]
-    if len(set(names)) != len(names):
-        names = [f"{n}#{i}" for i, n in enumerate(names)]
+    configs, names = provider_configs(config.providers)
     report = BenchReport(
         config={
             "providers": names,
