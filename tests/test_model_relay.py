@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, ClassVar
 
 import anyio
@@ -23,7 +23,7 @@ from claude_agent_sdk import ClaudeAgentOptions, ResultMessage, query
 
 import sandbay
 from sandbay import Sandbox, SandboxSpec
-from sandbay._model_relay import ModelRelay, model_relay_wanted
+from sandbay._model_relay import ModelRelay, _ResponseEnd, model_relay_wanted
 from sandbay._transport import RequestError
 from sandbay.testing import ScriptedModel, Turn
 from sandbox_kinds import open_kind
@@ -175,7 +175,7 @@ async def test_the_host_refuses_a_wrong_or_expired_token() -> None:
             await relay.handle(request("sk-ant-guess"), part)
         await relay.handle(request(relay.token), part)
         assert parts and base64.b64decode(parts[0]["data"]).startswith(b"HTTP/1.")
-        relay.revoke()
+        await relay.aclose()
         with pytest.raises(RequestError, match="not valid"):
             await relay.handle(request(relay.token), part)
         assert [r.headers.get("x-api-key") for r in model.requests] == ["k"]
@@ -320,3 +320,195 @@ async def test_a_streamed_response_streams_through_the_relay() -> None:
         server.server_close()
     assert _SlowStream.order == ["one", "release", "two"]
     assert out[0]["first"].startswith("event: one") and "event: two" in out[0]["rest"]
+
+
+class _KeepAlive(http.server.BaseHTTPRequestHandler):
+    """Answers on connections kept open (chunked, as the real API streams), and records them.
+
+    ``GET /close-after`` answers with a length and then hangs up without saying so, as an
+    endpoint that drops an idle connection does.
+    """
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    ports: ClassVar[list[int]] = []
+    open_now: ClassVar[set[int]] = set()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.open_now.add(self.client_address[1])
+
+    def finish(self) -> None:
+        super().finish()
+        self.open_now.discard(self.client_address[1])
+
+    def do_GET(self) -> None:
+        self.ports.append(self.client_address[1])
+        self.send_response(200)
+        if self.path == "/close-after":
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+            self.close_connection = True
+            return
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for event in (b"event: one\n\n", b"event: two\n\n"):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        self.wfile.write(b"0\r\ntrailer: t\r\n\r\n")
+
+
+@pytest.fixture
+def keep_alive() -> Iterator[str]:
+    _KeepAlive.ports.clear()
+    _KeepAlive.open_now.clear()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeepAlive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def _ask(relay: ModelRelay, path: str) -> bytes:
+    parts: list[bytes] = []
+
+    async def part(data: dict[str, Any]) -> None:
+        parts.append(base64.b64decode(data["data"]))
+
+    head = f"GET {path} HTTP/1.1\r\nx-api-key: {relay.token}\r\n\r\n"
+    with anyio.fail_after(30):
+        await relay.handle({"head": head, "body": ""}, part)
+    return b"".join(parts)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    with anyio.fail_after(30):
+        while not condition():  # noqa: ASYNC110 - set by the server's threads
+            await anyio.sleep(0.01)
+
+
+async def test_requests_share_a_kept_connection_closed_when_the_relay_closes(
+    keep_alive: str,
+) -> None:
+    relay = ModelRelay(base_url=keep_alive, credential_name="ANTHROPIC_API_KEY", credential="k")
+    answers = [await _ask(relay, "/events") for _ in range(3)]
+    for answer in answers:  # each whole, and nothing of the next one's
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert answer.endswith(b"0\r\ntrailer: t\r\n\r\n") and answer.count(b"event: one") == 1
+    assert len(_KeepAlive.ports) == 3 and len(set(_KeepAlive.ports)) == 1
+    assert len(_KeepAlive.open_now) == 1
+    await relay.aclose()
+    await _until(lambda: not _KeepAlive.open_now)
+    with pytest.raises(RequestError, match="not valid"):
+        await _ask(relay, "/events")
+
+
+async def test_a_kept_connection_the_endpoint_dropped_is_replaced(keep_alive: str) -> None:
+    relay = ModelRelay(base_url=keep_alive, credential_name="ANTHROPIC_API_KEY", credential="k")
+    try:
+        assert (await _ask(relay, "/close-after")).endswith(b"\r\n\r\nok")
+        await _until(lambda: not _KeepAlive.open_now)  # it hung up after answering
+        answer = await _ask(relay, "/events")
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\n")
+        assert len(set(_KeepAlive.ports)) == 2
+    finally:
+        await relay.aclose()
+
+
+async def test_a_run_leaves_no_connection_to_the_endpoint_open(keep_alive: str) -> None:
+    async with sandbay.open_sandbox(sandbay.LocalConfig(isolate=False)) as sb:
+        await sb.write_file("probe", KEEP_PROBE.encode(), mode=0o755)
+        env = {"ANTHROPIC_BASE_URL": keep_alive, "ANTHROPIC_API_KEY": "sk-real"}
+        options = ClaudeAgentOptions(cli_path=sb.resolve("probe"), env=env)
+        transport = sandbay.SandboxTransport(sb, options)
+        await transport.connect()
+        await transport.end_input()
+        try:
+            with anyio.fail_after(120):
+                out = [m async for m in transport.read_messages()]
+            assert _KeepAlive.open_now  # kept for the run's next request
+        finally:
+            await transport.close()
+    assert out == [{"type": "probe", "events": 6}]
+    assert len(set(_KeepAlive.ports)) == 1
+    await _until(lambda: not _KeepAlive.open_now)
+
+
+#: Three requests through the relay, each read to its end.
+KEEP_PROBE = r"""#!/usr/bin/env python3
+import json, os, urllib.request
+base, key = os.environ["ANTHROPIC_BASE_URL"], os.environ["ANTHROPIC_API_KEY"]
+events = 0
+for _ in range(3):
+    request = urllib.request.Request(base + "/events", headers={"x-api-key": key})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        events += response.read().count(b"event: ")
+print(json.dumps({"type": "probe", "events": events}), flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    ("method", "response", "reusable"),
+    [
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", True),
+        ("GET", b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", True),
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", True),
+        ("GET", b"HTTP/1.1 204 No Content\r\n\r\n", True),
+        ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", True),
+        (
+            "GET",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            True,
+        ),
+        (
+            "POST",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nx-trailer: 1\r\n\r\n",
+            True,
+        ),
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", False),
+        ("GET", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+        ("GET", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok", True),
+    ],
+)
+def test_the_end_of_a_response_is_found_however_its_bytes_arrive(
+    method: str, response: bytes, reusable: bool
+) -> None:
+    for size in (1, 3, len(response)):
+        end = _ResponseEnd(head_only=method == "HEAD")
+        used = 0
+        for start in range(0, len(response), size):
+            assert not end.done
+            used += end.feed(response[start : start + size])
+        assert end.done and used == len(response), size
+        assert end.reusable is reusable
+        # Bytes past the end are not the response's.
+        assert end.feed(b"HTTP/1.1 200 OK\r\n") == 0
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\n\r\nuntil the end",  # no length: ends when the endpoint hangs up
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzzz",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokNOT-CRLF\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\nanything",
+        b"garbage\r\n\r\nmore",
+    ],
+)
+def test_a_response_without_a_clear_end_runs_to_end_of_stream_and_is_not_kept(
+    response: bytes,
+) -> None:
+    end = _ResponseEnd(head_only=False)
+    assert end.feed(response) == len(response)
+    assert not end.done
+    end.at_eof()
+    assert end.done and not end.reusable

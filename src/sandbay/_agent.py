@@ -51,6 +51,7 @@ from ._sandbox import CLOSE_TIMEOUT, Process, Sandbox, SandboxSpec
 if TYPE_CHECKING:
     from claude_agent_sdk._internal.query import Query
 
+    from ._model_relay import ModelRelay
     from ._transport import RequestHandler, RunInput, SandboxTransport
 
 __all__ = [
@@ -1081,15 +1082,12 @@ class ResumedRun:
             self._input = RunInput(self.sandbox, self.run_id)
         return self._input
 
-    def _handlers(self) -> dict[str, RequestHandler]:
-        """The model relay's handler, if the run has one and this process a credential."""
-        from ._model_relay import METHOD, ModelRelay, relay_for
+    def _model_relay(self) -> ModelRelay | None:
+        """The model relay, if the run has one and this process a credential."""
+        from ._model_relay import relay_for
 
         token = self._handle.model_token
-        if token is None:
-            return {}
-        relay: ModelRelay | None = relay_for(agent_env(), token=token)
-        return {METHOD: relay.handle} if relay is not None else {}
+        return relay_for(agent_env(), token=token) if token is not None else None
 
     def handle(self) -> RunHandle:
         """A handle to resume from where this one got to."""
@@ -1118,15 +1116,17 @@ class ResumedRun:
         await self._gen.aclose()
 
     async def _messages(self) -> AsyncGenerator[Message, None]:
+        from ._model_relay import METHOD
+
+        relay = self._model_relay()
+        handlers: dict[str, RequestHandler] = {METHOD: relay.handle} if relay else {}
         try:
             if self.sandbox is None:
                 self.sandbox = await connect_sandbox(
                     self._config, self._handle.sandbox_id, providers=self._providers
                 )
             async with aclosing(
-                _replay_envelopes(
-                    self.sandbox, self.run_id, self.last_seq, handlers=self._handlers()
-                )
+                _replay_envelopes(self.sandbox, self.run_id, self.last_seq, handlers=handlers)
             ) as envelopes:
                 async for envelope in envelopes:
                     message = _parse_message(envelope, self.sandbox)
@@ -1135,6 +1135,8 @@ class ResumedRun:
                         yield message
         finally:
             with anyio.CancelScope(shield=True):
+                if relay is not None:
+                    await relay.aclose()
                 await self._release()
 
     async def _release(self) -> None:

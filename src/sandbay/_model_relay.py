@@ -6,8 +6,10 @@ makes there travels to the host as a ``model.http`` request over the relay's own
 channel (so a sandbox without any network reaches the model), where `ModelRelay.handle`
 checks the token, puts the real credential in its place and forwards the request to the
 real endpoint, sending the response's bytes back as they arrive (unbuffered: event streams
-stream). The token is refused once the run ends (`ModelRelay.revoke`), and is worthless
-anywhere but this relay.
+stream). Connections to the endpoint are kept open between requests (as the CLI's own client
+keeps them when it talks to the endpoint directly): a request costs no new TCP and TLS
+handshake, and `ModelRelay.aclose` closes them when the run ends. The token is refused once
+the run ends (`ModelRelay.revoke`), and is worthless anywhere but this relay.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import hmac
 import os
 import secrets
 import ssl
+import sys
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -48,6 +52,10 @@ DEFAULT_BASE_URL = "https://api.anthropic.com"
 #: whatever its size).
 CHUNK = 64 * 1024
 CONNECT_TIMEOUT_S = 30.0
+#: Connections to the endpoint kept open between requests, at most.
+KEEP_CONNECTIONS = 4
+#: Seconds an open connection may wait for the next request before it is closed instead.
+KEEP_IDLE_S = 20.0
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: Request headers that are not passed on: hop-by-hop, framing (set again here), the
 #: credential (replaced) and the host (the endpoint's).
@@ -141,11 +149,16 @@ class ModelRelay:
         self._credential = credential
         self.token = f"sk-sandbay-run-{secrets.token_urlsafe(32)}"
         self._revoked = False
+        self._closed = False
+        self._idle: list[tuple[anyio.abc.ByteStream, float]] = []
         self.requests = 0
         self.refused = 0
 
     def revoke(self) -> None:
-        """Refuse the token from now on (the run ended). Idempotent."""
+        """Refuse the token from now on (the run ended). Idempotent.
+
+        Call `aclose` too, to close the connections to the endpoint kept open.
+        """
         self._revoked = True
 
     def sandbox_env(self, env: Mapping[str, str]) -> dict[str, str]:
@@ -182,24 +195,74 @@ class ModelRelay:
             lines.append(f"authorization: Bearer {self._credential}")
         if body or method in ("POST", "PUT", "PATCH"):
             lines.append(f"content-length: {len(body)}")
-        lines.append("connection: close")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        while True:
+            stream, reused = await self._take()
+            end = _ResponseEnd(head_only=method == "HEAD")
+            forwarded = False
+            try:
+                try:
+                    await stream.send(request)
+                except (OSError, anyio.BrokenResourceError, ssl.SSLError):
+                    if reused:
+                        continue  # the endpoint closed it while it waited: a new one
+                    raise RequestError(
+                        "BadGateway", f"the model at {self._netloc} hung up"
+                    ) from None
+                while not end.done:
+                    try:
+                        chunk = await stream.receive(CHUNK)
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError, ssl.SSLError):
+                        end.at_eof()
+                        break
+                    used = end.feed(chunk)
+                    if used < len(chunk):
+                        end.reusable = False  # more than the response: not a clean end
+                    if used:
+                        forwarded = True
+                        await part({"data": base64.b64encode(chunk[:used]).decode("ascii")})
+            finally:
+                await self._give_back(stream, keep=end.done and end.reusable)
+            if forwarded or not reused:
+                return {}
+            # A kept connection that ended before answering: the endpoint closed it while
+            # it waited (it got nothing it could have acted on). Once more, on a new one.
+
+    async def _take(self) -> tuple[anyio.abc.ByteStream, bool]:
+        """An open connection to the endpoint (and whether it was kept from an earlier
+        request), else a new one."""
+        from ._transport import RequestError
+
+        now = time.monotonic()
+        while self._idle:
+            stream, since = self._idle.pop()
+            if now - since < KEEP_IDLE_S:
+                return stream, True
+            await _close(stream)
         try:
             with anyio.fail_after(CONNECT_TIMEOUT_S):
-                stream = await self._connect()
+                return await self._connect(), False
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             raise RequestError(
                 "BadGateway", f"cannot reach the model at {self._netloc}: {exc}"
             ) from None
-        async with stream:
-            await stream.send(request)
-            while True:
-                try:
-                    chunk = await stream.receive(CHUNK)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, ssl.SSLError):
-                    break
-                await part({"data": base64.b64encode(chunk).decode("ascii")})
-        return {}
+
+    async def _give_back(self, stream: anyio.abc.ByteStream, *, keep: bool) -> None:
+        if keep and not self._closed and len(self._idle) < KEEP_CONNECTIONS:
+            self._idle.append((stream, time.monotonic()))
+        else:
+            await _close(stream)
+
+    async def aclose(self) -> None:
+        """Revoke the token and close the connections kept open. Idempotent.
+
+        A request still being answered closes its connection when it ends.
+        """
+        self.revoke()
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for stream, _ in idle:
+            await _close(stream)
 
     async def _connect(self) -> anyio.abc.ByteStream:
         if self._tls:
@@ -230,9 +293,154 @@ def _request_of(payload: dict[str, Any]) -> tuple[str, bytes]:
     if len(head) > wire.MAX_HTTP_HEAD or len(body) > wire.MAX_HTTP_BODY * 4 // 3 + 4:
         raise RequestError("BadRequest", "request too large")
     try:
-        return head, base64.b64decode(body, validate=True)
+        return head, _b64decode(body)
     except (binascii.Error, ValueError):
         raise RequestError("BadRequest", "the body is not base64") from None
+
+
+def _b64decode(text: str) -> bytes:
+    """Strict base64 (no characters outside the alphabet, correct padding)."""
+    if sys.version_info >= (3, 11):
+        return binascii.a2b_base64(text, strict_mode=True)
+    return base64.b64decode(text, validate=True)  # pragma: no cover - Python 3.10
+
+
+async def _close(stream: anyio.abc.ByteStream) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        try:
+            await stream.aclose()
+        except (OSError, anyio.BrokenResourceError, ssl.SSLError):
+            pass
+
+
+class _ResponseEnd:
+    """Follows an HTTP/1.1 response's framing as its bytes pass, to tell where it ends.
+
+    Bytes are passed on as they came; this only finds the end: after the head for a
+    response without a body, after ``Content-Length`` bytes, after the last chunk and the
+    trailers of a chunked body, else (or where the framing makes no sense) at end of stream,
+    and then the connection is not kept.
+
+    Attributes:
+        done: The response ended.
+        reusable: The connection can carry another request once the response ended.
+    """
+
+    _HEAD, _BODY, _SIZE, _CRLF, _TRAILER, _EOF = range(6)
+    _MAX_LINE = 64 * 1024
+
+    def __init__(self, *, head_only: bool) -> None:
+        self._head_only = head_only
+        self._state = self._HEAD
+        self._line = bytearray()
+        self._head: list[bytes] = []
+        self._left = 0
+        self._chunked = False
+        self.done = False
+        self.reusable = True
+
+    def feed(self, data: bytes) -> int:
+        """Take the next bytes received; returns how many of them belong to the response."""
+        pos = 0
+        while pos < len(data) and not self.done:
+            if self._state == self._EOF:
+                return len(data)
+            if self._state == self._BODY:
+                take = min(self._left, len(data) - pos)
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._state = self._CRLF if self._chunked else self._HEAD
+                    self.done = not self._chunked
+                continue
+            newline = data.find(b"\n", pos)
+            if newline == -1:
+                self._line += data[pos:]
+                if len(self._line) > self._MAX_LINE:
+                    self._give_up()
+                return len(data)
+            self._line += data[pos:newline]
+            pos = newline + 1
+            line = bytes(self._line).rstrip(b"\r")
+            self._line.clear()
+            self._on_line(line)
+        return pos
+
+    def at_eof(self) -> None:
+        """The endpoint closed the connection."""
+        self.reusable = False
+        if self._state == self._EOF:
+            self.done = True
+
+    def _give_up(self) -> None:
+        self._state = self._EOF
+        self.reusable = False
+
+    def _on_line(self, line: bytes) -> None:
+        if self._state == self._SIZE:
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                size = -1
+            if size < 0:
+                self._give_up()
+            elif size == 0:
+                self._state = self._TRAILER
+            else:
+                self._state, self._left = self._BODY, size
+        elif self._state == self._CRLF:
+            if line:
+                self._give_up()
+            else:
+                self._state = self._SIZE
+        elif self._state == self._TRAILER:
+            self.done = not line
+        elif line:
+            self._head.append(line)
+            if len(self._head) > 200:
+                self._give_up()
+        elif self._head:
+            head, self._head = self._head, []
+            self._on_head(head)
+
+    def _on_head(self, head: list[bytes]) -> None:
+        words = head[0].split(None, 2)
+        try:
+            status = int(words[1])
+        except (IndexError, ValueError):
+            self._give_up()
+            return
+        fields: dict[bytes, bytes] = {}
+        for line in head[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            fields[name] = fields[name] + b"," + value.strip() if name in fields else value.strip()
+        if 100 <= status < 200 and status != 101:
+            return  # an interim response: the real one follows
+        tokens = {t.strip() for t in fields.get(b"connection", b"").lower().split(b",")}
+        if b"close" in tokens or (words[0] == b"HTTP/1.0" and b"keep-alive" not in tokens):
+            self.reusable = False
+        coding = fields.get(b"transfer-encoding", b"").lower().split(b",")[-1].strip()
+        if status == 101:
+            self._give_up()
+        elif self._head_only or status in (204, 304):
+            self.done = True
+        elif coding == b"chunked":
+            self._chunked = True
+            self._state = self._SIZE
+        elif coding or b"content-length" not in fields:
+            self._give_up()
+        else:
+            try:
+                length = int(fields[b"content-length"])
+            except ValueError:
+                length = -1
+            if length < 0 or b"," in fields[b"content-length"]:
+                self._give_up()
+            elif length == 0:
+                self.done = True
+            else:
+                self._state, self._left = self._BODY, length
 
 
 def _parse_head(head: str) -> tuple[str, str, list[tuple[str, str]]]:

@@ -686,6 +686,8 @@ class SandboxTransport(Transport):
             self.model_relay.revoke()
         with anyio.CancelScope(shield=True):
             await self._cancel_requests()
+            if self.model_relay is not None:
+                await self.model_relay.aclose()
             if self._proc is not None:
                 await _kill(self._proc)
             for replay in self._replays:
@@ -941,6 +943,8 @@ class SandboxTransport(Transport):
             if self.model_relay is not None:
                 self.model_relay.revoke()
             await self._cancel_requests()
+            if self.model_relay is not None:
+                await self.model_relay.aclose()
             for replay in replays:
                 await _kill(replay)
 

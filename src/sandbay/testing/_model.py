@@ -608,6 +608,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # As a real endpoint does: a streamed event goes out at once, not after the client's
+    # (delayed) acknowledgement of the one before.
+    disable_nagle_algorithm = True
     server_version = "sandbay-scripted-model"
     server: _Server
 
@@ -721,16 +724,18 @@ class _Handler(BaseHTTPRequestHandler):
         }
 
     def _send_stream(self, message: dict[str, Any]) -> None:
-        # No Content-Length and no chunking: the stream ends when the connection closes.
+        # Chunked, on a connection that stays open for the next request, as the real API
+        # streams.
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
+        self.send_header("Transfer-Encoding", "chunked")
         self.send_header("request-id", message["id"].replace("msg_", "req_", 1))
         self.end_headers()
-        self.close_connection = True
         for event in _stream_events(message):
-            self.wfile.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+            data = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
     def _send_json(self, status: int, payload: Mapping[str, Any]) -> None:
