@@ -8,10 +8,12 @@ Three parts, each side by side in one run:
 - **stream**: a process in the sandbox writes ``--mb`` MB of zeros to stdout (``head -c N
   /dev/zero``) and this process reads all of it. sandbay's docker provider against the
   docker SDK's ``exec_run(stream=True)`` in the same container; sandbay's local provider
-  against a plain ``asyncio`` subprocess. Interleaved round by round with rotating order, the
-  first round excluded. MB/s (10^6 bytes) and this process's CPU seconds
-  (``time.process_time``, every thread), plus, for local, the reaped children's CPU
-  (``getrusage(RUSAGE_CHILDREN)``).
+  against ``asyncio`` subprocesses: the same command under the same bubblewrap command line
+  the sandbox uses (when it isolates), and plain, without isolation. Interleaved round by
+  round with rotating order, the first round excluded. MB/s (10^6 bytes) from the first byte
+  to the last (the stream's own rate) and from the start of the command to the last byte
+  (its start included), this process's CPU seconds (``time.process_time``, every thread),
+  plus, for local, the reaped children's CPU (``getrusage(RUSAGE_CHILDREN)``).
 - **messages**: one scripted agent run of ``--messages`` tool turns (``Bash true``) per
   provider. The model is ``sandbay model serve`` in a process of its own, so this process's
   CPU is sandbay's and the Agent SDK's alone. Host CPU per agent message: this process's CPU
@@ -78,77 +80,109 @@ def _children_cpu() -> float:
 # --- stream ---------------------------------------------------------------------------------
 
 
-async def _sandbay_stream(sandbox: sandbay.Sandbox, size: int) -> int:
+#: A reader of one stream sample: calls its argument at the first byte, returns the bytes read.
+Reader = Callable[[Callable[[], None]], Awaitable[int]]
+
+
+async def _sandbay_stream(sandbox: sandbay.Sandbox, size: int, first: Callable[[], None]) -> int:
     proc = await sandbox.start(["head", "-c", str(size), "/dev/zero"])
     total = 0
     async for chunk in proc.stdout:
+        if not total:
+            first()
         total += len(chunk)
     await proc.wait()
     return total
 
 
-def _docker_sdk_stream(container: Any, size: int) -> int:
+def _docker_sdk_stream(container: Any, size: int, first: Callable[[], None]) -> int:
     result = container.exec_run(["head", "-c", str(size), "/dev/zero"], stream=True)
     total = 0
     for chunk in result.output:
+        if not total:
+            first()
         total += len(chunk)
     return total
 
 
-async def _asyncio_stream(folder: str, size: int) -> int:
-    proc = await asyncio.create_subprocess_exec(
-        "head", "-c", str(size), "/dev/zero", cwd=folder, stdout=asyncio.subprocess.PIPE
-    )
+async def _asyncio_stream(argv: list[str], folder: str, first: Callable[[], None]) -> int:
+    proc = await asyncio.create_subprocess_exec(*argv, cwd=folder, stdout=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
     total = 0
     while chunk := await proc.stdout.read(1 << 16):
+        if not total:
+            first()
         total += len(chunk)
     await proc.wait()
     return total
 
 
-async def _timed(read: Callable[[], Awaitable[int]], size: int) -> dict[str, float]:
+async def _timed(read: Reader, size: int) -> dict[str, float]:
     children = _children_cpu()
     cpu = time.process_time()
     started = time.perf_counter()
-    total = await read()
-    wall = time.perf_counter() - started
+    first: list[float] = []
+    total = await read(lambda: first.append(time.perf_counter()))
+    ended = time.perf_counter()
     cpu = time.process_time() - cpu
-    if total != size:
+    if total != size or not first:
         raise RuntimeError(f"read {total} bytes, expected {size}")
     return {
-        "mb_s": total / MB / wall,
-        "wall_s": wall,
+        "stream_mb_s": total / MB / (ended - first[0]),
+        "mb_s": total / MB / (ended - started),
+        "first_byte_ms": (first[0] - started) * 1000,
+        "wall_s": ended - started,
         "cpu_s": cpu,
         "children_cpu_s": _children_cpu() - children,
     }
 
 
+#: Each sandbay row and the raw rows it is compared with, the first the goal's baseline.
+STREAM_ROWS = {
+    "sandbay docker": ["docker SDK exec_run(stream=True)"],
+    "sandbay local": ["asyncio subprocess, same bubblewrap", "asyncio subprocess, no sandbox"],
+}
+
+
+def _bwrap_command(sandbox: sandbay.Sandbox, argv: list[str]) -> tuple[list[str], str] | None:
+    """The command line (and host directory) the local sandbox runs ``argv`` with, if it
+    isolates: its own bubblewrap arguments, so the raw row pays for the same isolation."""
+    from sandbay.providers.local import LocalSandbox
+
+    if not isinstance(sandbox, LocalSandbox) or not sandbox.isolated:
+        return None
+    wrapper = sandbox._bwrap_args(sandbox.workdir)
+    return [*wrapper, "--", "/bin/sh", "-c", 'exec "$@"', "sh", *argv], str(sandbox._folder)
+
+
 async def stream(size: int, rounds: int) -> dict[str, list[dict[str, float]]]:
     client = docker.from_env()
     folder = tempfile.mkdtemp(prefix="sandbay-bench-")
-    samples: dict[str, list[dict[str, float]]] = {
-        "sandbay docker": [],
-        "docker SDK exec_run(stream=True)": [],
-        "sandbay local": [],
-        "asyncio subprocess": [],
-    }
+    head = ["head", "-c", str(size), "/dev/zero"]
+    samples: dict[str, list[dict[str, float]]] = {}
     try:
         async with (
             sandbay.open_sandbox("docker", SandboxSpec(network="none")) as dsb,
             sandbay.open_sandbox("local", SandboxSpec(network="none")) as lsb,
         ):
             container = client.containers.get(dsb.id)
+            bwrap = _bwrap_command(lsb, head)
 
-            def sdk() -> Awaitable[int]:
-                return anyio.to_thread.run_sync(_docker_sdk_stream, container, size)
+            def sdk(first: Callable[[], None]) -> Awaitable[int]:
+                return anyio.to_thread.run_sync(_docker_sdk_stream, container, size, first)
 
-            methods: list[tuple[str, Callable[[], Awaitable[int]]]] = [
-                ("sandbay docker", lambda: _sandbay_stream(dsb, size)),
+            methods: list[tuple[str, Reader]] = [
+                ("sandbay docker", lambda first: _sandbay_stream(dsb, size, first)),
                 ("docker SDK exec_run(stream=True)", sdk),
-                ("sandbay local", lambda: _sandbay_stream(lsb, size)),
-                ("asyncio subprocess", lambda: _asyncio_stream(folder, size)),
+                ("sandbay local", lambda first: _sandbay_stream(lsb, size, first)),
+                ("asyncio subprocess, no sandbox", lambda f: _asyncio_stream(head, folder, f)),
             ]
+            if bwrap is not None:
+                argv, cwd = bwrap
+                methods.append(
+                    ("asyncio subprocess, same bubblewrap", lambda f: _asyncio_stream(argv, cwd, f))
+                )
+            samples = {name: [] for name, _ in methods}
             for index in range(rounds + 1):
                 shift = index % len(methods)
                 for name, read in methods[shift:] + methods[:shift]:
@@ -403,23 +437,32 @@ def report(args: argparse.Namespace, data: dict[str, Any]) -> str:
         lines += [
             f"### stdout throughput: {args.mb} MB, {args.rounds} rounds (median)",
             "",
-            "| | MB/s | ratio to raw | host CPU s | ratio to raw | children CPU s |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| | MB/s, first byte to last | ratio | MB/s, start to last byte | ratio "
+            "| first byte ms | host CPU s | ratio | children CPU s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        pairs = [
-            ("sandbay docker", "docker SDK exec_run(stream=True)"),
-            ("sandbay local", "asyncio subprocess"),
+        for ours, raws in STREAM_ROWS.items():
+            raws = [raw for raw in raws if raw in s]
+            for name in [*raws, ours]:
+                row = [f"| {name}"]
+                for key, digits in (("stream_mb_s", 0), ("mb_s", 0)):
+                    value = _median(s[name], key)
+                    row += [f"{value:.{digits}f}", f"{value / _median(s[raws[0]], key):.2f}×"]
+                cpu = _median(s[name], "cpu_s")
+                row += [
+                    f"{_median(s[name], 'first_byte_ms'):.1f}",
+                    f"{cpu:.2f}",
+                    f"{cpu / _median(s[raws[0]], 'cpu_s'):.2f}×",
+                    f"{_median(s[name], 'children_cpu_s'):.2f} |",
+                ]
+                lines.append(" | ".join(row))
+        lines += [
+            "",
+            "Ratios are to the first row of each group: "
+            + ", ".join(raws[0] for raws in STREAM_ROWS.values())
+            + ".",
+            "",
         ]
-        for ours, raw in pairs:
-            for name in (raw, ours):
-                mb_s, cpu = _median(s[name], "mb_s"), _median(s[name], "cpu_s")
-                ratio = mb_s / _median(s[raw], "mb_s")
-                cpu_ratio = cpu / _median(s[raw], "cpu_s")
-                lines.append(
-                    f"| {name} | {mb_s:.0f} | {ratio:.2f}× | {cpu:.2f} | {cpu_ratio:.2f}× | "
-                    f"{_median(s[name], 'children_cpu_s'):.2f} |"
-                )
-        lines.append("")
     if "messages" in data:
         lines += [
             f"### host CPU per agent message: {args.messages} tool turns per run",
