@@ -552,10 +552,12 @@ async def test_host_process_environments_through_proc(config: LocalConfig) -> No
     # unisolated it can (processes run as you), which docs/security.md says.
     value = f"canary-{uuid.uuid4().hex}"
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": value}
-    async with await anyio.open_process(
-        [sys.executable, "-c", "import sys; sys.stdin.read()"], env=env
-    ) as host:
+    script = "import sys; print('ready', flush=True); sys.stdin.read()"
+    async with await anyio.open_process([sys.executable, "-c", script], env=env) as host:
         try:
+            assert host.stdout is not None
+            with anyio.fail_after(60):  # its environ is its own once it runs, not at fork
+                assert (await host.stdout.receive()).startswith(b"ready")
             assert value.encode() in _environ(host.pid)
             async with sandbay.open_sandbox(config) as sb:
                 result = await sb.exec("cat /proc/[0-9]*/environ 2>/dev/null; true")
