@@ -19,7 +19,9 @@ Three parts, each side by side in one run:
   CPU is sandbay's and the Agent SDK's alone. Host CPU per agent message: this process's CPU
   from the first message to the result, over the messages in between. Against the run's
   total CPU: this process for the whole run (create to removed) plus the sandbox's own (the
-  container's cgroup for docker, the reaped children for local).
+  container's cgroup for docker, the reaped children for local); both one message's share
+  and all messages' share of it. The Agent SDK's own local ``query()`` is measured the same
+  way beside it.
 - **memory**: ``--live`` runs at once, each held open by a slow scripted answer; this process's
   RSS growth per live run once every run has delivered its first message. A
   ``SandboxPool(size=--pool)``: RSS growth of this process per pooled sandbox once the pool is
@@ -468,14 +470,15 @@ def report(args: argparse.Namespace, data: dict[str, Any]) -> str:
             f"### host CPU per agent message: {args.messages} tool turns per run",
             "",
             "| | messages | host µs per message | host CPU s, whole run | sandbox CPU s "
-            "| run's CPU s | messages' share of the run |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| run's CPU s | one message, share of the run | all messages, share of the run |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, m in data["messages"].items():
+            one = m["host_us_per_message"] / 1e6 / m["run_cpu_s"]
             lines.append(
                 f"| {name} | {m['messages']} | {m['host_us_per_message']:.0f} | "
                 f"{m['host_cpu_s']:.2f} | {m['sandbox_cpu_s']:.2f} | {m['run_cpu_s']:.2f} | "
-                f"{m['per_message_share_of_run'] * 100:.2f} % |"
+                f"{one * 100:.3f} % | {m['per_message_share_of_run'] * 100:.2f} % |"
             )
         lines.append("")
     if "memory" in data:
