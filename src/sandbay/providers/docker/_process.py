@@ -43,9 +43,10 @@ _FRAME_HEADER = 8
 _KILL_GRACE_S = 5.0
 #: Bytes asked of the socket per read.
 _READ_SIZE = 1 << 18
-#: Most bytes one worker-thread round queues while more is ready at once: a round drains
-#: what has arrived rather than returning after the first frame (a thread round trip per
-#: frame halved throughput), and this bounds what it holds for readers that fell behind.
+#: Most bytes one read round queues while more is ready at once: a round drains what has
+#: arrived rather than returning after the first frame (a round per frame halved
+#: throughput), and this bounds what it holds for readers that fell behind and how long a
+#: round on the event loop keeps other tasks waiting.
 _ROUND_BYTES = 1 << 20
 
 # Docker reports a failed launch (no such executable, bad cwd or user) as text on stdout.
