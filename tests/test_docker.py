@@ -6,14 +6,19 @@ skipped, unless ``SANDBAY_REQUIRE_DOCKER=1`` (CI), where that is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import logging
 import os
+import socket
 import struct
 import termios
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -36,6 +41,7 @@ from sandbay import (
 )
 from sandbay.providers.docker import DockerProvider, DockerSandbox, map_docker_error
 from sandbay.providers.docker._image import AGENT_IMAGE, build_agent_image
+from sandbay.providers.docker._process import Connection
 from sandbay.providers.docker._process import _DockerProcess as DockerProcess
 
 pytestmark = pytest.mark.docker
@@ -265,6 +271,184 @@ async def test_stopped_container_is_not_found(marker: str) -> None:
         await anyio.sleep(2.5)  # `sleep 1`, the container's command, has ended
         with pytest.raises(SandboxNotFoundError, match="not running"):
             await sb.exec(["true"])
+
+
+_SLOW_STDIN = """
+import sys, time
+print("up", flush=True)
+total = 0
+while data := sys.stdin.buffer.read1(1 << 16):
+    total += len(data)
+    time.sleep(0.002)
+print(total, flush=True)
+"""
+
+
+@pytest.mark.anyio
+async def test_large_write_waits_for_a_slow_reader(sandbox: sandbay.Sandbox) -> None:
+    # Far more than the socket holds: the write waits for room, again and again.
+    size = 8 << 20
+    proc = await sandbox.start(["python3", "-c", _SLOW_STDIN])
+    lines = proc.stdout.lines()
+    with anyio.fail_after(120):
+        assert await anext(lines) == b"up"
+        await proc.write(os.urandom(1 << 20) * 8)
+        await proc.close_stdin()
+        assert await anext(lines) == str(size).encode()
+        assert await proc.wait() == 0
+
+
+@pytest.mark.anyio
+async def test_write_to_a_process_that_does_not_read_is_cancellable(
+    sandbox: sandbay.Sandbox,
+) -> None:
+    proc = await sandbox.start(
+        ["python3", "-c", "import time; print('up', flush=True); time.sleep(60)"]
+    )
+    assert isinstance(proc, DockerProcess)
+    with anyio.fail_after(30):
+        assert await anext(aiter(proc.stdout)) == b"up\n"
+    with anyio.move_on_after(1) as scope:
+        await proc.write(bytes(16 << 20))
+    assert scope.cancelled_caught
+
+    # A write blocked on the full socket is woken by a kill from another task.
+    failed = anyio.Event()
+
+    async def write() -> None:
+        with pytest.raises(BrokenPipeError):
+            await proc.write(bytes(16 << 20))
+        failed.set()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write)
+            while proc._sending is None:  # noqa: ASYNC110 - the write's own state
+                await anyio.sleep(0.01)
+            await proc.kill()
+            await failed.wait()
+        assert await proc.wait() == -9
+
+
+@pytest.mark.anyio
+async def test_connections_read_in_threads_keep_their_promises(
+    sandbox: sandbay.Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Connections that are not plain sockets (TLS, ssh) are read and written in threads.
+    monkeypatch.setattr(Connection, "on_loop", lambda self: False)
+    proc = await sandbox.start(["sh", "-c", "read -r x; echo one; echo err >&2; echo two"])
+    assert isinstance(proc, DockerProcess)
+    assert not proc._on_loop
+    with anyio.move_on_after(0.2) as scope:
+        await anext(aiter(proc.stdout))
+    assert scope.cancelled_caught
+    await proc.write(b"go\n")
+    with anyio.fail_after(30):
+        assert await proc.stdout.read() == b"one\ntwo\n"
+        assert await proc.stderr.read() == b"err\n"
+        assert await proc.wait() == 0
+    with pytest.raises(BrokenPipeError):
+        await proc.write(b"late\n")
+    missing = await sandbox.exec(["sandbay-no-such-command"])
+    assert missing.exit_code == 127
+    assert b"sandbay-no-such-command" in missing.stderr
+
+
+class _HijackEngine:
+    """A Docker engine's API, just enough to start one exec, on a unix socket or TCP.
+
+    The exec's start answer carries its first frame with the headers, in one write, then
+    the stream stays open: the next frame comes only once the client has ended stdin.
+    """
+
+    def __init__(self, transport: str, folder: Path) -> None:
+        if transport == "unix":
+            path = str(folder / "docker.sock")
+            self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._server.bind(path)
+            self.url = f"unix://{path}"
+        else:
+            self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._server.bind(("127.0.0.1", 0))
+            self.url = f"tcp://127.0.0.1:{self._server.getsockname()[1]}"
+        self._server.listen(8)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.close()
+        self._thread.join(5)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _frame(data: bytes) -> bytes:
+        return bytes([1, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            while request := reader.readline():
+                headers: dict[str, str] = {}
+                while (line := reader.readline().strip()) != b"":
+                    key, _, value = line.decode().partition(":")
+                    headers[key.strip().lower()] = value.strip()
+                reader.read(int(headers.get("content-length", "0")))
+                method, target = request.decode().split()[:2]
+                if method == "POST" and target.endswith("/start"):
+                    conn.sendall(
+                        b"HTTP/1.1 101 UPGRADED\r\nContent-Type: "
+                        b"application/vnd.docker.raw-stream\r\nConnection: Upgrade\r\n"
+                        b"Upgrade: tcp\r\n\r\n" + self._frame(b"first\n")
+                    )
+                    with contextlib.suppress(OSError):  # the client may have hung up
+                        while reader.read1(1 << 16):
+                            pass  # stdin, until the client ends it
+                        conn.sendall(self._frame(b"second\n"))
+                    return
+                if target.endswith("/version"):
+                    body: Any = {"ApiVersion": "1.43", "Version": "fake"}
+                elif method == "POST" and target.endswith("/exec"):
+                    body = {"Id": "exec1"}
+                else:  # GET /exec/exec1/json
+                    body = {"Running": False, "ExitCode": 0, "Pid": 7}
+                data = json.dumps(body).encode()
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(data)}\r\n\r\n".encode()
+                    + data
+                )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_output_read_with_the_headers_comes_first_on_the_loop(
+    transport: str, tmp_path: Path
+) -> None:
+    # The HTTP client's buffer holds the first frame; the socket has nothing more for now.
+    engine = _HijackEngine(transport, tmp_path)
+    provider = DockerProvider(DockerConfig(base_url=engine.url))
+    sb = DockerSandbox(SandboxSpec(), provider=provider, container_id="c1", user="1000")
+    try:
+        proc = await sb.start(["anything"])
+        assert isinstance(proc, DockerProcess)
+        try:
+            assert proc._on_loop
+            with anyio.fail_after(20):
+                assert await anext(aiter(proc.stdout)) == b"first\n"
+                await proc.close_stdin()
+                assert await proc.stdout.read() == b"second\n"
+                assert await proc.wait() == 0
+        finally:
+            proc._close()
+    finally:
+        await provider.aclose()  # the sandbox is left open: a fake engine has nothing to remove
+        engine.close()
 
 
 # --- the container -----------------------------------------------------------------------

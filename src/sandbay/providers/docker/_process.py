@@ -6,7 +6,12 @@ frames of an 8-byte header (stream, size) and a payload, read and split here on 
 `start_exec` takes the connection over without losing a byte: the HTTP client reads the
 response's headers through a buffer that may already hold the first frames (a launch error
 such as an unknown user is often all of the stream, sent with the headers). docker-py hands
-out the raw socket and those bytes are lost; sandbay keeps reading through that buffer.
+out the raw socket and those bytes are lost; sandbay takes them from that buffer first.
+
+Over a plain socket (a unix socket or TCP to the engine) the socket is made non-blocking and
+read and written on the event loop: a worker-thread round trip per read round and per write
+cost host CPU on every agent message. Other connections (TLS, ssh, named pipes) are read in
+worker threads.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import contextlib
 import re
 import select
 import socket
+import sys
 import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import docker.errors
 import requests.exceptions
 from typing_extensions import override
@@ -36,9 +43,10 @@ _FRAME_HEADER = 8
 _KILL_GRACE_S = 5.0
 #: Bytes asked of the socket per read.
 _READ_SIZE = 1 << 18
-#: Most bytes one worker-thread round queues while more is ready at once: a round drains
-#: what has arrived rather than returning after the first frame (a thread round trip per
-#: frame halved throughput), and this bounds what it holds for readers that fell behind.
+#: Most bytes one read round queues while more is ready at once: a round drains what has
+#: arrived rather than returning after the first frame (a round per frame halved
+#: throughput), and this bounds what it holds for readers that fell behind and how long a
+#: round on the event loop keeps other tasks waiting.
 _ROUND_BYTES = 1 << 20
 
 # Docker reports a failed launch (no such executable, bad cwd or user) as text on stdout.
@@ -61,11 +69,56 @@ class Connection:
         self.sock: Any = getattr(sock, "_sock", None) or sock
         fp = getattr(getattr(getattr(response, "raw", None), "_fp", None), "fp", None)
         self.reader: Any = fp if callable(getattr(fp, "read1", None)) else None
+        self._closing: Any = None  # the reader once `go_non_blocking` took its bytes
         self._poll: Any = None
         with contextlib.suppress(AttributeError, OSError, ValueError):
             poll = select.poll()  # absent on Windows: then every round reads once
             poll.register(self.sock.fileno(), select.POLLIN)
             self._poll = poll
+
+    def on_loop(self) -> bool:
+        """Whether the socket can be read and written on the event loop (a plain socket)."""
+        # Subclasses (ssl.SSLSocket, docker's SSHSocket) buffer or proxy data of their own,
+        # so readiness of the file descriptor says nothing about them.
+        return type(self.sock) is socket.socket and sys.platform != "win32"
+
+    def go_non_blocking(self) -> bytes:
+        """Make the socket non-blocking and return what the HTTP client read past the headers.
+
+        From then on `recv` reads the socket alone (it raises `BlockingIOError` when nothing
+        has arrived), so no byte can stay behind in the HTTP client's buffer.
+        """
+        self.sock.setblocking(False)
+        reader, self.reader = self.reader, None
+        self._closing = reader
+        if reader is None:
+            return b""
+        # With bytes buffered, peek returns them without touching the socket; with none, it
+        # reads the socket once, and whatever that read is then buffered and taken here.
+        data = reader.peek(_READ_SIZE)
+        return bytes(reader.read1(len(data))) if data else b""
+
+    def close(self) -> None:
+        """Close the buffered reader, the socket's file object and the socket."""
+        reader = self.reader if self.reader is not None else self._closing
+        if reader is not None:
+            with contextlib.suppress(OSError, ValueError):
+                reader.close()
+        with contextlib.suppress(OSError):
+            self.io.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def recv_into(self, buffer: bytearray) -> int:
+        """Append what has arrived on the socket, up to `_READ_SIZE` bytes, to ``buffer``.
+
+        Returns how many bytes were appended: 0 at the end of the stream. For a non-blocking
+        socket (see `go_non_blocking`); raises `BlockingIOError` when nothing has arrived.
+        """
+        scratch = _scratch()  # `recv` would allocate `_READ_SIZE` bytes per call
+        size = self.sock.recv_into(scratch)
+        buffer += scratch[:size]
+        return int(size)
 
     def recv(self) -> bytes:
         """Up to `_READ_SIZE` bytes: what is buffered first, else one read of the socket."""
@@ -87,6 +140,17 @@ class Connection:
             return False
 
 
+_local = threading.local()
+
+
+def _scratch() -> memoryview:
+    """A buffer of `_READ_SIZE` bytes to receive into, one per thread."""
+    view: memoryview | None = getattr(_local, "scratch", None)
+    if view is None:
+        view = _local.scratch = memoryview(bytearray(_READ_SIZE))
+    return view
+
+
 def start_exec(api: Any, exec_id: str) -> Connection:
     """Start a created exec attached to its streams and take its connection over. Blocking.
 
@@ -105,12 +169,16 @@ def start_exec(api: Any, exec_id: str) -> Connection:
 class _DockerProcess(Process):
     """One ``docker exec`` session on a hijacked socket.
 
-    Output is read on demand: a reader that finds its stream's queue empty reads more frames
-    from the socket in a worker thread, queueing frames of the other stream for its reader.
-    One such round waits for the first frame, then takes whatever else has already arrived,
-    up to `_ROUND_BYTES`; nothing is read while queued output waits for its reader.
-    Only one thread reads the socket at a time (``_frame_lock``); a reader cancelled while its
-    thread waits leaves that thread to finish the frame, which is queued, not lost.
+    Output is read on demand: a reader that finds its stream's queue empty reads a round of
+    frames, queueing frames of the other stream for its reader. A round waits for the first
+    frame, then takes whatever else has already arrived, up to `_ROUND_BYTES`; nothing is
+    read while queued output waits for its reader. Only one reader reads at a time
+    (``_reading``).
+
+    Over a plain socket a round runs on the event loop and waits for the socket to become
+    readable: a reader cancelled there has taken nothing from it. Otherwise a round runs in a
+    worker thread (one at a time, ``_frame_lock``); a reader cancelled while its thread
+    waits leaves that thread to finish the frame, which is queued, not lost.
     """
 
     def __init__(
@@ -119,21 +187,21 @@ class _DockerProcess(Process):
         self._sandbox = sandbox
         self._exec_id = exec_id
         self._conn = conn
-        self._io = conn.io
         self._sock = conn.sock
-        with contextlib.suppress(AttributeError, OSError):
-            self._sock.settimeout(None)  # the client's 60 s timeout would cut quiet processes
         self._token = token
         self._user = user
 
         self._chunks: dict[int, deque[bytes]] = {_STDOUT: deque(), _STDERR: deque()}
+        self._queued = 0  # bytes ever queued: a round that changed it made progress
         self._buffer = bytearray()
-        self._eof = False
+        self._ended = False  # the socket's stream is over (frames may still be held)
+        self._eof = False  # and everything in it has been queued
         self._first_frame = True
         self._held: bytes | None = None
         self._launch_error: bytes | None = None
         self._frame_lock = threading.Lock()
         self._reading: anyio.Event | None = None
+        self._sending: anyio.Event | None = None
         self._limiter: anyio.CapacityLimiter | None = None
 
         self._state = threading.Lock()
@@ -144,6 +212,16 @@ class _DockerProcess(Process):
         self._stdin_closed = False
         self._killed = False
         self._returncode: int | None = None
+
+        self._on_loop = conn.on_loop()
+        if self._on_loop:
+            try:
+                self._buffer += conn.go_non_blocking()
+            except (OSError, ValueError):
+                self._ended = True  # reset with the headers: the stream ends at what it has
+        else:
+            with contextlib.suppress(AttributeError, OSError):
+                self._sock.settimeout(None)  # the client's 60 s timeout would cut quiet ones
 
         self.stdout = ByteStream(lambda: self._receive(_STDOUT))
         self.stderr = ByteStream(lambda: self._receive(_STDERR))
@@ -180,39 +258,84 @@ class _DockerProcess(Process):
             return
         done = self._reading = anyio.Event()
         try:
-            await anyio.to_thread.run_sync(
-                self._read_frames, want, abandon_on_cancel=True, limiter=self._threads()
-            )
+            if self._on_loop:
+                await self._fill_on_loop(want)
+            else:
+                await anyio.to_thread.run_sync(
+                    self._read_frames, want, abandon_on_cancel=True, limiter=self._threads()
+                )
         finally:
             self._reading = None
             done.set()
 
+    async def _fill_on_loop(self, want: int | None) -> None:
+        """One round on the event loop: until something is queued or the stream is over."""
+        if not self._enter():
+            self._eof = True
+            return
+        try:
+            queued = self._queued
+            waited = False
+            while True:
+                self._read_frames(want)
+                if self._eof or self._queued != queued:
+                    if not waited:  # a reader kept busy must still let other tasks run
+                        await anyio.lowlevel.checkpoint()
+                    return
+                if self._ended:
+                    # Whether a held first frame is Docker's launch error takes the engine's
+                    # word (blocking calls). Cancelled meanwhile, the frame stays held.
+                    failed = self._held is not None and await anyio.to_thread.run_sync(
+                        self._never_started, abandon_on_cancel=True, limiter=self._threads()
+                    )
+                    self._end(failed=failed)
+                    return
+                await _wait_readable(self._sock)
+                waited = True
+        finally:
+            self._leave()
+
     def _read_frames(self, want: int | None) -> None:
-        """Read from the socket until a frame is queued and no more is ready, or end of stream."""
+        """Read from the socket until a frame is queued and no more is ready, or end of stream.
+
+        On the event loop it returns as well when nothing more has arrived; in a worker
+        thread it ends the stream itself (`_end`).
+        """
         with self._frame_lock:
-            if self._eof or (want is not None and self._chunks[want]):
+            if self._eof or self._ended or (want is not None and self._chunks[want]):
                 return  # an abandoned reader already delivered
             if not self._enter():
                 self._eof = True
                 return
-            ended = False
-            queued = 0
             try:
+                queued = 0
+                more = True  # on the loop: whether a read may find more right now
                 while True:
                     queued += self._parse_frames()
-                    if queued and (queued >= _ROUND_BYTES or not self._conn.ready()):
+                    if queued and (
+                        queued >= _ROUND_BYTES
+                        or not (more if self._on_loop else self._conn.ready())
+                    ):
                         break
-                    data = self._conn.recv()
-                    if not data:
-                        ended = True
+                    if self._on_loop:
+                        arrived = self._conn.recv_into(self._buffer)
+                        # A read of a stream socket takes all that has arrived, up to its
+                        # size: a short one leaves nothing to read again for.
+                        more = arrived == _READ_SIZE
+                    else:
+                        data = self._conn.recv()
+                        self._buffer += data
+                        arrived = len(data)
+                    if not arrived:
+                        self._ended = True
                         break
-                    self._buffer += data
+            except BlockingIOError:
+                pass  # nothing more has arrived (on the event loop)
             except (OSError, ValueError):  # ValueError: the reader was closed
-                ended = True
+                self._ended = True
             finally:
-                if ended:
-                    self._release_held(at_end=True)
-                    self._set_eof()
+                if self._ended and not self._on_loop:
+                    self._end(failed=self._held is not None and self._never_started())
                 self._leave()
 
     def _parse_frames(self) -> int:
@@ -244,7 +367,7 @@ class _DockerProcess(Process):
                         # Docker's launch errors end the stream at once: hold it until we know.
                         self._held = bytes(payload)
                         continue
-                queued += self._release_held(at_end=False)
+                queued += self._release_held(failed=False)
                 if run and stream != run_stream:
                     queued += self._queue_run(run_stream, run)
                 run_stream = stream
@@ -261,25 +384,27 @@ class _DockerProcess(Process):
         chunk = b"".join(run)
         run.clear()
         self._chunks[stream].append(chunk)
+        self._queued += len(chunk)
         return len(chunk)
 
-    def _release_held(self, *, at_end: bool) -> int:
-        """Queue a held first frame: on stderr if it is Docker's launch error, else stdout.
+    def _release_held(self, *, failed: bool) -> int:
+        """Queue a held first frame: on stderr if the exec failed to launch, else stdout.
 
         Returns how many bytes were queued.
         """
         payload, self._held = self._held, None
         if payload is None:
             return 0
-        if at_end and self._never_started():
+        if failed:
             self._launch_error = payload
             self._chunks[_STDERR].append(payload.replace(b"\r\n", b"\n"))
         else:
             self._chunks[_STDOUT].append(payload)
+        self._queued += len(payload)
         return len(payload)
 
     def _never_started(self) -> bool:
-        """Whether the exec ended without a process (Docker reports no pid for it)."""
+        """Whether the exec ended without a process (Docker reports no pid for it). Blocking."""
         api = self._sandbox._provider._api()
         deadline = time.monotonic() + 5
         try:
@@ -291,12 +416,14 @@ class _DockerProcess(Process):
         except (docker.errors.DockerException, requests.exceptions.RequestException):
             return False
 
-    def _set_eof(self) -> None:
+    def _end(self, *, failed: bool) -> None:
+        """The stream is over: queue a held frame, let readers see the end, close when idle."""
+        self._release_held(failed=failed)
         self._eof = True
         with self._state:
             self._close_wanted = True
 
-    # --- socket ownership: closed once no thread uses it ---
+    # --- socket ownership: closed once no reader or writer uses it ---
 
     def _enter(self) -> bool:
         with self._state:
@@ -312,12 +439,14 @@ class _DockerProcess(Process):
                 self._close_now()
 
     def _close(self) -> None:
-        """Close the socket; threads blocked on it are woken and the last one closes it."""
+        """Close the socket; whoever waits on it is woken and the last one out closes it."""
         with self._state:
             if self._sock_closed:
                 return
             self._close_wanted = True
             if self._busy:
+                # A shut-down socket reads as ended and fails writes: threads blocked on it
+                # return, and it turns readable and writable for tasks waiting on the loop.
                 with contextlib.suppress(OSError):
                     self._sock.shutdown(socket.SHUT_RDWR)
             else:
@@ -327,13 +456,7 @@ class _DockerProcess(Process):
         # Called with self._state held.
         self._sock_closed = True
         self._eof = True
-        if self._conn.reader is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self._conn.reader.close()
-        with contextlib.suppress(OSError):
-            self._io.close()
-        with contextlib.suppress(OSError):
-            self._sock.close()
+        self._conn.close()
         self._sandbox._forget(self)
 
     # --- stdin ---
@@ -342,10 +465,38 @@ class _DockerProcess(Process):
     async def write(self, data: bytes) -> None:
         if self._stdin_closed:
             raise BrokenPipeError("stdin was closed")
-        if data:
+        if not data:
+            return
+        if self._on_loop:
+            await self._send_on_loop(bytes(data))
+        else:
             await anyio.to_thread.run_sync(
                 self._send, bytes(data), abandon_on_cancel=True, limiter=self._threads()
             )
+
+    async def _send_on_loop(self, data: bytes) -> None:
+        """Send all of ``data``, waiting on the loop while the socket's buffer is full.
+
+        Cancelled while it waits, part of ``data`` may have been sent.
+        """
+        while self._sending is not None:  # one write at a time, or they would interleave
+            await self._sending.wait()
+        if not self._enter():
+            raise BrokenPipeError("the process has exited")
+        done = self._sending = anyio.Event()
+        try:
+            view = memoryview(data)
+            while view:
+                try:
+                    view = view[self._sock.send(view) :]
+                except BlockingIOError:
+                    await _wait_writable(self._sock)
+        except OSError as exc:
+            raise BrokenPipeError(f"the process's stdin is gone: {exc}") from None
+        finally:
+            self._sending = None
+            done.set()
+            self._leave()
 
     def _send(self, data: bytes) -> None:
         if not self._enter():
@@ -418,3 +569,17 @@ class _DockerProcess(Process):
                 await self._sandbox._kill_tagged(self._token, user=self._user)
         except SandboxError:
             pass  # the container is gone, and the process with it
+
+
+async def _wait_readable(sock: socket.socket) -> None:
+    if hasattr(anyio, "wait_readable"):
+        await anyio.wait_readable(sock)
+    else:  # anyio < 4.7
+        await anyio.wait_socket_readable(sock)
+
+
+async def _wait_writable(sock: socket.socket) -> None:
+    if hasattr(anyio, "wait_writable"):
+        await anyio.wait_writable(sock)
+    else:  # anyio < 4.7
+        await anyio.wait_socket_writable(sock)
