@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import http.server
 import shutil
+import statistics
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, ClassVar
@@ -512,3 +514,42 @@ def test_a_response_without_a_clear_end_runs_to_end_of_stream_and_is_not_kept(
     assert not end.done
     end.at_eof()
     assert end.done and not end.reusable
+
+
+class _NagleOn(http.server.BaseHTTPRequestHandler):
+    """Writes a response's head and body separately with Nagle's algorithm on (as Python's
+    own server does): the body waits until the client acknowledged the head."""
+
+    protocol_version = "HTTP/1.1"
+    ports: ClassVar[list[int]] = []
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.ports.append(self.client_address[1])
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+
+async def test_a_kept_connection_does_not_wait_on_delayed_acknowledgements() -> None:
+    # Delayed, the acknowledgement of the head comes after at least 40 ms (Linux's least
+    # delay), and every request on the kept connection would take that long.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NagleOn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    relay = ModelRelay(base_url=url, credential_name="ANTHROPIC_API_KEY", credential="k")
+    try:
+        times = []
+        for _ in range(21):
+            started = time.perf_counter()
+            assert (await _ask(relay, "/")).endswith(b"\r\n\r\nok")
+            times.append(time.perf_counter() - started)
+        assert len(set(_NagleOn.ports)) == 1  # one kept connection
+        assert statistics.median(times[1:]) < 0.040, times
+    finally:
+        await relay.aclose()
+        server.shutdown()
+        server.server_close()

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import os
 import secrets
+import socket
 import ssl
 import sys
 import time
@@ -203,6 +205,7 @@ class ModelRelay:
             try:
                 try:
                     await stream.send(request)
+                    _ack_at_once(stream)
                 except (OSError, anyio.BrokenResourceError, ssl.SSLError):
                     if reused:
                         continue  # the endpoint closed it while it waited: a new one
@@ -215,6 +218,7 @@ class ModelRelay:
                     except (anyio.EndOfStream, anyio.BrokenResourceError, OSError, ssl.SSLError):
                         end.at_eof()
                         break
+                    _ack_at_once(stream)
                     used = end.feed(chunk)
                     if used < len(chunk):
                         end.reusable = False  # more than the response: not a clean end
@@ -303,6 +307,23 @@ def _b64decode(text: str) -> bytes:
     if sys.version_info >= (3, 11):
         return binascii.a2b_base64(text, strict_mode=True)
     return base64.b64decode(text, validate=True)  # pragma: no cover - Python 3.10
+
+
+def _ack_at_once(stream: anyio.abc.ByteStream) -> None:
+    """Acknowledge what the endpoint sends at once, not after the kernel's delay (Linux).
+
+    On a kept connection the kernel delays acknowledgements (up to 40 ms); an endpoint that
+    writes a response's head and body separately with Nagle's algorithm on waits for that
+    acknowledgement before it sends the body. A new connection starts in this mode; a kept
+    one leaves it, so it is asked for again around each read (it does not stick).
+    """
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if quickack is None:
+        return
+    sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
 
 
 async def _close(stream: anyio.abc.ByteStream) -> None:
