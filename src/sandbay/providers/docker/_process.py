@@ -10,12 +10,16 @@ out the raw socket and those bytes are lost; sandbay takes them from that buffer
 
 Over a plain socket (a unix socket or TCP to the engine) the socket is made non-blocking and
 read and written on the event loop: a worker-thread round trip per read round and per write
-cost host CPU on every agent message. Other connections (TLS, ssh, named pipes) are read in
-worker threads.
+cost host CPU on every agent message. On asyncio the socket is handed to the loop as a
+transport whose protocol (`_Stream`) splits frames as they arrive: the socket stays
+registered with the loop, where waiting for it readable on every read round cost more than
+the read. On other event loops (trio) a read round waits for the socket to become readable.
+Other connections (TLS, ssh, named pipes) are read in worker threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import select
@@ -30,6 +34,7 @@ import anyio
 import anyio.lowlevel
 import docker.errors
 import requests.exceptions
+import sniffio
 from typing_extensions import override
 
 from ..._errors import SandboxError
@@ -175,10 +180,17 @@ class _DockerProcess(Process):
     read while queued output waits for its reader. Only one reader reads at a time
     (``_reading``).
 
-    Over a plain socket a round runs on the event loop and waits for the socket to become
-    readable: a reader cancelled there has taken nothing from it. Otherwise a round runs in a
-    worker thread (one at a time, ``_frame_lock``); a reader cancelled while its thread
-    waits leaves that thread to finish the frame, which is queued, not lost.
+    Over a plain socket on asyncio (`attach`), the loop reads the socket as data arrives and
+    `_Stream` queues its frames; a reader waits for its stream's queue. Reading pauses while
+    `_ROUND_BYTES` or more wait unread in the queues (but for `wait`, which takes everything
+    to the end) and resumes once readers took them below it: output nobody reads stays in
+    the engine's and the kernel's buffers, not in host memory. A read returns everything its
+    stream has queued, as one chunk.
+
+    Over a plain socket on other event loops a round runs on the loop and waits for the
+    socket to become readable: a reader cancelled there has taken nothing from it. Otherwise
+    a round runs in a worker thread (one at a time, ``_frame_lock``); a reader cancelled while
+    its thread waits leaves that thread to finish the frame, which is queued, not lost.
     """
 
     def __init__(
@@ -193,6 +205,7 @@ class _DockerProcess(Process):
 
         self._chunks: dict[int, deque[bytes]] = {_STDOUT: deque(), _STDERR: deque()}
         self._queued = 0  # bytes ever queued: a round that changed it made progress
+        self._unread = 0  # bytes queued and not yet read
         self._buffer = bytearray()
         self._ended = False  # the socket's stream is over (frames may still be held)
         self._eof = False  # and everything in it has been queued
@@ -213,6 +226,16 @@ class _DockerProcess(Process):
         self._killed = False
         self._returncode: int | None = None
 
+        # On asyncio, once `attach` handed the socket to the loop:
+        self._transport: asyncio.Transport | None = None
+        self._scratch: memoryview | None = None  # what the loop receives into
+        self._paused = False  # reading, while too much waits unread
+        self._draining = 0  # `wait` calls taking everything to the end, bound or not
+        self._write_paused = False  # the transport's buffer is full
+        self._lost = False  # the connection is gone
+        # Who waits for what: a stream's output (1, 2), the end (0), room to write (-1).
+        self._waiters: dict[int, asyncio.Event] = {}
+
         self._on_loop = conn.on_loop()
         if self._on_loop:
             try:
@@ -231,6 +254,25 @@ class _DockerProcess(Process):
     def returncode(self) -> int | None:
         return self._returncode
 
+    async def attach(self) -> None:
+        """On asyncio, hand a plain socket to the event loop as a transport (see the class).
+
+        The bytes read with the headers are queued first. Call it once, right after
+        construction; elsewhere it does nothing.
+        """
+        if not self._on_loop or self._ended or sniffio.current_async_library() != "asyncio":
+            return
+        self._parse_frames()  # what the HTTP client read with the headers comes first
+        self._scratch = memoryview(bytearray(_READ_SIZE))
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_connection(lambda: _Stream(self), sock=self._sock)
+        except (OSError, ValueError):
+            self._ended = True  # the loop's path ends at what it has, as a reset does
+            self._scratch = None
+            return
+        self._transport = transport
+
     def _threads(self) -> anyio.CapacityLimiter:
         # Each process gets its own few threads: a reader blocked on a quiet process must
         # not hold a token of the shared default limiter other processes need.
@@ -245,20 +287,36 @@ class _DockerProcess(Process):
         while True:
             ended = self._eof  # read first: a reader thread queues its data, then sets it
             if queue:
-                return queue.popleft()
+                chunk = queue.popleft() if len(queue) == 1 else b"".join(queue)
+                queue.clear()
+                self._unread -= len(chunk)
+                if self._paused and self._unread < _ROUND_BYTES and self._transport is not None:
+                    self._paused = False
+                    self._transport.resume_reading()
+                return chunk
             if ended:
                 return None
             await self._fill(stream)
 
     async def _fill(self, want: int | None) -> None:
         """Make progress: wait for the reader at work, or become it for one round."""
+        if self._transport is not None and not self._ended:
+            await self._arrival(want)
+            return
         reading = self._reading
         if reading is not None:
             await reading.wait()
             return
         done = self._reading = anyio.Event()
         try:
-            if self._on_loop:
+            if self._transport is not None:
+                # The stream is over (`_stream_over`): is a held first frame a launch error?
+                # Cancelled meanwhile, the frame stays held.
+                failed = self._held is not None and await anyio.to_thread.run_sync(
+                    self._never_started, abandon_on_cancel=True, limiter=self._threads()
+                )
+                self._end(failed=failed)
+            elif self._on_loop:
                 await self._fill_on_loop(want)
             else:
                 await anyio.to_thread.run_sync(
@@ -267,6 +325,65 @@ class _DockerProcess(Process):
         finally:
             self._reading = None
             done.set()
+
+    async def _arrival(self, want: int | None) -> None:
+        """Wait until ``want``'s stream has output or the stream is over (for ``None``: over).
+
+        For ``None`` the queues take everything that comes, past the bound.
+        """
+        key = 0 if want is None else want
+        event = self._waiters.get(key)
+        if event is None:
+            event = self._waiters[key] = asyncio.Event()
+        if want is not None:
+            await event.wait()
+            return
+        self._draining += 1
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        try:
+            await event.wait()
+        finally:
+            self._draining -= 1
+
+    def _wake(self, key: int) -> None:
+        event = self._waiters.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def _received(self, size: int) -> None:
+        """`_Stream`: ``size`` bytes arrived in ``_scratch``; queue the frames they complete."""
+        assert self._scratch is not None
+        before = len(self._chunks[_STDOUT]), len(self._chunks[_STDERR])
+        self._buffer += self._scratch[:size]
+        self._parse_frames()
+        if len(self._chunks[_STDOUT]) != before[0]:
+            self._wake(_STDOUT)
+        if len(self._chunks[_STDERR]) != before[1]:
+            self._wake(_STDERR)
+        if self._unread >= _ROUND_BYTES and not self._draining and not self._paused:
+            assert self._transport is not None
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _stream_over(self) -> None:
+        """`_Stream`: the engine ended the stream, or the connection is gone."""
+        if not self._ended:
+            self._ended = True
+            if self._held is None:
+                self._end(failed=False)
+        for key in list(self._waiters):
+            self._wake(key)
+
+    def _connection_lost(self) -> None:
+        """`_Stream`: the transport closed its socket; close the rest of the connection."""
+        self._lost = True
+        self._write_paused = False
+        self._stream_over()
+        self._scratch = None
+        self._conn.close()  # the socket's file objects, so that the socket itself closes
+        self._sandbox._forget(self)
 
     async def _fill_on_loop(self, want: int | None) -> None:
         """One round on the event loop: until something is queued or the stream is over."""
@@ -385,6 +502,7 @@ class _DockerProcess(Process):
         run.clear()
         self._chunks[stream].append(chunk)
         self._queued += len(chunk)
+        self._unread += len(chunk)
         return len(chunk)
 
     def _release_held(self, *, failed: bool) -> int:
@@ -401,6 +519,7 @@ class _DockerProcess(Process):
         else:
             self._chunks[_STDOUT].append(payload)
         self._queued += len(payload)
+        self._unread += len(payload)
         return len(payload)
 
     def _never_started(self) -> bool:
@@ -440,6 +559,14 @@ class _DockerProcess(Process):
 
     def _close(self) -> None:
         """Close the socket; whoever waits on it is woken and the last one out closes it."""
+        if self._transport is not None:
+            # Hung up at once, unsent stdin dropped; the loop closes the socket next
+            # (`_connection_lost`). Readers see the end of what they have.
+            self._eof = True
+            self._transport.abort()
+            for key in list(self._waiters):
+                self._wake(key)
+            return
         with self._state:
             if self._sock_closed:
                 return
@@ -467,12 +594,38 @@ class _DockerProcess(Process):
             raise BrokenPipeError("stdin was closed")
         if not data:
             return
-        if self._on_loop:
+        if self._transport is not None:
+            await self._send_to_transport(bytes(data))
+        elif self._on_loop:
             await self._send_on_loop(bytes(data))
         else:
             await anyio.to_thread.run_sync(
                 self._send, bytes(data), abandon_on_cancel=True, limiter=self._threads()
             )
+
+    async def _send_to_transport(self, data: bytes) -> None:
+        """Hand ``data`` to the transport, then wait while its buffer is full.
+
+        Cancelled while it waits, ``data`` is still sent.
+        """
+        while self._sending is not None:  # one write at a time, or they would interleave
+            await self._sending.wait()
+        assert self._transport is not None
+        if self._lost or self._transport.is_closing():
+            raise BrokenPipeError("the process has exited")
+        done = self._sending = anyio.Event()
+        try:
+            self._transport.write(data)
+            while self._write_paused:
+                event = self._waiters.get(-1)
+                if event is None:
+                    event = self._waiters[-1] = asyncio.Event()
+                await event.wait()
+                if self._lost or self._transport.is_closing():
+                    raise BrokenPipeError("the process's stdin is gone")
+        finally:
+            self._sending = None
+            done.set()
 
     async def _send_on_loop(self, data: bytes) -> None:
         """Send all of ``data``, waiting on the loop while the socket's buffer is full.
@@ -514,6 +667,11 @@ class _DockerProcess(Process):
         if self._stdin_closed:
             return
         self._stdin_closed = True
+        if self._transport is not None:
+            if not self._transport.is_closing():
+                with contextlib.suppress(OSError):
+                    self._transport.write_eof()
+            return
         with self._state:
             if not self._sock_closed:
                 with contextlib.suppress(OSError):
@@ -569,6 +727,41 @@ class _DockerProcess(Process):
                 await self._sandbox._kill_tagged(self._token, user=self._user)
         except SandboxError:
             pass  # the container is gone, and the process with it
+
+
+class _Stream(asyncio.BufferedProtocol):
+    """The protocol of an exec's connection on asyncio: it feeds its `_DockerProcess`."""
+
+    def __init__(self, process: _DockerProcess) -> None:
+        self._process = process
+
+    @override
+    def get_buffer(self, sizehint: int) -> memoryview:
+        scratch = self._process._scratch
+        assert scratch is not None
+        return scratch
+
+    @override
+    def buffer_updated(self, nbytes: int) -> None:
+        self._process._received(nbytes)
+
+    @override
+    def eof_received(self) -> bool:
+        self._process._stream_over()
+        return False  # the transport closes: the stream is over and stdin goes nowhere
+
+    @override
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._process._connection_lost()
+
+    @override
+    def pause_writing(self) -> None:
+        self._process._write_paused = True
+
+    @override
+    def resume_writing(self) -> None:
+        self._process._write_paused = False
+        self._process._wake(-1)
 
 
 async def _wait_readable(sock: socket.socket) -> None:

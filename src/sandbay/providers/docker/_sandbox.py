@@ -256,8 +256,9 @@ class DockerSandbox(Sandbox):
 
         with anyio.CancelScope(shield=True):
             exec_id, conn = await self._provider._call(start, sandbox_id=self._id)
-        process = _DockerProcess(self, exec_id, conn, token=token, user=user)
-        self._processes.add(process)
+            process = _DockerProcess(self, exec_id, conn, token=token, user=user)
+            self._processes.add(process)
+            await process.attach()
         return process
 
     async def _run(
