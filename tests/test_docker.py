@@ -41,7 +41,7 @@ from sandbay import (
 )
 from sandbay.providers.docker import DockerProvider, DockerSandbox, map_docker_error
 from sandbay.providers.docker._image import AGENT_IMAGE, build_agent_image
-from sandbay.providers.docker._process import Connection
+from sandbay.providers.docker._process import _READ_SIZE, _ROUND_BYTES, Connection
 from sandbay.providers.docker._process import _DockerProcess as DockerProcess
 
 pytestmark = pytest.mark.docker
@@ -244,6 +244,38 @@ def _unread_bytes(sock: Any) -> int:
     """Bytes waiting in a socket's receive queue (``FIONREAD``)."""
     data = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
     return int(struct.unpack("i", data)[0])
+
+
+_NUMBERED = """
+import sys
+out = sys.stdout.buffer
+for i in range(1024):
+    out.write(i.to_bytes(4, "big") * 16384)
+out.flush()
+open("written", "w").close()
+"""
+
+
+@pytest.mark.anyio
+async def test_output_nobody_reads_stays_bounded_on_the_host(sandbox: sandbay.Sandbox) -> None:
+    # 64 MiB that nobody reads for a while: the host takes about a MiB of it, the rest waits
+    # in the engine and the process. Then reading takes every byte, in order.
+    proc = await sandbox.start(["python3", "-c", _NUMBERED])
+    assert isinstance(proc, DockerProcess)
+    bound = _ROUND_BYTES + _READ_SIZE
+    with anyio.fail_after(60):
+        # The host stopped taking: output has piled up in its socket behind the queue.
+        while proc._unread < _ROUND_BYTES or _unread_bytes(proc._sock) == 0:
+            assert proc._unread <= bound
+            await anyio.sleep(0.02)
+    for _ in range(25):  # and it stays so while nobody reads
+        assert proc._unread <= bound
+        assert not await sandbox.exists("written")
+        await anyio.sleep(0.02)
+    expected = b"".join(i.to_bytes(4, "big") * 16384 for i in range(1024))
+    with anyio.fail_after(120):
+        assert await proc.stdout.read() == expected
+        assert await proc.wait() == 0
 
 
 @pytest.mark.anyio
