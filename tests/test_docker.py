@@ -397,10 +397,12 @@ class _HijackEngine:
     """A Docker engine's API, just enough to start one exec, on a unix socket or TCP.
 
     The exec's start answer carries its first frame with the headers, in one write, then
-    the stream stays open: the next frame comes only once the client has ended stdin.
+    the stream stays open: the next frame comes only once the client has ended stdin, or,
+    given ``pieces``, those bytes, one write at a time, a moment apart.
     """
 
-    def __init__(self, transport: str, folder: Path) -> None:
+    def __init__(self, transport: str, folder: Path, *, pieces: list[bytes] | None = None) -> None:
+        self._pieces = pieces
         if transport == "unix":
             path = str(folder / "docker.sock")
             self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -448,7 +450,9 @@ class _HijackEngine:
                     with contextlib.suppress(OSError):  # the client may have hung up
                         while reader.read1(1 << 16):
                             pass  # stdin, until the client ends it
-                        conn.sendall(self._frame(b"second\n"))
+                        for piece in self._pieces or [self._frame(b"second\n")]:
+                            conn.sendall(piece)
+                            time.sleep(0.001)  # one read each, mostly
                     return
                 if target.endswith("/version"):
                     body: Any = {"ApiVersion": "1.43", "Version": "fake"}
@@ -487,6 +491,61 @@ async def test_output_read_with_the_headers_comes_first_on_the_loop(
             proc._close()
     finally:
         await provider.aclose()  # the sandbox is left open: a fake engine has nothing to remove
+        engine.close()
+
+
+@pytest.mark.anyio
+async def test_frames_cut_anywhere_by_the_reads_arrive_whole(tmp_path: Path) -> None:
+    # Frames of both streams, some empty, written in pieces that cut headers and payloads
+    # at every offset: each stream gets its bytes, whole and in order.
+    def frame(kind: int, data: bytes) -> bytes:
+        return bytes([kind, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+
+    frames = [
+        frame(1, b"a" * 5000),
+        frame(2, b"e1"),
+        frame(1, b""),
+        frame(1, b"b" * 3),
+        *(frame(1 + i % 2, bytes([65 + i]) * (i + 1)) for i in range(20)),
+        frame(1, bytes(range(256)) * 300),
+        frame(2, b"e2" * 1000),
+    ]
+    stream = b"".join(frames)
+    sizes = [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 4093]
+    pieces: list[bytes] = []
+    at = 0
+    while at < len(stream):
+        size = sizes[len(pieces) % len(sizes)]
+        pieces.append(stream[at : at + size])
+        at += size
+    out = b"first\n" + b"a" * 5000 + b"b" * 3
+    out += b"".join(bytes([65 + i]) * (i + 1) for i in range(0, 20, 2))
+    out += bytes(range(256)) * 300
+    err = b"e1" + b"".join(bytes([65 + i]) * (i + 1) for i in range(1, 20, 2)) + b"e2" * 1000
+
+    engine = _HijackEngine("unix", tmp_path, pieces=pieces)
+    provider = DockerProvider(DockerConfig(base_url=engine.url))
+    sb = DockerSandbox(SandboxSpec(), provider=provider, container_id="c1", user="1000")
+    try:
+        proc = await sb.start(["anything"])
+        assert isinstance(proc, DockerProcess)
+        try:
+            got: dict[str, bytes] = {}
+
+            async def read(name: str, stream: sandbay.ByteStream) -> None:
+                got[name] = await stream.read()
+
+            with anyio.fail_after(60):
+                await proc.close_stdin()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(read, "out", proc.stdout)
+                    tg.start_soon(read, "err", proc.stderr)
+                assert await proc.wait() == 0
+            assert got == {"out": out, "err": err}
+        finally:
+            proc._close()
+    finally:
+        await provider.aclose()
         engine.close()
 
 

@@ -24,6 +24,7 @@ import contextlib
 import re
 import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 _STDOUT, _STDERR = 1, 2
 _FRAME_HEADER = 8
+_SIZE = struct.Struct(">I")  # a frame's payload size, at offset 4 of its header
 _KILL_GRACE_S = 5.0
 #: Bytes asked of the socket per read.
 _READ_SIZE = 1 << 18
@@ -356,8 +358,25 @@ class _DockerProcess(Process):
         """`_Stream`: ``size`` bytes arrived in ``_scratch``; queue the frames they complete."""
         assert self._scratch is not None
         before = len(self._chunks[_STDOUT]), len(self._chunks[_STDERR])
-        self._buffer += self._scratch[:size]
-        self._parse_frames()
+        data = self._scratch[:size]
+        buffer = self._buffer
+        if buffer:
+            # A frame the last read cut: complete it from ``data`` and queue it first.
+            need = _FRAME_HEADER - len(buffer)
+            if need > 0:
+                part = data[:need]
+                buffer += part
+                data = data[len(part) :]
+            if len(buffer) >= _FRAME_HEADER:
+                need = _FRAME_HEADER + _SIZE.unpack_from(buffer, 4)[0] - len(buffer)
+                part = data[:need]
+                buffer += part
+                data = data[len(part) :]
+                if len(part) == need:
+                    self._parse_frames()
+        if data:
+            _, taken = self._split(data)
+            self._buffer += data[taken:]  # a frame this read cut, kept for the next
         if len(self._chunks[_STDOUT]) != before[0]:
             self._wake(_STDOUT)
         if len(self._chunks[_STDERR]) != before[1]:
@@ -456,46 +475,50 @@ class _DockerProcess(Process):
                 self._leave()
 
     def _parse_frames(self) -> int:
-        """Queue every complete frame in the buffer; return how many bytes were queued.
-
-        Consecutive frames of one stream are queued as one chunk: a reader's cost is per
-        chunk, and Docker cuts output into frames of a few KiB.
-        """
+        """Queue every complete frame in the buffer; return how many bytes were queued."""
         buffer = self._buffer
+        with memoryview(buffer) as view:  # one copy per chunk, the buffer cut once
+            queued, taken = self._split(view)
+        del buffer[:taken]
+        return queued
+
+    def _split(self, view: memoryview) -> tuple[int, int]:
+        """Queue the complete frames at the start of ``view``.
+
+        Returns how many bytes were queued and how many of ``view`` were taken (the frames,
+        headers included). Consecutive frames of one stream are queued as one chunk: a
+        reader's cost is per chunk, and Docker cuts output into frames of a few KiB.
+        """
         queued = 0
         start = 0
         run: list[memoryview] = []  # payloads of consecutive frames of one stream
         run_stream = _STDOUT
-        with memoryview(buffer) as view:  # one copy per chunk, the buffer cut once
-            while len(buffer) - start >= _FRAME_HEADER:
-                size = int.from_bytes(view[start + 4 : start + 8], "big")
-                end = start + _FRAME_HEADER + size
-                if len(buffer) < end:
-                    break
-                kind = buffer[start]
-                payload = view[start + _FRAME_HEADER : end]
-                start = end
-                if not payload or kind not in (_STDOUT, _STDERR, 3):
+        length = len(view)
+        while length - start >= _FRAME_HEADER:
+            end = start + _FRAME_HEADER + _SIZE.unpack_from(view, start + 4)[0]
+            if length < end:
+                break
+            kind = view[start]
+            payload = view[start + _FRAME_HEADER : end]
+            start = end
+            if not payload or kind not in (_STDOUT, _STDERR, 3):
+                continue
+            stream = _STDERR if kind == 3 else kind
+            if self._first_frame:
+                self._first_frame = False
+                if kind == _STDOUT and _LAUNCH_ERROR.match(payload):
+                    # Docker's launch errors end the stream at once: hold it until we know.
+                    self._held = bytes(payload)
                     continue
-                stream = _STDERR if kind == 3 else kind
-                if self._first_frame:
-                    self._first_frame = False
-                    if kind == _STDOUT and _LAUNCH_ERROR.match(payload):
-                        # Docker's launch errors end the stream at once: hold it until we know.
-                        self._held = bytes(payload)
-                        continue
+            if self._held is not None:
                 queued += self._release_held(failed=False)
-                if run and stream != run_stream:
-                    queued += self._queue_run(run_stream, run)
-                run_stream = stream
-                run.append(payload)
-            if run:
+            if run and stream != run_stream:
                 queued += self._queue_run(run_stream, run)
-            del run
-            payload = view[:0]  # the views of the buffer go before it is cut
-            del payload
-        del buffer[:start]
-        return queued
+            run_stream = stream
+            run.append(payload)
+        if run:
+            queued += self._queue_run(run_stream, run)
+        return queued, start
 
     def _queue_run(self, stream: int, run: list[memoryview]) -> int:
         chunk = b"".join(run)
