@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -289,8 +290,8 @@ class _DockerProcess(Process):
         while True:
             ended = self._eof  # read first: a reader thread queues its data, then sets it
             if queue:
-                chunk = queue.popleft() if len(queue) == 1 else b"".join(queue)
-                queue.clear()
+                count = len(queue)  # popped one by one: a reader thread may append meanwhile
+                chunk = queue.popleft() if count == 1 else b"".join(_take(queue, count))
                 self._unread -= len(chunk)
                 if self._paused and self._unread < _ROUND_BYTES and self._transport is not None:
                     self._paused = False
@@ -750,6 +751,11 @@ class _DockerProcess(Process):
                 await self._sandbox._kill_tagged(self._token, user=self._user)
         except SandboxError:
             pass  # the container is gone, and the process with it
+
+
+def _take(queue: deque[bytes], count: int) -> Iterator[bytes]:
+    for _ in range(count):
+        yield queue.popleft()
 
 
 class _Stream(asyncio.BufferedProtocol):
