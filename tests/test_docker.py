@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -17,11 +18,13 @@ import termios
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import docker
 import docker.errors
 import pytest
@@ -722,6 +725,36 @@ async def test_close_removes_the_container(client: Any, marker: str) -> None:
     assert containers(client, marker) == []
     with anyio.fail_after(10):
         assert await proc.stdout.read() == b""
+
+
+@pytest.mark.anyio
+async def test_processes_left_to_the_sandbox_close_their_connections(marker: str) -> None:
+    # Processes nobody closed, one mid-output and one mid-write, dropped once their sandbox
+    # closed: every connection is closed, none left for the collector to warn about. And the
+    # close is prompt: the engine held the container while it waited to deliver the output
+    # nobody read (about 20 s when the processes were hung up after the removal).
+    sb = await sandbay.create_sandbox(CONFIG, spec(marker))
+    talker = await sb.start(["sh", "-c", "echo up; exec head -c 100000000 /dev/zero"])
+    deaf = await sb.start(["python3", "-c", "import time; print('up', flush=True); time.sleep(60)"])
+    assert isinstance(talker, DockerProcess) and isinstance(deaf, DockerProcess)
+    with anyio.fail_after(30):
+        assert await anext(talker.stdout.lines()) == b"up"
+        assert await anext(deaf.stdout.lines()) == b"up"
+    socks = [talker._sock, deaf._sock]
+    with anyio.move_on_after(0.5):
+        await deaf.write(bytes(16 << 20))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = time.monotonic()
+        await sb.aclose()  # shielded: a timeout would not interrupt it
+        closing = time.monotonic() - started
+        del talker, deaf
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()  # the loop finishes closing what it hung up
+        gc.collect()
+    assert [w.message for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert [sock.fileno() for sock in socks] == [-1, -1]
+    assert closing < 10, f"closing the sandbox took {closing:.1f} s"
 
 
 @pytest.mark.anyio
