@@ -54,7 +54,8 @@ _READ_SIZE = 1 << 18
 #: Most bytes one read round queues while more is ready at once: a round drains what has
 #: arrived rather than returning after the first frame (a round per frame halved
 #: throughput), and this bounds what it holds for readers that fell behind and how long a
-#: round on the event loop keeps other tasks waiting.
+#: round on the event loop keeps other tasks waiting. On asyncio, the output queued unread
+#: at which reading pauses.
 _ROUND_BYTES = 1 << 20
 
 # Docker reports a failed launch (no such executable, bad cwd or user) as text on stdout.
@@ -177,23 +178,24 @@ def start_exec(api: Any, exec_id: str) -> Connection:
 class _DockerProcess(Process):
     """One ``docker exec`` session on a hijacked socket.
 
-    Output is read on demand: a reader that finds its stream's queue empty reads a round of
-    frames, queueing frames of the other stream for its reader. A round waits for the first
-    frame, then takes whatever else has already arrived, up to `_ROUND_BYTES`; nothing is
-    read while queued output waits for its reader. Only one reader reads at a time
-    (``_reading``).
+    Frames are queued per stream; a read returns everything its stream has queued, as one
+    chunk. How they get there depends on the connection:
 
-    Over a plain socket on asyncio (`attach`), the loop reads the socket as data arrives and
-    `_Stream` queues its frames; a reader waits for its stream's queue. Reading pauses while
-    `_ROUND_BYTES` or more wait unread in the queues (but for `wait`, which takes everything
-    to the end) and resumes once readers took them below it: output nobody reads stays in
-    the engine's and the kernel's buffers, not in host memory. A read returns everything its
-    stream has queued, as one chunk.
-
-    Over a plain socket on other event loops a round runs on the loop and waits for the
-    socket to become readable: a reader cancelled there has taken nothing from it. Otherwise
-    a round runs in a worker thread (one at a time, ``_frame_lock``); a reader cancelled while
-    its thread waits leaves that thread to finish the frame, which is queued, not lost.
+    - A plain socket on asyncio (`attach`): the loop reads the socket as data arrives and
+      `_Stream` queues its frames; a reader waits for its stream's queue, and a reader
+      cancelled there has taken nothing. Reading pauses while `_ROUND_BYTES` or more wait
+      unread in the queues (but for `wait`, which takes everything to the end) and resumes
+      once readers took them below it: output nobody reads stays in the engine's and the
+      kernel's buffers, not in host memory. Writes go through the transport.
+    - Otherwise output is read on demand: a reader that finds its stream's queue empty reads
+      a round of frames, queueing frames of the other stream for its reader. A round waits
+      for the first frame, then takes whatever else has already arrived, up to
+      `_ROUND_BYTES`; nothing is read while queued output waits for its reader. Only one
+      reader reads at a time (``_reading``). Over a plain socket (trio) a round runs on the
+      loop and waits for the socket to become readable: a reader cancelled there has taken
+      nothing from it. Over other connections a round runs in a worker thread (one at a
+      time, ``_frame_lock``); a reader cancelled while its thread waits leaves that thread to
+      finish the frame, which is queued, not lost.
     """
 
     def __init__(
@@ -302,7 +304,10 @@ class _DockerProcess(Process):
             await self._fill(stream)
 
     async def _fill(self, want: int | None) -> None:
-        """Make progress: wait for the reader at work, or become it for one round."""
+        """Make progress: wait for the reader at work, or become it for one round.
+
+        On asyncio's transport: wait for output, or once the stream is over, settle it.
+        """
         if self._transport is not None and not self._ended:
             await self._arrival(want)
             return
