@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -17,11 +18,13 @@ import termios
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import docker
 import docker.errors
 import pytest
@@ -41,7 +44,7 @@ from sandbay import (
 )
 from sandbay.providers.docker import DockerProvider, DockerSandbox, map_docker_error
 from sandbay.providers.docker._image import AGENT_IMAGE, build_agent_image
-from sandbay.providers.docker._process import Connection
+from sandbay.providers.docker._process import _READ_SIZE, _ROUND_BYTES, Connection
 from sandbay.providers.docker._process import _DockerProcess as DockerProcess
 
 pytestmark = pytest.mark.docker
@@ -183,38 +186,45 @@ async def test_cancelled_read_loses_nothing(sandbox: sandbay.Sandbox) -> None:
 
 
 async def _all_output_waiting(sandbox: sandbay.Sandbox, size: int) -> DockerProcess:
-    """A process that wrote ``size`` bytes and ended, all of them in the host's socket
-    (up to one buffer's worth already in the HTTP reader, read with the headers)."""
+    """A process that wrote ``size`` bytes and ended, all of them on the host: in its socket
+    or (on asyncio, where the loop reads as it arrives) queued by the process object, up to
+    one buffer's worth in the HTTP reader, read with the headers."""
     proc = await sandbox.start(["sh", "-c", f"head -c {size} /dev/zero; touch written"])
     assert isinstance(proc, DockerProcess)
     with anyio.fail_after(60):
         while not await sandbox.exists("written"):  # noqa: ASYNC110 - the sandbox's state
             await anyio.sleep(0.05)
-        while _unread_bytes(proc._sock) < size - 8192:  # noqa: ASYNC110 - the kernel's count
+        while _on_the_host(proc) < size - 8192:  # noqa: ASYNC110 - the kernel's count
             await anyio.sleep(0.05)
     return proc
+
+
+def _on_the_host(proc: DockerProcess) -> int:
+    """Output of a process on the host, not yet read: queued, or in its socket."""
+    in_socket = 0 if proc._lost else _unread_bytes(proc._sock)
+    return proc._unread + in_socket
 
 
 @pytest.mark.anyio
 async def test_one_read_round_takes_all_output_that_has_arrived(
     sandbox: sandbay.Sandbox,
 ) -> None:
-    # Output that has arrived is taken in one worker-thread round, not a round per frame:
-    # each round trip to a thread cost throughput. Counted, not timed.
+    # Output that has arrived is taken in one read round, not a round per frame: each round
+    # (a trip to a thread, a wait for the socket) cost throughput. Counted, not timed.
     size = 128 * 1024
     proc = await _all_output_waiting(sandbox, size)
     rounds = 0
-    read_frames = proc._read_frames
+    fill = proc._fill
 
-    def counted(want: int | None) -> None:
+    async def counted(want: int | None) -> None:
         nonlocal rounds
         rounds += 1
-        read_frames(want)
+        await fill(want)
 
-    proc._read_frames = counted  # type: ignore[method-assign]
+    proc._fill = counted  # type: ignore[method-assign]
     with anyio.fail_after(60):
         assert await proc.stdout.read() == bytes(size)
-    assert rounds <= 2, f"{rounds} thread rounds for {size} bytes that had all arrived"
+    assert rounds <= 2, f"{rounds} read rounds for {size} bytes that had all arrived"
     assert await proc.wait() == 0
 
 
@@ -237,6 +247,38 @@ def _unread_bytes(sock: Any) -> int:
     """Bytes waiting in a socket's receive queue (``FIONREAD``)."""
     data = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
     return int(struct.unpack("i", data)[0])
+
+
+_NUMBERED = """
+import sys
+out = sys.stdout.buffer
+for i in range(1024):
+    out.write(i.to_bytes(4, "big") * 16384)
+out.flush()
+open("written", "w").close()
+"""
+
+
+@pytest.mark.anyio
+async def test_output_nobody_reads_stays_bounded_on_the_host(sandbox: sandbay.Sandbox) -> None:
+    # 64 MiB that nobody reads for a while: the host takes about a MiB of it, the rest waits
+    # in the engine and the process. Then reading takes every byte, in order.
+    proc = await sandbox.start(["python3", "-c", _NUMBERED])
+    assert isinstance(proc, DockerProcess)
+    bound = _ROUND_BYTES + _READ_SIZE
+    with anyio.fail_after(60):
+        # The host stopped taking: output has piled up in its socket behind the queue.
+        while proc._unread < _ROUND_BYTES or _unread_bytes(proc._sock) == 0:
+            assert proc._unread <= bound
+            await anyio.sleep(0.02)
+    for _ in range(25):  # and it stays so while nobody reads
+        assert proc._unread <= bound
+        assert not await sandbox.exists("written")
+        await anyio.sleep(0.02)
+    expected = b"".join(i.to_bytes(4, "big") * 16384 for i in range(1024))
+    with anyio.fail_after(120):
+        assert await proc.stdout.read() == expected
+        assert await proc.wait() == 0
 
 
 @pytest.mark.anyio
@@ -358,10 +400,12 @@ class _HijackEngine:
     """A Docker engine's API, just enough to start one exec, on a unix socket or TCP.
 
     The exec's start answer carries its first frame with the headers, in one write, then
-    the stream stays open: the next frame comes only once the client has ended stdin.
+    the stream stays open: the next frame comes only once the client has ended stdin, or,
+    given ``pieces``, those bytes, one write at a time, a moment apart.
     """
 
-    def __init__(self, transport: str, folder: Path) -> None:
+    def __init__(self, transport: str, folder: Path, *, pieces: list[bytes] | None = None) -> None:
+        self._pieces = pieces
         if transport == "unix":
             path = str(folder / "docker.sock")
             self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -409,7 +453,9 @@ class _HijackEngine:
                     with contextlib.suppress(OSError):  # the client may have hung up
                         while reader.read1(1 << 16):
                             pass  # stdin, until the client ends it
-                        conn.sendall(self._frame(b"second\n"))
+                        for piece in self._pieces or [self._frame(b"second\n")]:
+                            conn.sendall(piece)
+                            time.sleep(0.001)  # one read each, mostly
                     return
                 if target.endswith("/version"):
                     body: Any = {"ApiVersion": "1.43", "Version": "fake"}
@@ -448,6 +494,61 @@ async def test_output_read_with_the_headers_comes_first_on_the_loop(
             proc._close()
     finally:
         await provider.aclose()  # the sandbox is left open: a fake engine has nothing to remove
+        engine.close()
+
+
+@pytest.mark.anyio
+async def test_frames_cut_anywhere_by_the_reads_arrive_whole(tmp_path: Path) -> None:
+    # Frames of both streams, some empty, written in pieces that cut headers and payloads
+    # at every offset: each stream gets its bytes, whole and in order.
+    def frame(kind: int, data: bytes) -> bytes:
+        return bytes([kind, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+
+    frames = [
+        frame(1, b"a" * 5000),
+        frame(2, b"e1"),
+        frame(1, b""),
+        frame(1, b"b" * 3),
+        *(frame(1 + i % 2, bytes([65 + i]) * (i + 1)) for i in range(20)),
+        frame(1, bytes(range(256)) * 300),
+        frame(2, b"e2" * 1000),
+    ]
+    stream = b"".join(frames)
+    sizes = [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 4093]
+    pieces: list[bytes] = []
+    at = 0
+    while at < len(stream):
+        size = sizes[len(pieces) % len(sizes)]
+        pieces.append(stream[at : at + size])
+        at += size
+    out = b"first\n" + b"a" * 5000 + b"b" * 3
+    out += b"".join(bytes([65 + i]) * (i + 1) for i in range(0, 20, 2))
+    out += bytes(range(256)) * 300
+    err = b"e1" + b"".join(bytes([65 + i]) * (i + 1) for i in range(1, 20, 2)) + b"e2" * 1000
+
+    engine = _HijackEngine("unix", tmp_path, pieces=pieces)
+    provider = DockerProvider(DockerConfig(base_url=engine.url))
+    sb = DockerSandbox(SandboxSpec(), provider=provider, container_id="c1", user="1000")
+    try:
+        proc = await sb.start(["anything"])
+        assert isinstance(proc, DockerProcess)
+        try:
+            got: dict[str, bytes] = {}
+
+            async def read(name: str, stream: sandbay.ByteStream) -> None:
+                got[name] = await stream.read()
+
+            with anyio.fail_after(60):
+                await proc.close_stdin()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(read, "out", proc.stdout)
+                    tg.start_soon(read, "err", proc.stderr)
+                assert await proc.wait() == 0
+            assert got == {"out": out, "err": err}
+        finally:
+            proc._close()
+    finally:
+        await provider.aclose()
         engine.close()
 
 
@@ -624,6 +725,36 @@ async def test_close_removes_the_container(client: Any, marker: str) -> None:
     assert containers(client, marker) == []
     with anyio.fail_after(10):
         assert await proc.stdout.read() == b""
+
+
+@pytest.mark.anyio
+async def test_processes_left_to_the_sandbox_close_their_connections(marker: str) -> None:
+    # Processes nobody closed, one mid-output and one mid-write, dropped once their sandbox
+    # closed: every connection is closed, none left for the collector to warn about. And the
+    # close is prompt: the engine held the container while it waited to deliver the output
+    # nobody read (about 20 s when the processes were hung up after the removal).
+    sb = await sandbay.create_sandbox(CONFIG, spec(marker))
+    talker = await sb.start(["sh", "-c", "echo up; exec head -c 100000000 /dev/zero"])
+    deaf = await sb.start(["python3", "-c", "import time; print('up', flush=True); time.sleep(60)"])
+    assert isinstance(talker, DockerProcess) and isinstance(deaf, DockerProcess)
+    with anyio.fail_after(30):
+        assert await anext(talker.stdout.lines()) == b"up"
+        assert await anext(deaf.stdout.lines()) == b"up"
+    socks = [talker._sock, deaf._sock]
+    with anyio.move_on_after(0.5):
+        await deaf.write(bytes(16 << 20))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = time.monotonic()
+        await sb.aclose()  # shielded: a timeout would not interrupt it
+        closing = time.monotonic() - started
+        del talker, deaf
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()  # the loop finishes closing what it hung up
+        gc.collect()
+    assert [w.message for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert [sock.fileno() for sock in socks] == [-1, -1]
+    assert closing < 10, f"closing the sandbox took {closing:.1f} s"
 
 
 @pytest.mark.anyio

@@ -10,26 +10,33 @@ out the raw socket and those bytes are lost; sandbay takes them from that buffer
 
 Over a plain socket (a unix socket or TCP to the engine) the socket is made non-blocking and
 read and written on the event loop: a worker-thread round trip per read round and per write
-cost host CPU on every agent message. Other connections (TLS, ssh, named pipes) are read in
-worker threads.
+cost host CPU on every agent message. On asyncio the socket is handed to the loop as a
+transport whose protocol (`_Stream`) splits frames as they arrive: the socket stays
+registered with the loop, where waiting for it readable on every read round cost more than
+the read. On other event loops (trio) a read round waits for the socket to become readable.
+Other connections (TLS, ssh, named pipes) are read in worker threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import select
 import socket
+import struct
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 import docker.errors
 import requests.exceptions
+import sniffio
 from typing_extensions import override
 
 from ..._errors import SandboxError
@@ -40,13 +47,15 @@ if TYPE_CHECKING:
 
 _STDOUT, _STDERR = 1, 2
 _FRAME_HEADER = 8
+_SIZE = struct.Struct(">I")  # a frame's payload size, at offset 4 of its header
 _KILL_GRACE_S = 5.0
 #: Bytes asked of the socket per read.
 _READ_SIZE = 1 << 18
 #: Most bytes one read round queues while more is ready at once: a round drains what has
 #: arrived rather than returning after the first frame (a round per frame halved
 #: throughput), and this bounds what it holds for readers that fell behind and how long a
-#: round on the event loop keeps other tasks waiting.
+#: round on the event loop keeps other tasks waiting. On asyncio, the output queued unread
+#: at which reading pauses.
 _ROUND_BYTES = 1 << 20
 
 # Docker reports a failed launch (no such executable, bad cwd or user) as text on stdout.
@@ -169,16 +178,24 @@ def start_exec(api: Any, exec_id: str) -> Connection:
 class _DockerProcess(Process):
     """One ``docker exec`` session on a hijacked socket.
 
-    Output is read on demand: a reader that finds its stream's queue empty reads a round of
-    frames, queueing frames of the other stream for its reader. A round waits for the first
-    frame, then takes whatever else has already arrived, up to `_ROUND_BYTES`; nothing is
-    read while queued output waits for its reader. Only one reader reads at a time
-    (``_reading``).
+    Frames are queued per stream; a read returns everything its stream has queued, as one
+    chunk. How they get there depends on the connection:
 
-    Over a plain socket a round runs on the event loop and waits for the socket to become
-    readable: a reader cancelled there has taken nothing from it. Otherwise a round runs in a
-    worker thread (one at a time, ``_frame_lock``); a reader cancelled while its thread
-    waits leaves that thread to finish the frame, which is queued, not lost.
+    - A plain socket on asyncio (`attach`): the loop reads the socket as data arrives and
+      `_Stream` queues its frames; a reader waits for its stream's queue, and a reader
+      cancelled there has taken nothing. Reading pauses while `_ROUND_BYTES` or more wait
+      unread in the queues (but for `wait`, which takes everything to the end) and resumes
+      once readers took them below it: output nobody reads stays in the engine's and the
+      kernel's buffers, not in host memory. Writes go through the transport.
+    - Otherwise output is read on demand: a reader that finds its stream's queue empty reads
+      a round of frames, queueing frames of the other stream for its reader. A round waits
+      for the first frame, then takes whatever else has already arrived, up to
+      `_ROUND_BYTES`; nothing is read while queued output waits for its reader. Only one
+      reader reads at a time (``_reading``). Over a plain socket (trio) a round runs on the
+      loop and waits for the socket to become readable: a reader cancelled there has taken
+      nothing from it. Over other connections a round runs in a worker thread (one at a
+      time, ``_frame_lock``); a reader cancelled while its thread waits leaves that thread to
+      finish the frame, which is queued, not lost.
     """
 
     def __init__(
@@ -193,6 +210,7 @@ class _DockerProcess(Process):
 
         self._chunks: dict[int, deque[bytes]] = {_STDOUT: deque(), _STDERR: deque()}
         self._queued = 0  # bytes ever queued: a round that changed it made progress
+        self._unread = 0  # bytes queued and not yet read
         self._buffer = bytearray()
         self._ended = False  # the socket's stream is over (frames may still be held)
         self._eof = False  # and everything in it has been queued
@@ -213,6 +231,16 @@ class _DockerProcess(Process):
         self._killed = False
         self._returncode: int | None = None
 
+        # On asyncio, once `attach` handed the socket to the loop:
+        self._transport: asyncio.Transport | None = None
+        self._scratch: memoryview | None = None  # what the loop receives into
+        self._paused = False  # reading, while too much waits unread
+        self._draining = 0  # `wait` calls taking everything to the end, bound or not
+        self._write_paused = False  # the transport's buffer is full
+        self._lost = False  # the connection is gone
+        # Who waits for what: a stream's output (1, 2), the end (0), room to write (-1).
+        self._waiters: dict[int, asyncio.Event] = {}
+
         self._on_loop = conn.on_loop()
         if self._on_loop:
             try:
@@ -231,6 +259,25 @@ class _DockerProcess(Process):
     def returncode(self) -> int | None:
         return self._returncode
 
+    async def attach(self) -> None:
+        """On asyncio, hand a plain socket to the event loop as a transport (see the class).
+
+        The bytes read with the headers are queued first. Call it once, right after
+        construction; elsewhere it does nothing.
+        """
+        if not self._on_loop or self._ended or sniffio.current_async_library() != "asyncio":
+            return
+        self._parse_frames()  # what the HTTP client read with the headers comes first
+        self._scratch = memoryview(bytearray(_READ_SIZE))
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_connection(lambda: _Stream(self), sock=self._sock)
+        except (OSError, ValueError):
+            self._ended = True  # the loop's path ends at what it has, as a reset does
+            self._scratch = None
+            return
+        self._transport = transport
+
     def _threads(self) -> anyio.CapacityLimiter:
         # Each process gets its own few threads: a reader blocked on a quiet process must
         # not hold a token of the shared default limiter other processes need.
@@ -245,20 +292,39 @@ class _DockerProcess(Process):
         while True:
             ended = self._eof  # read first: a reader thread queues its data, then sets it
             if queue:
-                return queue.popleft()
+                count = len(queue)  # popped one by one: a reader thread may append meanwhile
+                chunk = queue.popleft() if count == 1 else b"".join(_take(queue, count))
+                self._unread -= len(chunk)
+                if self._paused and self._unread < _ROUND_BYTES and self._transport is not None:
+                    self._paused = False
+                    self._transport.resume_reading()
+                return chunk
             if ended:
                 return None
             await self._fill(stream)
 
     async def _fill(self, want: int | None) -> None:
-        """Make progress: wait for the reader at work, or become it for one round."""
+        """Make progress: wait for the reader at work, or become it for one round.
+
+        On asyncio's transport: wait for output, or once the stream is over, settle it.
+        """
+        if self._transport is not None and not self._ended:
+            await self._arrival(want)
+            return
         reading = self._reading
         if reading is not None:
             await reading.wait()
             return
         done = self._reading = anyio.Event()
         try:
-            if self._on_loop:
+            if self._transport is not None:
+                # The stream is over (`_stream_over`): is a held first frame a launch error?
+                # Cancelled meanwhile, the frame stays held.
+                failed = self._held is not None and await anyio.to_thread.run_sync(
+                    self._never_started, abandon_on_cancel=True, limiter=self._threads()
+                )
+                self._end(failed=failed)
+            elif self._on_loop:
                 await self._fill_on_loop(want)
             else:
                 await anyio.to_thread.run_sync(
@@ -267,6 +333,82 @@ class _DockerProcess(Process):
         finally:
             self._reading = None
             done.set()
+
+    async def _arrival(self, want: int | None) -> None:
+        """Wait until ``want``'s stream has output or the stream is over (for ``None``: over).
+
+        For ``None`` the queues take everything that comes, past the bound.
+        """
+        key = 0 if want is None else want
+        event = self._waiters.get(key)
+        if event is None:
+            event = self._waiters[key] = asyncio.Event()
+        if want is not None:
+            await event.wait()
+            return
+        self._draining += 1
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        try:
+            await event.wait()
+        finally:
+            self._draining -= 1
+
+    def _wake(self, key: int) -> None:
+        event = self._waiters.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def _received(self, size: int) -> None:
+        """`_Stream`: ``size`` bytes arrived in ``_scratch``; queue the frames they complete."""
+        assert self._scratch is not None
+        before = len(self._chunks[_STDOUT]), len(self._chunks[_STDERR])
+        data = self._scratch[:size]
+        buffer = self._buffer
+        if buffer:
+            # A frame the last read cut: complete it from ``data`` and queue it first.
+            need = _FRAME_HEADER - len(buffer)
+            if need > 0:
+                part = data[:need]
+                buffer += part
+                data = data[len(part) :]
+            if len(buffer) >= _FRAME_HEADER:
+                need = _FRAME_HEADER + _SIZE.unpack_from(buffer, 4)[0] - len(buffer)
+                part = data[:need]
+                buffer += part
+                data = data[len(part) :]
+                if len(part) == need:
+                    self._parse_frames()
+        if data:
+            _, taken = self._split(data)
+            self._buffer += data[taken:]  # a frame this read cut, kept for the next
+        if len(self._chunks[_STDOUT]) != before[0]:
+            self._wake(_STDOUT)
+        if len(self._chunks[_STDERR]) != before[1]:
+            self._wake(_STDERR)
+        if self._unread >= _ROUND_BYTES and not self._draining and not self._paused:
+            assert self._transport is not None
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _stream_over(self) -> None:
+        """`_Stream`: the engine ended the stream, or the connection is gone."""
+        if not self._ended:
+            self._ended = True
+            if self._held is None:
+                self._end(failed=False)
+        for key in list(self._waiters):
+            self._wake(key)
+
+    def _connection_lost(self) -> None:
+        """`_Stream`: the transport closed its socket; close the rest of the connection."""
+        self._lost = True
+        self._write_paused = False
+        self._stream_over()
+        self._scratch = None
+        self._conn.close()  # the socket's file objects, so that the socket itself closes
+        self._sandbox._forget(self)
 
     async def _fill_on_loop(self, want: int | None) -> None:
         """One round on the event loop: until something is queued or the stream is over."""
@@ -339,52 +481,57 @@ class _DockerProcess(Process):
                 self._leave()
 
     def _parse_frames(self) -> int:
-        """Queue every complete frame in the buffer; return how many bytes were queued.
-
-        Consecutive frames of one stream are queued as one chunk: a reader's cost is per
-        chunk, and Docker cuts output into frames of a few KiB.
-        """
+        """Queue every complete frame in the buffer; return how many bytes were queued."""
         buffer = self._buffer
+        with memoryview(buffer) as view:  # one copy per chunk, the buffer cut once
+            queued, taken = self._split(view)
+        del buffer[:taken]
+        return queued
+
+    def _split(self, view: memoryview) -> tuple[int, int]:
+        """Queue the complete frames at the start of ``view``.
+
+        Returns how many bytes were queued and how many of ``view`` were taken (the frames,
+        headers included). Consecutive frames of one stream are queued as one chunk: a
+        reader's cost is per chunk, and Docker cuts output into frames of a few KiB.
+        """
         queued = 0
         start = 0
         run: list[memoryview] = []  # payloads of consecutive frames of one stream
         run_stream = _STDOUT
-        with memoryview(buffer) as view:  # one copy per chunk, the buffer cut once
-            while len(buffer) - start >= _FRAME_HEADER:
-                size = int.from_bytes(view[start + 4 : start + 8], "big")
-                end = start + _FRAME_HEADER + size
-                if len(buffer) < end:
-                    break
-                kind = buffer[start]
-                payload = view[start + _FRAME_HEADER : end]
-                start = end
-                if not payload or kind not in (_STDOUT, _STDERR, 3):
+        length = len(view)
+        while length - start >= _FRAME_HEADER:
+            end = start + _FRAME_HEADER + _SIZE.unpack_from(view, start + 4)[0]
+            if length < end:
+                break
+            kind = view[start]
+            payload = view[start + _FRAME_HEADER : end]
+            start = end
+            if not payload or kind not in (_STDOUT, _STDERR, 3):
+                continue
+            stream = _STDERR if kind == 3 else kind
+            if self._first_frame:
+                self._first_frame = False
+                if kind == _STDOUT and _LAUNCH_ERROR.match(payload):
+                    # Docker's launch errors end the stream at once: hold it until we know.
+                    self._held = bytes(payload)
                     continue
-                stream = _STDERR if kind == 3 else kind
-                if self._first_frame:
-                    self._first_frame = False
-                    if kind == _STDOUT and _LAUNCH_ERROR.match(payload):
-                        # Docker's launch errors end the stream at once: hold it until we know.
-                        self._held = bytes(payload)
-                        continue
+            if self._held is not None:
                 queued += self._release_held(failed=False)
-                if run and stream != run_stream:
-                    queued += self._queue_run(run_stream, run)
-                run_stream = stream
-                run.append(payload)
-            if run:
+            if run and stream != run_stream:
                 queued += self._queue_run(run_stream, run)
-            del run
-            payload = view[:0]  # the views of the buffer go before it is cut
-            del payload
-        del buffer[:start]
-        return queued
+            run_stream = stream
+            run.append(payload)
+        if run:
+            queued += self._queue_run(run_stream, run)
+        return queued, start
 
     def _queue_run(self, stream: int, run: list[memoryview]) -> int:
         chunk = b"".join(run)
         run.clear()
         self._chunks[stream].append(chunk)
         self._queued += len(chunk)
+        self._unread += len(chunk)
         return len(chunk)
 
     def _release_held(self, *, failed: bool) -> int:
@@ -401,6 +548,7 @@ class _DockerProcess(Process):
         else:
             self._chunks[_STDOUT].append(payload)
         self._queued += len(payload)
+        self._unread += len(payload)
         return len(payload)
 
     def _never_started(self) -> bool:
@@ -440,6 +588,14 @@ class _DockerProcess(Process):
 
     def _close(self) -> None:
         """Close the socket; whoever waits on it is woken and the last one out closes it."""
+        if self._transport is not None:
+            # Hung up at once, unsent stdin dropped; the loop closes the socket next
+            # (`_connection_lost`). Readers see the end of what they have.
+            self._eof = True
+            self._transport.abort()
+            for key in list(self._waiters):
+                self._wake(key)
+            return
         with self._state:
             if self._sock_closed:
                 return
@@ -467,12 +623,38 @@ class _DockerProcess(Process):
             raise BrokenPipeError("stdin was closed")
         if not data:
             return
-        if self._on_loop:
+        if self._transport is not None:
+            await self._send_to_transport(bytes(data))
+        elif self._on_loop:
             await self._send_on_loop(bytes(data))
         else:
             await anyio.to_thread.run_sync(
                 self._send, bytes(data), abandon_on_cancel=True, limiter=self._threads()
             )
+
+    async def _send_to_transport(self, data: bytes) -> None:
+        """Hand ``data`` to the transport, then wait while its buffer is full.
+
+        Cancelled while it waits, ``data`` is still sent.
+        """
+        while self._sending is not None:  # one write at a time, or they would interleave
+            await self._sending.wait()
+        assert self._transport is not None
+        if self._lost or self._transport.is_closing():
+            raise BrokenPipeError("the process has exited")
+        done = self._sending = anyio.Event()
+        try:
+            self._transport.write(data)
+            while self._write_paused:
+                event = self._waiters.get(-1)
+                if event is None:
+                    event = self._waiters[-1] = asyncio.Event()
+                await event.wait()
+                if self._lost or self._transport.is_closing():
+                    raise BrokenPipeError("the process's stdin is gone")
+        finally:
+            self._sending = None
+            done.set()
 
     async def _send_on_loop(self, data: bytes) -> None:
         """Send all of ``data``, waiting on the loop while the socket's buffer is full.
@@ -514,6 +696,11 @@ class _DockerProcess(Process):
         if self._stdin_closed:
             return
         self._stdin_closed = True
+        if self._transport is not None:
+            if not self._transport.is_closing():
+                with contextlib.suppress(OSError):
+                    self._transport.write_eof()
+            return
         with self._state:
             if not self._sock_closed:
                 with contextlib.suppress(OSError):
@@ -569,6 +756,46 @@ class _DockerProcess(Process):
                 await self._sandbox._kill_tagged(self._token, user=self._user)
         except SandboxError:
             pass  # the container is gone, and the process with it
+
+
+def _take(queue: deque[bytes], count: int) -> Iterator[bytes]:
+    for _ in range(count):
+        yield queue.popleft()
+
+
+class _Stream(asyncio.BufferedProtocol):
+    """The protocol of an exec's connection on asyncio: it feeds its `_DockerProcess`."""
+
+    def __init__(self, process: _DockerProcess) -> None:
+        self._process = process
+
+    @override
+    def get_buffer(self, sizehint: int) -> memoryview:
+        scratch = self._process._scratch
+        assert scratch is not None
+        return scratch
+
+    @override
+    def buffer_updated(self, nbytes: int) -> None:
+        self._process._received(nbytes)
+
+    @override
+    def eof_received(self) -> bool:
+        self._process._stream_over()
+        return False  # the transport closes: the stream is over and stdin goes nowhere
+
+    @override
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._process._connection_lost()
+
+    @override
+    def pause_writing(self) -> None:
+        self._process._write_paused = True
+
+    @override
+    def resume_writing(self) -> None:
+        self._process._write_paused = False
+        self._process._wake(-1)
 
 
 async def _wait_readable(sock: socket.socket) -> None:

@@ -256,8 +256,9 @@ class DockerSandbox(Sandbox):
 
         with anyio.CancelScope(shield=True):
             exec_id, conn = await self._provider._call(start, sandbox_id=self._id)
-        process = _DockerProcess(self, exec_id, conn, token=token, user=user)
-        self._processes.add(process)
+            process = _DockerProcess(self, exec_id, conn, token=token, user=user)
+            self._processes.add(process)
+            await process.attach()
         return process
 
     async def _run(
@@ -404,11 +405,10 @@ class DockerSandbox(Sandbox):
 
     @override
     async def _aclose(self) -> None:
-        try:
-            await self._provider.destroy(self._id)
-        finally:
-            for process in list(self._processes):
-                process._close()
+        # Hang up first: the engine holds a container while it waits to deliver output.
+        for process in list(self._processes):
+            process._close()
+        await self._provider.destroy(self._id)
 
     def _forget(self, process: _DockerProcess) -> None:
         self._processes.discard(process)
