@@ -6,16 +6,12 @@ skipped, unless ``SANDBAY_REQUIRE_DOCKER=1`` (CI), where that is a failure.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import gc
-import json
 import logging
 import os
-import socket
 import struct
 import termios
-import threading
 import time
 import uuid
 import warnings
@@ -31,6 +27,7 @@ import pytest
 import requests.exceptions
 
 import sandbay
+from fake_engine import FakeEngine, frame
 from sandbay import (
     ConfigError,
     DockerConfig,
@@ -396,88 +393,15 @@ async def test_connections_read_in_threads_keep_their_promises(
     assert b"sandbay-no-such-command" in missing.stderr
 
 
-class _HijackEngine:
-    """A Docker engine's API, just enough to start one exec, on a unix socket or TCP.
-
-    The exec's start answer carries its first frame with the headers, in one write, then
-    the stream stays open: the next frame comes only once the client has ended stdin, or,
-    given ``pieces``, those bytes, one write at a time, a moment apart.
-    """
-
-    def __init__(self, transport: str, folder: Path, *, pieces: list[bytes] | None = None) -> None:
-        self._pieces = pieces
-        if transport == "unix":
-            path = str(folder / "docker.sock")
-            self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._server.bind(path)
-            self.url = f"unix://{path}"
-        else:
-            self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self._server.bind(("127.0.0.1", 0))
-            self.url = f"tcp://127.0.0.1:{self._server.getsockname()[1]}"
-        self._server.listen(8)
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.close()
-        self._thread.join(5)
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _frame(data: bytes) -> bytes:
-        return bytes([1, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rb") as reader:
-            while request := reader.readline():
-                headers: dict[str, str] = {}
-                while (line := reader.readline().strip()) != b"":
-                    key, _, value = line.decode().partition(":")
-                    headers[key.strip().lower()] = value.strip()
-                reader.read(int(headers.get("content-length", "0")))
-                method, target = request.decode().split()[:2]
-                if method == "POST" and target.endswith("/start"):
-                    conn.sendall(
-                        b"HTTP/1.1 101 UPGRADED\r\nContent-Type: "
-                        b"application/vnd.docker.raw-stream\r\nConnection: Upgrade\r\n"
-                        b"Upgrade: tcp\r\n\r\n" + self._frame(b"first\n")
-                    )
-                    with contextlib.suppress(OSError):  # the client may have hung up
-                        while reader.read1(1 << 16):
-                            pass  # stdin, until the client ends it
-                        for piece in self._pieces or [self._frame(b"second\n")]:
-                            conn.sendall(piece)
-                            time.sleep(0.001)  # one read each, mostly
-                    return
-                if target.endswith("/version"):
-                    body: Any = {"ApiVersion": "1.43", "Version": "fake"}
-                elif method == "POST" and target.endswith("/exec"):
-                    body = {"Id": "exec1"}
-                else:  # GET /exec/exec1/json
-                    body = {"Running": False, "ExitCode": 0, "Pid": 7}
-                data = json.dumps(body).encode()
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    + f"Content-Length: {len(data)}\r\n\r\n".encode()
-                    + data
-                )
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
 async def test_output_read_with_the_headers_comes_first_on_the_loop(
     transport: str, tmp_path: Path
 ) -> None:
     # The HTTP client's buffer holds the first frame; the socket has nothing more for now.
-    engine = _HijackEngine(transport, tmp_path)
+    engine = FakeEngine(
+        transport, tmp_path, with_headers=frame(b"first\n"), after_stdin=[frame(b"second\n")]
+    )
     provider = DockerProvider(DockerConfig(base_url=engine.url))
     sb = DockerSandbox(SandboxSpec(), provider=provider, container_id="c1", user="1000")
     try:
@@ -501,17 +425,14 @@ async def test_output_read_with_the_headers_comes_first_on_the_loop(
 async def test_frames_cut_anywhere_by_the_reads_arrive_whole(tmp_path: Path) -> None:
     # Frames of both streams, some empty, written in pieces that cut headers and payloads
     # at every offset: each stream gets its bytes, whole and in order.
-    def frame(kind: int, data: bytes) -> bytes:
-        return bytes([kind, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
-
     frames = [
-        frame(1, b"a" * 5000),
-        frame(2, b"e1"),
-        frame(1, b""),
-        frame(1, b"b" * 3),
-        *(frame(1 + i % 2, bytes([65 + i]) * (i + 1)) for i in range(20)),
-        frame(1, bytes(range(256)) * 300),
-        frame(2, b"e2" * 1000),
+        frame(b"a" * 5000, 1),
+        frame(b"e1", 2),
+        frame(b"", 1),
+        frame(b"b" * 3, 1),
+        *(frame(bytes([65 + i]) * (i + 1), 1 + i % 2) for i in range(20)),
+        frame(bytes(range(256)) * 300, 1),
+        frame(b"e2" * 1000, 2),
     ]
     stream = b"".join(frames)
     sizes = [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 4093]
@@ -526,7 +447,7 @@ async def test_frames_cut_anywhere_by_the_reads_arrive_whole(tmp_path: Path) -> 
     out += bytes(range(256)) * 300
     err = b"e1" + b"".join(bytes([65 + i]) * (i + 1) for i in range(1, 20, 2)) + b"e2" * 1000
 
-    engine = _HijackEngine("unix", tmp_path, pieces=pieces)
+    engine = FakeEngine("unix", tmp_path, with_headers=frame(b"first\n"), after_stdin=pieces)
     provider = DockerProvider(DockerConfig(base_url=engine.url))
     sb = DockerSandbox(SandboxSpec(), provider=provider, container_id="c1", user="1000")
     try:

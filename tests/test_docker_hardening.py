@@ -7,10 +7,7 @@ real one cannot be made to show a behaviour on demand (bytes sent with the HTTP 
 
 from __future__ import annotations
 
-import json
-import socket
 import tempfile
-import threading
 import time
 import tracemalloc
 import uuid
@@ -24,6 +21,7 @@ import docker
 import pytest
 
 import sandbay
+from fake_engine import FakeEngine, frame
 from sandbay import (
     DockerConfig,
     SandboxFileNotFoundError,
@@ -223,70 +221,16 @@ async def test_launch_errors_always_name_their_cause(sandbox: sandbay.Sandbox) -
     assert failures == []
 
 
-class _FakeEngine:
-    """A Docker engine on a unix socket that answers an exec's start with its headers and
-    the exec's whole output in one write, as the real one may for an exec that fails."""
-
-    FRAME = b"unable to find user ghost: no matching entries in passwd file\r\n"
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(path)
-        self._server.listen(8)
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.close()
-        self._thread.join(5)
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rb") as reader:
-            while True:
-                request = reader.readline()
-                if not request:
-                    return
-                headers: dict[str, str] = {}
-                while (line := reader.readline().strip()) != b"":
-                    key, _, value = line.decode().partition(":")
-                    headers[key.strip().lower()] = value.strip()
-                reader.read(int(headers.get("content-length", "0")))
-                method, target = request.decode().split()[:2]
-                if method == "POST" and target.endswith("/start"):
-                    frame = bytes([1, 0, 0, 0]) + len(self.FRAME).to_bytes(4, "big")
-                    conn.sendall(
-                        b"HTTP/1.1 101 UPGRADED\r\nContent-Type: "
-                        b"application/vnd.docker.raw-stream\r\nConnection: Upgrade\r\n"
-                        b"Upgrade: tcp\r\n\r\n" + frame + self.FRAME
-                    )
-                    return  # the exec is over: the engine closes the stream
-                if target.endswith("/version"):
-                    body: Any = {"ApiVersion": "1.43", "Version": "fake"}
-                elif method == "POST" and target.endswith("/exec"):
-                    body = {"Id": "exec1"}
-                else:  # GET /exec/exec1/json
-                    body = {"Running": False, "ExitCode": 126, "Pid": 0}
-                data = json.dumps(body).encode()
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    + f"Content-Length: {len(data)}\r\n\r\n".encode()
-                    + data
-                )
+#: Docker's answer to an exec as a user the image lacks: all of it sent with the headers.
+LAUNCH_ERROR = b"unable to find user ghost: no matching entries in passwd file\r\n"
 
 
 @pytest.fixture
-def fake_engine() -> Iterator[_FakeEngine]:
+def fake_engine() -> Iterator[FakeEngine]:
     with tempfile.TemporaryDirectory() as directory:
-        engine = _FakeEngine(str(Path(directory) / "docker.sock"))
+        engine = FakeEngine(
+            "unix", Path(directory), with_headers=frame(LAUNCH_ERROR), exit_code=126, pid=0
+        )
         try:
             yield engine
         finally:
@@ -294,14 +238,14 @@ def fake_engine() -> Iterator[_FakeEngine]:
 
 
 @pytest.mark.anyio
-async def test_output_sent_with_the_headers_is_not_lost(fake_engine: _FakeEngine) -> None:
-    provider = DockerProvider(DockerConfig(base_url=f"unix://{fake_engine.path}"))
+async def test_output_sent_with_the_headers_is_not_lost(fake_engine: FakeEngine) -> None:
+    provider = DockerProvider(DockerConfig(base_url=fake_engine.url))
     sb = DockerSandbox(SandboxSpec(), provider=provider, container_id="c1", user="1000")
     try:
         with anyio.fail_after(20):
             result = await sb.exec(["true"], user="ghost")
         assert result.exit_code == 126
-        assert result.stderr == _FakeEngine.FRAME.replace(b"\r\n", b"\n")
+        assert result.stderr == LAUNCH_ERROR.replace(b"\r\n", b"\n")
     finally:
         await provider.aclose()  # the sandbox is left open: a fake engine has nothing to remove
 

@@ -300,23 +300,33 @@ class _SlowStream(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b"event: two\ndata: {}\n\n")
 
 
+async def _run_probe(
+    probe: str, url: str, *, before_close: Callable[[], object] = lambda: None
+) -> list[dict[str, Any]]:
+    """Run ``probe`` where the CLI runs (unisolated local), with the model at ``url``
+    through the relay; its messages. ``before_close`` is called after the last one."""
+    async with sandbay.open_sandbox(sandbay.LocalConfig(isolate=False)) as sb:
+        await sb.write_file("probe", probe.encode(), mode=0o755)
+        env = {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": "sk-real"}
+        options = ClaudeAgentOptions(cli_path=sb.resolve("probe"), env=env)
+        transport = sandbay.SandboxTransport(sb, options)
+        await transport.connect()
+        await transport.end_input()
+        try:
+            with anyio.fail_after(120):
+                out = [m async for m in transport.read_messages()]
+            before_close()
+        finally:
+            await transport.close()
+    return out
+
+
 async def test_a_streamed_response_streams_through_the_relay() -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowStream)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        async with sandbay.open_sandbox(sandbay.LocalConfig(isolate=False)) as sb:
-            await sb.write_file("probe", STREAM_PROBE.encode(), mode=0o755)
-            env = {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": "sk-real"}
-            options = ClaudeAgentOptions(cli_path=sb.resolve("probe"), env=env)
-            transport = sandbay.SandboxTransport(sb, options)
-            await transport.connect()
-            await transport.end_input()
-            try:
-                with anyio.fail_after(120):
-                    out = [m async for m in transport.read_messages()]
-            finally:
-                await transport.close()
+        out = await _run_probe(STREAM_PROBE, url)
     finally:
         server.shutdown()
         server.server_close()
@@ -423,19 +433,11 @@ async def test_a_kept_connection_the_endpoint_dropped_is_replaced(keep_alive: st
 
 
 async def test_a_run_leaves_no_connection_to_the_endpoint_open(keep_alive: str) -> None:
-    async with sandbay.open_sandbox(sandbay.LocalConfig(isolate=False)) as sb:
-        await sb.write_file("probe", KEEP_PROBE.encode(), mode=0o755)
-        env = {"ANTHROPIC_BASE_URL": keep_alive, "ANTHROPIC_API_KEY": "sk-real"}
-        options = ClaudeAgentOptions(cli_path=sb.resolve("probe"), env=env)
-        transport = sandbay.SandboxTransport(sb, options)
-        await transport.connect()
-        await transport.end_input()
-        try:
-            with anyio.fail_after(120):
-                out = [m async for m in transport.read_messages()]
-            assert _KeepAlive.open_now  # kept for the run's next request
-        finally:
-            await transport.close()
+    kept: list[int] = []
+    out = await _run_probe(
+        KEEP_PROBE, keep_alive, before_close=lambda: kept.extend(_KeepAlive.open_now)
+    )
+    assert kept  # kept for the run's next request until the run ended
     assert out == [{"type": "probe", "events": 6}]
     assert len(set(_KeepAlive.ports)) == 1
     await _until(lambda: not _KeepAlive.open_now)
