@@ -6,6 +6,7 @@ skipped, unless ``SANDBAY_REQUIRE_DOCKER=1`` (CI), where that is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import logging
@@ -402,18 +403,25 @@ async def test_output_read_with_the_headers_comes_first_on_the_loop(
     engine = FakeEngine(
         transport, tmp_path, with_headers=frame(b"first\n"), after_stdin=[frame(b"second\n")]
     )
+    async with _exec_on(engine) as proc:
+        assert proc._on_loop
+        with anyio.fail_after(20):
+            assert await anext(aiter(proc.stdout)) == b"first\n"
+            await proc.close_stdin()
+            assert await proc.stdout.read() == b"second\n"
+            assert await proc.wait() == 0
+
+
+@contextlib.asynccontextmanager
+async def _exec_on(engine: FakeEngine) -> AsyncIterator[DockerProcess]:
+    """An exec started on the fake ``engine``; closed, with the engine, on the way out."""
     provider = DockerProvider(DockerConfig(base_url=engine.url))
     sb = DockerSandbox(SandboxSpec(), provider=provider, container_id="c1", user="1000")
     try:
         proc = await sb.start(["anything"])
         assert isinstance(proc, DockerProcess)
         try:
-            assert proc._on_loop
-            with anyio.fail_after(20):
-                assert await anext(aiter(proc.stdout)) == b"first\n"
-                await proc.close_stdin()
-                assert await proc.stdout.read() == b"second\n"
-                assert await proc.wait() == 0
+            yield proc
         finally:
             proc._close()
     finally:
@@ -448,29 +456,19 @@ async def test_frames_cut_anywhere_by_the_reads_arrive_whole(tmp_path: Path) -> 
     err = b"e1" + b"".join(bytes([65 + i]) * (i + 1) for i in range(1, 20, 2)) + b"e2" * 1000
 
     engine = FakeEngine("unix", tmp_path, with_headers=frame(b"first\n"), after_stdin=pieces)
-    provider = DockerProvider(DockerConfig(base_url=engine.url))
-    sb = DockerSandbox(SandboxSpec(), provider=provider, container_id="c1", user="1000")
-    try:
-        proc = await sb.start(["anything"])
-        assert isinstance(proc, DockerProcess)
-        try:
-            got: dict[str, bytes] = {}
+    async with _exec_on(engine) as proc:
+        got: dict[str, bytes] = {}
 
-            async def read(name: str, stream: sandbay.ByteStream) -> None:
-                got[name] = await stream.read()
+        async def read(name: str, stream: sandbay.ByteStream) -> None:
+            got[name] = await stream.read()
 
-            with anyio.fail_after(60):
-                await proc.close_stdin()
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(read, "out", proc.stdout)
-                    tg.start_soon(read, "err", proc.stderr)
-                assert await proc.wait() == 0
-            assert got == {"out": out, "err": err}
-        finally:
-            proc._close()
-    finally:
-        await provider.aclose()
-        engine.close()
+        with anyio.fail_after(60):
+            await proc.close_stdin()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read, "out", proc.stdout)
+                tg.start_soon(read, "err", proc.stderr)
+            assert await proc.wait() == 0
+        assert got == {"out": out, "err": err}
 
 
 # --- the container -----------------------------------------------------------------------
