@@ -24,6 +24,7 @@ import sandbay
 from e2b_fake import API_KEY, FakeE2B
 from sandbay import SandboxSpec
 from sandbay.testing import ScriptedModel, Turn
+from sandbay.testing.conformance import _APPEARS
 
 pytestmark = [
     pytest.mark.anyio,
@@ -341,16 +342,6 @@ f = open(sys.argv[1], "a")
 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 open(sys.argv[1] + ".held", "w").close()
 time.sleep(60)
-"""
-
-# Exit 0 once the file argv[1] exists (within argv[2] seconds), else 1.
-_APPEARS = """\
-import os, sys, time
-deadline = time.monotonic() + float(sys.argv[2])
-while not os.path.exists(sys.argv[1]):
-    if time.monotonic() > deadline:
-        sys.exit(1)
-    time.sleep(0.05)
 """
 
 # Exit 0 once the lock on argv[1] is free (within argv[2] seconds), else 1.
