@@ -153,7 +153,11 @@ _local = threading.local()
 
 
 def _scratch() -> memoryview:
-    """A buffer of `_READ_SIZE` bytes to receive into, one per thread."""
+    """A buffer of `_READ_SIZE` bytes to receive into, one per thread.
+
+    What is received into it is queued (copied) before the next receive on that thread: the
+    processes read on one event loop share it.
+    """
     view: memoryview | None = getattr(_local, "scratch", None)
     if view is None:
         view = _local.scratch = memoryview(bytearray(_READ_SIZE))
@@ -233,7 +237,6 @@ class _DockerProcess(Process):
 
         # On asyncio, once `attach` handed the socket to the loop:
         self._transport: asyncio.Transport | None = None
-        self._scratch: memoryview | None = None  # what the loop receives into
         self._paused = False  # reading, while too much waits unread
         self._draining = 0  # `wait` calls taking everything to the end, bound or not
         self._write_paused = False  # the transport's buffer is full
@@ -268,13 +271,11 @@ class _DockerProcess(Process):
         if not self._on_loop or self._ended or sniffio.current_async_library() != "asyncio":
             return
         self._parse_frames()  # what the HTTP client read with the headers comes first
-        self._scratch = memoryview(bytearray(_READ_SIZE))
         loop = asyncio.get_running_loop()
         try:
             transport, _ = await loop.create_connection(lambda: _Stream(self), sock=self._sock)
         except (OSError, ValueError):
             self._ended = True  # the loop's path ends at what it has, as a reset does
-            self._scratch = None
             return
         self._transport = transport
 
@@ -361,10 +362,9 @@ class _DockerProcess(Process):
             event.set()
 
     def _received(self, size: int) -> None:
-        """`_Stream`: ``size`` bytes arrived in ``_scratch``; queue the frames they complete."""
-        assert self._scratch is not None
+        """`_Stream`: ``size`` bytes arrived in `_scratch`; queue the frames they complete."""
         before = len(self._chunks[_STDOUT]), len(self._chunks[_STDERR])
-        data = self._scratch[:size]
+        data = _scratch()[:size]
         buffer = self._buffer
         if buffer:
             # A frame the last read cut: complete it from ``data`` and queue it first.
@@ -406,7 +406,6 @@ class _DockerProcess(Process):
         self._lost = True
         self._write_paused = False
         self._stream_over()
-        self._scratch = None
         self._conn.close()  # the socket's file objects, so that the socket itself closes
         self._sandbox._forget(self)
 
@@ -771,9 +770,7 @@ class _Stream(asyncio.BufferedProtocol):
 
     @override
     def get_buffer(self, sizehint: int) -> memoryview:
-        scratch = self._process._scratch
-        assert scratch is not None
-        return scratch
+        return _scratch()
 
     @override
     def buffer_updated(self, nbytes: int) -> None:
